@@ -1,0 +1,67 @@
+"""`cloud-server`: serve split training and inference until SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from cloud_server.config import ServerConfig
+from splitnet.cli_util import setup_logging
+
+log = logging.getLogger("cloud_server")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
+    d = ServerConfig()
+    p = argparse.ArgumentParser(prog="cloud-server", description=__doc__)
+    p.add_argument("--host", default=d.host, help="interface to bind (default %(default)s: loopback only)")
+    p.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default %(default)s)")
+    p.add_argument("--device", default=d.device, help="torch device for the decoders: cpu, cuda, cuda:1 ...")
+    p.add_argument("--checkpoint-dir", default=d.checkpoint_dir,
+                   help="write job checkpoints here and resume from them at start (default: none)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="steps of a job between checkpoints (default %(default)s)")
+    p.add_argument("--max-message-mb", type=float, default=d.max_message_mb,
+                   help="largest message accepted or sent, MiB (default %(default)s)")
+    p.add_argument("--max-workers", type=int, default=d.max_workers, help="concurrent streams (default %(default)s)")
+    p.add_argument("--grace-seconds", type=float, default=d.grace_seconds,
+                   help="on shutdown, time for in-flight steps (default %(default)s)")
+    p.add_argument("--tap", dest="tap_dir", default=d.tap_dir,
+                   help="curious-server mode: record every received training batch here for the attacker")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if args.checkpoint_every < 1:
+        p.error("--checkpoint-every must be >= 1")
+    if args.max_message_mb <= 0:
+        p.error("--max-message-mb must be > 0")
+    fields = {k: v for k, v in vars(args).items() if k in ServerConfig.__dataclass_fields__}
+    return ServerConfig(**fields), args
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, args = parse_args(argv)
+    setup_logging(args.verbose)
+    from cloud_server.server import CloudServer
+
+    try:
+        server = CloudServer(config)
+        port = server.start()
+    except (OSError, ValueError) as err:
+        print(f"cloud-server: error: {err}", file=sys.stderr)
+        return 2
+    # Tests and scripts wait for this exact line to learn the port.
+    print(f"cloud-server listening on {config.host}:{port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down")
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""A training job: one decoder and its optimizer, shared by every session that joins.
+
+Transport-free on purpose: the gRPC servicer drives it over the wire, and the
+single-process baseline drives it directly, so both run exactly the same math.
+
+Exactly-once: each client numbers its steps 1, 2, 3, ...; the job remembers the last
+step id it applied per client and refuses to apply one twice. A retry of the last step
+gets the cached result back (so an edge whose response was lost still gets its
+gradient), an older id is reported as a duplicate, and a gap is an error.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from splitnet.models import OptimSpec, SplitSpec, build
+
+
+@dataclass
+class StepOutcome:
+    grad: torch.Tensor | None  # None for an old duplicate: nothing to apply on the edge
+    loss: float
+    correct: int
+    duplicate: bool
+    job_steps_applied: int
+
+
+class StepOrderError(ValueError):
+    """A step id skipped ahead: steps of one client must arrive in order."""
+
+
+@dataclass
+class _ClientState:
+    last_step: int = 0
+    last_outcome: StepOutcome | None = None
+
+
+@dataclass
+class Job:
+    name: str
+    spec: SplitSpec
+    optim: OptimSpec
+    device: str = "cpu"
+    seed: int = 0  # the decoder starts from the same weights as a single-process model of this seed
+    steps_applied: int = 0
+    clients: dict[str, _ClientState] = field(default_factory=dict)
+    durable: dict[str, int] = field(default_factory=dict)  # client -> last step a written checkpoint holds
+    checkpoints_written: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        with torch.random.fork_rng(devices=[]):  # other server threads keep their RNG state
+            torch.manual_seed(self.seed)
+            split = build(self.spec)
+        self.spec = split.spec
+        self.feature_shape = split.feature_shape
+        self.decoder = split.decoder.to(self.device)
+        self.optimizer = self.optim.make(self.decoder.parameters())
+        self._loss = nn.CrossEntropyLoss()
+
+    def last_step(self, client_id: str) -> int:
+        with self.lock:
+            return self.clients.get(client_id, _ClientState()).last_step
+
+    def train_step(self, client_id: str, step_id: int, features: torch.Tensor, labels: torch.Tensor) -> StepOutcome:
+        """Apply one step once: forward, backward, optimizer step; return dLoss/dfeatures."""
+        with self.lock:
+            state = self.clients.setdefault(client_id, _ClientState())
+            if step_id <= state.last_step:
+                if step_id == state.last_step and state.last_outcome is not None:
+                    cached = state.last_outcome
+                    return StepOutcome(cached.grad, cached.loss, cached.correct, True, self.steps_applied)
+                return StepOutcome(None, 0.0, 0, True, self.steps_applied)
+            if step_id != state.last_step + 1:
+                raise StepOrderError(f"step_id {step_id} skips ahead: the server expects {state.last_step + 1} "
+                                     f"for client {client_id!r}")
+            self.decoder.train()
+            z = features.to(self.device).requires_grad_(True)
+            y = labels.to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            logits = self.decoder(z)
+            loss = self._loss(logits, y)
+            loss.backward()
+            self.optimizer.step()
+            self.steps_applied += 1
+            outcome = StepOutcome(z.grad.detach().cpu(), float(loss.detach()),
+                                  int((logits.argmax(1) == y).sum()), False, self.steps_applied)
+            state.last_step, state.last_outcome = step_id, outcome
+            return outcome
+
+    def infer(self, features: torch.Tensor) -> torch.Tensor:
+        with self.lock, torch.no_grad():
+            self.decoder.eval()
+            return self.decoder(features.to(self.device)).cpu()
+
+    # -- checkpoint state: plain tensors, numbers and strings, loadable with weights_only=True
+
+    def state(self) -> dict:
+        with self.lock:
+            return {
+                "name": self.name,
+                "spec": {"arch": self.spec.arch, "cut": self.spec.cut, "num_classes": self.spec.num_classes,
+                         "input_shape": list(self.spec.input_shape), "bottleneck": self.spec.bottleneck},
+                "optim": {"lr": self.optim.lr, "momentum": self.optim.momentum,
+                          "weight_decay": self.optim.weight_decay},
+                "seed": self.seed,
+                "steps_applied": self.steps_applied,
+                "client_last_step": {c: s.last_step for c, s in self.clients.items()},
+                "decoder": {k: v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()},
+                "optimizer": _clone(self.optimizer.state_dict()),
+            }
+
+    @classmethod
+    def from_state(cls, state: dict, device: str = "cpu") -> "Job":
+        s = state["spec"]
+        spec = SplitSpec(s["arch"], s["cut"], s["num_classes"], tuple(s["input_shape"]), s["bottleneck"])
+        job = cls(state["name"], spec, OptimSpec(**state["optim"]), device, state["seed"])
+        job.decoder.load_state_dict(state["decoder"])
+        job.optimizer.load_state_dict(state["optimizer"])
+        job.steps_applied = state["steps_applied"]
+        job.clients = {c: _ClientState(last) for c, last in state["client_last_step"].items()}
+        job.durable = dict(state["client_last_step"])
+        return job
+
+    def mark_durable(self, state: dict) -> None:
+        """Record that `state` (from `state()`) is now on disk."""
+        with self.lock:
+            self.durable.update(state["client_last_step"])
+            self.checkpoints_written += 1
+
+
+def _clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    return obj

@@ -1,0 +1,68 @@
+"""Start and stop real `cloud-server` processes (demo, sweeps, tests).
+
+The server prints `cloud-server listening on HOST:PORT` once it serves; with `--port 0`
+that line is how the caller learns the port, so nothing races for a fixed one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+_LISTENING = re.compile(r"cloud-server listening on (\S+):(\d+)")
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    address: str
+    lines: list[str] = field(default_factory=list)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def start_server(*args: str, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0,
+                 env: dict | None = None) -> ServerProcess:
+    cmd = [sys.executable, "-m", "cloud_server", "--host", host, "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    lines: list[str] = []
+    found = threading.Event()
+    address: list[str] = []
+
+    def pump() -> None:  # keep reading so the pipe never fills and blocks the server
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            match = _LISTENING.search(line)
+            if match and not found.is_set():
+                address.append(f"{match.group(1)}:{match.group(2)}")
+                found.set()
+        found.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not found.wait(0.1):
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError(f"cloud-server did not start: {''.join(lines)}")
+    if not address:
+        proc.wait(5)
+        raise RuntimeError(f"cloud-server exited: {''.join(lines)}")
+    return ServerProcess(proc, address[0], lines)

@@ -1,0 +1,3 @@
+from edge_client.cli import main
+
+raise SystemExit(main())

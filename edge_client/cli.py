@@ -1,0 +1,125 @@
+"""`edge-client`: train an encoder through a cloud server's decoder, evaluate, write a report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from edge_client.config import ConnectionConfig, EdgeConfig
+from edge_client.defense import DefenseConfig
+from splitnet import codec, models
+from splitnet.cli_util import setup_logging
+from splitnet.data import DATASETS, DataSpec, DatasetNotFound
+from splitnet.wire import parse_address
+
+log = logging.getLogger("edge_client")
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that runs edge clients (edge-client, split-ray, sweeps)."""
+    e, c = EdgeConfig(), ConnectionConfig()
+    g = p.add_argument_group("connection")
+    g.add_argument("--server", default=c.server, help="cloud server HOST:PORT (default %(default)s)")
+    g.add_argument("--max-message-mb", type=float, default=c.max_message_mb, help="largest message, MiB")
+    g.add_argument("--deadline", type=float, default=c.deadline_s, help="seconds per call / step (default %(default)s)")
+    g.add_argument("--reconnect-seconds", type=float, default=c.reconnect_s,
+                   help="keep retrying an unavailable server this long (default %(default)s)")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default="digits", choices=DATASETS)
+    g.add_argument("--data-root", default="", help="folder holding the dataset (all but digits)")
+    g.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
+    g.add_argument("--image-size", type=int, default=0, help="digits / imagefolder side in pixels")
+    g.add_argument("--arch", default=e.arch, choices=sorted(models.ARCHS))
+    g.add_argument("--cut", default=e.cut, help="cut point (default: the arch's); see --list-cuts")
+    g.add_argument("--list-cuts", action="store_true", help="print each arch's cut points and exit")
+    g.add_argument("--bottleneck", type=int, default=e.bottleneck, metavar="C",
+                   help="conv to C channels + sigmoid at the cut (0: none)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=e.epochs)
+    g.add_argument("--batch-size", type=int, default=e.batch_size)
+    g.add_argument("--lr", type=float, default=e.lr)
+    g.add_argument("--momentum", type=float, default=e.momentum)
+    g.add_argument("--weight-decay", type=float, default=e.weight_decay)
+    g.add_argument("--max-steps", type=int, default=0, help="stop after N training steps (0: all epochs)")
+    g.add_argument("--codec", default=e.codec, choices=codec.CODECS, help="features on the wire")
+    g.add_argument("--grad-codec", default=e.grad_codec, choices=codec.CODECS, help="gradients on the wire")
+    g.add_argument("--seed", type=int, default=e.seed)
+    g.add_argument("--job", default=e.job, help="training job name; clients of one job share a decoder")
+    g.add_argument("--device", default=e.device)
+    d = DefenseConfig()
+    g = p.add_argument_group("defense")
+    g.add_argument("--noise", type=float, default=d.noise, metavar="SIGMA", help="obfuscation noise std")
+    g.add_argument("--noise-kind", default=d.noise_kind, choices=("gaussian", "laplace"))
+    g.add_argument("--dropout", type=float, default=d.dropout, metavar="P", help="Bernoulli mask, no rescale")
+    g.add_argument("--topk", type=float, default=d.topk, metavar="R", help="zero the smallest fraction R")
+    g.add_argument("--nopeek", type=float, default=d.nopeek, metavar="W", help="weight of dCor(x, z)")
+    g.add_argument("--cem", default=d.cem, choices=("none", "gmm", "gated", "slot"))
+    g.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="CEM weight")
+    g.add_argument("--var-threshold", type=float, default=d.var_threshold)
+    g.add_argument("--cem-scale", type=float, default=None, help="rob_loss scale (default: the surrogate's)")
+    g.add_argument("--cem-warmup", type=int, default=None, help="epochs without CEM (default: the surrogate's)")
+    g.add_argument("--freeze-gates", action="store_true", help="CEM gates do not learn from rob_loss")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> EdgeConfig:
+    try:
+        parse_address(args.server)
+        defense = DefenseConfig(noise=args.noise, noise_kind=args.noise_kind, dropout=args.dropout, topk=args.topk,
+                                nopeek=args.nopeek, cem=args.cem, lam=args.lam, var_threshold=args.var_threshold,
+                                cem_scale=args.cem_scale, cem_warmup=args.cem_warmup,
+                                learn_gates=not args.freeze_gates)
+    except ValueError as err:
+        p.error(str(err))
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.lr <= 0:
+        p.error("--lr must be > 0")
+    if args.cut and args.cut not in models.cut_points(args.arch):
+        p.error(f"--cut {args.cut!r} is not a cut of {args.arch}; valid: {models.cut_points(args.arch)}")
+    return EdgeConfig(
+        connection=ConnectionConfig(args.server, args.max_message_mb, args.deadline, args.reconnect_seconds),
+        data=DataSpec(args.dataset, args.data_root, args.download, args.image_size),
+        defense=defense, arch=args.arch, cut=args.cut, bottleneck=args.bottleneck, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        codec=args.codec, grad_codec=args.grad_codec, seed=args.seed, job=args.job,
+        client_id=getattr(args, "client_id", ""), max_steps=args.max_steps, device=args.device,
+        report=getattr(args, "report", ""), progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edge-client", description=__doc__)
+    add_training_args(p)
+    p.add_argument("--client-id", default="", help="stable id to re-join a job after a restart (default: random)")
+    p.add_argument("--report", default="", help="write the JSON report here")
+    args = p.parse_args(argv)
+    if args.list_cuts:
+        for arch in sorted(models.ARCHS):
+            print(f"{arch}: {' '.join(models.cut_points(arch))}")
+        return 0
+    config = config_from_args(args, p)
+    setup_logging(args.verbose)
+    from edge_client import report as report_mod
+    from edge_client.remote import CloudError, RemoteCloud
+    from edge_client.trainer import run
+
+    try:
+        result = run(config, RemoteCloud(config.connection))
+    except DatasetNotFound as err:
+        print(f"edge-client: error: {err}", file=sys.stderr)
+        return 2
+    except CloudError as err:
+        print(f"edge-client: error: {err}", file=sys.stderr)
+        return 1
+    print(report_mod.summary(result))
+    if config.report:
+        report_mod.write(result, config.report)
+        log.info("report written to %s", config.report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

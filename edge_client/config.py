@@ -1,0 +1,42 @@
+"""Edge settings; the CLI maps its flags onto these fields (and `defense` onto DefenseConfig)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edge_client.defense import DefenseConfig
+from splitnet.data import DataSpec
+from splitnet.wire import DEFAULT_MAX_MESSAGE_MB
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    server: str = "127.0.0.1:50051"
+    max_message_mb: float = DEFAULT_MAX_MESSAGE_MB
+    deadline_s: float = 30.0  # per call / per training step
+    reconnect_s: float = 60.0  # how long to keep retrying an unavailable server
+    pipeline: int = 0  # steps sent ahead of the last gradient received (0: lock-step)
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    connection: ConnectionConfig = field(default_factory=ConnectionConfig)
+    data: DataSpec = field(default_factory=DataSpec)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    arch: str = "cnn"
+    cut: str = ""  # empty: the architecture's default
+    bottleneck: int = 0
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    codec: str = "fp32"
+    grad_codec: str = "fp32"
+    seed: int = 0
+    job: str = "default"
+    client_id: str = ""  # empty: a fresh random id
+    max_steps: int = 0  # stop after this many training steps (0: run all epochs)
+    device: str = "cpu"
+    report: str = ""
+    progress: bool = True

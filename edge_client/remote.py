@@ -1,0 +1,237 @@
+"""The edge's connection to a cloud server: one session, a Train stream, Infer streams.
+
+Failure handling lives here so the trainer sees a plain `train(step_id, z, y)`:
+- every step has a deadline (a watchdog cancels the stream call if it passes);
+- UNAVAILABLE (server down, restarting) and deadlines are retried with exponential
+  backoff for up to `reconnect_s`, re-opening the session with the same client id;
+- steps the server has not yet made durable stay in a replay buffer; after a restart
+  from a checkpoint the server reports its last applied step and the buffered steps
+  after it are re-sent, so the decoder sees every step exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from typing import Iterable, Iterator
+
+import grpc
+import torch
+
+from edge_client.config import ConnectionConfig
+from splitnet.models import OptimSpec, SplitModel
+from splitnet import codec, wire
+from splitnet.cloud_api import StepReply
+from splitnet.v1 import split_pb2 as pb
+from splitnet.v1 import split_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_END = object()
+
+
+class CloudError(RuntimeError):
+    """The server refused or could not be reached; the message is for the user."""
+
+    def __init__(self, code: grpc.StatusCode | None, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _TrainStream:
+    """A bidirectional Train call driven one request at a time."""
+
+    def __init__(self, stub: split_pb2_grpc.SplitLearningStub) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._call = stub.Train(iter(self._requests.get, _END))
+
+    def send(self, request: pb.TrainStep) -> None:
+        self._requests.put(request)
+
+    def receive(self, deadline_s: float) -> pb.TrainResult:
+        timer = threading.Timer(deadline_s, self._call.cancel)
+        timer.start()
+        try:
+            return next(self._call)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.CANCELLED and not timer.is_alive():
+                raise _DeadlineExceeded(deadline_s) from None
+            raise
+        finally:
+            timer.cancel()
+
+    def close(self) -> None:
+        self._requests.put(_END)
+        self._call.cancel()
+
+
+class _DeadlineExceeded(grpc.RpcError):
+    def __init__(self, deadline_s: float) -> None:
+        super().__init__(f"no reply within {deadline_s:g} s")
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return str(self)
+
+
+class RemoteCloud:
+    """The cloud as seen from the edge. Counts serialized bytes both ways and step RTTs."""
+
+    def __init__(self, config: ConnectionConfig) -> None:
+        self.config = config
+        self._channel = grpc.insecure_channel(config.server, options=wire.grpc_options(config.max_message_mb))
+        self._stub = split_pb2_grpc.SplitLearningStub(self._channel)
+        self._spec: pb.SessionSpec | None = None
+        self._stream: _TrainStream | None = None
+        self._unacked: OrderedDict[int, pb.TrainStep] = OrderedDict()
+        self.session: pb.Session | None = None
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.rtt_ms: list[float] = []
+        self.reconnects = 0
+        self.replayed_steps = 0
+
+    # -- session
+
+    def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str, seed: int) -> int:
+        """Open (or re-join) the session; return the last step id the server applied for this client."""
+        spec = split.spec
+        self._spec = pb.SessionSpec(job=job, client_id=client_id, arch=spec.arch, cut=spec.cut,
+                                    num_classes=spec.num_classes, input_shape=spec.input_shape,
+                                    feature_shape=split.feature_shape, bottleneck=spec.bottleneck, lr=optim.lr,
+                                    momentum=optim.momentum, weight_decay=optim.weight_decay,
+                                    grad_codec=grad_codec, seed=seed)
+        self.session = self._with_retry(lambda: self._stub.OpenSession(self._spec, timeout=self.config.deadline_s,
+                                                                      wait_for_ready=True), "OpenSession")
+        self._count(self._spec, self.session)
+        return self.session.last_step_id
+
+    def close(self) -> None:
+        if self._stream:
+            self._stream.close()
+        if self.session:
+            try:
+                self._stub.CloseSession(pb.CloseRequest(session_id=self.session.session_id),
+                                        timeout=self.config.deadline_s)
+            except grpc.RpcError as err:
+                log.warning("CloseSession failed: %s", err.details() if hasattr(err, "details") else err)
+        self._channel.close()
+
+    def stats(self) -> pb.StatsReply:
+        return self._stub.Stats(pb.StatsRequest(job=self._spec.job if self._spec else ""),
+                                timeout=self.config.deadline_s)
+
+    # -- training
+
+    def train(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> StepReply:
+        request = pb.TrainStep(step_id=step_id, features=codec.encode(features, codec_name),
+                               labels=labels.tolist())
+        self._check_size(request)
+        self._unacked[step_id] = request
+        deadline = time.monotonic() + self.config.reconnect_s
+        while True:
+            try:
+                return self._exchange(request)
+            except grpc.RpcError as err:
+                if err.code() not in _RETRYABLE or time.monotonic() > deadline:
+                    raise _cloud_error(err, "Train") from None
+                log.warning("Train step %d: %s; reconnecting", step_id, err.details())
+                self._reconnect(deadline, upto=step_id)
+
+    def _exchange(self, request: pb.TrainStep, replay: bool = False) -> StepReply:
+        if self._stream is None:
+            self._stream = _TrainStream(self._stub)
+        request.session_id = self.session.session_id  # type: ignore[union-attr]
+        start = time.perf_counter()
+        self._stream.send(request)
+        result = self._stream.receive(self.config.deadline_s)
+        if not replay:
+            self.rtt_ms.append((time.perf_counter() - start) * 1e3)
+        self._count(request, result)
+        for old in [s for s in self._unacked if s <= result.durable_step_id]:
+            del self._unacked[old]
+        grad = codec.decode(result.grad, "grad") if result.HasField("grad") else None
+        return StepReply(grad, result.loss, result.correct, result.duplicate)
+
+    def _reconnect(self, deadline: float, upto: int) -> None:
+        """Re-open the session and re-send buffered steps the server lost (before `upto`)."""
+        if self._stream:
+            self._stream.close()
+            self._stream = None
+        backoff = 0.2
+        while True:
+            time.sleep(backoff)
+            try:
+                self.session = self._stub.OpenSession(self._spec, timeout=self.config.deadline_s, wait_for_ready=True)
+                self.reconnects += 1
+                lost = [s for s in range(self.session.last_step_id + 1, upto) if s not in self._unacked]
+                if lost:
+                    raise CloudError(grpc.StatusCode.DATA_LOSS,
+                                     f"the server restarted without steps {lost[0]}..{lost[-1]} and they are no "
+                                     "longer buffered here (was its --checkpoint-dir changed?)")
+                for step_id, request in list(self._unacked.items()):
+                    if self.session.last_step_id < step_id < upto:
+                        self._exchange(request, replay=True)
+                        self.replayed_steps += 1
+                return
+            except grpc.RpcError as err:
+                if err.code() not in _RETRYABLE or time.monotonic() > deadline:
+                    raise _cloud_error(err, "reconnect") from None
+                if self._stream:
+                    self._stream.close()
+                    self._stream = None
+                backoff = min(backoff * 2, 5.0)
+
+    # -- inference
+
+    def infer(self, batches: Iterable[torch.Tensor], codec_name: str) -> Iterator[torch.Tensor]:
+        """Stream feature batches, yield logits in order."""
+        session_id = self.session.session_id  # type: ignore[union-attr]
+        requests = []
+        for i, features in enumerate(batches):
+            request = pb.InferRequest(session_id=session_id, request_id=i,
+                                      features=codec.encode(features, codec_name))
+            self._check_size(request)
+            requests.append(request)
+        try:
+            for request, reply in zip(requests, self._stub.Infer(iter(requests),
+                                                                 timeout=self.config.deadline_s * max(1, len(requests)))):
+                self._count(request, reply)
+                yield codec.decode(reply.logits, "logits")
+        except grpc.RpcError as err:
+            raise _cloud_error(err, "Infer") from None
+
+    # -- helpers
+
+    def _with_retry(self, call, what: str):
+        deadline = time.monotonic() + self.config.reconnect_s
+        backoff = 0.2
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as err:
+                if err.code() not in _RETRYABLE or time.monotonic() > deadline:
+                    raise _cloud_error(err, what) from None
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _check_size(self, request) -> None:
+        message = wire.too_large(type(request).__name__, request.ByteSize(), self.config.max_message_mb,
+                                 "edge-client --max-message-mb")
+        if message:
+            raise CloudError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+    def _count(self, up, down) -> None:
+        self.bytes_up += up.ByteSize()
+        self.bytes_down += down.ByteSize()
+
+
+def _cloud_error(err: grpc.RpcError, what: str) -> CloudError:
+    code = err.code()
+    return CloudError(code, f"{what} failed: {code.name if code else 'UNKNOWN'}: {err.details()}")

@@ -1,0 +1,40 @@
+"""The edge's JSON report and its one-screen summary (keys documented in README.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+SUMMARY_KEYS = ("test_accuracy", "train_loss", "steps", "samples_per_second", "bytes_up_per_sample",
+                "bytes_down_per_sample", "rtt_ms_p50", "rtt_ms_p99", "wall_seconds")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile; NaN for no values (JSON null in the report)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def write(report: dict, path: str) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def summary(report: dict) -> str:
+    rows = [(k, report[k]) for k in SUMMARY_KEYS if k in report]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in rows)

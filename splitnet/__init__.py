@@ -1,0 +1,1 @@
+"""What the edge and the cloud agree on: models, data, the tensor codec and the wire."""

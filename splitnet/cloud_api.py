@@ -1,0 +1,40 @@
+"""What an edge trainer needs from a cloud, whichever side of a socket it is on.
+
+`edge_client.remote.RemoteCloud` implements it over gRPC; `cloud_server.local.LocalCloud`
+implements it in-process (the single-process baseline). The trainer depends only on this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Protocol
+
+import torch
+
+from splitnet.models import OptimSpec, SplitModel
+
+
+@dataclass
+class StepReply:
+    grad: torch.Tensor | None  # None: the server had applied this step before; nothing to apply
+    loss: float
+    correct: int
+    duplicate: bool
+
+
+class Cloud(Protocol):
+    bytes_up: int
+    bytes_down: int
+    rtt_ms: list[float]
+    reconnects: int
+    replayed_steps: int
+
+    def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str,
+             seed: int) -> int:
+        """Open or re-join a session; return the last step id already applied for this client."""
+
+    def train(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> StepReply: ...
+
+    def infer(self, batches: Iterable[torch.Tensor], codec_name: str) -> Iterator[torch.Tensor]: ...
+
+    def close(self) -> None: ...

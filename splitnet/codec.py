@@ -1,0 +1,91 @@
+"""The one bridge between torch tensors and protobuf `Tensor` messages.
+
+Nobody else turns wire bytes into tensors. Decoding validates everything a peer
+controls (dtype, shape, byte length, quantisation parameters) and raises `CodecError`
+naming the offending field, so the server can answer INVALID_ARGUMENT instead of
+crashing. Bytes are little-endian (every platform torch ships for).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from splitnet.v1 import split_pb2 as pb
+
+CODECS = ("fp32", "fp16", "bf16", "int8")
+
+_WIRE_DTYPE = {"fp32": pb.FLOAT32, "fp16": pb.FLOAT16, "bf16": pb.BFLOAT16, "int8": pb.INT8}
+_TORCH_DTYPE = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16,
+                pb.INT8: torch.int8}
+MAX_DIMS = 8
+
+
+class CodecError(ValueError):
+    """A wire tensor is malformed; the message names the field."""
+
+
+def check_codec(name: str, flag: str = "codec") -> str:
+    if name not in CODECS:
+        raise ValueError(f"unknown {flag} {name!r}; choose one of {list(CODECS)}")
+    return name
+
+
+def encode(tensor: torch.Tensor, codec: str = "fp32") -> pb.Tensor:
+    """Serialise a float tensor with the named codec (int8: affine, per tensor)."""
+    t = tensor.detach().to("cpu", torch.float32).contiguous()
+    msg = pb.Tensor(dtype=_WIRE_DTYPE[check_codec(codec)], shape=list(t.shape))
+    if codec == "int8":
+        q, scale, zero_point = _quantize(t)
+        msg.scale, msg.zero_point = scale, zero_point
+        t = q
+    elif codec != "fp32":
+        t = t.to(_TORCH_DTYPE[msg.dtype])
+    msg.data = _raw_bytes(t)
+    return msg
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the same 16 bits
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def _quantize(t: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """Affine int8 with zero exactly representable (ReLU and pruned zeros stay zero)."""
+    if t.numel() == 0:
+        return t.to(torch.int8), 1.0, 0
+    lo, hi = min(float(t.min()), 0.0), max(float(t.max()), 0.0)
+    scale = (hi - lo) / 255.0 or 1.0
+    zero_point = int(max(-128, min(127, round(-128 - lo / scale))))
+    q = torch.clamp(torch.round(t / scale) + zero_point, -128, 127).to(torch.int8)
+    return q, scale, zero_point
+
+
+def decode(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
+    """Rebuild a float32 tensor, checking every peer-controlled value first."""
+    dtype = _TORCH_DTYPE.get(msg.dtype)
+    if dtype is None:
+        raise CodecError(f"{field}.dtype: unsupported value {msg.dtype}")
+    shape = list(msg.shape)
+    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+        raise CodecError(f"{field}.shape: {shape} is not a valid shape (at most {MAX_DIMS} non-negative dims)")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    expected = math.prod(shape) * itemsize
+    if len(msg.data) != expected:
+        raise CodecError(f"{field}.data: {len(msg.data)} bytes, but shape {shape} of "
+                         f"{pb.DType.Name(msg.dtype)} needs {expected}")
+    if expected == 0:
+        return torch.zeros(shape, dtype=torch.float32)
+    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.int16 if dtype == torch.bfloat16 else dtype)
+    if dtype == torch.bfloat16:
+        raw = raw.view(torch.bfloat16)
+    t = raw.reshape(shape)
+    if dtype == torch.int8:
+        if not (math.isfinite(msg.scale) and msg.scale > 0):
+            raise CodecError(f"{field}.scale: {msg.scale} must be finite and > 0 for INT8")
+        if not -128 <= msg.zero_point <= 127:
+            raise CodecError(f"{field}.zero_point: {msg.zero_point} outside [-128, 127]")
+        return (t.to(torch.float32) - msg.zero_point) * msg.scale
+    return t.to(torch.float32)

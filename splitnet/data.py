@@ -1,0 +1,138 @@
+"""Datasets, all served as float images in [0, 1] (no normalisation).
+
+Keeping pixels in [0, 1] end to end means attack metrics are computed on exactly what
+the edge saw, with data range 1.0, and no de-normalisation step can be forgotten; the
+batch norm after the first convolution does the centring a normalisation would.
+
+`digits` ships inside scikit-learn and is the default. The torchvision datasets and
+ImageFolder trees load from `data_root`; nothing downloads unless `download=True`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from splitnet import compat  # noqa: F401  (must precede torchvision)
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
+
+
+class DatasetNotFound(FileNotFoundError):
+    """A dataset folder is missing; the message says which flag fixes it."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    name: str = "digits"
+    data_root: str = ""
+    download: bool = False
+    image_size: int = 0  # digits: side after upsampling (default 16); imagefolder: resize side (default 32)
+    test_fraction: float = 0.2  # for sets without an official test split
+    split_seed: int = 0
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+
+def load(spec: DataSpec) -> Splits:
+    if spec.name not in DATASETS:
+        raise ValueError(f"unknown dataset {spec.name!r}; choose one of {list(DATASETS)}")
+    if spec.name == "digits":
+        return _digits(spec)
+    if spec.name == "imagefolder":
+        return _imagefolder(spec)
+    return _torchvision_set(spec)
+
+
+def _digits(spec: DataSpec) -> Splits:
+    from sklearn.datasets import load_digits
+
+    side = spec.image_size or 16
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False).clamp(0, 1)
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    train_idx, test_idx = _split_indices(len(y), spec)
+    return Splits(TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx]), 10,
+                  (1, side, side))
+
+
+def _split_indices(n: int, spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(spec.split_seed))
+    n_test = int(round(n * spec.test_fraction))
+    return perm[n_test:], perm[:n_test]
+
+
+_TV_SETS = {
+    "mnist": ("MNIST", 10, (1, 28, 28)),
+    "fashion-mnist": ("FashionMNIST", 10, (1, 28, 28)),
+    "cifar10": ("CIFAR10", 10, (3, 32, 32)),
+    "cifar100": ("CIFAR100", 100, (3, 32, 32)),
+}
+
+
+def _require_root(spec: DataSpec) -> Path:
+    if not spec.data_root:
+        raise DatasetNotFound(f"dataset {spec.name!r} needs --data-root DIR (add --download to fetch it there)")
+    root = Path(spec.data_root)
+    if not root.is_dir() and not spec.download:
+        raise DatasetNotFound(f"dataset folder {root} does not exist: pass --data-root pointing at it, "
+                              f"or --download to fetch {spec.name!r} there")
+    return root
+
+
+def _torchvision_set(spec: DataSpec) -> Splits:
+    import torchvision
+    from torchvision import transforms
+
+    root = _require_root(spec)
+    cls_name, classes, shape = _TV_SETS[spec.name]
+    cls = getattr(torchvision.datasets, cls_name)
+    tf = transforms.ToTensor()
+    try:
+        train = cls(str(root), train=True, transform=tf, download=spec.download)
+        test = cls(str(root), train=False, transform=tf, download=spec.download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+        raise DatasetNotFound(f"{spec.name!r} not found under {root}: pass --data-root pointing at the folder "
+                              f"that holds it, or --download to fetch it there ({err})") from None
+    return Splits(train, test, classes, shape)
+
+
+def _imagefolder(spec: DataSpec) -> Splits:
+    """`root/train` + `root/test` trees if present, else one tree split by `test_fraction`."""
+    from torchvision import datasets, transforms
+
+    root = _require_root(spec)
+    side = spec.image_size or 32
+    tf = transforms.Compose([transforms.Resize((side, side)), transforms.ToTensor()])
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train = datasets.ImageFolder(str(root / "train"), transform=tf)
+        test = datasets.ImageFolder(str(root / "test"), transform=tf)
+        if train.classes != test.classes:
+            raise ValueError(f"{root}/train and {root}/test have different class folders")
+    else:
+        try:
+            full = datasets.ImageFolder(str(root), transform=tf)
+        except FileNotFoundError as err:
+            raise DatasetNotFound(f"no ImageFolder tree under {root} ({err}); pass --data-root DIR with one "
+                                  "sub-folder per class") from None
+        train_idx, test_idx = _split_indices(len(full), spec)
+        train, test = Subset(full, train_idx.tolist()), Subset(full, test_idx.tolist())
+        train.classes = full.classes  # type: ignore[attr-defined]
+    channels = train[0][0].shape[0]
+    return Splits(train, test, len(train.classes), (channels, side, side))  # type: ignore[attr-defined]
+
+
+def shard(dataset: Dataset, index: int, count: int, seed: int = 0) -> Subset:
+    """The `index`-th of `count` disjoint IID shards (for many clients)."""
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()  # type: ignore[arg-type]
+    return Subset(dataset, perm[index::count])

@@ -1,0 +1,179 @@
+"""Model zoo: each architecture is a list of named stages, and a cut splits it in two.
+
+Both ends build the same architecture from the same spec; the edge keeps the stages up
+to and including the cut (the encoder F_e), the cloud keeps the rest (the decoder F_d).
+A bottleneck of C channels with a sigmoid can be inserted at the cut so that features
+live in [0, 1] and a noise sigma has a fixed meaning (the CEM / ResSFL setting); the
+cloud then starts with the matching expansion back to the stage's width.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+Stage = tuple[str, nn.Module]
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Everything needed to rebuild the same split model on either end."""
+
+    arch: str = "cnn"
+    cut: str = ""  # empty: the architecture's default cut
+    num_classes: int = 10
+    input_shape: tuple[int, int, int] = (1, 16, 16)
+    bottleneck: int = 0  # 0: none; C > 0: conv to C channels + sigmoid at the cut
+
+    def resolved(self) -> "SplitSpec":
+        """The same spec with the default cut filled in and checked."""
+        arch = ARCHS.get(self.arch)
+        if arch is None:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {sorted(ARCHS)}")
+        cut = self.cut or arch.default_cut
+        names = cut_points(self.arch)
+        if cut not in names:
+            raise ValueError(f"unknown cut {cut!r} for arch {self.arch!r}; valid cuts: {names}")
+        if self.bottleneck < 0:
+            raise ValueError("bottleneck must be >= 0")
+        return SplitSpec(self.arch, cut, self.num_classes, tuple(self.input_shape), self.bottleneck)
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """SGD settings; the edge's encoder and the cloud's decoder use the same ones."""
+
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+    def make(self, params) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+
+@dataclass
+class SplitModel:
+    encoder: nn.Module
+    decoder: nn.Module
+    feature_shape: tuple[int, ...]
+    spec: SplitSpec
+
+
+@dataclass(frozen=True)
+class _Arch:
+    stages: Callable[[int, int], tuple[list[Stage], nn.Module]]  # (in_ch, classes)
+    default_cut: str
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def _cnn(in_ch: int, classes: int) -> tuple[list[Stage], nn.Module]:
+    stages = [
+        ("conv1", nn.Sequential(*_conv_bn_relu(in_ch, 32))),
+        ("block1", nn.Sequential(*_conv_bn_relu(32, 64), nn.MaxPool2d(2))),
+        ("block2", nn.Sequential(*_conv_bn_relu(64, 64), nn.MaxPool2d(2))),
+    ]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(256, 128), nn.ReLU(inplace=True),
+                         nn.Linear(128, classes))
+    return stages, head
+
+
+_VGG11_CFG = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
+
+
+def _vgg11_bn(in_ch: int, classes: int) -> tuple[list[Stage], nn.Module]:
+    """CIFAR-style VGG11-bn (cfg A) with the 512-wide head of the CEM paper."""
+    stages: list[Stage] = []
+    cin, conv_i, pool_i = in_ch, 0, 0
+    for v in _VGG11_CFG:
+        if v == "M":
+            pool_i += 1
+            stages.append((f"pool{pool_i}", nn.MaxPool2d(2)))
+        else:
+            conv_i += 1
+            stages.append((f"conv{conv_i}", nn.Sequential(*_conv_bn_relu(cin, int(v)))))
+            cin = int(v)
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 512), nn.ReLU(inplace=True),
+                         nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, classes))
+    return stages, head
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn_relu(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(cout))
+        self.short = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.short(x))
+
+
+def _resnet20(in_ch: int, classes: int) -> tuple[list[Stage], nn.Module]:
+    def layer(cin: int, cout: int, stride: int) -> nn.Module:
+        return nn.Sequential(_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1), _BasicBlock(cout, cout, 1))
+
+    stages = [
+        ("stem", nn.Sequential(*_conv_bn_relu(in_ch, 16))),
+        ("layer1", layer(16, 16, 1)),
+        ("layer2", layer(16, 32, 2)),
+        ("layer3", layer(32, 64, 2)),
+    ]
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
+    return stages, head
+
+
+ARCHS: dict[str, _Arch] = {
+    "cnn": _Arch(_cnn, "block1"),
+    "vgg11_bn": _Arch(_vgg11_bn, "pool2"),
+    "resnet20": _Arch(_resnet20, "layer1"),
+}
+
+
+def cut_points(arch: str) -> list[str]:
+    """The valid cut names of an architecture, input side first."""
+    return list(_cut_points(arch))
+
+
+@functools.cache
+def _cut_points(arch: str) -> tuple[str, ...]:
+    stages, _ = ARCHS[arch].stages(1, 2)
+    return tuple(name for name, _ in stages)
+
+
+def build(spec: SplitSpec) -> SplitModel:
+    """Build both halves and measure the feature shape at the cut (batch dim dropped)."""
+    spec = spec.resolved()
+    stages, head = ARCHS[spec.arch].stages(spec.input_shape[0], spec.num_classes)
+    idx = [name for name, _ in stages].index(spec.cut) + 1
+    enc_layers = [m for _, m in stages[:idx]]
+    dec_layers = [m for _, m in stages[idx:]]
+    width = _feature_shape(nn.Sequential(*enc_layers), spec.input_shape)[0]
+    if spec.bottleneck:
+        enc_layers += [nn.Conv2d(width, spec.bottleneck, 3, 1, 1), nn.BatchNorm2d(spec.bottleneck), nn.Sigmoid()]
+        dec_layers = [nn.Sequential(*_conv_bn_relu(spec.bottleneck, width))] + dec_layers
+    encoder = nn.Sequential(*enc_layers)
+    decoder = nn.Sequential(*dec_layers, head)
+    return SplitModel(encoder, decoder, _feature_shape(encoder, spec.input_shape), spec)
+
+
+def _feature_shape(encoder: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    was_training = encoder.training
+    encoder.eval()
+    with torch.no_grad():
+        shape = tuple(encoder(torch.zeros(1, *input_shape)).shape[1:])
+    encoder.train(was_training)
+    return shape
+
+
+def full_model(split: SplitModel) -> nn.Module:
+    """Encoder and decoder as one module, for the single-process baseline."""
+    return nn.Sequential(split.encoder, split.decoder)

@@ -1,0 +1,74 @@
+"""A server killed mid-training restarts from its checkpoint and the client carries on,
+with every step applied exactly once (the server's step counter equals the client's)."""
+
+import signal
+import socket
+import threading
+import time
+
+import grpc
+
+from deploy.processes import start_server
+from edge_client.config import ConnectionConfig, EdgeConfig
+from edge_client.remote import RemoteCloud
+from edge_client.trainer import run
+from splitnet.v1 import split_pb2 as pb
+from splitnet.v1 import split_pb2_grpc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job_stats(address: str, job: str) -> pb.JobStats | None:
+    with grpc.insecure_channel(address) as channel:
+        stats = split_pb2_grpc.SplitLearningStub(channel).Stats(pb.StatsRequest(job=job), timeout=5)
+    return stats.jobs[0] if stats.jobs else None
+
+
+def test_kill_9_restart_and_continue(tmp_path):
+    port, ckpt = _free_port(), str(tmp_path / "ckpt")
+    args = ("--checkpoint-dir", ckpt, "--checkpoint-every", "5")
+    server = start_server(*args, port=port)
+    config = EdgeConfig(connection=ConnectionConfig(server=server.address, deadline_s=10, reconnect_s=90),
+                        epochs=2, job="crash", client_id="edge-1", progress=False)
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(run(config, RemoteCloud(config.connection))))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 120
+        while (_job_stats(server.address, "crash") or pb.JobStats()).steps_applied < 12:
+            assert time.monotonic() < deadline and worker.is_alive()
+            time.sleep(0.05)
+        server.stop(signal.SIGKILL)
+        server = start_server(*args, port=port)
+        worker.join(300)
+        assert not worker.is_alive() and result, "the client did not finish after the restart"
+        job = _job_stats(server.address, "crash")
+        assert result["reconnects"] >= 1
+        assert job.steps_applied == result["steps"] == result["last_step_id"]
+        assert dict(job.client_last_step) == {"edge-1": result["steps"]}
+        assert result["test_accuracy"] > 0.5
+    finally:
+        server.stop()
+
+
+def test_sigterm_checkpoints_and_a_rejoining_client_continues(tmp_path):
+    port, ckpt = _free_port(), str(tmp_path / "ckpt")
+    server = start_server("--checkpoint-dir", ckpt, "--checkpoint-every", "1000", port=port)
+    config = EdgeConfig(connection=ConnectionConfig(server=server.address), epochs=1, max_steps=7, job="term",
+                        client_id="edge-2", progress=False)
+    try:
+        first = run(config, RemoteCloud(config.connection))
+        assert server.stop(signal.SIGTERM) == 0
+        server = start_server("--checkpoint-dir", ckpt, port=port)
+        with grpc.insecure_channel(server.address) as channel:
+            stub = split_pb2_grpc.SplitLearningStub(channel)
+            assert stub.Stats(pb.StatsRequest(job="term"), timeout=5).jobs[0].steps_applied == 7
+        second = run(config, RemoteCloud(config.connection))
+        assert first["last_step_id"] == 7 and second["last_step_id"] == 14
+        assert _job_stats(server.address, "term").steps_applied == 14
+    finally:
+        server.stop()
