@@ -44,36 +44,77 @@ def join_optimizer(optimizer: torch.optim.Optimizer, module: nn.Module, **group_
 
 def two_phase_backward(rob_loss: torch.Tensor, task_backward: Callable[[], None],
                        encoder_params: Iterable[nn.Parameter], surrogate_params: Iterable[nn.Parameter],
-                       weight: float) -> dict[str, float]:
+                       weight: float, features: torch.Tensor | None = None) -> dict[str, float | str]:
     """CEM_SPEC §4 steps 1-4; the caller then steps the optimizer.
 
     rob_loss: already scaled by attention_loss_scale. task_backward: backpropagates the
-    task loss into the encoder (e.g. `z.backward(grad_from_cloud)`), and must not zero
-    gradients itself. weight: lambda * w_lr. Afterwards encoder grads hold
-    g_task + weight * g_rob and surrogate grads g_task + g_rob (g_task usually None there).
-    The rob gradients are taken with autograd.grad, which leaves every .grad untouched and
-    keeps the shared encoder graph alive for task_backward. Both parameter sets' grads are
-    cleared (set to None) before task_backward, as step 2 prescribes.
-    Returns the gradient norms, for logging.
+    task loss into the encoder (e.g. `z_sent.backward(grad_from_cloud)`) and must not
+    zero gradients itself. weight: lambda * w_lr. Afterwards the encoder grads hold
+    g_task + weight * g_rob and the surrogate grads g_sur (+ any task gradient they got).
+    Both parameter sets' grads are cleared (set to None) before task_backward (step 2).
+
+    features: the encoder output z that rob_loss was computed from. Given it, the result
+    is the same (up to float rounding) at half the encoder cost: by linearity of the
+    backward pass, J^T g_task_z + weight * J^T g_rob_z = J^T (g_task_z + weight * g_rob_z),
+    so the rob gradient is taken only down to z, and a hook adds weight * g_rob_z to the
+    gradient that task_backward sends through z: one encoder backward instead of two.
+    Without it, g_rob is taken on the encoder parameters (the literal §4 recipe).
+
+    Returns gradient norms for logging, taken at "features" or at the "encoder" params.
     """
     encoder = [p for p in encoder_params if p.requires_grad]
     surrogate = [p for p in surrogate_params if p.requires_grad]
-    params = encoder + surrogate
-    if rob_loss.requires_grad and params:
-        rob_grads = torch.autograd.grad(rob_loss, params, retain_graph=True, allow_unused=True)
+    via_features = features is not None and features.requires_grad
+    targets = ([features] if via_features else encoder) + surrogate
+    if rob_loss.requires_grad and targets:
+        rob_grads = torch.autograd.grad(rob_loss, targets, retain_graph=True, allow_unused=True)
     else:
-        rob_grads = (None,) * len(params)
-    for p in params:
+        rob_grads = (None,) * len(targets)
+    split = len(targets) - len(surrogate)
+    g_rob, g_sur = rob_grads[:split], rob_grads[split:]
+    for p in encoder + surrogate:
         p.grad = None
-    task_backward()
-    task_norm = _norm(p.grad for p in encoder)
-    for i, (p, g) in enumerate(zip(params, rob_grads)):
-        if g is None:
-            continue
-        g = g * weight if i < len(encoder) else g
-        p.grad = g if p.grad is None else p.grad.add_(g)
-    return {"rob_grad_norm": _norm(rob_grads[:len(encoder)]), "task_grad_norm": task_norm,
-            "surrogate_grad_norm": _norm(rob_grads[len(encoder):])}
+    stats: dict[str, float | str] = {"at": "features" if via_features else "encoder",
+                                     "rob_grad_norm": _norm(g_rob), "surrogate_grad_norm": _norm(g_sur)}
+    if via_features:
+        stats["task_grad_norm"] = _backward_with_added_grad(task_backward, features, g_rob[0], weight)
+    else:
+        task_backward()
+        stats["task_grad_norm"] = _norm(p.grad for p in encoder)
+        _accumulate(encoder, [g * weight if g is not None else None for g in g_rob])
+    _accumulate(surrogate, g_sur)
+    return stats
+
+
+def _backward_with_added_grad(task_backward: Callable[[], None], z: torch.Tensor,
+                              g_rob: torch.Tensor | None, weight: float) -> float:
+    """Run task_backward with weight * g_rob added, once, to the gradient reaching z.
+
+    Returns the norm of the task gradient at z. If task_backward never reached z, the
+    rob gradient is pushed through the encoder on its own, so it is never lost.
+    """
+    seen: list[torch.Tensor] = []
+
+    def add_rob(grad: torch.Tensor) -> torch.Tensor:
+        seen.append(grad.detach())
+        if g_rob is None or len(seen) > 1:  # several task backward passes: add it to the first only
+            return grad
+        return grad + weight * g_rob
+
+    handle = z.register_hook(add_rob)
+    try:
+        task_backward()
+    finally:
+        handle.remove()
+    if not seen and g_rob is not None:
+        z.backward(weight * g_rob, retain_graph=True)
+    return _norm(seen)
+
+
+def _accumulate(params: list[nn.Parameter], grads: Iterable[torch.Tensor | None]) -> None:
+    for p, g in zip(params, grads):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad.add_(g)
 
 
 def _norm(grads: Iterable[torch.Tensor | None]) -> float:

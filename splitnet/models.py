@@ -145,7 +145,8 @@ def cut_points(arch: str) -> list[str]:
 
 @functools.cache
 def _cut_points(arch: str) -> tuple[str, ...]:
-    stages, _ = ARCHS[arch].stages(1, 2)
+    with torch.random.fork_rng(devices=[]):  # building layers draws weights: keep callers' seeds intact
+        stages, _ = ARCHS[arch].stages(1, 2)
     return tuple(name for name, _ in stages)
 
 

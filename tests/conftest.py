@@ -7,9 +7,9 @@ from deploy.processes import start_server
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-@pytest.fixture
-def server(tmp_path):
-    """A real cloud-server process on 127.0.0.1, with checkpoints in tmp_path."""
-    proc = start_server("--checkpoint-dir", str(tmp_path / "ckpt"))
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real cloud-server process on 127.0.0.1 shared by a module's tests (each uses its own job)."""
+    proc = start_server("--checkpoint-dir", str(tmp_path_factory.mktemp("ckpt")))
     yield proc
     proc.stop()

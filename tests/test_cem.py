@@ -63,8 +63,8 @@ def test_weighted_mean_var_matches_direct_computation():
     xd, wd = x.double(), w.double()
     for c in range(3):
         for k in range(4):
-            mu_direct = sum(wd[c, k, m] * xd[c, m] for m in range(7))
-            var_direct = sum(wd[c, k, m] * (xd[c, m] - mu_direct) ** 2 for m in range(7))
+            mu_direct = (wd[c, k, :, None] * xd[c]).sum(0)
+            var_direct = (wd[c, k, :, None] * (xd[c] - mu_direct) ** 2).sum(0)
             torch.testing.assert_close(mu[c, k].double(), mu_direct, rtol=0, atol=1e-6)
             torch.testing.assert_close(var[c, k].double(), var_direct, rtol=1e-3, atol=1e-8)
 
@@ -177,6 +177,19 @@ def test_learn_gates_false_freezes_gates_but_not_the_encoder_path(name):
     learning = make(name)
     learning(z, labels, SIGMA)[0].backward()
     assert learning.bank.soft[1].weight.grad.abs().sum() > 0  # the default does learn its gates
+
+
+@pytest.mark.parametrize("learn_gates", [True, False])
+def test_frozen_gates_cannot_be_closed_by_the_encoder(learn_gates):
+    """mu enters psi only through the SNR gate: with frozen gates it must get no gradient,
+    or the encoder could lower rob_loss by moving its means instead of compacting."""
+    bank = make("gated", learn_gates=learn_gates).bank
+    mu = (0.5 + 0.1 * torch.rand(3, DIM)).requires_grad_()
+    var = (0.01 * torch.rand(3, DIM) + 1e-3).requires_grad_()
+    psi, _ = bank.penalty(mu, var, 1.25e-3)
+    mu_grad, var_grad = torch.autograd.grad(psi.sum(), [mu, var], allow_unused=True)
+    assert (mu_grad is not None and mu_grad.abs().sum() > 0) == learn_gates
+    assert var_grad.abs().sum() > 0  # the threshold phi always pushes the variance down
 
 
 # ---- guards -------------------------------------------------------------------------------
@@ -313,7 +326,8 @@ def test_lr_weight_policies():
         cem.lr_weight(0.01, "cosine")
 
 
-def test_two_phase_merge_adds_exactly_weight_times_rob_gradient():
+@pytest.mark.parametrize("via_features", [False, True])
+def test_two_phase_merge_adds_exactly_weight_times_rob_gradient(via_features):
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Linear(10, DIM), nn.Sigmoid())
     unused = nn.Parameter(torch.ones(3))  # in the encoder's list, in neither graph
@@ -330,9 +344,11 @@ def test_two_phase_merge_adds_exactly_weight_times_rob_gradient():
     for p in enc + sur:  # stale gradients must not leak into the result
         p.grad = torch.full_like(p, 7.0)
     weight = 16 * cem.lr_weight(0.01)
-    stats = cem.two_phase_backward(rob, task.backward, enc + [unused], sur, weight)
+    stats = cem.two_phase_backward(rob, task.backward, enc + [unused], sur, weight,
+                                   features=z if via_features else None)
+    assert stats["at"] == ("features" if via_features else "encoder")
     for p, gr, gt in zip(enc, g_rob, g_task):
-        torch.testing.assert_close(p.grad, gt + weight * gr, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(p.grad, gt + weight * gr, rtol=1e-5, atol=1e-7)
     for p, gr in zip(sur, g_rob[len(enc):]):
         if gr is None:
             assert p.grad is None
@@ -340,6 +356,29 @@ def test_two_phase_merge_adds_exactly_weight_times_rob_gradient():
             torch.testing.assert_close(p.grad, gr, rtol=0, atol=0)
     assert unused.grad is None
     assert stats["rob_grad_norm"] > 0 and stats["task_grad_norm"] > 0
+
+
+@pytest.mark.parametrize("passes", [0, 1, 2])
+def test_merge_via_features_adds_the_rob_gradient_once(passes):
+    """However many backward passes the task takes through z (0: none), g_rob lands once."""
+    torch.manual_seed(0)
+    encoder = nn.Linear(6, DIM)
+    x, labels = torch.randn(16, 6), torch.arange(4).repeat(4)
+    z = encoder(x)
+    rob = (z - 0.3).square().mean()  # any differentiable function of z will do
+    task_parts = [z.sin().sum(), z.cos().sum()][:passes]
+    enc = list(encoder.parameters())
+    g_rob = torch.autograd.grad(rob, enc, retain_graph=True)
+    g_task = [sum(gs) for gs in zip(*(torch.autograd.grad(t, enc, retain_graph=True) for t in task_parts))] \
+        if passes else [torch.zeros_like(p) for p in enc]
+
+    def task_backward() -> None:
+        for part in task_parts:
+            part.backward(retain_graph=True)
+
+    cem.two_phase_backward(rob, task_backward, enc, [], 3.0, features=z)
+    for p, gr, gt in zip(enc, g_rob, g_task):
+        torch.testing.assert_close(p.grad, gt + 3.0 * gr)
 
 
 def test_two_phase_merge_without_rob_graph_is_plain_task_backward():
@@ -369,7 +408,8 @@ def run_training(name: str, seed: int, steps: int = 4) -> list[float]:
         rob, _, _ = module(z, labels, 0.05)
         noisy = z + 0.05 * torch.randn_like(z)
         task = nn.functional.cross_entropy(head(noisy), labels)
-        cem.two_phase_backward(rob, task.backward, encoder.parameters(), module.parameters(), 16 * 0.1)
+        cem.two_phase_backward(rob, task.backward, encoder.parameters(), module.parameters(), 16 * 0.1,
+                               features=z)
         opt.step()
         robs.append(rob.item())
     return robs

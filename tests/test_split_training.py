@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import threading
+import uuid
 
 import grpc
 import pytest
@@ -95,13 +96,14 @@ def _step(session_id, step_id, batch=4, shape=(64, 8, 8), labels=None):
     (lambda sid: _step(sid, 3), grpc.StatusCode.FAILED_PRECONDITION, "step_id"),
 ])
 def test_bad_steps_rejected_and_server_keeps_serving(server, make, code, text):
+    job = f"bad-{code.name}-{text}-{uuid.uuid4().hex[:6]}"
     with grpc.insecure_channel(server.address) as channel:
         stub = split_pb2_grpc.SplitLearningStub(channel)
-        session = _open(stub)
+        session = _open(stub, job=job)
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Train(iter([make(session.session_id)]), timeout=10))
         assert err.value.code() == code and text in err.value.details()
-        stats = stub.Stats(pb.StatsRequest(job="j"), timeout=10)
+        stats = stub.Stats(pb.StatsRequest(job=job), timeout=10)
         assert stats.jobs[0].steps_applied == 0  # the decoder was not touched
         good = list(stub.Train(iter([_step(session.session_id, 1)]), timeout=10))
         assert good[0].step_id == 1 and not good[0].duplicate and len(good[0].grad.data) == 4 * 64 * 64 * 4
@@ -154,7 +156,7 @@ def test_sessions_of_one_job_share_a_decoder_without_lost_updates(server):
         stats = stub.Stats(pb.StatsRequest(), timeout=10)
     jobs = {j.job: j for j in stats.jobs}
     assert jobs["shared"].steps_applied == 60 and dict(jobs["shared"].client_last_step) == {"c0": 20, "c1": 20, "c2": 20}
-    assert jobs["other"].steps_applied == 0
+    assert jobs["other"].steps_applied == 0 and jobs["other"].sessions_open == 1
 
 
 def test_oversize_message_names_the_flag(tmp_path):

@@ -1,0 +1,82 @@
+"""Split over gRPC vs single process: the same model, data and seed, measured side by side.
+
+Runs (a) the whole model in this process (`LocalCloud`) and (b) the encoder here with
+the decoder in a real `cloud-server` process on 127.0.0.1, alternating a and b
+`--repeats` times, and prints one JSON object with the median samples/s of each and
+`ratio_split_over_local`. With `--pipeline N` it also runs the split with N steps in
+flight (bounded staleness) and reports `ratio_pipelined_over_local`.
+
+    python benchmarks/transport.py --batch-size 64 --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+
+import torch
+
+from cloud_server.local import LocalCloud
+from deploy.processes import start_server
+from edge_client.config import ConnectionConfig, EdgeConfig
+from edge_client.remote import RemoteCloud
+from edge_client.trainer import run
+from splitnet import data
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="cnn")
+    p.add_argument("--cut", default="")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=60, help="training steps per measured run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--codec", default="fp32")
+    p.add_argument("--pipeline", type=int, default=0, help="also measure N steps in flight (0: skip)")
+    args = p.parse_args(argv)
+
+    splits = data.load(data.DataSpec())
+    epochs = -(-args.steps * args.batch_size // len(splits.train))
+    base = EdgeConfig(arch=args.arch, cut=args.cut, batch_size=args.batch_size, epochs=epochs, max_steps=args.steps,
+                      codec=args.codec, progress=False)
+    server = start_server()
+    variants = {"local": (base, LocalCloud), "split": (_remote(base, server.address, 0), None)}
+    if args.pipeline:
+        variants["pipelined"] = (_remote(base, server.address, args.pipeline), None)
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    rtts: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for rep in range(args.repeats + 1):  # the first round warms up caches and is dropped
+            for name, (config, factory) in variants.items():
+                config = dataclasses.replace(config, job=f"{name}-{rep}")
+                cloud = factory() if factory else RemoteCloud(config.connection)
+                report = run(config, cloud, splits)
+                if rep:
+                    rates[name].append(report["samples_per_second"])
+                    rtts[name].append(report["rtt_ms_p50"])
+    finally:
+        server.stop()
+    median = {name: statistics.median(v) for name, v in rates.items()}
+    result = {
+        "arch": base.arch, "cut": base.cut or "default", "batch_size": args.batch_size, "steps": args.steps,
+        "codec": args.codec, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+        "samples_per_second": median, "samples_per_second_runs": rates,
+        "rtt_ms_p50_split": statistics.median(rtts["split"]),
+        "ratio_split_over_local": median["split"] / median["local"],
+    }
+    if args.pipeline:
+        result["pipeline"] = args.pipeline
+        result["ratio_pipelined_over_local"] = median["pipelined"] / median["local"]
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _remote(base: EdgeConfig, address: str, pipeline: int) -> EdgeConfig:
+    return dataclasses.replace(base, connection=ConnectionConfig(server=address, pipeline=pipeline))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
