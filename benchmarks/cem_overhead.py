@@ -3,8 +3,8 @@
 One local process: the small CNN with an 8-channel sigmoid bottleneck on digits, batch
 64, the decoder standing in for the cloud. A CEM step is forward, surrogate, the
 two-phase merge and the optimizer step; a "none" step is a plain forward / backward /
-step. Variants are interleaved in rounds (order rotated each round) so that a load
-change on the machine hits all of them alike, and the median step is reported. Also
+step. Variants take turns step by step (order rotating) so that a load change on the
+machine hits all of them alike, and the median step is reported. Also
 timed: the GMM epoch-end refit over the whole training set (encode + k-means).
 
     python -m benchmarks.cem_overhead --steps 40
@@ -18,7 +18,7 @@ import argparse
 import json
 import statistics
 import time
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ import cem
 from splitnet.data import DataSpec, load
 from splitnet.models import SplitSpec, build
 
+T = TypeVar("T")
 VARIANTS = ("none", "gmm", "gated", "slot")
 TARGETS = {"gated": 1.3, "slot": 2.0}
 
@@ -34,7 +35,6 @@ TARGETS = {"gated": 1.3, "slot": 2.0}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40, help="timed steps per variant")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaving rounds the steps are split into")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--sigma", type=float, default=0.1)
@@ -82,22 +82,21 @@ class Variant:
         self.opt.step()
 
 
-def timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[..., T], *args: object) -> tuple[T, float]:
+    """fn(*args) and its wall time in ms."""
     start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1000
+    out = fn(*args)
+    return out, (time.perf_counter() - start) * 1000
 
 
 def refit_cost(variant: Variant, x_all: torch.Tensor, y_all: torch.Tensor, sigma: float) -> dict[str, float]:
     """Epoch-end GMM refit: encode the training set in eval mode, then k-means per class."""
     assert isinstance(variant.surrogate, cem.GMMCEM)
     variant.encoder.eval()
-    feats: list[torch.Tensor] = []
     with torch.no_grad():
-        encode_ms = timed(lambda: feats.append(torch.cat([variant.encoder(b) for b in x_all.split(256)])))
+        feats, encode_ms = timed(lambda: torch.cat([variant.encoder(b) for b in x_all.split(256)]))
     variant.encoder.train()
-    info: dict = {}
-    kmeans_ms = timed(lambda: info.update(variant.surrogate.refit(feats[0], y_all, sigma)))
+    info, kmeans_ms = timed(variant.surrogate.refit, feats, y_all, sigma)
     return {"encode_ms": encode_ms, "kmeans_ms": kmeans_ms, "iterations": info["iterations"],
             "clusters": info["clusters"]}
 
@@ -120,14 +119,10 @@ def main(argv: list[str] | None = None) -> dict:
     for i in range(args.warmup):
         for v in variants.values():
             v.step(x_all[batches[i]], y_all[batches[i]])
-    per_round = max(1, args.steps // args.rounds)
-    order = list(VARIANTS)
-    for start in range(args.warmup, total, per_round):
-        for name in order:
-            for i in range(start, min(start + per_round, total)):
-                idx = batches[i]
-                times[name].append(timed(lambda: variants[name].step(x_all[idx], y_all[idx])))
-        order = order[1:] + order[:1]
+    for i in range(args.warmup, total):  # one step of each variant in turn, order rotating
+        shift = i % len(VARIANTS)
+        for name in VARIANTS[shift:] + VARIANTS[:shift]:
+            times[name].append(timed(variants[name].step, x_all[batches[i]], y_all[batches[i]])[1])
 
     median = {name: statistics.median(t) for name, t in times.items()}
     ratio = {name: median[name] / median["none"] for name in VARIANTS if name != "none"}

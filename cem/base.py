@@ -52,12 +52,13 @@ class Surrogate(nn.Module):
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor,
                 sigma: float) -> tuple[torch.Tensor, float, Diagnostics]:
-        z = features.flatten(1)
+        z, sigma = features.flatten(1), float(sigma)
         if z.shape[1] != self.feature_dim:
             raise ValueError(f"features flatten to {z.shape[1]} dims, surrogate built for {self.feature_dim}")
         if labels.shape != (z.shape[0],):
             raise ValueError(f"labels must have shape [{z.shape[0]}], got {tuple(labels.shape)}")
-        diag: Diagnostics = {"active": False, "sigma_zero": sigma <= 0, "classes_used": 0, "nonfinite": False}
+        diag: Diagnostics = {"active": False, "sigma_zero": sigma <= 0, "classes_used": 0, "nonfinite": False,
+                             "shutoff": False}
         if sigma <= 0:  # no noise: nothing to hide the class spread under (CEM_SPEC "Why")
             return self._zero(z), 0.0, {**diag, "nan_count": self.nan_count}
         groups = group_by_class(z, labels)
@@ -65,7 +66,7 @@ class Surrogate(nn.Module):
         if len(groups) == 0:
             return self._zero(z), 0.0, {**diag, "nan_count": self.nan_count}
         diag["active"] = True  # a surrogate may override (GMM before its first refit)
-        rob, intra, own = self._loss(groups, float(sigma))
+        rob, intra, own = self._loss(groups, sigma)
         diag.update(own)
         intra_value = float(intra.detach())
         rob_bad, intra_bad = not bool(torch.isfinite(rob.detach())), not math.isfinite(intra_value)

@@ -34,7 +34,8 @@ def lloyd(x: torch.Tensor, centers: torch.Tensor, max_iter: int) -> tuple[torch.
     the point farthest from its centre, so every cluster keeps members (weights stay > 0)."""
     assign = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
     iterations = 0
-    for iterations in range(1, max_iter + 1):
+    while iterations < max_iter:
+        iterations += 1
         d2 = torch.cdist(x, centers).square()
         new = d2.argmin(1)
         if torch.equal(new, assign):

@@ -9,7 +9,7 @@ import sys
 import threading
 
 from cloud_server.config import ServerConfig
-from splitnet.cli_util import setup_logging
+from splitnet.cli_util import set_threads, setup_logging
 
 log = logging.getLogger("cloud_server")
 
@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                    help="on shutdown, time for in-flight steps (default %(default)s)")
     p.add_argument("--tap", dest="tap_dir", default=d.tap_dir,
                    help="curious-server mode: record every received training batch here for the attacker")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default %(default)s; 0: torch's default of one per core)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.checkpoint_every < 1:
@@ -44,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
     setup_logging(args.verbose)
+    set_threads(args.threads)
     from cloud_server.server import CloudServer
 
     try:

@@ -9,7 +9,7 @@ import sys
 from edge_client.config import ConnectionConfig, EdgeConfig
 from edge_client.defense import DefenseConfig
 from splitnet import codec, models
-from splitnet.cli_util import setup_logging
+from splitnet.cli_util import set_threads, setup_logging
 from splitnet.data import DATASETS, DataSpec, DatasetNotFound
 from splitnet.wire import parse_address
 
@@ -60,6 +60,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cem-scale", type=float, default=None, help="rob_loss scale (default: the surrogate's)")
     g.add_argument("--cem-warmup", type=int, default=None, help="epochs without CEM (default: the surrogate's)")
     g.add_argument("--freeze-gates", action="store_true", help="CEM gates do not learn from rob_loss")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default %(default)s; 0: torch's default of one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true")
 
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config = config_from_args(args, p)
     setup_logging(args.verbose)
+    set_threads(args.threads)
     from edge_client import report as report_mod
     from edge_client.remote import CloudError, RemoteCloud
     from edge_client.trainer import run

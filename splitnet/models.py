@@ -75,9 +75,9 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
 
 def _cnn(in_ch: int, classes: int) -> tuple[list[Stage], nn.Module]:
     stages = [
-        ("conv1", nn.Sequential(*_conv_bn_relu(in_ch, 32))),
-        ("block1", nn.Sequential(*_conv_bn_relu(32, 64), nn.MaxPool2d(2))),
-        ("block2", nn.Sequential(*_conv_bn_relu(64, 64), nn.MaxPool2d(2))),
+        ("conv1", nn.Sequential(*_conv_bn_relu(in_ch, 16))),
+        ("block1", nn.Sequential(*_conv_bn_relu(16, 32), nn.MaxPool2d(2))),
+        ("block2", nn.Sequential(*_conv_bn_relu(32, 64), nn.MaxPool2d(2))),
     ]
     head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(256, 128), nn.ReLU(inplace=True),
                          nn.Linear(128, classes))

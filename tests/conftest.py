@@ -1,10 +1,12 @@
 import os
 
 import pytest
+import torch
 
 from deploy.processes import start_server
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+torch.set_num_threads(1)  # the test servers run beside us on the same cores (see splitnet.cli_util.set_threads)
 
 
 @pytest.fixture(scope="module")
