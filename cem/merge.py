@@ -60,7 +60,8 @@ def two_phase_backward(rob_loss: torch.Tensor, task_backward: Callable[[], None]
     gradient that task_backward sends through z: one encoder backward instead of two.
     Without it, g_rob is taken on the encoder parameters (the literal §4 recipe).
 
-    Returns gradient norms for logging, taken at "features" or at the "encoder" params.
+    Returns the rob and task gradient norms (before weighting) for logging, taken at
+    "features" or at the "encoder" params: their ratio shows which term steers the encoder.
     """
     encoder = [p for p in encoder_params if p.requires_grad]
     surrogate = [p for p in surrogate_params if p.requires_grad]
@@ -72,10 +73,11 @@ def two_phase_backward(rob_loss: torch.Tensor, task_backward: Callable[[], None]
         rob_grads = (None,) * len(targets)
     split = len(targets) - len(surrogate)
     g_rob, g_sur = rob_grads[:split], rob_grads[split:]
+    if via_features and rob_loss.requires_grad and g_rob[0] is None:  # else the rob term would vanish silently
+        raise ValueError("rob_loss does not depend on `features`: pass the tensor the surrogate was given")
     for p in encoder + surrogate:
         p.grad = None
-    stats: dict[str, float | str] = {"at": "features" if via_features else "encoder",
-                                     "rob_grad_norm": _norm(g_rob), "surrogate_grad_norm": _norm(g_sur)}
+    stats: dict[str, float | str] = {"at": "features" if via_features else "encoder", "rob_grad_norm": _norm(g_rob)}
     if via_features:
         stats["task_grad_norm"] = _backward_with_added_grad(task_backward, features, g_rob[0], weight)
     else:
@@ -118,5 +120,5 @@ def _accumulate(params: list[nn.Parameter], grads: Iterable[torch.Tensor | None]
 
 
 def _norm(grads: Iterable[torch.Tensor | None]) -> float:
-    squares = [g.detach().square().sum() for g in grads if g is not None]
-    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+    present = [g.detach() for g in grads if g is not None]
+    return float(nn.utils.get_total_norm(present)) if present else 0.0

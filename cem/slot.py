@@ -44,14 +44,14 @@ class SlotAttention(nn.Module):
 
     def forward(self, xn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """xn [C, M, D] layer-normed samples, mask [C, M] -> slots [C, S, slot_dim]."""
-        k, v = self.to_k(xn), self.to_v(xn)
+        k, v = self.to_k(xn) * self.scale, self.to_v(xn)  # scale once here, not per iteration
         c, dim = xn.shape[0], self.mu.shape[-1]
         noise = torch.randn(c, self.num_slots, dim, device=xn.device, dtype=xn.dtype)
         slots = self.mu + self.log_sigma.exp() * noise
         keep = mask.unsqueeze(-1).to(xn.dtype)
         for _ in range(self.iters):
             q = self.to_q(self.norm_slots(slots))
-            attn = (k @ q.transpose(1, 2) * self.scale).softmax(-1) + self.eps  # [C, M, S]: slots compete
+            attn = (k @ q.transpose(1, 2)).softmax(-1) + self.eps  # [C, M, S]: slots compete
             attn = attn * keep
             weights = attn / attn.sum(1, keepdim=True)  # renormalise over the class's samples
             updates = weights.transpose(1, 2) @ v  # [C, S, slot_dim]

@@ -19,15 +19,19 @@ class LocalCloud:
     def __init__(self) -> None:
         self.job: Job | None = None
         self.rtt_ms: list[float] = []
+        self._replies: dict[int, StepReply] = {}
 
     def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str, seed: int) -> int:
         self.job = Job(job, split.spec, optim, seed=seed)
         self._client = client_id
         return 0
 
-    def train(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> StepReply:
+    def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> None:
         out = self.job.train_step(self._client, step_id, features, labels)  # type: ignore[union-attr]
-        return StepReply(out.grad, out.loss, out.correct, out.duplicate)
+        self._replies[step_id] = StepReply(out.grad, out.loss, out.correct, out.duplicate)
+
+    def collect(self, step_id: int) -> StepReply:
+        return self._replies.pop(step_id)
 
     def infer(self, batches, codec_name: str):
         for features in batches:

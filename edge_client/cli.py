@@ -23,6 +23,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--server", default=c.server, help="cloud server HOST:PORT (default %(default)s)")
     g.add_argument("--max-message-mb", type=float, default=c.max_message_mb, help="largest message, MiB")
     g.add_argument("--deadline", type=float, default=c.deadline_s, help="seconds per call / step (default %(default)s)")
+    g.add_argument("--pipeline", type=int, default=c.pipeline, metavar="K",
+                   help="send up to K steps ahead of the last gradient (bounded staleness; 0: lock-step)")
     g.add_argument("--reconnect-seconds", type=float, default=c.reconnect_s,
                    help="keep retrying an unavailable server this long (default %(default)s)")
     g = p.add_argument_group("data and model")
@@ -78,12 +80,15 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
     for flag in ("epochs", "batch_size"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.pipeline < 0:
+        p.error("--pipeline must be >= 0")
     if args.lr <= 0:
         p.error("--lr must be > 0")
     if args.cut and args.cut not in models.cut_points(args.arch):
         p.error(f"--cut {args.cut!r} is not a cut of {args.arch}; valid: {models.cut_points(args.arch)}")
     return EdgeConfig(
-        connection=ConnectionConfig(args.server, args.max_message_mb, args.deadline, args.reconnect_seconds),
+        connection=ConnectionConfig(args.server, args.max_message_mb, args.deadline, args.reconnect_seconds,
+                                    args.pipeline),
         data=DataSpec(args.dataset, args.data_root, args.download, args.image_size),
         defense=defense, arch=args.arch, cut=args.cut, bottleneck=args.bottleneck, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,

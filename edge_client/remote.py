@@ -59,7 +59,7 @@ class _TrainStream:
             return next(self._call)
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.CANCELLED and not timer.is_alive():
-                raise _DeadlineExceeded(deadline_s) from None
+                raise _LocalRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply within {deadline_s:g} s") from None
             raise
         finally:
             timer.cancel()
@@ -69,12 +69,15 @@ class _TrainStream:
         self._call.cancel()
 
 
-class _DeadlineExceeded(grpc.RpcError):
-    def __init__(self, deadline_s: float) -> None:
-        super().__init__(f"no reply within {deadline_s:g} s")
+class _LocalRpcError(grpc.RpcError):
+    """A failure noticed on this side (deadline, no stream), shaped like gRPC's own errors."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code = code
 
     def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
+        return self._code
 
     def details(self) -> str:
         return str(self)
@@ -89,7 +92,9 @@ class RemoteCloud:
         self._stub = split_pb2_grpc.SplitLearningStub(self._channel)
         self._spec: pb.SessionSpec | None = None
         self._stream: _TrainStream | None = None
-        self._unacked: OrderedDict[int, pb.TrainStep] = OrderedDict()
+        self._unacked: OrderedDict[int, pb.TrainStep] = OrderedDict()  # sent, not yet durable on the server
+        self._sent_at: dict[int, float] = {}  # sent, reply not yet received
+        self._applied_by_server: set[int] = set()
         self.session: pb.Session | None = None
         self.bytes_up = 0
         self.bytes_down = 0
@@ -129,38 +134,57 @@ class RemoteCloud:
 
     # -- training
 
-    def train(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> StepReply:
-        request = pb.TrainStep(step_id=step_id, features=codec.encode(features, codec_name),
-                               labels=labels.tolist())
+    def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> None:
+        """Send a step without waiting; `collect` gets its reply (replies come in order)."""
+        request = pb.TrainStep(step_id=step_id, features=codec.encode(features, codec_name), labels=labels.tolist())
         self._check_size(request)
         self._unacked[step_id] = request
+        try:
+            self._send(request)
+        except grpc.RpcError:
+            pass  # the stream is broken; collect() reconnects and re-sends
+
+    def collect(self, step_id: int) -> StepReply:
         deadline = time.monotonic() + self.config.reconnect_s
         while True:
             try:
-                return self._exchange(request)
+                return self._receive(step_id)
             except grpc.RpcError as err:
                 if err.code() not in _RETRYABLE or time.monotonic() > deadline:
                     raise _cloud_error(err, "Train") from None
                 log.warning("Train step %d: %s; reconnecting", step_id, err.details())
-                self._reconnect(deadline, upto=step_id)
+                self._reconnect(deadline)
 
-    def _exchange(self, request: pb.TrainStep, replay: bool = False) -> StepReply:
+    def _send(self, request: pb.TrainStep) -> None:
         if self._stream is None:
             self._stream = _TrainStream(self._stub)
         request.session_id = self.session.session_id  # type: ignore[union-attr]
-        start = time.perf_counter()
+        self._sent_at[request.step_id] = time.perf_counter()
         self._stream.send(request)
-        result = self._stream.receive(self.config.deadline_s)
-        if not replay:
-            self.rtt_ms.append((time.perf_counter() - start) * 1e3)
-        self._count(request, result)
-        for old in [s for s in self._unacked if s <= result.durable_step_id]:
-            del self._unacked[old]
-        grad = codec.decode(result.grad, "grad") if result.HasField("grad") else None
-        return StepReply(grad, result.loss, result.correct, result.duplicate)
 
-    def _reconnect(self, deadline: float, upto: int) -> None:
-        """Re-open the session and re-send buffered steps the server lost (before `upto`)."""
+    def _receive(self, step_id: int) -> StepReply:
+        """The reply for `step_id`, skipping replies to steps re-sent only for the server's sake."""
+        if step_id in self._applied_by_server:  # the restarted server had it already
+            self._applied_by_server.discard(step_id)
+            return StepReply(None, 0.0, 0, True)
+        while True:
+            if self._stream is None:
+                raise _LocalRpcError(grpc.StatusCode.UNAVAILABLE, "the Train stream is closed")
+            result = self._stream.receive(self.config.deadline_s)
+            request = self._unacked.get(result.step_id)
+            self._count(request or pb.TrainStep(), result)
+            sent = self._sent_at.pop(result.step_id, None)
+            for old in [s for s in self._unacked if s <= result.durable_step_id]:
+                del self._unacked[old]
+            if result.step_id < step_id:  # a replay after a restart: its gradient was applied before
+                continue
+            if sent is not None:
+                self.rtt_ms.append((time.perf_counter() - sent) * 1e3)
+            grad = codec.decode(result.grad, "grad") if result.HasField("grad") else None
+            return StepReply(grad, result.loss, result.correct, result.duplicate)
+
+    def _reconnect(self, deadline: float) -> None:
+        """Re-open the session and re-send, in order, every buffered step the server lacks."""
         if self._stream:
             self._stream.close()
             self._stream = None
@@ -170,15 +194,17 @@ class RemoteCloud:
             try:
                 self.session = self._stub.OpenSession(self._spec, timeout=self.config.deadline_s, wait_for_ready=True)
                 self.reconnects += 1
-                lost = [s for s in range(self.session.last_step_id + 1, upto) if s not in self._unacked]
+                last = self.session.last_step_id
+                pending = [s for s in self._unacked if s > last]
+                lost = [s for s in range(last + 1, pending[0] if pending else last + 1)]
                 if lost:
                     raise CloudError(grpc.StatusCode.DATA_LOSS,
                                      f"the server restarted without steps {lost[0]}..{lost[-1]} and they are no "
                                      "longer buffered here (was its --checkpoint-dir changed?)")
-                for step_id, request in list(self._unacked.items()):
-                    if self.session.last_step_id < step_id < upto:
-                        self._exchange(request, replay=True)
-                        self.replayed_steps += 1
+                self._applied_by_server |= {s for s in self._unacked if s <= last and s in self._sent_at}
+                for step_id in pending:
+                    self._send(self._unacked[step_id])
+                self.replayed_steps += len(pending)
                 return
             except grpc.RpcError as err:
                 if err.code() not in _RETRYABLE or time.monotonic() > deadline:

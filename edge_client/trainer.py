@@ -1,7 +1,14 @@
-"""Train the encoder through a (remote) decoder, then evaluate through it; return the report.
+"""Train the encoder through a (remote) decoder, then evaluate through it; build the report.
 
 One step: z = F_e(x); z' = obfuscate(z); send z' and y; the cloud returns dL/dz'; the
 encoder backpropagates it (plus NoPeek and, through the two-phase merge, CEM) and steps.
+
+Pipelining (`ConnectionConfig.pipeline = k`): up to k further steps are sent before the
+gradient of the oldest returns, so the edge's encoder work overlaps the transport and the
+cloud's decoder work. A gradient is then applied up to k optimizer steps late (bounded
+staleness). Each in-flight step's forward runs on a snapshot of the weights (weight
+stashing), so its backward uses the weights its features were computed with even though
+the optimizer has moved on.
 """
 
 from __future__ import annotations
@@ -10,173 +17,221 @@ import logging
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
+from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from edge_client.cem_hook import CemHook
 from edge_client.config import EdgeConfig
 from edge_client.defense import Obfuscation, nopeek_loss
 from edge_client.report import percentile
 from splitnet import data, models
-from splitnet.cloud_api import Cloud
+from splitnet.cloud_api import Cloud, StepReply
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class EdgeState:
-    """What an edge owns: its encoder half, its optimizer and its defense."""
-
-    split: models.SplitModel
-    optimizer: torch.optim.Optimizer
-    obfuscation: Obfuscation
-    surrogate: torch.nn.Module | None = None
-    history: list[dict] = field(default_factory=list)
-
-
-def build_edge(config: EdgeConfig, num_classes: int, input_shape: tuple[int, int, int]) -> EdgeState:
-    torch.manual_seed(config.seed)
-    split = models.build(models.SplitSpec(config.arch, config.cut, num_classes, input_shape, config.bottleneck))
-    split.encoder.to(config.device)
-    optimizer = _optim(config).make(split.encoder.parameters())
-    gen = torch.Generator().manual_seed(config.seed + 1)
-    return EdgeState(split, optimizer, Obfuscation(config.defense, generator=gen))
+class _InFlight:
+    x: torch.Tensor
+    y: torch.Tensor
+    z: torch.Tensor
+    z_sent: torch.Tensor
+    step_id: int
+    epoch: int
 
 
-def _optim(config: EdgeConfig) -> models.OptimSpec:
-    return models.OptimSpec(config.lr, config.momentum, config.weight_decay)
+def encoder_momentum(momentum: float, pipeline: int) -> float:
+    """Momentum for an encoder whose gradients arrive `pipeline` steps late.
+
+    Asynchrony acts as implicit momentum of about 1 - 1/(k+1) for staleness k
+    (Mitliagkas et al., "Asynchrony begets momentum", 2016); stacking the usual 0.9 on
+    top of it made the weights oscillate (digits, 3 epochs, k=3: test accuracy 0.12,
+    against 0.90 with the explicit momentum lowered), so it is reduced by that amount.
+    """
+    return max(0.0, momentum - pipeline / (pipeline + 1)) if pipeline else momentum
+
+
+class EdgeTrainer:
+    """An edge client's training life: open a session, train epochs, evaluate, report.
+
+    Ray actors drive it epoch by epoch and move encoder weights in and out of it
+    (sequential split learning, SplitFed); `run` drives it start to finish.
+    """
+
+    def __init__(self, config: EdgeConfig, cloud: Cloud, splits: data.Splits | None = None,
+                 train_set: Dataset | None = None) -> None:
+        self.config, self.cloud = config, cloud
+        self.splits = splits or data.load(config.data)
+        self.train_set = train_set if train_set is not None else self.splits.train
+        torch.manual_seed(config.seed)
+        self.split = models.build(models.SplitSpec(config.arch, config.cut, self.splits.num_classes,
+                                                   self.splits.input_shape, config.bottleneck))
+        self.encoder = self.split.encoder.to(config.device)
+        self.optim = models.OptimSpec(config.lr, config.momentum, config.weight_decay)
+        self.optimizer = models.OptimSpec(config.lr, encoder_momentum(config.momentum, config.connection.pipeline),
+                                          config.weight_decay).make(self.encoder.parameters())
+        self.obfuscation = Obfuscation(config.defense, generator=torch.Generator().manual_seed(config.seed + 1))
+        self.cem = CemHook.create(config, self.encoder, self.optimizer, self.split)
+        self.loader = DataLoader(self.train_set, batch_size=config.batch_size, shuffle=True,
+                                 generator=torch.Generator().manual_seed(config.seed))
+        self.client_id = config.client_id or uuid.uuid4().hex[:12]
+        self.history: list[dict] = []
+        self.step_id = self.steps = self.samples = 0
+        self.train_seconds = 0.0
+        self.duplicates = 0
+
+    @property
+    def done(self) -> bool:
+        return bool(self.config.max_steps) and self.steps >= self.config.max_steps
+
+    def open(self) -> None:
+        self.step_id = self.cloud.open(self.config.job, self.client_id, self.split, self.optim,
+                                       self.config.grad_codec, self.config.seed)
+
+    def close(self) -> None:
+        self.cloud.close()
+
+    def train_epoch(self) -> dict:
+        epoch = len(self.history) + 1
+        depth = max(0, self.config.connection.pipeline)
+        inflight: deque[_InFlight] = deque()
+        loss_sum, correct, seen = 0.0, 0, 0
+        start = time.perf_counter()
+        self.encoder.train()
+        bar = tqdm(self.loader, desc=f"epoch {epoch}", unit="step", disable=not self.config.progress, leave=False)
+        for x, y in bar:
+            if self.done:
+                break
+            x, y = x.to(self.config.device), y.to(self.config.device)
+            self.step_id += 1
+            z = self._forward(x, stash=depth > 0)
+            z_sent = self.obfuscation(z)
+            self.cloud.submit(self.step_id, z_sent.detach(), y.cpu(), self.config.codec)
+            inflight.append(_InFlight(x, y, z, z_sent, self.step_id, epoch))
+            self.steps += 1
+            while len(inflight) > depth:
+                reply = self._apply(inflight.popleft())
+                loss_sum, correct, seen = loss_sum + reply.loss * len(y), correct + reply.correct, seen + len(y)
+                bar.set_postfix(loss=f"{reply.loss:.3f}")
+        while inflight:
+            item = inflight.popleft()
+            reply = self._apply(item)
+            loss_sum, correct, seen = loss_sum + reply.loss * len(item.y), correct + reply.correct, seen + len(item.y)
+        elapsed = time.perf_counter() - start
+        self.train_seconds += elapsed
+        self.samples += seen
+        record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+                  "samples_per_second": seen / elapsed if elapsed else 0.0,
+                  **self.cem.end_epoch(epoch, self.train_set)}
+        self.history.append(record)
+        log.info("epoch %d: loss %.4f acc %.3f, %.0f samples/s%s", epoch, record["train_loss"],
+                 record["train_accuracy"], record["samples_per_second"], self.cem.summary(record))
+        return record
+
+    def _forward(self, x: torch.Tensor, stash: bool) -> torch.Tensor:
+        if not stash:
+            return self.encoder(x)
+        weights = {name: p.clone() for name, p in self.encoder.named_parameters()}
+        return functional_call(self.encoder, {**weights, **dict(self.encoder.named_buffers())}, (x,))
+
+    def _apply(self, item: _InFlight) -> StepReply:
+        reply = self.cloud.collect(item.step_id)
+        if reply.grad is None:  # the server had this step already (replayed after a restart)
+            self.duplicates += 1
+            return reply
+        self.optimizer.zero_grad(set_to_none=True)
+        task = (item.z_sent * reply.grad.to(item.z_sent.device)).sum()  # d task / d z_sent == the cloud's grad
+        if self.config.defense.nopeek > 0:
+            task = task + self.config.defense.nopeek * nopeek_loss(item.x, item.z)
+        self.cem.backward(task, item.z, item.y, item.epoch)
+        self.optimizer.step()
+        return reply
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Features as the cloud receives them at inference (eval mode, obfuscation on)."""
+        self.encoder.eval()
+        return self.obfuscation(self.encoder(x.to(self.config.device)))
+
+    def evaluate(self, test_set: Dataset | None = None) -> float:
+        labels: deque[torch.Tensor] = deque()
+
+        def batches():
+            for x, y in DataLoader(test_set or self.splits.test, batch_size=self.config.batch_size * 4):
+                labels.append(y)
+                yield self.encode(x)
+
+        correct = total = 0
+        for logits in self.cloud.infer(batches(), self.config.codec):
+            y = labels.popleft()
+            correct += int((logits.argmax(1) == y).sum())
+            total += len(y)
+        return correct / max(total, 1)
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items()}
+
+    def load_encoder_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.encoder.load_state_dict(state)
+
+    def report(self, accuracy: float) -> dict:
+        """The JSON report (keys documented in README.md)."""
+        cfg, cloud, spec = self.config, self.cloud, self.split.spec
+        last = self.history[-1] if self.history else {}
+        return {
+            "test_accuracy": accuracy,
+            "train_loss": last.get("train_loss"),
+            "epochs": len(self.history),
+            "steps": self.steps,
+            "train_samples": self.samples,
+            "bytes_up": cloud.bytes_up,
+            "bytes_down": cloud.bytes_down,
+            "bytes_up_per_sample": cloud.bytes_up / max(self.samples, 1),
+            "bytes_down_per_sample": cloud.bytes_down / max(self.samples, 1),
+            "wall_seconds": self.train_seconds,
+            "samples_per_second": self.samples / self.train_seconds if self.train_seconds else 0.0,
+            "rtt_ms_p50": percentile(cloud.rtt_ms, 50),
+            "rtt_ms_p99": percentile(cloud.rtt_ms, 99),
+            "codec": cfg.codec,
+            "grad_codec": cfg.grad_codec,
+            "arch": spec.arch,
+            "cut": spec.cut,
+            "bottleneck": spec.bottleneck,
+            "feature_shape": list(self.split.feature_shape),
+            "dataset": cfg.data.name,
+            "train_set_size": len(self.train_set),
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "seed": cfg.seed,
+            "pipeline": cfg.connection.pipeline,
+            "job": cfg.job,
+            "client_id": self.client_id,
+            "server": cfg.connection.server,
+            "last_step_id": self.step_id,
+            "reconnects": cloud.reconnects,
+            "replayed_steps": cloud.replayed_steps,
+            "duplicate_steps": self.duplicates,
+            "defense": cfg.defense.as_dict(),
+            **self.cem.report(self.train_set),
+            "history": self.history,
+        }
 
 
 def run(config: EdgeConfig, cloud: Cloud, splits: data.Splits | None = None,
         train_set: Dataset | None = None) -> dict:
-    """Train and evaluate; `train_set` overrides the training data (a client's shard)."""
-    splits = splits or data.load(config.data)
-    train_set = train_set if train_set is not None else splits.train
-    edge = build_edge(config, splits.num_classes, splits.input_shape)
-    client_id = config.client_id or uuid.uuid4().hex[:12]
-    first_step = cloud.open(config.job, client_id, edge.split, _optim(config), config.grad_codec, config.seed) + 1
+    """Open, train all epochs (or max_steps), evaluate, close; return the report."""
+    trainer = EdgeTrainer(config, cloud, splits, train_set)
+    trainer.open()
     try:
-        train_stats = train(config, cloud, edge, train_set, first_step)
-        accuracy = evaluate(config, cloud, edge, splits.test)
-    finally:
-        cloud.close()
-    return _report(config, cloud, edge, client_id, train_stats, accuracy, len(train_set))
-
-
-def train(config: EdgeConfig, cloud: Cloud, edge: EdgeState, train_set: Dataset, first_step: int = 1) -> dict:
-    from edge_client.cem_hook import CemHook
-
-    loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=False,
-                        generator=torch.Generator().manual_seed(config.seed))
-    encoder, defense = edge.split.encoder, config.defense
-    cem = CemHook.create(config, edge)
-    step_id, steps, samples, busy = first_step - 1, 0, 0, 0.0
-    epoch_loss = float("nan")
-    bar = tqdm(total=config.max_steps or config.epochs * len(loader), desc="train", unit="step",
-               disable=not config.progress, leave=False)
-    for epoch in range(1, config.epochs + 1):
-        loss_sum, correct, seen = 0.0, 0, 0
-        start = time.perf_counter()
-        encoder.train()
-        for x, y in loader:
-            x, y = x.to(config.device), y.to(config.device)
-            step_id += 1
-            z = encoder(x)
-            z_sent = edge.obfuscation(z)
-            reply = cloud.train(step_id, z_sent.detach(), y.cpu(), config.codec)
-            edge.optimizer.zero_grad(set_to_none=True)
-            if reply.grad is not None:
-                task = (z_sent * reply.grad.to(z_sent.device)).sum()  # d task / d z_sent == the cloud's gradient
-                if defense.nopeek > 0:
-                    task = task + defense.nopeek * nopeek_loss(x, z)
-                cem.backward(task, z, y, epoch)
-                edge.optimizer.step()
-            loss_sum += reply.loss * len(y)
-            correct += reply.correct
-            seen += len(y)
-            steps += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{reply.loss:.3f}", epoch=epoch)
-            if config.max_steps and steps >= config.max_steps:
+        for _ in range(config.epochs):
+            trainer.train_epoch()
+            if trainer.done:
                 break
-        elapsed = time.perf_counter() - start
-        busy += elapsed
-        samples += seen
-        epoch_loss = loss_sum / max(seen, 1)
-        record = {"epoch": epoch, "train_loss": epoch_loss, "train_accuracy": correct / max(seen, 1),
-                  "samples_per_second": seen / elapsed if elapsed else 0.0, **cem.end_epoch(epoch, train_set)}
-        edge.history.append(record)
-        log.info("epoch %d: loss %.4f acc %.3f, %.0f samples/s%s", epoch, epoch_loss, record["train_accuracy"],
-                 record["samples_per_second"], cem.summary(record))
-        if config.max_steps and steps >= config.max_steps:
-            break
-    bar.close()
-    return {"steps": steps, "train_samples": samples, "train_loss": epoch_loss, "train_seconds": busy,
-            "epochs": len(edge.history), "last_step_id": step_id, **cem.report(train_set)}
-
-
-@torch.no_grad()
-def encode(edge: EdgeState, x: torch.Tensor) -> torch.Tensor:
-    """Features as the cloud receives them at inference (eval mode, obfuscation on)."""
-    edge.split.encoder.eval()
-    return edge.obfuscation(edge.split.encoder(x))
-
-
-def evaluate(config: EdgeConfig, cloud: Cloud, edge: EdgeState, test_set: Dataset) -> float:
-    labels: deque[torch.Tensor] = deque()
-
-    def batches():
-        for x, y in DataLoader(test_set, batch_size=config.batch_size * 4):
-            labels.append(y)
-            yield encode(edge, x.to(config.device))
-
-    correct = total = 0
-    for logits in cloud.infer(batches(), config.codec):
-        y = labels.popleft()
-        correct += int((logits.argmax(1) == y).sum())
-        total += len(y)
-    return correct / max(total, 1)
-
-
-def _report(config: EdgeConfig, cloud: Cloud, edge: EdgeState, client_id: str, train_stats: dict,
-            accuracy: float, n_train: int) -> dict:
-    samples = train_stats["train_samples"]
-    seconds = train_stats.pop("train_seconds")
-    spec = edge.split.spec
-    return {
-        "test_accuracy": accuracy,
-        "train_loss": train_stats["train_loss"],
-        "epochs": train_stats["epochs"],
-        "steps": train_stats["steps"],
-        "train_samples": samples,
-        "bytes_up": cloud.bytes_up,
-        "bytes_down": cloud.bytes_down,
-        "bytes_up_per_sample": cloud.bytes_up / max(samples, 1),
-        "bytes_down_per_sample": cloud.bytes_down / max(samples, 1),
-        "wall_seconds": seconds,
-        "samples_per_second": samples / seconds if seconds else 0.0,
-        "rtt_ms_p50": percentile(cloud.rtt_ms, 50),
-        "rtt_ms_p99": percentile(cloud.rtt_ms, 99),
-        "codec": config.codec,
-        "grad_codec": config.grad_codec,
-        "arch": spec.arch,
-        "cut": spec.cut,
-        "bottleneck": spec.bottleneck,
-        "feature_shape": list(edge.split.feature_shape),
-        "dataset": config.data.name,
-        "train_set_size": n_train,
-        "batch_size": config.batch_size,
-        "lr": config.lr,
-        "seed": config.seed,
-        "job": config.job,
-        "client_id": client_id,
-        "server": config.connection.server,
-        "reconnects": cloud.reconnects,
-        "replayed_steps": cloud.replayed_steps,
-        "defense": asdict(config.defense),
-        "history": edge.history,
-        **{k: v for k, v in train_stats.items() if k not in ("train_loss", "epochs", "steps", "train_samples")},
-    }
-
+        accuracy = trainer.evaluate()
+    finally:
+        trainer.close()
+    return trainer.report(accuracy)

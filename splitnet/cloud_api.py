@@ -33,7 +33,10 @@ class Cloud(Protocol):
              seed: int) -> int:
         """Open or re-join a session; return the last step id already applied for this client."""
 
-    def train(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> StepReply: ...
+    def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> None:
+        """Send a training step; its reply is fetched by `collect`, in step order."""
+
+    def collect(self, step_id: int) -> StepReply: ...
 
     def infer(self, batches: Iterable[torch.Tensor], codec_name: str) -> Iterator[torch.Tensor]: ...
 

@@ -380,6 +380,15 @@ def test_merge_via_features_adds_the_rob_gradient_once(passes):
         torch.testing.assert_close(p.grad, gt + 3.0 * gr)
 
 
+def test_merge_refuses_features_that_rob_loss_never_saw():
+    encoder = nn.Linear(4, DIM)
+    z = encoder(torch.randn(8, 4))
+    sent = z + 0.1  # e.g. the obfuscated features instead of the clean ones
+    rob = z.square().mean()
+    with pytest.raises(ValueError, match="features"):
+        cem.two_phase_backward(rob, sent.sum().backward, encoder.parameters(), [], 1.0, features=sent)
+
+
 def test_two_phase_merge_without_rob_graph_is_plain_task_backward():
     encoder = nn.Linear(4, 2)
     x = torch.randn(5, 4)

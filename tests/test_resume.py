@@ -7,6 +7,7 @@ import threading
 import time
 
 import grpc
+import pytest
 
 from deploy.processes import start_server
 from edge_client.config import ConnectionConfig, EdgeConfig
@@ -28,11 +29,13 @@ def _job_stats(address: str, job: str) -> pb.JobStats | None:
     return stats.jobs[0] if stats.jobs else None
 
 
-def test_kill_9_restart_and_continue(tmp_path):
+@pytest.mark.parametrize("pipeline", [0, 3])
+def test_kill_9_restart_and_continue(tmp_path, pipeline):
     port, ckpt = _free_port(), str(tmp_path / "ckpt")
     args = ("--checkpoint-dir", ckpt, "--checkpoint-every", "5")
     server = start_server(*args, port=port)
-    config = EdgeConfig(connection=ConnectionConfig(server=server.address, deadline_s=10, reconnect_s=90),
+    config = EdgeConfig(connection=ConnectionConfig(server=server.address, deadline_s=10, reconnect_s=90,
+                                                    pipeline=pipeline),
                         epochs=2, job="crash", client_id="edge-1", progress=False)
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(run(config, RemoteCloud(config.connection))))
@@ -51,6 +54,7 @@ def test_kill_9_restart_and_continue(tmp_path):
         assert job.steps_applied == result["steps"] == result["last_step_id"]
         assert dict(job.client_last_step) == {"edge-1": result["steps"]}
         assert result["test_accuracy"] > 0.5
+        assert result["duplicate_steps"] + result["steps"] >= result["last_step_id"]
     finally:
         server.stop()
 
