@@ -1,7 +1,7 @@
 """Gated attention CEM (CEM_SPEC §2): one attention pooling per class, then gated penalty.
 
-All classes of the batch are processed at once on the padded [C, M, D] layout of
-`cem.stats.group_by_class`; padded slots get -inf attention logits, hence weight 0.
+All classes of the batch are processed at once: per-sample layers on the real rows,
+per-class statistics on the padded [C, M, D] layout of `cem.stats.group_by_class`.
 """
 
 from __future__ import annotations
@@ -29,10 +29,14 @@ class GatedAttentionPooling(nn.Module):
         super().__init__()
         self.V, self.U, self.w = nn.Linear(feature_dim, hidden), nn.Linear(feature_dim, hidden), nn.Linear(hidden, 1)
 
-    def forward(self, xn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """xn [C, M, D] (normalised), mask [C, M] -> weights [C, M], rows summing to 1."""
+    def forward(self, xn: torch.Tensor, groups: ClassGroups) -> torch.Tensor:
+        """xn [N, D] (normalised kept samples) -> weights [C, M], each class's row summing to 1.
+
+        The scores are per sample, so they are computed on the N real rows and only then
+        laid out by class (padding gets -inf, hence weight 0) for the per-class softmax.
+        """
         logits = self.w(torch.tanh(self.V(xn)) * torch.sigmoid(self.U(xn))).squeeze(-1)
-        return logits.masked_fill(~mask, float("-inf")).softmax(-1)
+        return groups.pad(logits, float("-inf")).softmax(-1)
 
 
 class GatedCEM(Surrogate):
@@ -52,9 +56,9 @@ class GatedCEM(Surrogate):
 
     def _loss(self, groups: ClassGroups, sigma: float) -> tuple[torch.Tensor, torch.Tensor, Diagnostics]:
         x = groups.x
-        xn = self.norm(x)
-        a = self.pool(xn, groups.mask).unsqueeze(1)  # [C, 1, M]
-        mu, var = weighted_mean_var(xn if self.stats_on == "normalized" else x, a, self.eps)
+        xn = self.norm(groups.flat)
+        a = self.pool(xn, groups).unsqueeze(1)  # [C, 1, M]
+        mu, var = weighted_mean_var(groups.pad(xn) if self.stats_on == "normalized" else x, a, self.eps)
         mu, var = mu.squeeze(1), var.squeeze(1)  # [C, D]
         tau = self.var_threshold * sigma**2
         psi, gate_diag = self.bank.penalty(mu, var, tau)

@@ -1,7 +1,8 @@
 """Slot attention + gated cross attention CEM (CEM_SPEC §3): several sub-clusters per class.
 
-Each class of the batch is one sequence; all classes run together on the padded
-[C, M, D] layout, padded samples masked out of every sum over samples.
+Each class of the batch is one sequence; all classes run together. Per-sample layers
+run on the real rows; set operations over a class's samples (slot competition,
+mixture statistics) on the padded [C, M, D] layout, padding masked out of every sum.
 
 Slots live in a `slot_dim` space (default H = hidden_width(D), not D): a GRU of width D
 costs O(D^2) per slot and iteration, which for D = 8192 (VGG cut without bottleneck)
@@ -42,13 +43,14 @@ class SlotAttention(nn.Module):
         self.gru = nn.GRUCell(slot_dim, slot_dim)
         self.mlp = nn.Sequential(nn.Linear(slot_dim, hidden), nn.ReLU(), nn.Linear(hidden, slot_dim))
 
-    def forward(self, xn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """xn [C, M, D] layer-normed samples, mask [C, M] -> slots [C, S, slot_dim]."""
-        k, v = self.to_k(xn) * self.scale, self.to_v(xn)  # scale once here, not per iteration
-        c, dim = xn.shape[0], self.mu.shape[-1]
+    def forward(self, xn: torch.Tensor, groups: ClassGroups) -> torch.Tensor:
+        """xn [N, D] layer-normed kept samples -> slots [C, S, slot_dim], one set per class."""
+        k = groups.pad(self.to_k(xn) * self.scale)  # [C, M, slot_dim]; scaled once, not per iteration
+        v = groups.pad(self.to_v(xn))
+        c, dim = k.shape[0], self.mu.shape[-1]
         noise = torch.randn(c, self.num_slots, dim, device=xn.device, dtype=xn.dtype)
         slots = self.mu + self.log_sigma.exp() * noise
-        keep = mask.unsqueeze(-1).to(xn.dtype)
+        keep = groups.mask.unsqueeze(-1).to(xn.dtype)
         for _ in range(self.iters):
             q = self.to_q(self.norm_slots(slots))
             attn = (k @ q.transpose(1, 2)).softmax(-1) + self.eps  # [C, M, S]: slots compete
@@ -75,12 +77,17 @@ class GatedCrossAttention(nn.Module):
         self.alpha_xattn = nn.Parameter(torch.tensor(gate_init))
         self.alpha_ffn = nn.Parameter(torch.tensor(gate_init))
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """x [C, M, D], slots [C, S, slot_dim] -> y [C, M, D]."""
-        c, m, _ = x.shape
-        q = self.to_q(self.norm_q(x)).view(c, m, self.heads, -1).transpose(1, 2)
-        k, v = self.to_kv(self.norm_kv(slots)).view(c, slots.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(c, m, -1)
+    def forward(self, x: torch.Tensor, slots: torch.Tensor, groups: ClassGroups) -> torch.Tensor:
+        """x [N, D] kept samples, slots [C, S, slot_dim] -> y [N, D].
+
+        The projections and the FFN run on the N real rows; only the attention itself,
+        where each sample looks at its own class's slots, uses the padded layout.
+        """
+        q = groups.pad(self.to_q(self.norm_q(x)))  # [C, M, hidden]
+        (c, m, _), s = q.shape, slots.shape[1]
+        q = q.view(c, m, self.heads, -1).transpose(1, 2)
+        k, v = self.to_kv(self.norm_kv(slots)).view(c, s, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        att = groups.unpad(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(c, m, -1))
         y = x + torch.tanh(self.alpha_xattn) * self.out(att)
         return y + torch.tanh(self.alpha_ffn) * self.ffn(self.norm_ff(y))
 
@@ -122,15 +129,15 @@ class SlotCEM(Surrogate):
         self._shut: bool | None = None
 
     def _loss(self, groups: ClassGroups, sigma: float) -> tuple[torch.Tensor, torch.Tensor, Diagnostics]:
-        x, mask = groups.x, groups.mask
-        xn = self.norm(x)
-        slots = self.slots(xn, mask)
-        y = self.xattn(x, slots)
-        cos = F.normalize(self.norm_y(y), dim=-1) @ F.normalize(self.readout(slots), dim=-1).transpose(1, 2)
-        resp = (self.beta * cos).softmax(-1) * mask.unsqueeze(-1)  # [C, M, S], padded rows 0
+        xn = self.norm(groups.flat)
+        slots = self.slots(xn, groups)
+        y = self.xattn(groups.flat, slots, groups)
+        cos = groups.pad(F.normalize(self.norm_y(y), dim=-1)) @ F.normalize(self.readout(slots), dim=-1).mT
+        resp = (self.beta * cos).softmax(-1) * groups.mask.unsqueeze(-1)  # [C, M, S], padded rows 0
         mass = resp.sum(1)  # w_k [C, S]
         weights = (resp / mass.clamp_min(self.eps).unsqueeze(1)).transpose(1, 2)  # [C, S, M]
-        mu, var = weighted_mean_var(xn if self.stats_on == "normalized" else x, weights, self.eps)
+        mu, var = weighted_mean_var(groups.pad(xn) if self.stats_on == "normalized" else groups.x, weights,
+                                    self.eps)
         psi, gate_diag = self.bank.penalty(mu, var, self.var_threshold * sigma**2)  # [C, S, D]
         share = (mass / groups.counts.unsqueeze(1)).clamp_min(self.eps)  # w_k / M
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.learn_gates):

@@ -14,8 +14,16 @@ import torch
 
 @dataclass
 class ClassGroups:
-    """A batch regrouped by class; only classes with at least `min_count` samples."""
+    """A batch regrouped by class; only classes with at least `min_count` samples.
 
+    Two views of the kept samples: `flat` rows in batch order, for per-sample layers
+    (no padding rows to pay for), and the padded `x` block, for per-class set
+    operations; `pad` moves any per-sample result from the first view to the second.
+    """
+
+    flat: torch.Tensor  # [N, D], the kept samples in batch order
+    sample_class: torch.Tensor  # [N] long, each kept sample's class position in [0, C)
+    sample_rank: torch.Tensor  # [N] long, its position inside its class, in [0, M)
     x: torch.Tensor  # [C, M, D], padded with zeros
     mask: torch.Tensor  # [C, M] bool, True where a real sample sits
     counts: torch.Tensor  # [C] long, samples per kept class
@@ -27,15 +35,24 @@ class ClassGroups:
         """p_c = M_c / B, as a float tensor on x's device."""
         return self.counts.to(self.x.dtype) / self.batch_size
 
+    def pad(self, rows: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Per-sample values [N, ...] (rows of `flat`) -> [C, M, ...], `fill` where padded."""
+        out = rows.new_full((*self.mask.shape, *rows.shape[1:]), fill)
+        return out.index_put((self.sample_class, self.sample_rank), rows)
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """The inverse of `pad`: [C, M, ...] -> the real samples' rows [N, ...]."""
+        return padded[self.sample_class, self.sample_rank]
+
     def __len__(self) -> int:
         return int(self.counts.numel())
 
 
 def group_by_class(z: torch.Tensor, labels: torch.Tensor, min_count: int = 2) -> ClassGroups:
-    """Scatter the rows of z [B, D] into a padded [C, M, D] block, one row of blocks per class.
+    """Regroup the rows of z [B, D] by class, into a padded [C, M, D] block and its index.
 
     Classes with fewer than `min_count` samples are dropped (the spec skips M <= 1: a
-    single sample has no variance to penalise). The scatter is differentiable in z.
+    single sample has no variance to penalise). Differentiable in z.
     """
     labels = labels.to(z.device).long()
     classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
@@ -50,11 +67,11 @@ def group_by_class(z: torch.Tensor, labels: torch.Tensor, min_count: int = 2) ->
     ci, ri = new_index[inverse][sample_kept], rank[sample_kept]
     kept_counts = counts[keep]
     width = int(kept_counts.max()) if kept_counts.numel() else 0
-    x = z.new_zeros(int(keep.sum()), width, z.shape[1])
-    x = x.index_put((ci, ri), z[sample_kept])
-    mask = torch.zeros(x.shape[:2], dtype=torch.bool, device=z.device)
+    mask = torch.zeros(len(kept_counts), width, dtype=torch.bool, device=z.device)
     mask[ci, ri] = True
-    return ClassGroups(x, mask, kept_counts, classes[keep], int(labels.numel()))
+    flat = z[sample_kept]
+    x = flat.new_zeros(len(kept_counts), width, z.shape[1]).index_put((ci, ri), flat)
+    return ClassGroups(flat, ci, ri, x, mask, kept_counts, classes[keep], int(labels.numel()))
 
 
 def weighted_mean_var(x: torch.Tensor, weights: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,9 +36,11 @@ def too_large(kind: str, size: int, max_message_mb: float, flag: str) -> str | N
             f"({max_message_mb:g} MiB); raise it with {flag}")
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """'HOST:PORT' (IPv6 as '[::1]:PORT') -> (host, port), with an error that says what to pass."""
+def parse_address(address: str, listen: bool = False) -> tuple[str, int]:
+    """'HOST:PORT' (IPv6 as '[::1]:PORT') -> (host, port), with an error that says what to pass.
+
+    A listening address may use port 0 (any free port)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not (0 if listen else 1) <= int(port) < 65536:
         raise ValueError(f"address {address!r} is not HOST:PORT (e.g. 127.0.0.1:50051)")
     return host.strip("[]"), int(port)

@@ -1,0 +1,139 @@
+"""A transparent gRPC proxy between edge and cloud: the eavesdropper of the threat model.
+
+Every call is forwarded as raw bytes, untouched, with its metadata and deadline, so the
+edge's results are identical with and without the proxy. On the way through, messages
+of the split-learning service are parsed with the public wire contract and their
+features recorded (see `attacks.capture`). It speaks plaintext HTTP/2 only: with TLS
+between edge and cloud, it cannot read (or even terminate) the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from typing import Callable, Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
+
+from attacks.capture import CaptureWriter, plain
+from splitnet import wire
+from splitnet.v1 import split_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+_SERVICES = (pb.DESCRIPTOR.services_by_name["SplitLearning"], health_pb2.DESCRIPTOR.services_by_name["Health"],
+             reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
+# "/package.Service/Method" -> (client streams, server streams)
+METHODS = {f"/{s.full_name}/{m.name}": (m.client_streaming, m.server_streaming) for s in _SERVICES for m in s.methods}
+_SPLIT = f"/{wire.SERVICE_NAME}/"
+_SPEC_FIELDS = ("arch", "cut", "num_classes", "input_shape", "feature_shape", "bottleneck", "job")
+
+
+class _Forwarder(grpc.GenericRpcHandler):
+    def __init__(self, upstream: grpc.Channel, writer: CaptureWriter | None) -> None:
+        self.upstream, self.writer = upstream, writer
+
+    def service(self, details: grpc.HandlerCallDetails):
+        kind = METHODS.get(details.method)
+        if kind is None:
+            return None  # gRPC answers UNIMPLEMENTED
+        method = details.method
+        streams_in, streams_out = kind
+        if not streams_in and not streams_out:
+            return grpc.unary_unary_rpc_method_handler(lambda req, ctx: self._unary(method, req, ctx))
+        if not streams_in:
+            return grpc.unary_stream_rpc_method_handler(
+                lambda req, ctx: self._stream(method, iter([req]), ctx, self.upstream.unary_stream, single=True))
+        call = self.upstream.stream_stream if streams_out else self.upstream.stream_unary
+        handler = grpc.stream_stream_rpc_method_handler if streams_out else grpc.stream_unary_rpc_method_handler
+        if streams_out:
+            return handler(lambda it, ctx: self._stream(method, it, ctx, call))
+        return handler(lambda it, ctx: self._stream_unary(method, it, ctx, call))
+
+    def _unary(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            response = self.upstream.unary_unary(method)(request, metadata=_metadata(context),
+                                                         timeout=_timeout(context))
+        except grpc.RpcError as err:
+            context.abort(err.code(), err.details())
+        if method == _SPLIT + "OpenSession":
+            self._note_session(request, response)
+        return response
+
+    def _stream(self, method: str, requests: Iterator[bytes], context: grpc.ServicerContext,
+                factory: Callable, single: bool = False) -> Iterator[bytes]:
+        upstream_requests = next(requests) if single else self._tapped(method, requests)
+        call = factory(method)(upstream_requests, metadata=_metadata(context), timeout=_timeout(context))
+        context.add_callback(call.cancel)
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            context.abort(err.code(), err.details())
+
+    def _stream_unary(self, method: str, requests: Iterator[bytes], context: grpc.ServicerContext,
+                      factory: Callable) -> bytes:
+        try:
+            return factory(method)(self._tapped(method, requests), metadata=_metadata(context),
+                                   timeout=_timeout(context))
+        except grpc.RpcError as err:
+            context.abort(err.code(), err.details())
+
+    def _tapped(self, method: str, requests: Iterator[bytes]) -> Iterator[bytes]:
+        for raw in requests:
+            if self.writer is not None:
+                self._capture(method, raw)
+            yield raw
+
+    def _capture(self, method: str, raw: bytes) -> None:
+        """Record features; a message that does not parse is forwarded all the same."""
+        try:
+            if method == _SPLIT + "Train":
+                step = pb.TrainStep.FromString(raw)
+                self.writer.record("Train", step.session_id, step.step_id, step.features, list(step.labels))
+            elif method == _SPLIT + "Infer":
+                req = pb.InferRequest.FromString(raw)
+                self.writer.record("Infer", req.session_id, req.request_id, req.features, [])
+        except Exception as err:  # noqa: BLE001 - the proxy must forward whatever it cannot read
+            log.debug("not captured (%s): %s", method, err)
+
+    def _note_session(self, request: bytes, response: bytes) -> None:
+        if self.writer is None:
+            return
+        spec = pb.SessionSpec.FromString(request)
+        session = pb.Session.FromString(response)
+        self.writer.record_session(session.session_id, {k: plain(getattr(spec, k)) for k in _SPEC_FIELDS})
+
+
+def _metadata(context: grpc.ServicerContext) -> list[tuple[str, str | bytes]]:
+    """The caller's own metadata (auth tokens included); transport headers are gRPC's to set."""
+    return [(k, v) for k, v in context.invocation_metadata() if not k.startswith((":", "grpc-")) and k != "user-agent"]
+
+
+def _timeout(context: grpc.ServicerContext) -> float | None:
+    """The caller's remaining deadline; gRPC reports "none" as ~9.2e18 s, which overflows if passed on."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e9 else remaining
+
+
+class Proxy:
+    def __init__(self, listen: str, upstream: str, capture_dir: str | None, max_message_mb: float = 64.0) -> None:
+        options = wire.grpc_options(max_message_mb)
+        self.channel = grpc.insecure_channel(upstream, options=options)
+        self.writer = CaptureWriter(capture_dir, source="proxy") if capture_dir else None
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=options)
+        self.server.add_generic_rpc_handlers((_Forwarder(self.channel, self.writer),))
+        host, port = wire.parse_address(listen, listen=True)
+        self.port = self.server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {listen}")
+        self.address = f"{host}:{self.port}"
+
+    def start(self) -> "Proxy":
+        self.server.start()
+        return self
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.server.stop(grace).wait()
+        self.channel.close()
