@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
 import signal
 import sys
 import threading
 
 from cloud_server.config import ServerConfig
+from splitnet import security
 from splitnet.cli_util import set_threads, setup_logging
 
 log = logging.getLogger("cloud_server")
@@ -26,7 +28,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                    help="steps of a job between checkpoints (default %(default)s)")
     p.add_argument("--max-message-mb", type=float, default=d.max_message_mb,
                    help="largest message accepted or sent, MiB (default %(default)s)")
-    p.add_argument("--max-workers", type=int, default=d.max_workers, help="concurrent streams (default %(default)s)")
+    p.add_argument("--max-workers", type=int, default=d.max_workers,
+                   help="concurrent calls; more are refused with RESOURCE_EXHAUSTED (default %(default)s)")
+    p.add_argument("--max-jobs", type=int, default=d.max_jobs,
+                   help="jobs (decoders) held at once; more are refused (default %(default)s)")
     p.add_argument("--grace-seconds", type=float, default=d.grace_seconds,
                    help="on shutdown, time for in-flight steps (default %(default)s)")
     p.add_argument("--tap", dest="tap_dir", default=d.tap_dir,
@@ -34,7 +39,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default %(default)s; 0: torch's default of one per core)")
     p.add_argument("--verbose", action="store_true")
+    g = p.add_argument_group("security (see docs/SECURITY.md)")
+    g.add_argument("--tls-cert", default=d.tls_cert, help="PEM certificate chain: serve TLS (with --tls-key)")
+    g.add_argument("--tls-key", default=d.tls_key, help="PEM private key of --tls-cert")
+    g.add_argument("--tls-ca", default=d.tls_ca,
+                   help="PEM CA: require client certificates signed by it (mutual TLS)")
+    g.add_argument("--auth-token", dest="auth_tokens", action="append", metavar="TOKEN",
+                   help=f"accept calls bearing this token (repeat for several principals; default: "
+                        f"${security.AUTH_ENV} if set, else no token auth). Prefer the variable: "
+                        "arguments show in the process list")
     args = p.parse_args(argv)
+    try:
+        args.auth_tokens = security.tokens_from(args.auth_tokens or [])
+    except ValueError as err:
+        p.error(str(err))
     if args.checkpoint_every < 1:
         p.error("--checkpoint-every must be >= 1")
     if args.max_message_mb <= 0:
@@ -54,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         port = server.start()
     except (OSError, ValueError) as err:
         print(f"cloud-server: error: {err}", file=sys.stderr)
+        return 2
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) met something other than plain data
+        print(f"cloud-server: error: a checkpoint in --checkpoint-dir {config.checkpoint_dir} holds objects, not only "
+              f"weights; refused, as loading it could run code ({str(err).splitlines()[0]})", file=sys.stderr)
         return 2
     # Tests and scripts wait for this exact line to learn the port.
     print(f"cloud-server listening on {config.host}:{port}", flush=True)

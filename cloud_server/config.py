@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from splitnet.wire import DEFAULT_MAX_MESSAGE_MB
 
@@ -15,6 +15,12 @@ class ServerConfig:
     checkpoint_dir: str = ""  # empty: no checkpoints, no resume
     checkpoint_every: int = 50  # steps of a job between checkpoints
     max_message_mb: float = DEFAULT_MAX_MESSAGE_MB
-    max_workers: int = 64  # concurrent streams (each Train / Infer stream holds a thread)
+    max_workers: int = 64  # concurrent RPCs (each Train / Infer stream holds a thread); more are refused
+    max_jobs: int = 256  # each job holds a decoder in memory: a cap so peers cannot exhaust it
     grace_seconds: float = 5.0  # shutdown: how long in-flight steps may finish
     tap_dir: str = ""  # curious-server tap: record received features here
+    tls_cert: str = ""  # PEM certificate chain: serve TLS (with tls_key)
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_ca: str = ""  # PEM CA: require client certificates it signed (mutual TLS)
+    # Accepted bearer tokens (empty: no token auth). Kept out of repr so logs never show them.
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)

@@ -103,8 +103,7 @@ class Job:
         with self.lock:
             return {
                 "name": self.name,
-                "spec": {"arch": self.spec.arch, "cut": self.spec.cut, "num_classes": self.spec.num_classes,
-                         "input_shape": list(self.spec.input_shape), "bottleneck": self.spec.bottleneck},
+                "spec": self.spec.as_dict(),
                 "optim": {"lr": self.optim.lr, "momentum": self.optim.momentum,
                           "weight_decay": self.optim.weight_decay},
                 "seed": self.seed,
@@ -116,9 +115,7 @@ class Job:
 
     @classmethod
     def from_state(cls, state: dict, device: str = "cpu") -> "Job":
-        s = state["spec"]
-        spec = SplitSpec(s["arch"], s["cut"], s["num_classes"], tuple(s["input_shape"]), s["bottleneck"])
-        job = cls(state["name"], spec, OptimSpec(**state["optim"]), device, state["seed"])
+        job = cls(state["name"], SplitSpec.from_dict(state["spec"]), OptimSpec(**state["optim"]), device, state["seed"])
         job.decoder.load_state_dict(state["decoder"])
         job.optimizer.load_state_dict(state["optimizer"])
         job.steps_applied = state["steps_applied"]

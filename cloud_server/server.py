@@ -1,9 +1,19 @@
-"""Start and stop a cloud server: the servicer plus the standard health and reflection services."""
+"""Start and stop a cloud server: the servicer plus the standard health and reflection services.
+
+Security (see docs/SECURITY.md): TLS or mutual TLS from `--tls-cert/--tls-key/--tls-ca`,
+built by `splitnet.security`; bearer tokens checked by `TokenAuth` for the SplitLearning
+service. Health and reflection stay open without a token so that load balancers and
+generic tools can probe the server: they reveal liveness and the public schema, nothing
+about jobs or sessions. (Under mutual TLS the handshake itself needs a client
+certificate, for every service.)
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from concurrent import futures
+from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -12,25 +22,71 @@ from grpc_reflection.v1alpha import reflection
 from cloud_server.checkpoints import Checkpointer
 from cloud_server.config import ServerConfig
 from cloud_server.servicer import SplitLearningServicer
-from splitnet import wire
+from splitnet import security, wire
 from splitnet.v1 import split_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# Method prefixes reachable without a token.
+OPEN_SERVICES = (f"/{health.SERVICE_NAME}/", f"/{reflection.SERVICE_NAME}/")
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+class TokenAuth(grpc.ServerInterceptor):
+    """Refuses calls without an accepted bearer token with UNAUTHENTICATED, before any
+    request is parsed; health and reflection stay open (see the module docstring)."""
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        self._tokens = tuple(security.check_token(t) for t in tokens)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if (handler is None or handler_call_details.method.startswith(OPEN_SERVICES)
+                or security.token_matches(security.presented_token(handler_call_details.invocation_metadata),
+                                          self._tokens)):
+            return handler
+        log.debug("unauthenticated call to %s refused", handler_call_details.method)
+        return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
+                        "missing or wrong auth token (edge-client --auth-token or $" + security.AUTH_ENV + ")")
+
+
+def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind that aborts at once, leaving the request unparsed."""
+
+    def abort(_request, context: grpc.ServicerContext):
+        context.abort(code, message)
+
+    return _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)](abort)
+
 
 class CloudServer:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, servicer_cls: type[SplitLearningServicer] = SplitLearningServicer) -> None:
+        """`servicer_cls`: a subclass lets fault-injection tests run the real server around it."""
         self.config = config
         if config.device.startswith("cuda"):
             import torch
 
             if not torch.cuda.is_available():
                 raise ValueError(f"--device {config.device}: CUDA is not available on this machine (use --device cpu)")
-        self.servicer = SplitLearningServicer(Checkpointer(config.checkpoint_dir or None, config.checkpoint_every),
-                                              config.device, config.max_message_mb, observer=_tap(config.tap_dir))
+        if config.max_jobs < 1 or config.max_workers < 1:
+            raise ValueError("--max-jobs and --max-workers must be >= 1")
+        self._credentials = security.server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
+        interceptors = [TokenAuth(config.auth_tokens)] if config.auth_tokens else []
+        self.servicer = servicer_cls(Checkpointer(config.checkpoint_dir or None, config.checkpoint_every),
+                                     config.device, config.max_message_mb, observer=_tap(config.tap_dir),
+                                     max_jobs=config.max_jobs, token_identity=bool(config.auth_tokens))
         self.health = health.HealthServicer()
+        # maximum_concurrent_rpcs: past max_workers a call is refused (RESOURCE_EXHAUSTED) instead of
+        # queueing forever behind long-lived streams.
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
-                                   options=wire.grpc_options(config.max_message_mb))
+                                   interceptors=interceptors, options=wire.grpc_options(config.max_message_mb),
+                                   maximum_concurrent_rpcs=config.max_workers)
         split_pb2_grpc.add_SplitLearningServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -38,19 +94,35 @@ class CloudServer:
         self.port = 0
 
     def start(self) -> int:
-        address = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        self.port = self._server.add_insecure_port(f"{address}:{self.config.port}")
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        address = f"{host}:{self.config.port}"
+        if self._credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, self._credentials)
         if self.port == 0:
             raise OSError(f"cannot bind {self.config.host}:{self.config.port} (port in use? pass another --port)")
         self._server.start()
         for service in ("", wire.SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s%s", "mutual TLS" if self.config.tls_ca else "TLS" if self._credentials else "plaintext",
+                 f", {len(self.config.auth_tokens)} auth token(s)" if self.config.auth_tokens else "")
         return self.port
 
     def stop(self) -> None:
-        """Say NOT_SERVING, let in-flight steps finish for the grace period, then checkpoint every job."""
+        """Say NOT_SERVING, finish the steps in progress, then stop and checkpoint every job.
+
+        The gRPC server keeps answering while the servicer drains, so health checks see
+        NOT_SERVING and new work gets UNAVAILABLE (which the edge retries against the
+        restarted server). `grace_seconds` bounds the whole stop: what is left of it after
+        the drain goes to gRPC's own stop for the replies still being sent.
+        """
+        started = time.monotonic()
         self.health.enter_graceful_shutdown()
-        self._server.stop(self.config.grace_seconds).wait()
+        if not self.servicer.drain.drain(self.config.grace_seconds):
+            log.warning("steps still running after %gs of grace", self.config.grace_seconds)
+        remaining = max(0.0, self.config.grace_seconds - (time.monotonic() - started))
+        self._server.stop(remaining).wait()
         self.servicer.save_all()
         log.info("stopped; %d steps applied", self.servicer.counters.steps_applied)
 
@@ -63,6 +135,4 @@ def _tap(tap_dir: str):
         return None
     from attacks.capture import CaptureWriter
 
-    writer = CaptureWriter(tap_dir, source="tap")
-    return lambda method, session, step_id, features, labels: writer.record(
-        method, session.session_id, step_id, features, labels, session.job.spec)
+    return CaptureWriter(tap_dir, source="tap").record_step

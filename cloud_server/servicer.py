@@ -2,12 +2,22 @@
 
 Everything a peer sends is checked here before it reaches a job, so a bad message is
 answered with a status (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION,
-RESOURCE_EXHAUSTED) and never touches the decoder or any other session.
+PERMISSION_DENIED, RESOURCE_EXHAUSTED) and never touches the decoder or any other
+session. Cheap checks run first (size, step id, session, declared shape) so a hostile
+message costs little before it is refused.
+
+Ownership: a client id of a job belongs to the principal that first opened it (see
+`splitnet.security.principal`: the client certificate's name and/or the token's
+fingerprint). Sessions are bound to that principal, so another caller can neither drive
+a session whose id it learnt nor re-open the client id to take over its step counter.
+Without TLS client certificates or tokens every caller is the same anonymous principal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -18,16 +28,23 @@ import torch
 
 from cloud_server.checkpoints import Checkpointer
 from cloud_server.job import Job, StepOrderError
-from splitnet import codec, wire
+from splitnet import codec, security, wire
 from splitnet.models import OptimSpec, SplitSpec
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# Called with every accepted message (method "Train" or "Infer", session, step or
-# request id, features, labels): the curious-server tap hooks in here.
-StepObserver = Callable[[str, "SessionState", int, pb.Tensor, list[int]], None]
+# Called with every accepted training step (session, step id, features, labels): the
+# curious-server tap hooks in here.
+StepObserver = Callable[["SessionState", int, pb.Tensor, list[int]], None]
+
+# Bounds on what a SessionSpec may ask the server to build: a decoder and a dummy forward
+# pass are allocated from these numbers, so unbounded ones would let a peer exhaust memory.
+MAX_NAME_CHARS = 128
+MAX_CLASSES = 100_000
+MAX_INPUT_ELEMENTS = 2**22  # C * H * W, e.g. 3 x 1024 x 1024
+MAX_BOTTLENECK = 4096
 
 
 class Rejected(Exception):
@@ -36,12 +53,20 @@ class Rejected(Exception):
         self.code, self.message = code, message
 
 
+class ShuttingDown(Rejected):
+    """Not the peer's fault: the edge retries UNAVAILABLE and replays after the restart."""
+
+    def __init__(self) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; reconnect and retry")
+
+
 @dataclass
 class SessionState:
     session_id: str
     job: Job
     client_id: str
     grad_codec: str
+    owner: str = ""  # the principal that opened it ('' : anonymous)
     steps_applied: int = 0
 
 
@@ -61,64 +86,139 @@ class Counters:
                 setattr(self, name, getattr(self, name) + delta)
 
 
+class Drain:
+    """Counts the requests being worked on; once draining, refuses new ones.
+
+    Shutdown drains first (health already says NOT_SERVING, the gRPC server still
+    answers), so a step that started is finished and answered, and a step that had not
+    started gets UNAVAILABLE and is replayed by the edge after the restart.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._draining = False
+
+    @contextlib.contextmanager
+    def work(self) -> Iterator[None]:
+        with self._cond:
+            if self._draining:
+                raise ShuttingDown()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new work; wait up to `timeout` s for the running work. True if all finished."""
+        with self._cond:
+            self._draining = True
+            return self._cond.wait_for(lambda: self._active == 0, timeout)
+
+
 class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
     def __init__(self, checkpointer: Checkpointer, device: str = "cpu", max_message_mb: float = 64.0,
-                 observer: StepObserver | None = None) -> None:
+                 observer: StepObserver | None = None, max_jobs: int = 256, token_identity: bool = False) -> None:
+        """`token_identity`: the server checks tokens, so a caller's token is part of its identity."""
         self.checkpointer = checkpointer
         self.device = device
         self.max_message_mb = max_message_mb
+        self.max_jobs = max_jobs
+        self.token_identity = token_identity
         self.observer = observer
         self.jobs: dict[str, Job] = checkpointer.load_all(device)
         self.sessions: dict[str, SessionState] = {}
         self.counters = Counters()
+        self.drain = Drain()
+        self._owners: dict[tuple[str, str], str] = {}  # (job, client id) -> principal
+        self._client_session: dict[tuple[str, str], str] = {}  # (job, client id) -> its open session
         self._lock = threading.Lock()
 
     # -- RPCs
 
     def OpenSession(self, request: pb.SessionSpec, context: grpc.ServicerContext) -> pb.Session:
+        caller = self._caller(context)
         try:
-            spec, optim = _session_spec(request)
-            with self._lock:
-                job = self.jobs.get(request.job)
-                resumed = job is not None and job.checkpoints_written > 0
-                if job is None:
-                    job = self.jobs[request.job] = Job(request.job, spec, optim, self.device, request.seed)
-                    log.info("job %r: new decoder %s cut %s", request.job, spec.arch, job.spec.cut)
-                _check_compatible(job, spec, request)
-                session = SessionState(uuid.uuid4().hex, job, request.client_id, request.grad_codec)
-                self.sessions[session.session_id] = session
-            return pb.Session(session_id=session.session_id, last_step_id=job.last_step(request.client_id),
-                              job_steps_applied=job.steps_applied, resumed=resumed)
+            with self.drain.work():
+                return self._open(request, caller)
         except Rejected as err:
+            log.debug("OpenSession refused: %s", err.message)
             context.abort(err.code, err.message)
         except ValueError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
+    def _open(self, request: pb.SessionSpec, caller: str) -> pb.Session:
+        spec, optim = _session_spec(request)
+        key = (request.job, request.client_id)
+        with self._lock:
+            job = self.jobs.get(request.job)
+            resumed = job is not None and job.checkpoints_written > 0
+            if job is None:
+                job = self.jobs[request.job] = self._new_job(request, spec, optim)
+            _check_compatible(job, spec, request)
+            owner = self._owners.setdefault(key, caller)
+            if owner != caller:
+                raise Rejected(grpc.StatusCode.PERMISSION_DENIED,
+                               f"client_id {_quote(request.client_id)} of job {_quote(request.job)} belongs to "
+                               "another principal (each edge needs its own --client-id)")
+            # A re-open (reconnect) replaces the client's previous session: one per client.
+            self.sessions.pop(self._client_session.get(key, ""), None)
+            session = SessionState(uuid.uuid4().hex, job, request.client_id, request.grad_codec, caller)
+            self.sessions[session.session_id] = session
+            self._client_session[key] = session.session_id
+        return pb.Session(session_id=session.session_id, last_step_id=job.last_step(request.client_id),
+                          job_steps_applied=job.steps_applied, resumed=resumed)
+
+    def _new_job(self, request: pb.SessionSpec, spec: SplitSpec, optim: OptimSpec) -> Job:
+        if len(self.jobs) >= self.max_jobs:
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"job: the server already holds {len(self.jobs)} jobs; join one of them or raise "
+                           "cloud-server --max-jobs")
+        try:
+            job = Job(request.job, spec, optim, self.device, request.seed)
+        except RuntimeError as err:  # the input is too small for the encoder's pooling
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"input_shape: {list(request.input_shape)} does not fit {spec.arch} up to cut "
+                           f"{spec.resolved().cut}: {str(err)[:200]}") from None
+        log.info("job %r: new decoder %s cut %s", request.job, spec.arch, job.spec.cut)
+        return job
+
     def Train(self, request_iterator: Iterator[pb.TrainStep], context: grpc.ServicerContext) -> Iterator[pb.TrainResult]:
+        caller = self._caller(context)
         for request in request_iterator:
             try:
-                yield self._train_one(request)
+                with self.drain.work():
+                    result = self._train_one(request, caller)
             except Rejected as err:
-                self.counters.add(steps_rejected=1)
+                if not isinstance(err, ShuttingDown):
+                    self.counters.add(steps_rejected=1)
+                log.debug("Train step refused: %s", err.message)
                 context.abort(err.code, err.message)
+            yield result
 
-    def _train_one(self, request: pb.TrainStep) -> pb.TrainResult:
+    def _train_one(self, request: pb.TrainStep, caller: str) -> pb.TrainResult:
         size = request.ByteSize()
         self._check_size("TrainStep", size)
-        session = self._session(request.session_id)
+        if request.step_id < 1:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "step_id: must be >= 1 (a client counts its steps from 1)")
+        session = self._session(request.session_id, caller)
         job = session.job
         features = self._features(request.features, job, "features")
         labels = _labels(request.labels, features.shape[0], job.spec.num_classes)
-        if request.step_id < 1:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "step_id must be >= 1")
         try:
             outcome = job.train_step(session.client_id, request.step_id, features, labels)
         except StepOrderError as err:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
+        except ValueError as err:  # e.g. batch norm cannot train on one sample per channel
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"features: the decoder cannot train on this batch: "
+                                                             f"{str(err)[:200]}") from None
         if not outcome.duplicate:
             session.steps_applied += 1
             if self.observer:
-                self.observer("Train", session, request.step_id, request.features, list(request.labels))
+                self.observer(session, request.step_id, request.features, list(request.labels))
             self.checkpointer.maybe_save(job)
         durable = job.durable.get(session.client_id, 0) if self.checkpointer.enabled else request.step_id
         result = pb.TrainResult(step_id=request.step_id, loss=outcome.loss, correct=outcome.correct,
@@ -131,26 +231,31 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         return result
 
     def Infer(self, request_iterator: Iterator[pb.InferRequest], context: grpc.ServicerContext) -> Iterator[pb.Prediction]:
+        caller = self._caller(context)
         for request in request_iterator:
             try:
-                size = request.ByteSize()
-                self._check_size("InferRequest", size)
-                session = self._session(request.session_id)
-                features = self._features(request.features, session.job, "features")
+                with self.drain.work():
+                    size = request.ByteSize()
+                    self._check_size("InferRequest", size)
+                    session = self._session(request.session_id, caller)
+                    logits = session.job.infer(self._features(request.features, session.job, "features"))
             except Rejected as err:
+                log.debug("Infer request refused: %s", err.message)
                 context.abort(err.code, err.message)
-            if self.observer:
-                self.observer("Infer", session, request.request_id, request.features, [])
-            reply = pb.Prediction(request_id=request.request_id,
-                                  logits=codec.encode(session.job.infer(features), "fp32"))
+            reply = pb.Prediction(request_id=request.request_id, logits=codec.encode(logits, "fp32"))
             self.counters.add(infer_batches=1, bytes_in=size, bytes_out=reply.ByteSize())
             yield reply
 
     def CloseSession(self, request: pb.CloseRequest, context: grpc.ServicerContext) -> pb.CloseReply:
+        try:
+            session = self._session(request.session_id, self._caller(context))
+        except Rejected as err:
+            context.abort(err.code, err.message)
+        key = (session.job.name, session.client_id)
         with self._lock:
-            session = self.sessions.pop(request.session_id, None)
-        if session is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"session_id {request.session_id!r} is not open")
+            self.sessions.pop(session.session_id, None)
+            if self._client_session.get(key) == session.session_id:
+                del self._client_session[key]
         return pb.CloseReply(steps_applied=session.steps_applied)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
@@ -178,11 +283,19 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         for job in jobs:
             self.checkpointer.save(job)
 
-    def _session(self, session_id: str) -> SessionState:
+    def _caller(self, context: grpc.ServicerContext) -> str:
+        token = security.presented_token(context.invocation_metadata()) if self.token_identity else ""
+        return security.principal(context.auth_context(), token)
+
+    def _session(self, session_id: str, caller: str) -> SessionState:
         with self._lock:
             session = self.sessions.get(session_id)
         if session is None:
-            raise Rejected(grpc.StatusCode.NOT_FOUND, f"session_id {session_id!r} is not open (open one with OpenSession)")
+            raise Rejected(grpc.StatusCode.NOT_FOUND,
+                           f"session_id {_quote(session_id)} is not open (unknown or closed; open one with OpenSession)")
+        if session.owner != caller:
+            raise Rejected(grpc.StatusCode.PERMISSION_DENIED,
+                           f"session_id {_quote(session_id)} was opened by another principal")
         return session
 
     def _check_size(self, kind: str, size: int) -> None:
@@ -191,44 +304,64 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
     def _features(self, msg: pb.Tensor, job: Job, field_name: str) -> torch.Tensor:
+        """Check the declared shape against the job before decoding anything, then the values."""
+        expected = tuple(job.feature_shape)
+        shape = tuple(msg.shape)
+        if len(shape) != len(expected) + 1 or shape[1:] != expected:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{field_name}.shape: {list(shape[:codec.MAX_DIMS + 1])} does not match "
+                           f"[batch, {', '.join(map(str, expected))}] of job {_quote(job.name)} "
+                           f"({job.spec.arch} cut {job.spec.cut})")
+        if shape[0] == 0:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"{field_name}: empty batch")
         try:
             features = codec.decode(msg, field_name)
         except codec.CodecError as err:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
-        expected = tuple(job.feature_shape)
-        if features.dim() != len(expected) + 1 or tuple(features.shape[1:]) != expected:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"{field_name}.shape: {list(features.shape)} does not match [batch, {', '.join(map(str, expected))}] "
-                           f"of job {job.name!r} ({job.spec.arch} cut {job.spec.cut})")
-        if features.shape[0] == 0:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"{field_name}: empty batch")
         if not torch.isfinite(features).all():
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"{field_name}: contains NaN or Inf")
         return features
 
 
+def _quote(text: str, limit: int = 64) -> str:
+    """A peer-supplied string for an error message, cut short: status details must stay small."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def _labels(values, batch: int, num_classes: int) -> torch.Tensor:
+    if len(values) != batch:
+        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"labels: {len(values)} labels for a batch of {batch}")
     labels = torch.tensor(list(values), dtype=torch.long)
-    if labels.numel() != batch:
-        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"labels: {labels.numel()} labels for a batch of {batch}")
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"labels: values must lie in [0, {num_classes})")
     return labels
 
 
 def _session_spec(request: pb.SessionSpec) -> tuple[SplitSpec, OptimSpec]:
+    """Validate a SessionSpec; ValueErrors name the field."""
+    for name in ("job", "client_id", "arch", "cut", "grad_codec"):
+        if len(getattr(request, name)) > MAX_NAME_CHARS:
+            raise ValueError(f"{name}: longer than {MAX_NAME_CHARS} characters")
     if not request.job:
         raise ValueError("job: must not be empty")
     if not request.client_id:
         raise ValueError("client_id: must not be empty")
-    if request.num_classes < 2:
-        raise ValueError(f"num_classes: {request.num_classes} must be >= 2")
-    if len(request.input_shape) != 3 or min(request.input_shape) < 1:
-        raise ValueError(f"input_shape: {list(request.input_shape)} must be [C, H, W] with positive sides")
-    if not request.lr > 0:
-        raise ValueError(f"lr: {request.lr} must be > 0")
+    if not 2 <= request.num_classes <= MAX_CLASSES:
+        raise ValueError(f"num_classes: {request.num_classes} must lie in [2, {MAX_CLASSES}]")
+    shape = list(request.input_shape)
+    if len(shape) != 3 or min(shape) < 1 or math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise ValueError(f"input_shape: {shape[:4]} must be [C, H, W] with positive sides and at most "
+                         f"{MAX_INPUT_ELEMENTS} elements")
+    if not 0 <= request.bottleneck <= MAX_BOTTLENECK:
+        raise ValueError(f"bottleneck: {request.bottleneck} must lie in [0, {MAX_BOTTLENECK}]")
+    if not (math.isfinite(request.lr) and request.lr > 0):
+        raise ValueError(f"lr: {request.lr} must be finite and > 0")
+    for name in ("momentum", "weight_decay"):
+        value = getattr(request, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name}: {value} must be finite and >= 0")
     codec.check_codec(request.grad_codec, "grad_codec")
-    spec = SplitSpec(request.arch, request.cut, request.num_classes, tuple(request.input_shape), request.bottleneck)
+    spec = SplitSpec(request.arch, request.cut, request.num_classes, tuple(shape), request.bottleneck)
     spec.resolved()  # raises ValueError naming arch / cut
     return spec, OptimSpec(request.lr, request.momentum, request.weight_decay)
 
@@ -239,9 +372,9 @@ def _check_compatible(job: Job, spec: SplitSpec, request: pb.SessionSpec) -> Non
     for name in ("arch", "cut", "num_classes", "input_shape", "bottleneck"):
         if getattr(mine, name) != getattr(job.spec, name):
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"{name}: {getattr(mine, name)!r} differs from job {job.name!r}'s {getattr(job.spec, name)!r} "
-                           "(use another --job name for another model)")
+                           f"{name}: {getattr(mine, name)!r} differs from job {_quote(job.name)}'s "
+                           f"{getattr(job.spec, name)!r} (use another --job name for another model)")
     if tuple(request.feature_shape) != tuple(job.feature_shape):
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"feature_shape: the edge computed {list(request.feature_shape)} but the server's model gives "
-                       f"{list(job.feature_shape)} (edge and server versions differ?)")
+                       f"feature_shape: the edge computed {list(request.feature_shape)[:codec.MAX_DIMS]} but the "
+                       f"server's model gives {list(job.feature_shape)} (edge and server versions differ?)")

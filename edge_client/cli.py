@@ -8,7 +8,7 @@ import sys
 
 from edge_client.config import ConnectionConfig, EdgeConfig
 from edge_client.defense import DefenseConfig
-from splitnet import codec, models
+from splitnet import codec, models, security
 from splitnet.cli_util import set_threads, setup_logging
 from splitnet.data import DATASETS, DataSpec, DatasetNotFound
 from splitnet.wire import parse_address
@@ -27,6 +27,14 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="send up to K steps ahead of the last gradient (bounded staleness; 0: lock-step)")
     g.add_argument("--reconnect-seconds", type=float, default=c.reconnect_s,
                    help="keep retrying an unavailable server this long (default %(default)s)")
+    g.add_argument("--tls-ca", default=c.tls_ca, help="PEM CA to verify the server: connect with TLS")
+    g.add_argument("--tls-cert", default=c.tls_cert, help="PEM client certificate for mutual TLS (with --tls-key)")
+    g.add_argument("--tls-key", default=c.tls_key, help="PEM private key of --tls-cert")
+    g.add_argument("--tls-server-name", default=c.tls_server_name, metavar="NAME",
+                   help="check the server certificate for NAME instead of --server's host (via a forwarder)")
+    g.add_argument("--auth-token", default=c.auth_token, metavar="TOKEN",
+                   help=f"bearer token for the server (default: ${security.AUTH_ENV}); prefer the variable: "
+                        "arguments show in the process list")
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default="digits", choices=DATASETS)
     g.add_argument("--data-root", default="", help="folder holding the dataset (all but digits)")
@@ -71,6 +79,14 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> EdgeConfig:
     try:
         parse_address(args.server)
+        tokens = security.tokens_from([args.auth_token] if args.auth_token else [])
+        # Built once here so that a missing or bad PEM file fails now, naming its flag.
+        security.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+        connection = ConnectionConfig(server=args.server, max_message_mb=args.max_message_mb,
+                                      deadline_s=args.deadline, reconnect_s=args.reconnect_seconds,
+                                      pipeline=args.pipeline, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                                      tls_key=args.tls_key, tls_server_name=args.tls_server_name,
+                                      auth_token=tokens[0] if tokens else "")
         defense = DefenseConfig(noise=args.noise, noise_kind=args.noise_kind, dropout=args.dropout, topk=args.topk,
                                 nopeek=args.nopeek, cem=args.cem, lam=args.lam, var_threshold=args.var_threshold,
                                 cem_scale=args.cem_scale, cem_warmup=args.cem_warmup,
@@ -87,14 +103,14 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
     if args.cut and args.cut not in models.cut_points(args.arch):
         p.error(f"--cut {args.cut!r} is not a cut of {args.arch}; valid: {models.cut_points(args.arch)}")
     return EdgeConfig(
-        connection=ConnectionConfig(args.server, args.max_message_mb, args.deadline, args.reconnect_seconds,
-                                    args.pipeline),
+        connection=connection,
         data=DataSpec(args.dataset, args.data_root, args.download, args.image_size),
         defense=defense, arch=args.arch, cut=args.cut, bottleneck=args.bottleneck, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         codec=args.codec, grad_codec=args.grad_codec, seed=args.seed, job=args.job,
         client_id=getattr(args, "client_id", ""), max_steps=args.max_steps, device=args.device,
-        report=getattr(args, "report", ""), progress=not args.no_progress)
+        report=getattr(args, "report", ""), save_encoder=getattr(args, "save_encoder", ""),
+        progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     add_training_args(p)
     p.add_argument("--client-id", default="", help="stable id to re-join a job after a restart (default: random)")
     p.add_argument("--report", default="", help="write the JSON report here")
+    p.add_argument("--save-encoder", default="", help="write the trained encoder (and its defense settings) here")
     args = p.parse_args(argv)
     if args.list_cuts:
         for arch in sorted(models.ARCHS):

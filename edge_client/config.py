@@ -16,6 +16,11 @@ class ConnectionConfig:
     deadline_s: float = 30.0  # per call / per training step
     reconnect_s: float = 60.0  # how long to keep retrying an unavailable server
     pipeline: int = 0  # steps sent ahead of the last gradient received (0: lock-step)
+    tls_ca: str = ""  # PEM CA that signed the server's certificate; any TLS field on: the channel uses TLS
+    tls_cert: str = ""  # PEM client certificate, for a server that requires mutual TLS
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_server_name: str = ""  # verify the server certificate for this name (connecting via a forwarder / IP)
+    auth_token: str = field(default="", repr=False)  # bearer token; out of repr so logs never show it
 
 
 @dataclass(frozen=True)
@@ -39,4 +44,5 @@ class EdgeConfig:
     max_steps: int = 0  # stop after this many training steps (0: run all epochs)
     device: str = "cpu"
     report: str = ""
+    save_encoder: str = ""  # write the trained encoder here (what an attacker who unpacks the device gets)
     progress: bool = True

@@ -7,6 +7,9 @@ Failure handling lives here so the trainer sees a plain `train(step_id, z, y)`:
 - steps the server has not yet made durable stay in a replay buffer; after a restart
   from a checkpoint the server reports its last applied step and the buffered steps
   after it are re-sent, so the decoder sees every step exactly once.
+
+The channel (TLS, mutual TLS, bearer token on every call) comes from
+`splitnet.security.open_channel`; UNAUTHENTICATED and PERMISSION_DENIED are not retried.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from edge_client.config import ConnectionConfig
 from splitnet.models import OptimSpec, SplitModel
-from splitnet import codec, wire
+from splitnet import codec, security, wire
 from splitnet.cloud_api import StepReply
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
@@ -88,7 +91,9 @@ class RemoteCloud:
 
     def __init__(self, config: ConnectionConfig) -> None:
         self.config = config
-        self._channel = grpc.insecure_channel(config.server, options=wire.grpc_options(config.max_message_mb))
+        self._channel = security.open_channel(config.server, wire.grpc_options(config.max_message_mb),
+                                              tls_ca=config.tls_ca, tls_cert=config.tls_cert, tls_key=config.tls_key,
+                                              tls_server_name=config.tls_server_name, auth_token=config.auth_token)
         self._stub = split_pb2_grpc.SplitLearningStub(self._channel)
         self._spec: pb.SessionSpec | None = None
         self._stream: _TrainStream | None = None
@@ -103,6 +108,10 @@ class RemoteCloud:
         self.replayed_steps = 0
 
     # -- session
+
+    @property
+    def session_id(self) -> str:
+        return self.session.session_id if self.session else ""
 
     def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str, seed: int) -> int:
         """Open (or re-join) the session; return the last step id the server applied for this client."""

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.func import functional_call
@@ -83,6 +84,10 @@ class EdgeTrainer:
         self.step_id = self.steps = self.samples = 0
         self.train_seconds = 0.0
         self.duplicates = 0
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.config.batch_size * 4
 
     @property
     def done(self) -> bool:
@@ -161,7 +166,7 @@ class EdgeTrainer:
         labels: deque[torch.Tensor] = deque()
 
         def batches():
-            for x, y in DataLoader(test_set or self.splits.test, batch_size=self.config.batch_size * 4):
+            for x, y in DataLoader(test_set or self.splits.test, batch_size=self.eval_batch_size):
                 labels.append(y)
                 yield self.encode(x)
 
@@ -177,6 +182,12 @@ class EdgeTrainer:
 
     def load_encoder_state(self, state: dict[str, torch.Tensor]) -> None:
         self.encoder.load_state_dict(state)
+
+    def save_encoder(self, path: str) -> None:
+        """Encoder weights with the model and defense settings; loads with `load_encoder`."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"spec": self.split.spec.as_dict(), "feature_shape": list(self.split.feature_shape),
+                    "defense": self.config.defense.as_dict(), "encoder": self.encoder_state()}, path)
 
     def report(self, accuracy: float) -> dict:
         """The JSON report (keys documented in README.md)."""
@@ -210,6 +221,8 @@ class EdgeTrainer:
             "pipeline": cfg.connection.pipeline,
             "job": cfg.job,
             "client_id": self.client_id,
+            "session_id": cloud.session_id,
+            "eval_batch_size": self.eval_batch_size,
             "server": cfg.connection.server,
             "last_step_id": self.step_id,
             "reconnects": cloud.reconnects,
@@ -234,4 +247,6 @@ def run(config: EdgeConfig, cloud: Cloud, splits: data.Splits | None = None,
         accuracy = trainer.evaluate()
     finally:
         trainer.close()
+    if config.save_encoder:
+        trainer.save_encoder(config.save_encoder)
     return trainer.report(accuracy)

@@ -28,6 +28,7 @@ class Cloud(Protocol):
     rtt_ms: list[float]
     reconnects: int
     replayed_steps: int
+    session_id: str
 
     def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str,
              seed: int) -> int:

@@ -29,6 +29,16 @@ class SplitSpec:
     input_shape: tuple[int, int, int] = (1, 16, 16)
     bottleneck: int = 0  # 0: none; C > 0: conv to C channels + sigmoid at the cut
 
+    def as_dict(self) -> dict:
+        """Plain values, for JSON reports and weights_only checkpoints."""
+        return {"arch": self.arch, "cut": self.cut, "num_classes": self.num_classes,
+                "input_shape": list(self.input_shape), "bottleneck": self.bottleneck}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SplitSpec":
+        return cls(d["arch"], d["cut"], int(d["num_classes"]), tuple(int(v) for v in d["input_shape"]),
+                   int(d.get("bottleneck") or 0))
+
     def resolved(self) -> "SplitSpec":
         """The same spec with the default cut filled in and checked."""
         arch = ARCHS.get(self.arch)

@@ -1,0 +1,3 @@
+from attacks.cli import main
+
+raise SystemExit(main())

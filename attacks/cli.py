@@ -1,0 +1,157 @@
+"""`attacker`: intercept real traffic, invert the captured features, score the reconstructions.
+
+    attacker proxy --listen 127.0.0.1:50052 --upstream 127.0.0.1:50051 --capture cap/
+    attacker run --capture cap/ --method inversion --encoder enc.pt --out recon/
+    attacker score --recon recon/ --edge-report edge.json --out result/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from splitnet.cli_util import set_threads, setup_logging
+from splitnet.data import DATASETS, DataSpec, DatasetNotFound
+
+log = logging.getLogger("attacks")
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    from attacks.proxy import Proxy
+
+    proxy = Proxy(args.listen, args.upstream, args.capture or None, args.max_message_mb).start()
+    print(f"attacker proxy listening on {proxy.address} -> {args.upstream}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    proxy.stop()
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from attacks import capture, harness
+    from attacks.runner import AttackConfig, Attacker, load_decoder, load_encoder
+    from edge_client.defense import DefenseConfig, Obfuscation
+    from splitnet import data, models
+
+    records = [r for r in capture.read_records(args.capture) if args.only == "all" or r.method == args.only]
+    if not records:
+        raise ValueError(f"no {args.only} records in {args.capture}")
+    encoder = decoder = None
+    defense: dict = {}
+    if args.encoder:
+        encoder, spec, defense = load_encoder(args.encoder)
+    if args.decoder:
+        decoder, spec = load_decoder(args.decoder)
+    if not (args.encoder or args.decoder):
+        raise ValueError("pass --encoder (inversion, rmle) or --decoder (shadow)")
+    aux = data.load(DataSpec(args.aux_dataset, args.aux_data_root, image_size=spec.input_shape[-1]))
+    aux_set = aux.train if args.aux_split == "train" else aux.test
+    if args.aux_limit:
+        aux_set = data.shard(aux_set, 0, max(1, len(aux_set) // args.aux_limit))
+    fields = DefenseConfig.__dataclass_fields__
+    obfuscate = Obfuscation(DefenseConfig(**{k: v for k, v in defense.items() if k in fields}))
+    config = AttackConfig(args.method, args.epochs, args.shadow_epochs, args.rmle_iterations,
+                          not args.no_noise_aware, args.seed)
+    attacker = Attacker(config, spec, aux_set, encoder=encoder, cloud_decoder=decoder, obfuscate=obfuscate).fit()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for record in records:
+        images = attacker.reconstruct(capture.load_features(args.capture, record))
+        harness.write_reconstruction(out, record.seq, record.method, record.session_id, record.step_id, images)
+    run_info = {"method": args.method, "records": len(records), "aux_images": len(aux_set),
+                "fit_seconds": attacker.fit_seconds, "reconstruct_seconds": time.perf_counter() - start,
+                "noise_aware": config.noise_aware, "defense_assumed": defense, "capture": str(args.capture)}
+    (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    print(json.dumps(run_info))
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from attacks import harness
+    from attacks.grid import save_grid
+    from splitnet import data
+
+    truth_by_session = {}
+    for path in args.edge_report:
+        report = json.loads(Path(path).read_text())
+        splits = data.load(DataSpec(args.dataset or report["dataset"], args.data_root, image_size=args.image_size))
+        truth_by_session[report["session_id"]] = harness.private_requests(splits.test, report["eval_batch_size"])
+    reconstructions = harness.read_reconstructions(args.recon)
+    recon, truth = harness.align(reconstructions, truth_by_session)
+    run_info = json.loads((Path(args.recon) / "run.json").read_text())
+    result = harness.score(recon, truth, run_info["method"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attack.json").write_text(json.dumps(result, indent=2) + "\n")
+    save_grid(truth[: args.grid], recon[: args.grid], out / "recon.png")
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attacker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    px = sub.add_parser("proxy", help="transparent gRPC proxy that records features")
+    px.add_argument("--listen", default="127.0.0.1:50052", help="HOST:PORT to accept the edge on")
+    px.add_argument("--upstream", required=True, help="the real cloud-server HOST:PORT")
+    px.add_argument("--capture", default="", help="record features into this folder")
+    px.add_argument("--max-message-mb", type=float, default=64.0)
+    px.set_defaults(func=_proxy)
+
+    run = sub.add_parser("run", help="reconstruct every captured batch")
+    run.add_argument("--capture", required=True, help="capture folder (proxy or cloud-server --tap)")
+    run.add_argument("--method", default="inversion", choices=("inversion", "rmle", "shadow"))
+    run.add_argument("--encoder", default="", help="encoder file from edge-client --save-encoder (white-box)")
+    run.add_argument("--decoder", default="", help="cloud-server job checkpoint (curious cloud, shadow)")
+    run.add_argument("--aux-dataset", default="digits", choices=DATASETS, help="the attacker's own data")
+    run.add_argument("--aux-data-root", default="")
+    run.add_argument("--aux-split", default="train", choices=("train", "test"),
+                     help="which split is the attacker's (must not be the private evaluation data)")
+    run.add_argument("--aux-limit", type=int, default=0, help="use about this many auxiliary images")
+    run.add_argument("--only", default="Infer", choices=("Infer", "Train", "all"), help="which records to attack")
+    run.add_argument("--epochs", type=int, default=50, help="inverse-network epochs")
+    run.add_argument("--shadow-epochs", type=int, default=30)
+    run.add_argument("--rmle-iterations", type=int, default=500)
+    run.add_argument("--no-noise-aware", action="store_true", help="train on clean features (weaker attacker)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", required=True, help="write reconstructions here")
+    run.set_defaults(func=_run)
+
+    sc = sub.add_parser("score", help="evaluation harness: align with the private images, score, draw")
+    sc.add_argument("--recon", required=True, help="folder written by attacker run")
+    sc.add_argument("--edge-report", action="append", required=True,
+                    help="edge-client report(s) of the attacked sessions (repeatable)")
+    sc.add_argument("--dataset", default="", help="private dataset (default: the report's)")
+    sc.add_argument("--data-root", default="")
+    sc.add_argument("--image-size", type=int, default=0)
+    sc.add_argument("--grid", type=int, default=16, help="images in recon.png")
+    sc.add_argument("--out", required=True, help="write attack.json and recon.png here")
+    sc.set_defaults(func=_score)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    set_threads(args.threads)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, DatasetNotFound) as err:
+        print(f"attacker {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

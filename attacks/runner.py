@@ -1,0 +1,99 @@
+"""One attacker, prepared once and applied to every captured batch; pure torch.
+
+What each method needs, by threat model (DESIGN.md):
+- `inversion` (eavesdropper or white-box): the encoder + auxiliary images; trains an
+  inverse network, noise-aware by default (the edge's obfuscation on its training z).
+- `rmle` (white-box): the encoder; optimises each image against its features.
+- `shadow` (curious cloud): the cloud's decoder + labelled auxiliary data; trains a
+  shadow encoder through the frozen decoder, then an inverse network on the shadow.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from attacks.inversion import reconstruct, train_inversion
+from attacks.rmle import rmle
+from attacks.shadow import train_shadow_encoder
+from splitnet import models
+
+log = logging.getLogger(__name__)
+
+METHODS = ("inversion", "rmle", "shadow")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    method: str = "inversion"
+    epochs: int = 50  # inverse-network epochs (inversion, shadow)
+    shadow_epochs: int = 30
+    rmle_iterations: int = 500
+    noise_aware: bool = True  # apply the edge's obfuscation to the attacker's own training features
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
+
+def load_encoder(path: str) -> tuple[nn.Module, models.SplitSpec, dict]:
+    """An edge encoder saved by `edge-client --save-encoder`: (encoder, spec, defense settings)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    spec = models.SplitSpec.from_dict(state["spec"])
+    encoder = models.build(spec).encoder
+    encoder.load_state_dict(state["encoder"])
+    return encoder.eval(), spec, state["defense"]
+
+
+def load_decoder(path: str) -> tuple[nn.Module, models.SplitSpec]:
+    """The cloud's decoder from a `cloud-server` job checkpoint (what a curious cloud holds)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    spec = models.SplitSpec.from_dict(state["spec"])
+    decoder = models.build(spec).decoder
+    decoder.load_state_dict(state["decoder"])
+    return decoder.eval(), spec
+
+
+class Attacker:
+    def __init__(self, config: AttackConfig, spec: models.SplitSpec, aux: Dataset, *,
+                 encoder: nn.Module | None = None, cloud_decoder: nn.Module | None = None,
+                 obfuscate: Callable[[Tensor], Tensor] | None = None) -> None:
+        needs = {"inversion": encoder, "rmle": encoder, "shadow": cloud_decoder}[config.method]
+        if needs is None:
+            what = "the cloud's decoder (--decoder)" if config.method == "shadow" else "the encoder (--encoder)"
+            raise ValueError(f"the {config.method} attack needs {what}")
+        self.config, self.spec, self.aux = config, spec.resolved(), aux
+        self.encoder, self.cloud_decoder = encoder, cloud_decoder
+        self.obfuscate = obfuscate if config.noise_aware else None
+        self.feature_shape = models.build(self.spec).feature_shape
+        self._inverse: nn.Module | None = None
+        self.fit_seconds = 0.0
+
+    def fit(self) -> "Attacker":
+        start = time.perf_counter()
+        cfg = self.config
+        if cfg.method == "shadow":
+            def factory() -> nn.Module:
+                return models.build(self.spec).encoder
+
+            self.encoder = train_shadow_encoder(factory, self.cloud_decoder, self.aux, self.obfuscate,
+                                                cfg.shadow_epochs, seed=cfg.seed, progress=cfg.progress)
+        if cfg.method in ("inversion", "shadow"):
+            self._inverse = train_inversion(self.encoder, self.aux, self.feature_shape, self.spec.input_shape,
+                                            self.obfuscate, cfg.epochs, seed=cfg.seed, progress=cfg.progress)
+        self.fit_seconds = time.perf_counter() - start
+        log.info("%s attacker ready in %.1f s", cfg.method, self.fit_seconds)
+        return self
+
+    def reconstruct(self, features: Tensor) -> Tensor:
+        if self._inverse is not None:
+            return reconstruct(self._inverse, features)
+        return rmle(self.encoder, features, self.spec.input_shape, iterations=self.config.rmle_iterations)

@@ -1,0 +1,111 @@
+"""`split-ray`: many edge clients at once, each a Ray actor, against one cloud server.
+
+Every edge-client option applies to every client. One machine, a server started for the run:
+
+    split-ray --clients 3 --start-server --mode splitfed --epochs 3 --report out/ray.json
+
+A Ray cluster (`ray start --head` / `ray start --address`) and a cloud server elsewhere:
+
+    split-ray --address auto --server 10.0.0.5:50051 --clients 8 --mode parallel --partition dirichlet:0.5
+
+Exit status: 0 when every client finished, 1 when some failed (the report names them),
+2 for a usage or data error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+import grpc
+
+from deploy import partition
+from deploy.ray_config import MODES, Kill, RayRunConfig, ray_environment
+from edge_client import cli as edge_cli
+from edge_client import report as report_mod
+from splitnet.cli_util import setup_logging
+from splitnet.data import DatasetNotFound
+
+log = logging.getLogger("deploy.ray")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="split-ray", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    edge_cli.add_training_args(p)
+    g = p.add_argument_group("many clients (Ray)")
+    g.add_argument("--clients", type=int, default=2, help="edge clients, one Ray actor each (default %(default)s)")
+    g.add_argument("--mode", default="parallel", choices=MODES,
+                   help="sequential: take turns passing the encoder on; parallel: all at once, own encoders; "
+                        "splitfed: parallel + FedAvg of the encoders after every epoch (default %(default)s)")
+    g.add_argument("--partition", default="iid",
+                   help="iid, or dirichlet:ALPHA for label-skewed shards (smaller ALPHA: more skew)")
+    g.add_argument("--address", default="",
+                   help="Ray cluster to join (auto, or HEAD_IP:6379); default: start one on 127.0.0.1 for the run")
+    g.add_argument("--start-server", action="store_true",
+                   help="start a cloud-server on 127.0.0.1 for the run and stop it after (instead of --server)")
+    g.add_argument("--cpus-per-client", type=float, default=0.0,
+                   help="Ray CPUs reserved per actor (default: the cluster's CPUs shared out, at most 1 each)")
+    g.add_argument("--kill", default="", metavar="CLIENT@ROUND",
+                   help="fault injection: ray.kill client CLIENT (0-based) in the middle of round ROUND (1-based)")
+    p.add_argument("--report", default="", help="write the JSON report here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.list_cuts:
+        return edge_cli.main(["--list-cuts"])
+    if args.start_server and args.address:
+        p.error("--start-server binds 127.0.0.1, out of reach of other machines' actors: with --address, start "
+                "cloud-server --host ADDRESS yourself and pass --server")
+    edge = edge_cli.config_from_args(args, p)
+    try:
+        config = RayRunConfig(edge, args.clients, args.mode, partition.parse(args.partition), args.threads,
+                              args.cpus_per_client, Kill.parse(args.kill) if args.kill else None)
+    except ValueError as err:
+        p.error(str(err))
+    setup_logging(args.verbose)
+    env = ray_environment(local=not args.address)
+    os.environ.update(env)  # before Ray is imported: it reads some of them only then
+    import ray
+
+    from deploy.processes import start_server
+    from deploy.ray_clients import run_clients
+
+    server = start_server() if args.start_server else None
+    if server:
+        log.info("cloud-server started at %s", server.address)
+        connection = dataclasses.replace(edge.connection, server=server.address)
+        config = dataclasses.replace(config, edge=dataclasses.replace(edge, connection=connection))
+    try:
+        ray.init(address=args.address or None, include_dashboard=False, runtime_env={"env_vars": env})
+        report = run_clients(config)
+    except DatasetNotFound as err:
+        print(f"split-ray: error: {err}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as err:  # the driver's own Stats call: the server is not there
+        print(f"split-ray: error: cloud server {config.edge.connection.server}: {err.code().name}: {err.details()}",
+              file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+        if server:
+            server.stop()
+    print(report_mod.summary(report))
+    for c in report["client_reports"]:
+        accuracy = "-" if c["test_accuracy"] is None else f"{c['test_accuracy']:.4f}"
+        print(f"  {c['client_id']}  {c['status']:6}  shard {c['shard_size']:5}  steps {c['steps'] or 0:5}  "
+              f"test_accuracy {accuracy}" + (f"  {c['error']}" if c["error"] else ""))
+    if args.report:
+        report_mod.write(report, args.report)
+        log.info("report written to %s", args.report)
+    return 1 if report["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

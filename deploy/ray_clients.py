@@ -1,0 +1,309 @@
+"""Many edge clients at once: each a Ray actor with its own data shard and gRPC channel.
+
+Every client is a real edge client (an `EdgeTrainer` over a `RemoteCloud`) built inside
+its actor, so N clients are N processes with N gRPC connections to one `cloud-server`,
+as they would be on N devices. They share one `--job`, hence one decoder, and each has
+its own client id, so the server numbers (and deduplicates) each client's steps apart.
+
+A round is one local epoch of every client. The modes differ only in what happens to
+the encoders around a round:
+- `sequential`: vanilla split learning (Gupta & Raskar, 2018). Clients take turns; each
+  starts from the encoder the previous one finished with, so one encoder is trained on
+  every shard in turn, and the clients' CPUs are never busy at the same time.
+- `parallel`: all clients train at once against the shared decoder, each keeping its own
+  encoder; the decoder sees every client's features interleaved.
+- `splitfed`: parallel, then the encoders are averaged (FedAvg, weighted by shard size)
+  and every client carries on from the average (Thapa et al., SplitFed, 2022).
+All clients start from client 0's initial encoder, so the modes differ only in how the
+encoders are combined, and FedAvg averages models that share an initialisation.
+
+Failures are per client: an actor that dies (or whose trainer raises) is marked failed
+with its error and left out of later rounds and averages; the others carry on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+from ray.actor import ActorHandle
+from torch.utils.data import Subset
+
+from deploy import partition
+from deploy.fedavg import fedavg
+from deploy.ray_config import RayRunConfig
+from edge_client.config import ConnectionConfig, EdgeConfig
+from edge_client.remote import RemoteCloud
+from edge_client.report import percentile
+from edge_client.trainer import EdgeTrainer
+from splitnet import data
+from splitnet.cli_util import set_threads, setup_logging
+from splitnet.v1 import split_pb2 as pb
+
+log = logging.getLogger("deploy.ray")
+
+# What each client entry of the report carries from its trainer's report (README keys).
+CLIENT_KEYS = ("test_accuracy", "train_loss", "epochs", "steps", "train_samples", "bytes_up", "bytes_down",
+               "samples_per_second", "rtt_ms_p50", "rtt_ms_p99", "reconnects", "duplicate_steps")
+
+
+class EdgeClient:
+    """The body of one Ray actor: an edge client training on one shard of the training set.
+
+    The trainer and its gRPC channel are created here, inside the actor's process: a
+    channel cannot be pickled across processes, and each client must have its own.
+    """
+
+    def __init__(self, config: EdgeConfig, indices: list[int], threads: int) -> None:
+        setup_logging()
+        set_threads(threads)
+        splits = data.load(config.data)
+        self.trainer = EdgeTrainer(config, RemoteCloud(config.connection), splits, Subset(splits.train, indices))
+
+    def open(self) -> None:
+        self.trainer.open()
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        return self.trainer.encoder_state()
+
+    def train_round(self, state: dict[str, torch.Tensor] | None) -> dict:
+        """One local epoch, from `state` if given; returns the epoch record and running counters."""
+        if state is not None:
+            self.trainer.load_encoder_state(state)
+        record = self.trainer.train_epoch()
+        return {**self._progress(), "train_loss": record["train_loss"]}
+
+    def finish(self, state: dict[str, torch.Tensor] | None) -> dict:
+        """Evaluate (with `state` if given) through the server's Infer, close; the trainer's report."""
+        if state is not None:
+            self.trainer.load_encoder_state(state)
+        try:
+            return self.trainer.report(self.trainer.evaluate())
+        finally:
+            self.trainer.close()
+
+    def _progress(self) -> dict:
+        """The running counters of the report, cheap enough for every round (no evaluation)."""
+        t, cloud = self.trainer, self.trainer.cloud
+        return {"steps": t.steps, "train_samples": t.samples, "epochs": len(t.history), "done": t.done,
+                "bytes_up": cloud.bytes_up, "bytes_down": cloud.bytes_down,
+                "samples_per_second": t.samples / t.train_seconds if t.train_seconds else 0.0,
+                "rtt_ms_p50": percentile(cloud.rtt_ms, 50), "rtt_ms_p99": percentile(cloud.rtt_ms, 99),
+                "reconnects": cloud.reconnects, "duplicate_steps": t.duplicates}
+
+
+@dataclass
+class _Client:
+    index: int
+    client_id: str
+    shard_size: int
+    handle: ActorHandle
+    progress: dict = field(default_factory=dict)  # the last counters it returned
+    report: dict | None = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+class _ServerView:
+    """The job as the cloud server counts it (Stats), through a channel of the driver's own."""
+
+    def __init__(self, connection: ConnectionConfig, job: str) -> None:
+        self.cloud, self.job = RemoteCloud(connection), job
+
+    def stats(self) -> pb.JobStats:
+        return next((j for j in self.cloud.stats().jobs if j.job == self.job), pb.JobStats(job=self.job))
+
+    def close(self) -> None:
+        self.cloud.close()
+
+
+class _Run:
+    """One run's clients, rounds and shared encoder, driven from the Ray driver."""
+
+    def __init__(self, config: RayRunConfig) -> None:
+        self.config = config
+        self.server = _ServerView(config.edge.connection, config.edge.job)
+        self.clients: list[_Client] = []
+        self.rounds: list[dict] = []
+        self.shared: dict[str, torch.Tensor] | None = None  # the encoder every client starts the next round from
+
+    def start(self) -> float:
+        """Partition, create one actor per shard, open their sessions; the partition's label skew."""
+        cfg, edge = self.config, self.config.edge
+        splits = data.load(edge.data)
+        labels = partition.labels_of(splits.train)
+        shards = partition.split(labels, cfg.clients, cfg.partition, edge.seed)
+        cpus = cfg.cpus_per_client or min(1.0, ray.cluster_resources().get("CPU", 1.0) / cfg.clients)
+        run_id = uuid.uuid4().hex[:6]  # fresh ids: a re-run against a long-lived server starts at step 1
+        actor = ray.remote(EdgeClient)
+        for i, shard in enumerate(shards):
+            client = dataclasses.replace(edge, client_id=f"ray-{run_id}-{i}", seed=edge.seed + i, progress=False)
+            handle = actor.options(num_cpus=cpus).remote(client, shard, cfg.threads)
+            self.clients.append(_Client(i, client.client_id, len(shard), handle))
+        # The first session of a new job fixes the decoder (and its seed): client 0 opens first.
+        self.gather(self.clients[:1], "open")
+        self.gather(self.clients[1:], "open")
+        first = self.live()[:1]
+        self.shared = self.gather(first, "encoder_state").get(first[0].index) if first else None
+        return partition.label_skew(labels, shards)
+
+    def live(self) -> list[_Client]:
+        return [c for c in self.clients if c.ok]
+
+    def gather(self, clients: list[_Client], method: str, args: tuple = (), round_: int = 0) -> dict[int, Any]:
+        """Call `method` on every client at once; results by client index, failures recorded."""
+        refs = {c.index: getattr(c.handle, method).remote(*args) for c in clients}
+        kill = self.config.kill
+        if kill and kill.round == round_ and method == "train_round" and kill.client in refs:
+            self._kill_mid_round(self.clients[kill.client])
+        results = {}
+        for c in clients:
+            try:
+                results[c.index] = ray.get(refs[c.index])
+            except ray.exceptions.RayError as err:
+                self._fail(c, err)
+        return results
+
+    def train(self) -> None:
+        mode = self.config.mode
+        for round_ in range(1, self.config.edge.epochs + 1):
+            start = time.perf_counter()
+            before = {c.index: c.progress.get("train_samples", 0) for c in self.clients}
+            if mode == "sequential":
+                for client in self.live():
+                    self._record(self.gather([client], "train_round", (self.shared,), round_))
+                    if client.ok:  # a client that died in its turn passes on nothing: the next starts where it did
+                        self.shared = self.gather([client], "encoder_state").get(client.index, self.shared)
+            else:
+                # parallel: every client starts from the common initial encoder, then keeps its own
+                state = ray.put(self.shared) if round_ == 1 or mode == "splitfed" else None
+                self._record(self.gather(self.live(), "train_round", (state,), round_))
+                if mode == "splitfed":
+                    self._average()
+            self._log_round(round_, time.perf_counter() - start, before)
+            if all(c.progress.get("done") for c in self.live()):
+                break
+
+    def finish(self) -> None:
+        """Each live client evaluates through its own session: the shared encoder, or its own in parallel mode."""
+        state = None if self.config.mode == "parallel" else self.shared
+        for index, report in self.gather(self.live(), "finish", (state,)).items():
+            self.clients[index].report = report
+
+    def stop(self) -> None:
+        for client in self.clients:
+            ray.kill(client.handle, no_restart=True)
+        self.server.close()
+
+    def _average(self) -> None:
+        states = self.gather(self.live(), "encoder_state")
+        if states:
+            self.shared = fedavg(list(states.values()), [self.clients[i].shard_size for i in states], self.shared)
+
+    def _kill_mid_round(self, client: _Client) -> None:
+        """Kill `client` once the server has applied one of its steps of this round (or after a deadline)."""
+        start = client.progress.get("steps", 0)
+        deadline = time.monotonic() + self.config.edge.connection.deadline_s
+        while self.server.stats().client_last_step.get(client.client_id, 0) <= start and time.monotonic() < deadline:
+            time.sleep(0.02)
+        log.warning("fault injection: killing client %d (%s)", client.index, client.client_id)
+        ray.kill(client.handle, no_restart=True)
+
+    def _fail(self, client: _Client, err: ray.exceptions.RayError) -> None:
+        cause = getattr(err, "cause", None) or err  # RayTaskError wraps the trainer's own exception
+        lines = str(cause).strip().splitlines() or [""]
+        client.error = f"{type(cause).__name__}: {lines[0][:300]}"
+        log.error("client %d (%s) failed: %s", client.index, client.client_id, client.error)
+        ray.kill(client.handle, no_restart=True)
+
+    def _record(self, results: dict[int, Any]) -> None:
+        for index, progress in results.items():
+            self.clients[index].progress = progress
+
+    def _log_round(self, round_: int, seconds: float, before: dict[int, int]) -> None:
+        samples = sum(c.progress.get("train_samples", 0) - before[c.index] for c in self.clients)
+        losses = [c.progress["train_loss"] for c in self.live() if "train_loss" in c.progress]
+        entry = {"round": round_, "seconds": seconds, "samples": samples,
+                 "samples_per_second": samples / seconds if seconds else 0.0, "clients_ok": len(self.live()),
+                 "train_loss": sum(losses) / len(losses) if losses else None}
+        self.rounds.append(entry)
+        log.info("round %d/%d (%s): %d/%d clients ok, %d samples in %.1f s = %.0f samples/s, loss %s", round_,
+                 self.config.edge.epochs, self.config.mode, entry["clients_ok"], len(self.clients), samples, seconds,
+                 entry["samples_per_second"], f"{entry['train_loss']:.4f}" if losses else "-")
+
+
+def run_clients(config: RayRunConfig) -> dict:
+    """Train `config.clients` edge clients on an initialised Ray; the run's JSON report.
+
+    The report's `server_steps_applied` is how many steps the server applied to the
+    job's decoder during the run (a Stats difference, so other users of the same job
+    would be counted too) and `client_steps_sent` the sum of the steps the clients last
+    reported sending. Each step id is applied exactly once, and a step the server reports
+    as a duplicate is one it had already applied, so the two agree unless a client died
+    between sending steps and reporting them (its entry's `server_last_step` then says
+    how far the server got with it).
+    """
+    started = time.perf_counter()
+    run = _Run(config)
+    try:
+        before = run.server.stats().steps_applied
+        skew = run.start()
+        log.info("%d clients (%s, %s partition, label skew %.3f) on job %r at %s", config.clients, config.mode,
+                 config.partition, skew, config.edge.job, config.edge.connection.server)
+        run.train()
+        run.finish()
+        job = run.server.stats()
+    finally:
+        run.stop()
+    return _report(run, skew, job.steps_applied - before, dict(job.client_last_step), time.perf_counter() - started)
+
+
+def _report(run: _Run, skew: float, server_steps: int, last_steps: dict[str, int], wall: float) -> dict:
+    config, entries = run.config, []
+    for c in run.clients:
+        source = c.report or c.progress
+        entries.append({"client_id": c.client_id, "index": c.index, "shard_size": c.shard_size,
+                        "status": "ok" if c.ok else "failed", "error": c.error or None,
+                        "server_last_step": last_steps.get(c.client_id, 0),
+                        **{k: source.get(k) for k in CLIENT_KEYS}})
+    ok = [e for e in entries if e["status"] == "ok"]
+    train_seconds = sum(r["seconds"] for r in run.rounds)
+    samples = sum(r["samples"] for r in run.rounds)
+    edge = config.edge
+    return {
+        "mode": config.mode,
+        "clients": config.clients,
+        "partition": str(config.partition),
+        "label_skew": skew,
+        "test_accuracy": sum(e["test_accuracy"] for e in ok) / len(ok) if ok else None,
+        "shared_encoder": config.mode != "parallel",
+        "clients_ok": len(ok),
+        "failed": [e["client_id"] for e in entries if e["status"] == "failed"],
+        "bytes_up": sum(e["bytes_up"] or 0 for e in entries),
+        "bytes_down": sum(e["bytes_down"] or 0 for e in entries),
+        "train_samples": samples,
+        "samples_per_second": samples / train_seconds if train_seconds else 0.0,
+        "train_seconds": train_seconds,
+        "wall_seconds": wall,
+        "server_steps_applied": server_steps,
+        "client_steps_sent": sum(e["steps"] or 0 for e in entries),
+        "job": edge.job,
+        "server": edge.connection.server,
+        "dataset": edge.data.name,
+        "arch": edge.arch,
+        "epochs": edge.epochs,
+        "batch_size": edge.batch_size,
+        "codec": edge.codec,
+        "seed": edge.seed,
+        "rounds": run.rounds,
+        "client_reports": entries,
+    }

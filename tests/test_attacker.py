@@ -1,0 +1,136 @@
+"""The attacker service end to end on loopback: proxy and tap capture real traffic,
+`attacker run` inverts it, `attacker score` aligns it with the private images."""
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from attacks import capture, harness
+from attacks.cli import main as attacker_main
+from attacks.runner import AttackConfig, Attacker, load_encoder
+from deploy.processes import start_server
+from edge_client.config import ConnectionConfig, EdgeConfig
+from edge_client.remote import RemoteCloud
+from edge_client.trainer import run
+from splitnet import data
+
+
+@pytest.fixture(scope="module")
+def proxy(server, tmp_path_factory):
+    cap = tmp_path_factory.mktemp("capture")
+    proc = subprocess.Popen([sys.executable, "-m", "attacks", "proxy", "--listen", "127.0.0.1:0", "--upstream",
+                             server.address, "--capture", str(cap)], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    match = re.search(r"listening on (\S+) ->", line)
+    assert match, line
+    yield match.group(1), cap
+    proc.terminate()
+    proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def attacked(server, proxy, tmp_path_factory):
+    """An edge trains and serves through the proxy; the same run goes direct for comparison."""
+    address, cap = proxy
+    out = tmp_path_factory.mktemp("edge")
+    base = EdgeConfig(epochs=3, progress=False, save_encoder=str(out / "enc.pt"))
+    via = dataclasses.replace(base, job="via-proxy", connection=ConnectionConfig(server=address))
+    direct = dataclasses.replace(base, job="direct", connection=ConnectionConfig(server=server.address))
+    report = run(via, RemoteCloud(via.connection))
+    (out / "edge.json").write_text(json.dumps(report))
+    return {"report": report, "direct": run(direct, RemoteCloud(direct.connection)), "cap": cap, "out": out}
+
+
+def test_proxy_is_transparent(attacked):
+    via, direct = attacked["report"], attacked["direct"]
+    assert via["train_loss"] == direct["train_loss"] and via["test_accuracy"] == direct["test_accuracy"]
+
+
+def test_capture_holds_every_message_pickle_free(attacked):
+    report, cap = attacked["report"], attacked["cap"]
+    records = capture.read_records(cap)
+    train = [r for r in records if r.method == "Train" and r.session_id == report["session_id"]]
+    infer = [r for r in records if r.method == "Infer" and r.session_id == report["session_id"]]
+    assert [r.step_id for r in train] == list(range(1, report["steps"] + 1))
+    assert sum(r.shape[0] for r in infer) == 359 and all(len(r.labels) == r.shape[0] for r in train)
+    sessions = {s["session_id"]: s for s in capture.read_sessions(cap)}
+    assert sessions[report["session_id"]]["cut"] == "block1"
+    assert sessions[report["session_id"]]["feature_shape"] == [32, 8, 8]
+
+
+def test_inversion_attack_reconstructs_digits(attacked, tmp_path):
+    out, cap = attacked["out"], attacked["cap"]
+    recon, result = tmp_path / "recon", tmp_path / "result"
+    assert attacker_main(["run", "--capture", str(cap), "--method", "inversion", "--encoder", str(out / "enc.pt"),
+                          "--epochs", "8", "--out", str(recon)]) == 0
+    assert attacker_main(["score", "--recon", str(recon), "--edge-report", str(out / "edge.json"),
+                          "--out", str(result)]) == 0
+    scores = json.loads((result / "attack.json").read_text())
+    assert scores["n_images"] == 359 and scores["method"] == "inversion"
+    assert scores["ssim"] >= 0.7, scores
+    assert (result / "recon.png").stat().st_size > 0
+
+    # The same attack on features computed in-process scores exactly the same.
+    encoder, spec, _ = load_encoder(str(out / "enc.pt"))
+    splits = data.load(data.DataSpec())
+    attacker = Attacker(AttackConfig("inversion", epochs=8, progress=False), spec, splits.train, encoder=encoder).fit()
+    truth = torch.cat(harness.private_requests(splits.test, attacked["report"]["eval_batch_size"]))
+    with torch.no_grad():
+        local = harness.score(attacker.reconstruct(encoder(truth)), truth, "inversion")
+    assert local["ssim"] == pytest.approx(scores["ssim"], abs=1e-6)
+    assert local["mse"] == pytest.approx(scores["mse"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method,args", [("rmle", ["--rmle-iterations", "60"]),
+                                         ("shadow", ["--shadow-epochs", "2", "--epochs", "2"])])
+def test_rmle_and_shadow_run_and_report(attacked, server, tmp_path, method, args):
+    out, cap = attacked["out"], attacked["cap"]
+    knowledge = ["--encoder", str(out / "enc.pt")]
+    if method == "shadow":  # the curious cloud holds the decoder (its own checkpoint), not the encoder
+        ckpt = next((p for p in server_ckpts(server) if "via-proxy" in p.name), None)
+        assert ckpt is not None
+        knowledge = ["--decoder", str(ckpt)]
+    recon, result = tmp_path / "recon", tmp_path / "result"
+    assert attacker_main(["run", "--capture", str(cap), "--method", method, *knowledge, "--aux-limit", "300",
+                          *args, "--out", str(recon)]) == 0
+    assert attacker_main(["score", "--recon", str(recon), "--edge-report", str(out / "edge.json"),
+                          "--out", str(result)]) == 0
+    scores = json.loads((result / "attack.json").read_text())
+    assert scores["method"] == method and scores["n_images"] == 359
+    assert all(map(lambda v: v == v, (scores["mse"], scores["ssim"], scores["psnr"])))
+
+
+def server_ckpts(server):
+    directory = Path(server.proc.args[server.proc.args.index("--checkpoint-dir") + 1])
+    return sorted(directory.glob("*.ckpt"))
+
+
+def test_tap_records_what_the_server_receives(tmp_path):
+    tap = tmp_path / "tap"
+    server = start_server("--tap", str(tap))
+    try:
+        config = EdgeConfig(epochs=1, max_steps=3, progress=False, job="tapped",
+                            connection=ConnectionConfig(server=server.address))
+        report = run(config, RemoteCloud(config.connection))
+    finally:
+        server.stop()
+    records = capture.read_records(tap)
+    assert {r.source for r in records} == {"tap"}
+    assert [r.step_id for r in records if r.method == "Train"] == [1, 2, 3]
+    assert sum(r.shape[0] for r in records if r.method == "Infer") == 359
+    assert capture.read_sessions(tap)[0]["session_id"] == report["session_id"]
+
+
+def test_score_refuses_unknown_sessions(attacked, tmp_path):
+    recon = tmp_path / "recon"
+    harness.write_reconstruction(recon, 0, "Infer", "someone-else", 0, torch.zeros(4, 1, 16, 16))
+    (recon / "run.json").write_text(json.dumps({"method": "inversion"}))
+    assert attacker_main(["score", "--recon", str(recon), "--edge-report", str(attacked["out"] / "edge.json"),
+                          "--out", str(tmp_path / "r")]) == 2
