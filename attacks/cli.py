@@ -41,9 +41,11 @@ def _run(args: argparse.Namespace) -> int:
     from edge_client.defense import DefenseConfig, Obfuscation
     from splitnet import data, models
 
-    records = [r for r in capture.read_records(args.capture) if args.only == "all" or r.method == args.only]
+    records = [r for r in capture.read_records(args.capture) if (args.only == "all" or r.method == args.only)
+               and (not args.session or r.session_id == args.session)]
     if not records:
-        raise ValueError(f"no {args.only} records in {args.capture}")
+        raise ValueError(f"no {args.only} records{' of session ' + args.session if args.session else ''} "
+                         f"in {args.capture}")
     encoder = decoder = None
     defense: dict = {}
     if args.encoder:
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--aux-split", default="train", choices=("train", "test"),
                      help="which split is the attacker's (must not be the private evaluation data)")
     run.add_argument("--aux-limit", type=int, default=0, help="use about this many auxiliary images")
+    run.add_argument("--session", default="", help="attack only this session's records")
     run.add_argument("--only", default="Infer", choices=("Infer", "Train", "all"), help="which records to attack")
     run.add_argument("--epochs", type=int, default=50, help="inverse-network epochs")
     run.add_argument("--shadow-epochs", type=int, default=30)

@@ -15,9 +15,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-_LISTENING = re.compile(r"cloud-server listening on (\S+):(\d+)")
-
-
 @dataclass
 class ServerProcess:
     proc: subprocess.Popen
@@ -38,21 +35,22 @@ class ServerProcess:
         return "".join(self.lines)
 
 
-def start_server(*args: str, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0,
-                 env: dict | None = None) -> ServerProcess:
-    cmd = [sys.executable, "-m", "cloud_server", "--host", host, "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+def start_process(module_args: list[str], ready: str, timeout: float = 60.0,
+                  env: dict | None = None) -> ServerProcess:
+    """`python -m MODULE ARGS...`, waiting for the line that matches `ready` (its group 1: the address)."""
+    pattern = re.compile(ready)
+    proc = subprocess.Popen([sys.executable, "-m", *module_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     lines: list[str] = []
     found = threading.Event()
     address: list[str] = []
 
-    def pump() -> None:  # keep reading so the pipe never fills and blocks the server
+    def pump() -> None:  # keep reading so the pipe never fills and blocks the process
         for line in proc.stdout:  # type: ignore[union-attr]
             lines.append(line)
-            match = _LISTENING.search(line)
+            match = pattern.search(line)
             if match and not found.is_set():
-                address.append(f"{match.group(1)}:{match.group(2)}")
+                address.append(match.group(1))
                 found.set()
         found.set()
 
@@ -61,8 +59,15 @@ def start_server(*args: str, host: str = "127.0.0.1", port: int = 0, timeout: fl
     while not found.wait(0.1):
         if time.monotonic() > deadline:
             proc.kill()
-            raise TimeoutError(f"cloud-server did not start: {''.join(lines)}")
+            raise TimeoutError(f"{module_args[0]} did not start: {''.join(lines)}")
     if not address:
         proc.wait(5)
-        raise RuntimeError(f"cloud-server exited: {''.join(lines)}")
+        raise RuntimeError(f"{module_args[0]} exited: {''.join(lines)}")
     return ServerProcess(proc, address[0], lines)
+
+
+def start_server(*args: str, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0,
+                 env: dict | None = None) -> ServerProcess:
+    """A `cloud-server` process; with port 0 its printed address tells the port it took."""
+    return start_process(["cloud_server", "--host", host, "--port", str(port), *args],
+                         r"cloud-server listening on (\S+:\d+)", timeout, env)

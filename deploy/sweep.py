@@ -1,0 +1,269 @@
+"""`split-sweep`: accuracy vs leakage vs communication over a grid, on real traffic.
+
+Every point runs through real processes on loopback: one `cloud-server`, one
+`attacker proxy` in front of it (the eavesdropper, recording everything), and per
+point an `edge-client` process followed by `attacker run` / `attacker score`
+processes for each attack method. Finished points keep their `result.json` and are not
+re-run, so a sweep resumes where it stopped. With `workers > 1` points run in parallel
+as Ray tasks (each point is a few single-threaded processes).
+
+Config (TOML):
+
+    [model]                 # edge-client settings shared by every point
+    dataset = "digits"
+    arch = "cnn"
+    bottleneck = 8
+    epochs = 8
+    [grid]
+    cuts = ["block1"]
+    codecs = ["fp32", "int8"]
+    seeds = [0, 1]
+    [defenses]              # name -> edge-client defense flags (underscores become dashes)
+    none = {}
+    noise = {noise = 0.1}
+    cem_gated = {noise = 0.1, cem = "gated", lambda = 16, cem_warmup = 2}
+    [attack]
+    methods = ["inversion"] # inversion | rmle | shadow
+    epochs = 15
+    [run]
+    workers = 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from deploy.processes import ServerProcess, start_process, start_server
+
+log = logging.getLogger("deploy.sweep")
+
+METRICS = ("test_accuracy", "bytes_up_per_sample", "bytes_down_per_sample", "rtt_ms_p50", "samples_per_second",
+           "intra_mse")
+ATTACK_METRICS = ("mse", "ssim", "psnr")
+
+
+@dataclass(frozen=True)
+class Point:
+    cut: str
+    codec: str
+    defense: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.cut or 'default'}__{self.codec}__{self.defense}__s{self.seed}"
+
+    @property
+    def group(self) -> tuple[str, str, str]:
+        return (self.cut, self.codec, self.defense)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    model: dict = field(default_factory=lambda: {"dataset": "digits"})
+    cuts: tuple[str, ...] = ("",)
+    codecs: tuple[str, ...] = ("fp32",)
+    seeds: tuple[int, ...] = (0,)
+    defenses: dict = field(default_factory=lambda: {"none": {}})
+    attacks: tuple[str, ...] = ("inversion",)
+    attack_epochs: int = 15
+    attack_args: tuple[str, ...] = ()
+    workers: int = 1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SweepConfig":
+        grid, attack, run = d.get("grid", {}), d.get("attack", {}), d.get("run", {})
+        unknown = set(d) - {"model", "grid", "defenses", "attack", "run"}
+        if unknown:
+            raise ValueError(f"unknown sweep config section(s) {sorted(unknown)}")
+        return cls(model=d.get("model", {}), cuts=tuple(grid.get("cuts", [""])),
+                   codecs=tuple(grid.get("codecs", ["fp32"])), seeds=tuple(grid.get("seeds", [0])),
+                   defenses=d.get("defenses", {"none": {}}), attacks=tuple(attack.get("methods", ["inversion"])),
+                   attack_epochs=int(attack.get("epochs", 15)), attack_args=tuple(attack.get("args", [])),
+                   workers=int(run.get("workers", 1)))
+
+    def points(self) -> list[Point]:
+        return [Point(cut, codec, name, seed) for cut in self.cuts for codec in self.codecs
+                for name in self.defenses for seed in self.seeds]
+
+
+def _flags(settings: dict) -> list[str]:
+    """{"noise": 0.1, "freeze_gates": True} -> ["--noise", "0.1", "--freeze-gates"]"""
+    out: list[str] = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is not False:
+            out += [flag, str(value)]
+    return out
+
+
+def _python(*args: str, timeout: float = 1800) -> None:
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:2])} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: Path) -> dict:
+    """One point: train and serve through the proxy, attack the capture, score; returns the row."""
+    out.mkdir(parents=True, exist_ok=True)
+    model = {k: v for k, v in config.model.items()}
+    edge_args = ["edge_client", "--server", proxy, "--job", f"sweep-{point.key}", "--codec", point.codec,
+                 "--seed", str(point.seed), "--report", str(out / "edge.json"), "--save-encoder",
+                 str(out / "encoder.pt"), "--no-progress", *_flags(model), *_flags(config.defenses[point.defense])]
+    if point.cut:
+        edge_args += ["--cut", point.cut]
+    _python(*edge_args)
+    edge = json.loads((out / "edge.json").read_text())
+    row: dict = {"key": point.key, "cut": edge["cut"], "codec": point.codec, "defense": point.defense,
+                 "seed": point.seed, **{k: edge.get(k) for k in METRICS}, "defense_settings": edge["defense"]}
+    for method in config.attacks:
+        recon, scored = out / f"recon-{method}", out / f"attack-{method}"
+        _python("attacks", "run", "--capture", capture, "--session", edge["session_id"], "--method", method,
+                "--encoder", str(out / "encoder.pt"), "--epochs", str(config.attack_epochs), "--seed",
+                str(point.seed), "--out", str(recon), *config.attack_args)
+        _python("attacks", "score", "--recon", str(recon), "--edge-report", str(out / "edge.json"), "--out",
+                str(scored))
+        scores = json.loads((scored / "attack.json").read_text())
+        row.update({f"{method}_{m}": scores[m] for m in ATTACK_METRICS})
+        row[f"{method}_grid"] = str((scored / "recon.png").relative_to(out.parent.parent))
+    (out / "result.json").write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def aggregate(config: SweepConfig, rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds of every numeric metric, one row per (cut, codec, defense)."""
+    numeric = list(METRICS) + [f"{m}_{k}" for m in config.attacks for k in ATTACK_METRICS]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["cut"], row["codec"], row["defense"]), []).append(row)
+    out = []
+    for (cut, codec, defense), members in groups.items():
+        agg: dict = {"cut": cut, "codec": codec, "defense": defense, "seeds": len(members)}
+        for key in numeric:
+            values = [m[key] for m in members if m.get(key) is not None]
+            if values:
+                agg[key] = statistics.fmean(values)
+                agg[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        agg["grid"] = members[0].get(f"{config.attacks[0]}_grid") if config.attacks else None
+        out.append(agg)
+    return out
+
+
+def write_results(config: SweepConfig, rows: list[dict], out: Path) -> list[dict]:
+    import csv
+
+    table = aggregate(config, rows)
+    (out / "results.json").write_text(json.dumps({"rows": table, "points": rows}, indent=2) + "\n")
+    keys = list(dict.fromkeys(k for r in table for k in r))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(table)
+    return table
+
+
+class Services:
+    """The sweep's long-lived processes: one cloud-server and the eavesdropping proxy in front of it."""
+
+    def __init__(self, out: Path) -> None:
+        self.capture = str(out / "capture")
+        self.server: ServerProcess = start_server("--checkpoint-dir", str(out / "checkpoints"))
+        try:
+            self.proxy = start_process(["attacks", "proxy", "--listen", "127.0.0.1:0", "--upstream",
+                                        self.server.address, "--capture", self.capture], r"listening on (\S+) ->")
+        except Exception:
+            self.server.stop()
+            raise
+
+    def stop(self) -> None:
+        self.proxy.stop()
+        self.server.stop()
+
+
+def run_sweep(config: SweepConfig, out: Path, progress: bool = True) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    points = config.points()
+    todo = [p for p in points if not (out / "points" / p.key / "result.json").exists()]
+    log.info("%d points, %d already done", len(points), len(points) - len(todo))
+    if todo:
+        services = Services(out)
+        try:
+            _run_all(config, todo, services, out, progress)
+        finally:
+            services.stop()
+    rows = [json.loads((out / "points" / p.key / "result.json").read_text()) for p in points]
+    return rows
+
+
+def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Path, progress: bool) -> None:
+    bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress)
+    start = time.monotonic()
+    if config.workers <= 1:
+        for point in todo:
+            run_point(config, point, services.proxy.address, services.capture, out / "points" / point.key)
+            bar.update(1)
+            log.info("point %s done (%.0f s elapsed)", point.key, time.monotonic() - start)
+    else:
+        from deploy.ray_config import ray_environment
+
+        env = ray_environment(local=True)
+        os.environ.update(env)
+        import ray
+
+        ray.init(num_cpus=config.workers, include_dashboard=False, runtime_env={"env_vars": env})
+        try:
+            task = ray.remote(num_cpus=1)(run_point)
+            pending = {task.remote(config, p, services.proxy.address, services.capture, out / "points" / p.key): p
+                       for p in todo}
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                ray.get(done[0])
+                log.info("point %s done (%.0f s elapsed)", pending.pop(done[0]).key, time.monotonic() - start)
+                bar.update(1)
+        finally:
+            ray.shutdown()
+    bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deploy.plots import write_report
+    from splitnet.cli_util import setup_logging
+
+    p = argparse.ArgumentParser(prog="split-sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="sweep TOML")
+    p.add_argument("--out", required=True, help="output folder (re-run with the same one to resume)")
+    p.add_argument("--workers", type=int, default=0, help="points in parallel (default: the config's)")
+    args = p.parse_args(argv)
+    setup_logging()
+    try:
+        config = SweepConfig.from_dict(tomllib.loads(Path(args.config).read_text()))
+    except (OSError, tomllib.TOMLDecodeError, ValueError) as err:
+        p.error(f"--config {args.config}: {err}")
+    if args.workers:
+        config = SweepConfig(**{**config.__dict__, "workers": args.workers})
+    out = Path(args.out)
+    rows = run_sweep(config, out)
+    table = write_results(config, rows, out)
+    write_report(config, table, out)
+    print(f"{len(rows)} points; results in {out / 'results.csv'}, report in {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
