@@ -1,0 +1,80 @@
+"""A two-point sweep through real processes, its outputs, and resuming it."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from deploy.plots import pareto_front
+from deploy.sweep import SweepConfig
+
+CONFIG = """
+[model]
+dataset = "digits"
+bottleneck = 8
+epochs = 1
+max_steps = 8
+
+[grid]
+codecs = ["fp32"]
+seeds = [0]
+
+[defenses]
+none = {}
+noise = {noise = 0.3}
+
+[attack]
+methods = ["inversion"]
+epochs = 2
+args = ["--aux-limit", "300"]
+"""
+
+
+def test_two_point_sweep_writes_results_and_resumes(tmp_path):
+    (tmp_path / "sweep.toml").write_text(CONFIG)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "deploy.sweep", "--config", str(tmp_path / "sweep.toml"), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {r["defense"] for r in rows} == {"none", "noise"}
+    for row in rows:
+        for key in ("test_accuracy", "bytes_up_per_sample", "bytes_down_per_sample", "rtt_ms_p50",
+                    "samples_per_second", "inversion_mse", "inversion_ssim", "inversion_psnr"):
+            assert row[key] != "", key
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["points"]) == 2 and len(results["rows"]) == 2
+    for name in ("accuracy_vs_ssim.png", "bytes_vs_ssim.png", "report.md"):
+        assert (out / name).stat().st_size > 0
+    assert "![](accuracy_vs_ssim.png)" in (out / "report.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("points/*/result.json")}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 already done" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.glob("points/*/result.json")} == stamps
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    (tmp_path / "bad.toml").write_text("[gird]\ncuts = []\n")
+    done = subprocess.run([sys.executable, "-m", "deploy.sweep", "--config", str(tmp_path / "bad.toml"), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "gird" in done.stderr
+
+
+def test_pareto_front_and_grid_expansion():
+    # (ssim, accuracy): the third point is dominated by the first
+    assert pareto_front([(0.2, 0.9), (0.5, 0.99), (0.3, 0.85), (0.1, 0.5)]) == [3, 0, 1]
+    config = SweepConfig.from_dict({"grid": {"cuts": ["conv1", "block1"], "codecs": ["fp32", "int8"],
+                                             "seeds": [0, 1]}, "defenses": {"a": {}, "b": {"noise": 0.1}}})
+    points = config.points()
+    assert len(points) == 16 and len({p.key for p in points}) == 16
+
+
+def test_flags_mapping():
+    from deploy.sweep import _flags
+
+    assert _flags({"noise": 0.1, "freeze_gates": True, "download": False}) == ["--noise", "0.1", "--freeze-gates"]
+    with pytest.raises(ValueError):
+        SweepConfig.from_dict({"oops": {}})
