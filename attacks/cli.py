@@ -23,9 +23,14 @@ log = logging.getLogger("attacks")
 
 
 def _proxy(args: argparse.Namespace) -> int:
-    from attacks.proxy import Proxy
+    from attacks.proxy import Proxy, RawForwarder
 
-    proxy = Proxy(args.listen, args.upstream, args.capture or None, args.max_message_mb).start()
+    if args.raw:
+        if not args.capture:
+            raise ValueError("--raw needs --capture DIR to record into")
+        proxy = RawForwarder(args.listen, args.upstream, args.capture).start()
+    else:
+        proxy = Proxy(args.listen, args.upstream, args.capture or None, args.max_message_mb).start()
     print(f"attacker proxy listening on {proxy.address} -> {args.upstream}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -110,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--upstream", required=True, help="the real cloud-server HOST:PORT")
     px.add_argument("--capture", default="", help="record features into this folder")
     px.add_argument("--max-message-mb", type=float, default=64.0)
+    px.add_argument("--raw", action="store_true",
+                    help="relay TCP bytes and record them raw (works under TLS, where nothing is readable)")
     px.set_defaults(func=_proxy)
 
     run = sub.add_parser("run", help="reconstruct every captured batch")

@@ -10,7 +10,9 @@ between edge and cloud, it cannot read (or even terminate) the connection.
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent import futures
+from pathlib import Path
 from typing import Callable, Iterator
 
 import grpc
@@ -137,3 +139,64 @@ class Proxy:
     def stop(self, grace: float = 2.0) -> None:
         self.server.stop(grace).wait()
         self.channel.close()
+
+
+class RawForwarder:
+    """A TCP relay that records every byte both ways: the eavesdropper under TLS.
+
+    The gRPC-level `Proxy` cannot sit inside a TLS connection it holds no key for; this
+    one can, and what it records (`raw/NNNN-up.bin`, `raw/NNNN-down.bin`) shows what a
+    wire tap gets: plaintext protobuf without TLS, ciphertext with it.
+    """
+
+    def __init__(self, listen: str, upstream: str, capture_dir: str) -> None:
+        import socket
+
+        host, port = wire.parse_address(listen, listen=True)
+        self.upstream = wire.parse_address(upstream)
+        self.raw = Path(capture_dir) / "raw"
+        self.raw.mkdir(parents=True, exist_ok=True)
+        self.sock = socket.create_server((host, port))
+        self.address = f"{host}:{self.sock.getsockname()[1]}"
+        self._count = 0
+        self._stop = threading.Event()
+
+    def start(self) -> "RawForwarder":
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._stop.is_set():
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            n, self._count = self._count, self._count + 1
+            for src, dst, name in ((client, server, f"{n:04d}-up.bin"), (server, client, f"{n:04d}-down.bin")):
+                threading.Thread(target=self._pump, args=(src, dst, self.raw / name), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst, path: Path) -> None:
+        with open(path, "ab") as log_file:
+            try:
+                while chunk := src.recv(65536):
+                    log_file.write(chunk)
+                    dst.sendall(chunk)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(2)
+                    except OSError:
+                        pass
+
+    def recorded(self) -> bytes:
+        return b"".join(p.read_bytes() for p in sorted(self.raw.glob("*.bin")))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.sock.close()

@@ -1,0 +1,196 @@
+"""Many edge clients as Ray actors against a real cloud-server process, all on 127.0.0.1.
+
+Ray runs in this process (`ray.init` / `ray.shutdown`, never `ray stop`, which would stop
+every Ray process on the machine). Its environment must be set before Ray is imported.
+"""
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from deploy.ray_config import Kill, RayRunConfig, ray_environment
+
+RAY_ENV = {**ray_environment(local=True), "RAY_AUTH_MODE": "disabled"}  # no token written to ~/.ray
+os.environ.update(RAY_ENV)
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from deploy import partition  # noqa: E402
+from deploy.fedavg import fedavg  # noqa: E402
+from deploy.ray_clients import run_clients  # noqa: E402
+from edge_client.config import ConnectionConfig, EdgeConfig  # noqa: E402
+from edge_client.remote import RemoteCloud  # noqa: E402
+from edge_client.trainer import run  # noqa: E402
+from splitnet import data  # noqa: E402
+
+# Fewer epochs leave each client too few steps (8 per epoch on a third of digits) for its
+# batch-norm running statistics to settle, and evaluation (eval mode) lags training.
+EPOCHS = 8
+MAX_DROP = 0.03  # test accuracy points any mode may lose against one client with all the data
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, _temp_dir=temp,
+             runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)
+    try:
+        # Ray decides its address when it is imported: a test module that imported it before
+        # this one had set the environment would have it listening on the external interface.
+        assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def edge(server, job: str, **kw) -> EdgeConfig:
+    kw.setdefault("epochs", EPOCHS)
+    return EdgeConfig(connection=ConnectionConfig(server=server.address, deadline_s=30, reconnect_s=30), job=job,
+                      progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def single(server):
+    """One edge client (in this process) with the whole training set: what the modes are held to."""
+    config = edge(server, "single")
+    return run(config, RemoteCloud(config.connection))
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel", "splitfed"])
+def test_three_clients_train(ray_local, server, single, mode):
+    report = run_clients(RayRunConfig(edge(server, f"three-{mode}"), clients=3, mode=mode))
+    clients = report["client_reports"]
+    assert report["mode"] == mode and report["clients"] == 3 and not report["failed"]
+    assert len({c["client_id"] for c in clients}) == 3
+    assert sum(c["shard_size"] for c in clients) == len(data.load(data.DataSpec()).train)
+    assert all(c["status"] == "ok" and c["epochs"] == EPOCHS and c["bytes_up"] > 0 for c in clients)
+    # exactly once, end to end: every step a client sent was applied once by the shared decoder
+    assert report["server_steps_applied"] == report["client_steps_sent"] == sum(c["steps"] for c in clients)
+    assert all(c["server_last_step"] == c["steps"] for c in clients)
+    if mode != "parallel":  # one shared encoder at the end
+        assert len({c["test_accuracy"] for c in clients}) == 1
+    assert report["test_accuracy"] >= single["test_accuracy"] - MAX_DROP, (report["test_accuracy"], single["test_accuracy"])
+    assert report["bytes_up"] == sum(c["bytes_up"] for c in clients) and report["samples_per_second"] > 0
+
+
+def test_killed_client_leaves_the_others_finishing(ray_local, server):
+    report = run_clients(RayRunConfig(edge(server, "kill", epochs=3), clients=3, mode="splitfed", kill=Kill(1, 2)))
+    victim, *others = sorted(report["client_reports"], key=lambda c: c["index"] != 1)
+    assert report["failed"] == [victim["client_id"]] and report["clients_ok"] == 2
+    assert victim["status"] == "failed" and "kill" in victim["error"].lower()
+    assert victim["epochs"] == 1 and victim["test_accuracy"] is None
+    assert all(c["status"] == "ok" and c["error"] is None and c["epochs"] == 3 for c in others)
+    assert report["test_accuracy"] == others[0]["test_accuracy"] is not None
+    # killed mid-round: the server applied steps of round 2 the client never got to report
+    assert victim["server_last_step"] > victim["steps"]
+    assert report["server_steps_applied"] == sum(c["server_last_step"] for c in report["client_reports"])
+    assert report["client_steps_sent"] == sum(c["steps"] for c in report["client_reports"])
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.skipif(not shutil.which("ss"), reason="needs ss (iproute2)")
+def test_ray_listens_on_loopback_only(ray_local):
+    """Every TCP socket this test's Ray processes (GCS, raylet, workers) listen on is a loopback one."""
+    ours = _descendants(os.getpid())
+    lines = subprocess.run(["ss", "-tlnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    listening = [line.split()[3] for line in lines if ours & {int(p) for p in re.findall(r"pid=(\d+)", line)}]
+    assert listening
+    hosts = [ipaddress.ip_address(addr.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")) for addr in listening]
+    assert all(h.is_loopback for h in hosts), listening
+
+
+def test_one_command_run_starts_and_stops_its_server():
+    """`split-ray --start-server`: its own Ray on 127.0.0.1 and its own cloud-server, both gone after."""
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    try:
+        done = subprocess.run([sys.executable, "-m", "deploy.ray_cli", "--clients", "2", "--start-server", "--epochs",
+                               "1", "--max-steps", "3", "--mode", "splitfed", "--partition", "dirichlet:1",
+                               "--report", f"{temp}/ray.json"],
+                              env={**os.environ, "RAY_TMPDIR": temp}, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+        report = json.loads(open(f"{temp}/ray.json").read())
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert report["partition"] == "dirichlet:1" and report["clients_ok"] == 2 and report["mode"] == "splitfed"
+    assert report["server_steps_applied"] == report["client_steps_sent"] == 6
+    assert "test_accuracy" in done.stdout
+    with socket.socket() as probe:  # the server it started is gone
+        assert probe.connect_ex(("127.0.0.1", int(report["server"].rsplit(":", 1)[1]))) != 0
+
+
+# -- pure parts
+
+
+def test_dirichlet_partition_is_a_skewed_cover():
+    labels = data.load(data.DataSpec()).train.tensors[1]
+    skews = {}
+    for alpha in (100.0, 1.0, 0.1):
+        parts = partition.split(labels, 5, partition.PartitionSpec("dirichlet", alpha), seed=3)
+        flat = [i for p in parts for i in p]
+        assert sorted(flat) == list(range(len(labels)))  # disjoint, and covers every sample
+        assert all(parts)
+        assert parts == partition.split(labels, 5, partition.PartitionSpec("dirichlet", alpha), seed=3)
+        skews[alpha] = partition.label_skew(labels, parts)
+    assert skews[100.0] < skews[1.0] < skews[0.1]
+    iid = partition.split(labels, 5, partition.parse("iid"))
+    assert partition.label_skew(labels, iid) < 0.1 < skews[0.1]
+    tiny = partition.split(labels, 40, partition.PartitionSpec("dirichlet", 0.01))
+    assert all(tiny) and sorted(i for p in tiny for i in p) == list(range(len(labels)))
+
+
+def test_iid_partition_matches_single_client_shards():
+    labels = torch.arange(10) % 3
+    parts = partition.split(labels, 3, partition.parse("iid"), seed=1)
+    assert parts == [data.shard(TensorDataset(labels), i, 3, seed=1).indices for i in range(3)]
+
+
+@pytest.mark.parametrize("text", ["dirichlet", "dirichlet:0", "dirichlet:-1", "dirichlet:x", "zipf:1", "iid:2"])
+def test_partition_parse_errors(text):
+    with pytest.raises(ValueError):
+        partition.parse(text)
+
+
+def test_fedavg_weights_by_shard_size_and_adds_batch_counts():
+    base = {"w": torch.zeros(2), "bn.num_batches_tracked": torch.tensor(10)}
+    a = {"w": torch.tensor([1.0, 1.0]), "bn.num_batches_tracked": torch.tensor(13)}
+    b = {"w": torch.tensor([4.0, -2.0]), "bn.num_batches_tracked": torch.tensor(11)}
+    avg = fedavg([a, b], [2, 1], base)
+    assert torch.allclose(avg["w"], torch.tensor([2.0, 0.0]))
+    assert avg["bn.num_batches_tracked"].item() == 14 and avg["bn.num_batches_tracked"].dtype == torch.long
+
+
+def test_run_config_checks():
+    config = EdgeConfig(epochs=2)
+    with pytest.raises(ValueError, match="mode"):
+        RayRunConfig(config, mode="ring")
+    with pytest.raises(ValueError, match="no such client"):
+        RayRunConfig(config, clients=2, kill=Kill(2, 1))
+    with pytest.raises(ValueError, match="CLIENT@ROUND"):
+        Kill.parse("1")
+    assert Kill.parse("1@2") == Kill(1, 2)
