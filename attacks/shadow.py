@@ -16,7 +16,7 @@ features, also pull f' towards the real feature distribution.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -62,13 +62,12 @@ def shadow_attack(encoder_factory: Callable[[], nn.Module], cloud_decoder: nn.Mo
                   obfuscate: Obfuscate | None = None, shadow_epochs: int = 30, inversion_epochs: int = 50,
                   seed: int = 0, progress: bool = True) -> Tensor:
     """Reconstruct images from captured `features` using only F_d and labelled auxiliary data."""
+    if method not in get_args(Method):
+        raise ValueError(f"unknown shadow inversion method {method!r}; choose one of {get_args(Method)}")
     shadow = train_shadow_encoder(encoder_factory, cloud_decoder, aux, obfuscate, shadow_epochs, seed=seed,
                                   progress=progress)
     if method == "rmle":
         return rmle(shadow, features, image_shape)
-    if method == "decoder":
-        feature_shape = tuple(features.shape[1:])
-        decoder = train_inversion(shadow, aux, feature_shape, image_shape, obfuscate, inversion_epochs, seed=seed,
-                                  progress=progress)
-        return reconstruct(decoder, features)
-    raise ValueError(f"unknown shadow inversion method {method!r}; choose 'decoder' or 'rmle'")
+    decoder = train_inversion(shadow, aux, tuple(features.shape[1:]), image_shape, obfuscate, inversion_epochs,
+                              seed=seed, progress=progress)
+    return reconstruct(decoder, features)

@@ -135,4 +135,6 @@ def _tap(tap_dir: str):
         return None
     from attacks.capture import CaptureWriter
 
-    return CaptureWriter(tap_dir, source="tap").record_step
+    writer = CaptureWriter(tap_dir, source="tap")
+    return lambda method, session, step_id, features, labels: writer.record(
+        method, session.session_id, step_id, features, labels, session.job.spec)

@@ -28,6 +28,7 @@ from edge_client import cli as edge_cli
 from edge_client import report as report_mod
 from splitnet.cli_util import setup_logging
 from splitnet.data import DatasetNotFound
+from splitnet.security import AUTH_ENV
 
 log = logging.getLogger("deploy.ray")
 
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--start-server binds 127.0.0.1, out of reach of other machines' actors: with --address, start "
                 "cloud-server --host ADDRESS yourself and pass --server")
     edge = edge_cli.config_from_args(args, p)
+    if args.start_server and (edge.connection.tls_ca or edge.connection.tls_cert):
+        p.error("--start-server starts a plain loopback server: for TLS, start cloud-server --tls-cert/--tls-key "
+                "yourself and pass --server")
     try:
         config = RayRunConfig(edge, args.clients, args.mode, partition.parse(args.partition), args.threads,
                               args.cpus_per_client, Kill.parse(args.kill) if args.kill else None)
@@ -77,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     from deploy.processes import start_server
     from deploy.ray_clients import run_clients
 
-    server = start_server() if args.start_server else None
+    # The clients' token, if any, is the one the server accepts (through the environment,
+    # not its command line, which any local user can read).
+    token = {AUTH_ENV: edge.connection.auth_token} if edge.connection.auth_token else {}
+    server = start_server(env=token) if args.start_server else None
     if server:
         log.info("cloud-server started at %s", server.address)
         connection = dataclasses.replace(edge.connection, server=server.address)

@@ -73,7 +73,7 @@ class EdgeClient:
         return self.trainer.encoder_state()
 
     def train_round(self, state: dict[str, torch.Tensor] | None) -> dict:
-        """One local epoch, from `state` if given; returns the epoch record and running counters."""
+        """One local epoch, from `state` if given; the running counters and the epoch's loss."""
         if state is not None:
             self.trainer.load_encoder_state(state)
         record = self.trainer.train_epoch()
@@ -147,7 +147,8 @@ class _Run:
         actor = ray.remote(EdgeClient)
         for i, shard in enumerate(shards):
             client = dataclasses.replace(edge, client_id=f"ray-{run_id}-{i}", seed=edge.seed + i, progress=False)
-            handle = actor.options(num_cpus=cpus).remote(client, shard, cfg.threads)
+            # SPREAD: on a cluster the clients go to different machines, as devices would be.
+            handle = actor.options(num_cpus=cpus, scheduling_strategy="SPREAD").remote(client, shard, cfg.threads)
             self.clients.append(_Client(i, client.client_id, len(shard), handle))
         # The first session of a new job fixes the decoder (and its seed): client 0 opens first.
         self.gather(self.clients[:1], "open")
@@ -220,8 +221,10 @@ class _Run:
 
     def _fail(self, client: _Client, err: ray.exceptions.RayError) -> None:
         cause = getattr(err, "cause", None) or err  # RayTaskError wraps the trainer's own exception
-        lines = str(cause).strip().splitlines() or [""]
-        client.error = f"{type(cause).__name__}: {lines[0][:300]}"
+        # Ray's actor errors put the reason ("killed by `ray.kill`", "OOM", ...) on a line of its
+        # own after indented details (actor id, pid, ...): keep the unindented lines.
+        text = " ".join(line for line in str(cause).strip().splitlines() if line[:1] not in ("\t", " "))
+        client.error = f"{type(cause).__name__}: {text[:500]}"
         log.error("client %d (%s) failed: %s", client.index, client.client_id, client.error)
         ray.kill(client.handle, no_restart=True)
 

@@ -14,8 +14,9 @@ from deploy.partition import PartitionSpec
 from edge_client.config import EdgeConfig
 
 MODES = ("sequential", "parallel", "splitfed")
-# Passed on to every actor: edge settings that live in the environment.
-FORWARDED_ENV = ("SPLIT_AUTH_TOKEN", "SPLIT_LOG_LEVEL")
+# Passed on to every actor. Not SPLIT_AUTH_TOKEN: the edge CLI resolves it into
+# ConnectionConfig.auth_token, which reaches the actors inside their config.
+FORWARDED_ENV = ("SPLIT_LOG_LEVEL",)
 
 
 @dataclass(frozen=True)

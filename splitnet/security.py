@@ -20,6 +20,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -33,14 +34,16 @@ AUTH_ENV = "SPLIT_AUTH_TOKEN"  # read by both CLIs when --auth-token is not give
 MIN_TOKEN_LENGTH = 16
 
 
-def read_pem(path: str, flag: str) -> bytes:
-    """The bytes of a PEM file, or a ValueError that names the flag and the path."""
+def read_pem(path: str, flag: str, kind: str = "CERTIFICATE") -> bytes:
+    """The bytes of a PEM file holding `kind` ('CERTIFICATE' or 'PRIVATE KEY'), or a
+    ValueError that names the flag and the path: gRPC itself would only fail at the
+    first handshake, with an error that names neither."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:
         raise ValueError(f"{flag} {path}: cannot read it ({err.strerror or err})") from None
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{flag} {path}: not a PEM file (no '-----BEGIN' line)")
+    if not re.search(rb"-----BEGIN (?:[A-Z]+ )?" + kind.encode() + rb"-----", data):
+        raise ValueError(f"{flag} {path}: not a PEM file holding a {kind.lower()}")
     return data
 
 
@@ -52,7 +55,8 @@ def server_credentials(cert: str, key: str, ca: str) -> grpc.ServerCredentials |
     if not (cert and key):
         raise ValueError("--tls-cert and --tls-key go together (the server's certificate chain and its private key)"
                          + ("; --tls-ca alone cannot serve TLS" if ca else ""))
-    return grpc.ssl_server_credentials([(read_pem(key, "--tls-key"), read_pem(cert, "--tls-cert"))],
+    chain = read_pem(cert, "--tls-cert")
+    return grpc.ssl_server_credentials([(read_pem(key, "--tls-key", "PRIVATE KEY"), chain)],
                                        root_certificates=read_pem(ca, "--tls-ca") if ca else None,
                                        require_client_auth=bool(ca))
 
@@ -67,8 +71,8 @@ def channel_credentials(ca: str, cert: str, key: str, server_name: str = "") -> 
     if bool(cert) != bool(key):
         raise ValueError("--tls-cert and --tls-key go together (the client certificate for mutual TLS and its key)")
     return grpc.ssl_channel_credentials(root_certificates=read_pem(ca, "--tls-ca") if ca else None,
-                                        private_key=read_pem(key, "--tls-key") if key else None,
-                                        certificate_chain=read_pem(cert, "--tls-cert") if cert else None)
+                                        certificate_chain=read_pem(cert, "--tls-cert") if cert else None,
+                                        private_key=read_pem(key, "--tls-key", "PRIVATE KEY") if key else None)
 
 
 def check_token(token: str, flag: str = "--auth-token") -> str:

@@ -1,0 +1,249 @@
+"""Faults: late servers, hung servers, lost replies, graceful shutdown, too many calls.
+
+Kill -9 + restart with exactly-once is covered by test_resume.py. Servers here run
+in-process around servicer subclasses that inject the fault."""
+
+import queue
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cloud_server.config import ServerConfig
+from cloud_server.server import CloudServer
+from cloud_server.servicer import SplitLearningServicer
+from edge_client.config import ConnectionConfig, EdgeConfig
+from edge_client.remote import CloudError, RemoteCloud
+from edge_client.trainer import run
+from splitnet import codec, wire
+from splitnet.models import OptimSpec, SplitSpec, build
+from splitnet.v1 import split_pb2 as pb
+from splitnet.v1 import split_pb2_grpc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(servicer_cls=SplitLearningServicer, **kw) -> tuple[CloudServer, str]:
+    server = CloudServer(ServerConfig(**{"port": 0, "grace_seconds": 1.0, **kw}), servicer_cls)
+    return server, f"127.0.0.1:{server.start()}"
+
+
+def _spec(job: str, client: str = "c") -> pb.SessionSpec:
+    return pb.SessionSpec(job=job, client_id=client, arch="cnn", cut="block1", num_classes=10,
+                          input_shape=[1, 16, 16], feature_shape=[32, 8, 8], lr=0.05, grad_codec="fp32")
+
+
+def _step(sid: str, step_id: int) -> pb.TrainStep:
+    return pb.TrainStep(session_id=sid, step_id=step_id, features=codec.encode(torch.rand(4, 32, 8, 8)),
+                        labels=[1, 2, 3, 4])
+
+
+class _Stream:
+    """A Train call driven one request at a time."""
+
+    def __init__(self, stub) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self.call = stub.Train(iter(self._requests.get, None), timeout=60)
+
+    def send(self, request: pb.TrainStep) -> None:
+        self._requests.put(request)
+
+    def reply(self) -> pb.TrainResult:
+        return next(self.call)
+
+
+def _edge(address: str, job: str, **kw) -> EdgeConfig:
+    conn = {"deadline_s": 10.0, "reconnect_s": 30.0, **kw.pop("connection", {})}
+    return EdgeConfig(connection=ConnectionConfig(server=address, **conn), job=job, epochs=1, progress=False, **kw)
+
+
+def test_client_waits_for_a_server_started_late():
+    """UNAVAILABLE and deadlines while the server is not there yet are retried with backoff."""
+    port = _free_port()
+    config = _edge(f"127.0.0.1:{port}", "late", max_steps=3, connection={"deadline_s": 0.3})
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(run(config, RemoteCloud(config.connection))))
+    worker.start()
+    time.sleep(2.0)  # several deadlines pass: the client keeps trying
+    assert worker.is_alive() and not result
+    server, _ = _serve(port=port)
+    try:
+        worker.join(120)
+        assert result["steps"] == 3 and result["last_step_id"] == 3
+        assert server.servicer.jobs["late"].steps_applied == 3
+    finally:
+        server.stop()
+
+
+class _Hangs(SplitLearningServicer):
+    """Opens sessions, then never answers anything else until released."""
+
+    release = threading.Event()
+
+    def _hang(self, *_):
+        self.release.wait(60)
+        raise RuntimeError("released")
+
+    Train = Infer = Stats = CloseSession = _hang
+
+
+def test_every_client_call_has_a_deadline():
+    server, address = _serve(_Hangs)
+    cloud = RemoteCloud(ConnectionConfig(server=address, deadline_s=0.5, reconnect_s=1.0))
+    try:
+        cloud.open("hang", "c", build(SplitSpec()), OptimSpec(), "fp32", 0)
+
+        def bounded(call, seconds: float):
+            started = time.monotonic()
+            call()
+            assert time.monotonic() - started < seconds
+
+        def stats():
+            with pytest.raises(grpc.RpcError) as err:
+                cloud.stats()
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        def infer():
+            with pytest.raises(CloudError, match="DEADLINE_EXCEEDED"):
+                list(cloud.infer([torch.rand(2, 32, 8, 8)], "fp32"))
+
+        def train():  # the per-step watchdog fires, reconnects are tried for reconnect_s, then it gives up
+            cloud.submit(1, torch.rand(2, 32, 8, 8), torch.tensor([0, 1]), "fp32")
+            with pytest.raises(CloudError, match="DEADLINE_EXCEEDED"):
+                cloud.collect(1)
+
+        bounded(stats, 3)
+        bounded(infer, 3)
+        bounded(train, 8)
+        bounded(cloud.close, 3)  # CloseSession times out too; close() logs it and returns
+    finally:
+        _Hangs.release.set()
+        server.stop()
+
+
+class _LosesOneReply(SplitLearningServicer):
+    """Applies step `lose` and then breaks the stream instead of answering: a lost response."""
+
+    lose = 3
+
+    def Train(self, request_iterator, context):
+        for result in super().Train(request_iterator, context):
+            if result.step_id == self.lose and not getattr(self, "lost", False):
+                self.lost = True
+                context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost (injected)")
+            yield result
+
+
+def test_a_step_retried_after_a_lost_reply_gets_its_gradient_once():
+    server, address = _serve(_LosesOneReply)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = split_pb2_grpc.SplitLearningStub(channel)
+            sid = stub.OpenSession(_spec("lost-raw"), timeout=10).session_id
+            steps = [_step(sid, i) for i in (1, 2, 3)]
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Train(iter(steps), timeout=10))
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            session = stub.OpenSession(_spec("lost-raw"), timeout=10)  # the reconnect
+            assert session.last_step_id == 3  # applied, although its reply never came
+            steps[2].session_id = session.session_id
+            retry = list(stub.Train(iter([steps[2]]), timeout=10))[0]
+            assert retry.duplicate and len(retry.grad.data) == 4 * 32 * 64 * 4
+            assert server.servicer.jobs["lost-raw"].steps_applied == 3
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("pipeline", [0, 2])
+def test_training_through_a_lost_reply_applies_every_step_once(pipeline):
+    server, address = _serve(_LosesOneReply)
+    try:
+        config = _edge(address, "lost", max_steps=8, client_id="edge", connection={"pipeline": pipeline})
+        result = run(config, RemoteCloud(config.connection))
+        job = server.servicer.jobs["lost"]
+        assert result["reconnects"] >= 1 and result["steps"] == result["last_step_id"] == 8
+        assert job.steps_applied == 8 and job.last_step("edge") == 8
+    finally:
+        server.stop()
+
+
+class _SlowStepTwo(SplitLearningServicer):
+    """Step 2 waits inside the servicer until the test lets it finish."""
+
+    entered, release = threading.Event(), threading.Event()
+
+    def _train_one(self, request, caller):
+        if request.step_id == 2:
+            self.entered.set()
+            self.release.wait(30)
+        return super()._train_one(request, caller)
+
+
+def test_graceful_shutdown_drains_in_flight_steps(tmp_path):
+    server, address = _serve(_SlowStepTwo, grace_seconds=20.0, checkpoint_dir=str(tmp_path))
+    stopper = threading.Thread(target=server.stop)
+    with grpc.insecure_channel(address) as channel:
+        stub = split_pb2_grpc.SplitLearningStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        sid = stub.OpenSession(_spec("drain"), timeout=10).session_id
+        stream = _Stream(stub)
+        stream.send(_step(sid, 1))
+        assert stream.reply().step_id == 1
+        stream.send(_step(sid, 2))
+        assert _SlowStepTwo.entered.wait(10)
+        stopper.start()  # what SIGTERM does
+        deadline = time.monotonic() + 10
+        while health.Check(health_pb2.HealthCheckRequest(service=wire.SERVICE_NAME),
+                           timeout=5).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as err:  # new work is turned away while the old drains
+            stub.OpenSession(_spec("drain", "late-comer"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
+        assert stopper.is_alive()
+
+        _SlowStepTwo.release.set()
+        reply = stream.reply()  # the in-flight step completes and is answered
+        assert reply.step_id == 2 and not reply.duplicate and reply.HasField("grad")
+        stream.send(_step(sid, 3))  # the next one is refused, retryably; the edge replays it after the restart
+        with pytest.raises(grpc.RpcError) as err:
+            stream.reply()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    stopper.join(30)
+    assert not stopper.is_alive()
+    state = torch.load(next(tmp_path.glob("*.ckpt")), weights_only=True)
+    assert state["steps_applied"] == 2 and state["client_last_step"] == {"c": 2}
+
+
+def test_calls_beyond_max_workers_are_refused_not_queued():
+    server, address = _serve(max_workers=2)
+    gates = [queue.Queue(), queue.Queue()]
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = split_pb2_grpc.SplitLearningStub(channel)
+            calls = [stub.Train(iter(gate.get, None), timeout=30) for gate in gates]  # two idle streams
+            time.sleep(0.5)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Stats(pb.StatsRequest(), timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for gate, call in zip(gates, calls):
+                gate.put(None)
+                assert list(call) == []
+            deadline = time.monotonic() + 10
+            while True:  # the slots free up as the streams end
+                try:
+                    stub.Stats(pb.StatsRequest(), timeout=10)
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.1)
+    finally:
+        server.stop()

@@ -1,0 +1,330 @@
+"""TLS, mutual TLS, bearer tokens, session ownership, the CLIs' security flags, and
+checkpoints that refuse pickled objects. Certificates are made at test time."""
+
+import datetime
+import ipaddress
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from cloud_server import cli as cloud_cli
+from cloud_server.checkpoints import Checkpointer
+from cloud_server.config import ServerConfig
+from cloud_server.server import CloudServer
+from deploy.processes import start_server
+from edge_client import cli as edge_cli
+from edge_client.config import ConnectionConfig, EdgeConfig
+from edge_client.remote import CloudError, RemoteCloud
+from edge_client.trainer import run
+from splitnet import codec, security, wire
+from splitnet.v1 import split_pb2 as pb
+from splitnet.v1 import split_pb2_grpc
+
+TOKEN_A, TOKEN_B = "token-a-0123456789abcdef", "token-b-0123456789abcdef"
+
+
+# -- certificates
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject: str, issuer_key, issuer: str, *, ca: bool = False, sans: list | None = None,
+          usage=None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    if usage:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    return builder.sign(issuer_key or key, hashes.SHA256()), key
+
+
+def _write(folder: Path, name: str, cert: x509.Certificate, key) -> None:
+    (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """ca, server (localhost / 127.0.0.1), named (only 'cloud.internal'), clients edge-1 and edge-2,
+    and rogue: a client certificate from another CA."""
+    folder = tmp_path_factory.mktemp("pki")
+    for ca_name in ("ca", "other-ca"):
+        ca_cert, ca_key = _cert(ca_name, None, ca_name, ca=True)
+        _write(folder, ca_name, ca_cert, ca_key)
+        if ca_name == "ca":
+            server_sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            for name, sans in (("server", server_sans), ("named", [x509.DNSName("cloud.internal")])):
+                _write(folder, name, *_cert(name, ca_key, ca_name, sans=sans, usage=ExtendedKeyUsageOID.SERVER_AUTH))
+            for name in ("edge-1", "edge-2"):
+                _write(folder, name, *_cert(name, ca_key, ca_name, usage=ExtendedKeyUsageOID.CLIENT_AUTH))
+        else:
+            _write(folder, "rogue", *_cert("edge-1", ca_key, ca_name, usage=ExtendedKeyUsageOID.CLIENT_AUTH))
+    return folder
+
+
+def _files(pki: Path, cert: str = "", ca: str = "ca") -> dict:
+    return {"tls_ca": str(pki / f"{ca}.pem") if ca else "", "tls_cert": str(pki / f"{cert}.pem") if cert else "",
+            "tls_key": str(pki / f"{cert}.key") if cert else ""}
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(**kw) -> str:
+        server = CloudServer(ServerConfig(**{"port": 0, "grace_seconds": 0.5, **kw}))
+        servers.append(server)
+        return f"127.0.0.1:{server.start()}"
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _stub(address: str, **kw) -> split_pb2_grpc.SplitLearningStub:
+    return split_pb2_grpc.SplitLearningStub(security.open_channel(address, [], **kw))
+
+
+def _spec(job: str = "j", client: str = "c") -> pb.SessionSpec:
+    return pb.SessionSpec(job=job, client_id=client, arch="cnn", cut="block1", num_classes=10,
+                          input_shape=[1, 16, 16], feature_shape=[32, 8, 8], lr=0.05, grad_codec="fp32")
+
+
+def _step(sid: str, step_id: int = 1, fill: float | None = None) -> pb.TrainStep:
+    t = torch.rand(2, 32, 8, 8) if fill is None else torch.full((2, 32, 8, 8), fill)
+    return pb.TrainStep(session_id=sid, step_id=step_id, features=codec.encode(t), labels=[0, 1])
+
+
+def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code()
+
+
+def _train(address: str, job: str, **conn) -> dict:
+    config = EdgeConfig(connection=ConnectionConfig(server=address, deadline_s=10, reconnect_s=10, **conn),
+                        job=job, epochs=1, max_steps=3, progress=False)
+    return run(config, RemoteCloud(config.connection))
+
+
+# -- TLS
+
+
+def test_tls_trains_and_refuses_plaintext_and_strangers(pki, serve):
+    address = serve(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
+    assert _train(address, "tls", **_files(pki))["steps"] == 3
+    assert _code(lambda: _stub(address).Stats(pb.StatsRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+    wrong_ca = _stub(address, **_files(pki, ca="other-ca"))
+    assert _code(lambda: wrong_ca.Stats(pb.StatsRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki, serve):
+    address = serve(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"), tls_ca=str(pki / "ca.pem"))
+    for files in (_files(pki), _files(pki, cert="rogue")):
+        assert _code(lambda: _stub(address, **files).Stats(pb.StatsRequest(), timeout=5)) == \
+            grpc.StatusCode.UNAVAILABLE
+    assert _train(address, "mtls", **_files(pki, cert="edge-1"))["steps"] == 3
+    # the certificate is the identity: edge-2 cannot drive or take over edge-1's client
+    one, two = _stub(address, **_files(pki, cert="edge-1")), _stub(address, **_files(pki, cert="edge-2"))
+    sid = one.OpenSession(_spec("owned"), timeout=10).session_id
+    assert _code(lambda: list(two.Train(iter([_step(sid)]), timeout=10))) == grpc.StatusCode.PERMISSION_DENIED
+    assert _code(lambda: two.OpenSession(_spec("owned"), timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
+    assert list(one.Train(iter([_step(sid)]), timeout=10))[0].step_id == 1
+
+
+def test_tls_server_name_through_a_forwarder_hides_the_features(pki, serve):
+    """A TLS edge pointed at a plain TCP forwarder (the attacker proxy's position) verifies the
+    server by --tls-server-name, and the forwarder sees no feature bytes; without TLS it does."""
+    tls = serve(tls_cert=str(pki / "named.pem"), tls_key=str(pki / "named.key"))
+    plain = serve()
+    marker = codec.encode(torch.full((1,), 1234.5678)).data * 4  # 16 bytes of a value features never hold
+    for backend, files, visible in ((tls, {**_files(pki), "tls_server_name": "cloud.internal"}, False),
+                                    (plain, {}, True)):
+        with _Forwarder(backend) as forwarder:
+            stub = _stub(forwarder.address, **files)
+            sid = stub.OpenSession(_spec("proxied"), timeout=10).session_id
+            assert list(stub.Train(iter([_step(sid, fill=1234.5678)]), timeout=10))[0].step_id == 1
+        assert (marker in forwarder.seen()) is visible
+    with _Forwarder(tls) as forwarder:  # without the name override the certificate does not match
+        stub = _stub(forwarder.address, **_files(pki))
+        assert _code(lambda: stub.Stats(pb.StatsRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+    assert _train(tls, "named", **_files(pki), tls_server_name="cloud.internal")["steps"] == 3
+
+
+class _Forwarder:
+    """A byte-for-byte TCP forwarder on 127.0.0.1 that keeps what the client sent."""
+
+    def __init__(self, target: str) -> None:
+        self._target = wire.parse_address(target)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._upstream: list[bytes] = []
+        self._sockets: list[socket.socket] = []
+
+    def __enter__(self) -> "_Forwarder":
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        for s in [self._listener, *self._sockets]:
+            s.close()
+
+    def seen(self) -> bytes:
+        return b"".join(self._upstream)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._target)
+            self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, self._upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, None), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, keep: list | None) -> None:
+        try:
+            while data := src.recv(65536):
+                if keep is not None:
+                    keep.append(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+
+
+# -- tokens and ownership
+
+
+def test_tokens_guard_the_service_but_not_health(serve):
+    address = serve(auth_tokens=(TOKEN_A, TOKEN_B))
+    for stub in (_stub(address), _stub(address, auth_token="x" * 16 + "-not-accepted")):
+        for call in (lambda: stub.OpenSession(_spec(), timeout=5), lambda: stub.Stats(pb.StatsRequest(), timeout=5),
+                     lambda: list(stub.Train(iter([_step("s")]), timeout=5)),
+                     lambda: list(stub.Infer(iter([pb.InferRequest()]), timeout=5))):
+            assert _code(call) == grpc.StatusCode.UNAUTHENTICATED
+    with grpc.insecure_channel(address) as channel:  # health and reflection stay open (see docs/SECURITY.md)
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        assert wire.SERVICE_NAME in {s.name for r in replies for s in r.list_services_response.service}
+    assert _train(address, "token", auth_token=TOKEN_A)["steps"] == 3
+    with pytest.raises(CloudError, match="UNAUTHENTICATED"):
+        _train(address, "token", auth_token="wrong-token-0123456789")
+
+
+def test_a_session_is_driven_only_by_the_token_that_opened_it(serve):
+    address = serve(auth_tokens=(TOKEN_A, TOKEN_B))
+    a, b = _stub(address, auth_token=TOKEN_A), _stub(address, auth_token=TOKEN_B)
+    sid = a.OpenSession(_spec("shared", "alice"), timeout=10).session_id
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    assert _code(lambda: list(b.Train(iter([_step(sid)]), timeout=10))) == denied
+    assert _code(lambda: list(b.Infer(iter([pb.InferRequest(session_id=sid)]), timeout=10))) == denied
+    assert _code(lambda: b.CloseSession(pb.CloseRequest(session_id=sid), timeout=10)) == denied
+    assert _code(lambda: b.OpenSession(_spec("shared", "alice"), timeout=10)) == denied  # no take-over by re-open
+    bob = b.OpenSession(_spec("shared", "bob"), timeout=10).session_id  # its own client in the same job is fine
+    assert list(b.Train(iter([_step(bob)]), timeout=10))[0].step_id == 1
+    assert list(a.Train(iter([_step(sid)]), timeout=10))[0].step_id == 1
+    stats = a.Stats(pb.StatsRequest(job="shared"), timeout=10)
+    assert dict(stats.jobs[0].client_last_step) == {"alice": 1, "bob": 1} and stats.steps_rejected == 1
+
+
+# -- the command lines
+
+
+def test_cli_mutual_tls_and_token_end_to_end(pki):
+    """Both real processes, all security flags; the token comes from the environment."""
+    env = {security.AUTH_ENV: TOKEN_A}
+    server = start_server("--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
+                          "--tls-ca", str(pki / "ca.pem"), env=env)
+    try:
+        edge = ["--server", server.address, "--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "edge-1.pem"),
+                "--tls-key", str(pki / "edge-1.key"), "--max-steps", "2", "--epochs", "1", "--no-progress",
+                "--deadline", "10", "--reconnect-seconds", "5"]
+        done = subprocess.run([sys.executable, "-m", "edge_client", *edge], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, **env})
+        assert done.returncode == 0, done.stderr
+        assert TOKEN_A not in done.stdout + done.stderr
+    finally:
+        server.stop()
+    assert TOKEN_A not in server.output()
+
+
+@pytest.mark.parametrize("module,args,flag", [
+    ("cloud_server", ["--tls-cert", "{pki}/missing.pem", "--tls-key", "{pki}/server.key"], "--tls-cert"),
+    ("cloud_server", ["--tls-cert", "{pki}/server.pem", "--tls-key", "{pki}/server.pem"], "--tls-key"),
+    ("cloud_server", ["--tls-ca", "{pki}/ca.pem"], "--tls-cert"),
+    ("cloud_server", ["--auth-token", "short"], "--auth-token"),
+    ("edge_client", ["--tls-ca", "{pki}/missing.pem"], "--tls-ca"),
+    ("edge_client", ["--tls-ca", "{pki}/edge-1.key"], "--tls-ca"),  # PEM, but not a certificate
+    ("edge_client", ["--tls-cert", "{pki}/edge-1.pem"], "--tls-key"),
+    ("edge_client", ["--tls-server-name", "cloud.internal"], "--tls-server-name"),
+])
+def test_cli_security_errors_name_the_flag(pki, module, args, flag, capsys):
+    """In-process: a bad flag must fail before anything is served or sent."""
+    main = cloud_cli.main if module == "cloud_server" else edge_cli.main
+    args = [a.format(pki=pki) for a in args]
+    try:
+        code = main([*(["--port", "0"] if module == "cloud_server" else []), *args])
+    except SystemExit as exit_:  # argparse's error exit
+        code = exit_.code
+    assert code == 2 and flag in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+class _Exploit:
+    """What a hostile checkpoint carries: unpickling it would run `open(marker, 'w')`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused(tmp_path, capsys):
+    ckpt, marker = tmp_path / "ckpt", tmp_path / "pwned"
+    ckpt.mkdir()
+    torch.save({"name": "evil", "decoder": {}, "payload": _Exploit(marker)}, ckpt / "evil-00000000.ckpt")
+    with pytest.raises(pickle.UnpicklingError):
+        Checkpointer(str(ckpt), 10).load_all("cpu")
+    assert cloud_cli.main(["--port", "0", "--checkpoint-dir", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_security_helpers():
+    assert security.presented_token([("authorization", "Bearer abc")]) == "abc"
+    assert security.presented_token([("authorization", "Basic abc")]) == ""
+    assert security.token_matches(TOKEN_B, (TOKEN_A, TOKEN_B)) and not security.token_matches("", (TOKEN_A,))
+    assert security.principal({"x509_common_name": [b"edge-1"]}, TOKEN_A) == \
+        f"cert:edge-1,token:{security.token_fingerprint(TOKEN_A)}"
+    assert security.principal({}, "") == ""
+    assert TOKEN_A not in repr(ConnectionConfig(auth_token=TOKEN_A)) + repr(ServerConfig(auth_tokens=(TOKEN_A,)))
+    with pytest.raises(ValueError, match="printable"):
+        security.check_token("token with spaces inside")
