@@ -56,8 +56,8 @@ def split(labels: torch.Tensor, count: int, spec: PartitionSpec, seed: int = 0) 
     if count < 1 or count > n:
         raise ValueError(f"cannot split {n} samples among {count} clients")
     if spec.kind == "iid":
-        # The same shards `splitnet.data.shard` gives a single edge-client, so a Ray client
-        # and a hand-started edge-client with the same index train on the same samples.
+        # The project's one definition of an IID shard (`splitnet.data.shard`), so code that
+        # shards by hand and a Ray run with the same seed agree on who holds which sample.
         dataset = TensorDataset(labels)
         return [data.shard(dataset, i, count, seed).indices for i in range(count)]
     return _dirichlet(labels.numpy(), count, spec.alpha, seed)

@@ -40,7 +40,6 @@ from deploy.fedavg import fedavg
 from deploy.ray_config import RayRunConfig
 from edge_client.config import ConnectionConfig, EdgeConfig
 from edge_client.remote import RemoteCloud
-from edge_client.report import percentile
 from edge_client.trainer import EdgeTrainer
 from splitnet import data
 from splitnet.cli_util import set_threads, setup_logging
@@ -77,7 +76,7 @@ class EdgeClient:
         if state is not None:
             self.trainer.load_encoder_state(state)
         record = self.trainer.train_epoch()
-        return {**self._progress(), "train_loss": record["train_loss"]}
+        return {**self.trainer.counters(), "train_loss": record.get("train_loss")}
 
     def finish(self, state: dict[str, torch.Tensor] | None) -> dict:
         """Evaluate (with `state` if given) through the server's Infer, close; the trainer's report."""
@@ -88,14 +87,7 @@ class EdgeClient:
         finally:
             self.trainer.close()
 
-    def _progress(self) -> dict:
-        """The running counters of the report, cheap enough for every round (no evaluation)."""
-        t, cloud = self.trainer, self.trainer.cloud
-        return {"steps": t.steps, "train_samples": t.samples, "epochs": len(t.history), "done": t.done,
-                "bytes_up": cloud.bytes_up, "bytes_down": cloud.bytes_down,
-                "samples_per_second": t.samples / t.train_seconds if t.train_seconds else 0.0,
-                "rtt_ms_p50": percentile(cloud.rtt_ms, 50), "rtt_ms_p99": percentile(cloud.rtt_ms, 99),
-                "reconnects": cloud.reconnects, "duplicate_steps": t.duplicates}
+
 
 
 @dataclass
@@ -234,7 +226,7 @@ class _Run:
 
     def _log_round(self, round_: int, seconds: float, before: dict[int, int]) -> None:
         samples = sum(c.progress.get("train_samples", 0) - before[c.index] for c in self.clients)
-        losses = [c.progress["train_loss"] for c in self.live() if "train_loss" in c.progress]
+        losses = [c.progress["train_loss"] for c in self.live() if c.progress.get("train_loss") is not None]
         entry = {"round": round_, "seconds": seconds, "samples": samples,
                  "samples_per_second": samples / seconds if seconds else 0.0, "clients_ok": len(self.live()),
                  "train_loss": sum(losses) / len(losses) if losses else None}

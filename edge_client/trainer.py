@@ -101,6 +101,9 @@ class EdgeTrainer:
         self.cloud.close()
 
     def train_epoch(self) -> dict:
+        """One pass over the training data (less if max_steps runs out); {} once `done`."""
+        if self.done:
+            return {}
         epoch = len(self.history) + 1
         depth = max(0, self.config.connection.pipeline)
         inflight: deque[_InFlight] = deque()
@@ -189,16 +192,14 @@ class EdgeTrainer:
         torch.save({"spec": self.split.spec.as_dict(), "feature_shape": list(self.split.feature_shape),
                     "defense": self.config.defense.as_dict(), "encoder": self.encoder_state()}, path)
 
-    def report(self, accuracy: float) -> dict:
-        """The JSON report (keys documented in README.md)."""
-        cfg, cloud, spec = self.config, self.cloud, self.split.spec
-        last = self.history[-1] if self.history else {}
+    def counters(self) -> dict:
+        """The running figures of the report, cheap enough to read after every epoch (no evaluation)."""
+        cloud = self.cloud
         return {
-            "test_accuracy": accuracy,
-            "train_loss": last.get("train_loss"),
-            "epochs": len(self.history),
             "steps": self.steps,
             "train_samples": self.samples,
+            "epochs": len(self.history),
+            "done": self.done,
             "bytes_up": cloud.bytes_up,
             "bytes_down": cloud.bytes_down,
             "bytes_up_per_sample": cloud.bytes_up / max(self.samples, 1),
@@ -207,6 +208,20 @@ class EdgeTrainer:
             "samples_per_second": self.samples / self.train_seconds if self.train_seconds else 0.0,
             "rtt_ms_p50": percentile(cloud.rtt_ms, 50),
             "rtt_ms_p99": percentile(cloud.rtt_ms, 99),
+            "reconnects": cloud.reconnects,
+            "replayed_steps": cloud.replayed_steps,
+            "duplicate_steps": self.duplicates,
+            "last_step_id": self.step_id,
+        }
+
+    def report(self, accuracy: float) -> dict:
+        """The JSON report (keys documented in README.md)."""
+        cfg, spec = self.config, self.split.spec
+        last = self.history[-1] if self.history else {}
+        return {
+            "test_accuracy": accuracy,
+            "train_loss": last.get("train_loss"),
+            **self.counters(),
             "codec": cfg.codec,
             "grad_codec": cfg.grad_codec,
             "arch": spec.arch,
@@ -221,13 +236,9 @@ class EdgeTrainer:
             "pipeline": cfg.connection.pipeline,
             "job": cfg.job,
             "client_id": self.client_id,
-            "session_id": cloud.session_id,
+            "session_id": self.cloud.session_id,
             "eval_batch_size": self.eval_batch_size,
             "server": cfg.connection.server,
-            "last_step_id": self.step_id,
-            "reconnects": cloud.reconnects,
-            "replayed_steps": cloud.replayed_steps,
-            "duplicate_steps": self.duplicates,
             "defense": cfg.defense.as_dict(),
             **self.cem.report(self.train_set),
             "history": self.history,

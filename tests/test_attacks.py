@@ -1,6 +1,6 @@
 """The attacks reconstruct digits, defenses hurt them, and the target model is never touched.
 
-The target is the zoo's cnn trained briefly (200 steps of local training on the digits
+The target is the zoo's cnn trained briefly (120 steps of local training on the digits
 train split, seed 1): a trained encoder is what a real attacker faces. The attacker's
 auxiliary data is the first half of the train split; scores are on the test split,
 which it never sees. Attack epochs are cut down from the defaults to keep this file fast;
@@ -23,10 +23,10 @@ from attacks import (InversionDecoder, reconstruct, rmle, save_grid, score, shad
 from splitnet.data import Splits, load, DataSpec
 from splitnet.models import SplitModel, SplitSpec, build, cut_points
 
-FAST = {"epochs": 20, "width": 32, "progress": False}
+FAST = {"epochs": 10, "width": 32, "progress": False}
 
 
-def _train_split(data: Splits, bottleneck: int = 0, steps: int = 200, seed: int = 1) -> SplitModel:
+def _train_split(data: Splits, bottleneck: int = 0, steps: int = 120, seed: int = 1) -> SplitModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         split = build(SplitSpec("cnn", "", data.num_classes, data.input_shape, bottleneck))
@@ -39,6 +39,7 @@ def _train_split(data: Splits, bottleneck: int = 0, steps: int = 200, seed: int 
             opt.zero_grad()
             loss.backward()
             opt.step()
+    model.zero_grad(set_to_none=True)  # so that a gradient seen later was written by an attack
     return split
 
 
@@ -174,7 +175,7 @@ def test_shadow_encoder_learns_to_serve_the_cloud(digits: Splits, target: SplitM
     def factory() -> nn.Module:
         return build(target.spec).encoder
 
-    shadow = train_shadow_encoder(factory, target.decoder, _aux(digits), epochs=3, progress=False)
+    shadow = train_shadow_encoder(factory, target.decoder, _aux(digits), epochs=10, progress=False)
     x, y = digits.test.tensors  # type: ignore[attr-defined]
     with torch.no_grad():
         accuracy = (target.decoder.eval()(shadow(x)).argmax(1) == y).float().mean()

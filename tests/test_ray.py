@@ -93,11 +93,13 @@ def test_killed_client_leaves_the_others_finishing(ray_local, server):
     victim, *others = sorted(report["client_reports"], key=lambda c: c["index"] != 1)
     assert report["failed"] == [victim["client_id"]] and report["clients_ok"] == 2
     assert victim["status"] == "failed" and "kill" in victim["error"].lower()
-    assert victim["epochs"] == 1 and victim["test_accuracy"] is None
+    assert victim["test_accuracy"] is None
     assert all(c["status"] == "ok" and c["error"] is None and c["epochs"] == 3 for c in others)
     assert report["test_accuracy"] == others[0]["test_accuracy"] is not None
-    # killed mid-round: the server applied steps of round 2 the client never got to report
-    assert victim["server_last_step"] > victim["steps"]
+    # Killed in round 2, once the server had applied a step of it: the client reported round 1
+    # only, so the server holds steps it never reported (unless, on a very slow machine, the
+    # round ended before the kill landed: then it reported round 2 and died before round 3).
+    assert (victim["epochs"], victim["server_last_step"] > victim["steps"]) in {(1, True), (2, False)}
     assert report["server_steps_applied"] == sum(c["server_last_step"] for c in report["client_reports"])
     assert report["client_steps_sent"] == sum(c["steps"] for c in report["client_reports"])
 
