@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> int:
     fields = DefenseConfig.__dataclass_fields__
     obfuscate = Obfuscation(DefenseConfig(**{k: v for k, v in defense.items() if k in fields}))
     config = AttackConfig(args.method, args.epochs, args.shadow_epochs, args.rmle_iterations,
-                          not args.no_noise_aware, args.seed)
+                          not args.no_noise_aware, args.seed, width=args.width)
     attacker = Attacker(config, spec, aux_set, encoder=encoder, cloud_decoder=decoder, obfuscate=obfuscate).fit()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def _score(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "attack.json").write_text(json.dumps(result, indent=2) + "\n")
-    save_grid(truth[: args.grid], recon[: args.grid], out / "recon.png")
+    save_grid(truth[: args.grid], recon[: args.grid], out / "recon.png", scale=max(1, 64 // truth.shape[-1]))
     print(json.dumps(result))
     return 0
 
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--session", default="", help="attack only this session's records")
     run.add_argument("--only", default="Infer", choices=("Infer", "Train", "all"), help="which records to attack")
     run.add_argument("--epochs", type=int, default=50, help="inverse-network epochs")
+    run.add_argument("--width", type=int, default=64, help="channels of the inverse network")
     run.add_argument("--shadow-epochs", type=int, default=30)
     run.add_argument("--rmle-iterations", type=int, default=500)
     run.add_argument("--no-noise-aware", action="store_true", help="train on clean features (weaker attacker)")

@@ -36,6 +36,7 @@ class AttackConfig:
     shadow_epochs: int = 30
     rmle_iterations: int = 500
     noise_aware: bool = True  # apply the edge's obfuscation to the attacker's own training features
+    width: int = 64  # channels of the inverse network
     seed: int = 0
     progress: bool = True
 
@@ -88,7 +89,8 @@ class Attacker:
                                                 cfg.shadow_epochs, seed=cfg.seed, progress=cfg.progress)
         if cfg.method in ("inversion", "shadow"):
             self._inverse = train_inversion(self.encoder, self.aux, self.feature_shape, self.spec.input_shape,
-                                            self.obfuscate, cfg.epochs, seed=cfg.seed, progress=cfg.progress)
+                                            self.obfuscate, cfg.epochs, seed=cfg.seed, progress=cfg.progress,
+                                            width=cfg.width)
         self.fit_seconds = time.perf_counter() - start
         log.info("%s attacker ready in %.1f s", cfg.method, self.fit_seconds)
         return self

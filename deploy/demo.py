@@ -36,6 +36,7 @@ DEMO = SweepConfig(
               "noise+cem": {"noise": SIGMA, "cem": "gated", "lambda": 16, "cem_warmup": 2}},
     attacks=("inversion",),
     attack_epochs=15,
+    attack_args=("--width", "32"),  # 16x16 digits need no wider inverse network; 4x cheaper than 64
     workers=2,
 )
 COLUMNS = [("defense", "{}"), ("codec", "{}"), ("test_accuracy", "{:.3f}"), ("bytes_up_per_sample", "{:.0f}"),
@@ -58,11 +59,21 @@ def verdict(rows: list[dict]) -> str:
         noise, cem = by["noise"], by["noise+cem"]
         d_acc = (cem["test_accuracy"] - noise["test_accuracy"]) * 100
         d_mse = (cem["attack_mse"] / noise["attack_mse"] - 1) * 100 if noise["attack_mse"] else float("nan")
-        helps = cem["attack_ssim"] < noise["attack_ssim"] and abs(d_acc) <= 1.0
         lines.append(f"- {codec}: noise + CEM gives attack SSIM {cem['attack_ssim']:.3f} vs {noise['attack_ssim']:.3f} "
                      f"with noise alone (attack MSE {d_mse:+.1f}%), accuracy {d_acc:+.1f} points: "
-                     + ("CEM helps at matched accuracy." if helps else "CEM does NOT help here at matched accuracy."))
+                     + _grade(cem["attack_ssim"] < noise["attack_ssim"], d_mse, d_acc))
     return "\n".join(lines)
+
+
+def _grade(lower_ssim: bool, mse_gain_pct: float, accuracy_delta: float) -> str:
+    """The CEM paper states robustness as attack-MSE gain at matched accuracy (12.9% to 48.2%)."""
+    if abs(accuracy_delta) > 1.0:
+        return "accuracy is not matched (more than 1 point apart), so no verdict."
+    if not lower_ssim or mse_gain_pct <= 0:
+        return "CEM does NOT help here."
+    if mse_gain_pct < 10:
+        return "CEM helps only slightly (under 10% more attack MSE; one seed, within run-to-run noise)."
+    return "CEM helps at matched accuracy."
 
 
 def main(argv: list[str] | None = None) -> int:
