@@ -3,7 +3,9 @@
 Runs (a) the whole model in this process (`LocalCloud`) and (b) the encoder here with
 the decoder in a real `cloud-server` process on 127.0.0.1, alternating a and b
 `--repeats` times, and prints one JSON object with the median samples/s of each and
-`ratio_split_over_local`. With `--pipeline N` it also runs the split with N steps in
+`ratio_split_over_local`. The local baseline runs with this process's threads (1, like
+each side of the split) and again with 2 threads (the whole 2-core machine):
+`ratio_split_over_local_2threads`. With `--pipeline N` it also runs the split with N steps in
 flight (bounded staleness) and reports `ratio_pipelined_over_local`.
 
     python benchmarks/transport.py --batch-size 64 --steps 60
@@ -36,14 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--codec", default="fp32")
     p.add_argument("--pipeline", type=int, default=0, help="also measure N steps in flight (0: skip)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of this (edge) process; the server uses 1 (default %(default)s)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     splits = data.load(data.DataSpec())
     epochs = -(-args.steps * args.batch_size // len(splits.train))
     base = EdgeConfig(arch=args.arch, cut=args.cut, batch_size=args.batch_size, epochs=epochs, max_steps=args.steps,
                       codec=args.codec, progress=False)
     server = start_server()
-    variants = {"local": (base, LocalCloud), "split": (_remote(base, server.address, 0), None)}
+    variants = {"local": (base, LocalCloud), "local_2threads": (base, LocalCloud),
+                "split": (_remote(base, server.address, 0), None)}
     if args.pipeline:
         variants["pipelined"] = (_remote(base, server.address, args.pipeline), None)
     rates: dict[str, list[float]] = {name: [] for name in variants}
@@ -53,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, (config, factory) in variants.items():
                 config = dataclasses.replace(config, job=f"{name}-{rep}")
                 cloud = factory() if factory else RemoteCloud(config.connection)
+                torch.set_num_threads(2 if name == "local_2threads" else args.threads)
                 report = run(config, cloud, splits)
                 if rep:
                     rates[name].append(report["samples_per_second"])
@@ -66,10 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         "samples_per_second": median, "samples_per_second_runs": rates,
         "rtt_ms_p50_split": statistics.median(rtts["split"]),
         "ratio_split_over_local": median["split"] / median["local"],
+        "ratio_split_over_local_2threads": median["split"] / median["local_2threads"],
     }
     if args.pipeline:
         result["pipeline"] = args.pipeline
         result["ratio_pipelined_over_local"] = median["pipelined"] / median["local"]
+        result["ratio_pipelined_over_local_2threads"] = median["pipelined"] / median["local_2threads"]
     print(json.dumps(result, indent=2))
     return 0
 
