@@ -36,9 +36,9 @@ class AttackConfig:
     shadow_epochs: int = 30
     rmle_iterations: int = 500
     noise_aware: bool = True  # apply the edge's obfuscation to the attacker's own training features
-    width: int = 64  # channels of the inverse network
     seed: int = 0
     progress: bool = True
+    width: int = 64  # channels of the inverse network
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

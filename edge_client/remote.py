@@ -204,13 +204,17 @@ class RemoteCloud:
                 self.session = self._stub.OpenSession(self._spec, timeout=self.config.deadline_s, wait_for_ready=True)
                 self.reconnects += 1
                 last = self.session.last_step_id
-                pending = [s for s in self._unacked if s > last]
-                lost = [s for s in range(last + 1, pending[0] if pending else last + 1)]
+                # The server caches its last applied step's reply: a step in flight that it had
+                # applied is re-sent to fetch that gradient (after a restart the cache is gone and
+                # the reply comes back without one). Older in-flight steps it had are settled here.
+                pending = [s for s in self._unacked if s > last or (s == last and s in self._sent_at)]
+                after = [s for s in pending if s > last]
+                lost = list(range(last + 1, after[0] if after else last + 1))
                 if lost:
                     raise CloudError(grpc.StatusCode.DATA_LOSS,
                                      f"the server restarted without steps {lost[0]}..{lost[-1]} and they are no "
                                      "longer buffered here (was its --checkpoint-dir changed?)")
-                self._applied_by_server |= {s for s in self._unacked if s <= last and s in self._sent_at}
+                self._applied_by_server |= {s for s in self._unacked if s < last and s in self._sent_at}
                 for step_id in pending:
                     self._send(self._unacked[step_id])
                 self.replayed_steps += len(pending)

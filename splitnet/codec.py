@@ -20,6 +20,7 @@ _WIRE_DTYPE = {"fp32": pb.FLOAT32, "fp16": pb.FLOAT16, "bf16": pb.BFLOAT16, "int
 _TORCH_DTYPE = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16,
                 pb.INT8: torch.int8}
 MAX_DIMS = 8
+MAX_DIM_SIZE = 2**31 - 1  # larger sides overflow torch's stride arithmetic even with zero elements
 
 
 class CodecError(ValueError):
@@ -69,8 +70,9 @@ def decode(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     if dtype is None:
         raise CodecError(f"{field}.dtype: unsupported value {msg.dtype}")
     shape = list(msg.shape)
-    if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
-        raise CodecError(f"{field}.shape: {shape} is not a valid shape (at most {MAX_DIMS} non-negative dims)")
+    if len(shape) > MAX_DIMS or any(not 0 <= d <= MAX_DIM_SIZE for d in shape):
+        raise CodecError(f"{field}.shape: {shape} is not a valid shape (at most {MAX_DIMS} dims, "
+                         f"each in [0, {MAX_DIM_SIZE}])")
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize
     if len(msg.data) != expected:

@@ -3,6 +3,7 @@
 Kill -9 + restart with exactly-once is covered by test_resume.py. Servers here run
 in-process around servicer subclasses that inject the fault."""
 
+import dataclasses
 import queue
 import socket
 import threading
@@ -14,6 +15,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloud_server.config import ServerConfig
+from cloud_server.local import LocalCloud
 from cloud_server.server import CloudServer
 from cloud_server.servicer import SplitLearningServicer
 from edge_client.config import ConnectionConfig, EdgeConfig
@@ -171,6 +173,12 @@ def test_training_through_a_lost_reply_applies_every_step_once(pipeline):
         job = server.servicer.jobs["lost"]
         assert result["reconnects"] >= 1 and result["steps"] == result["last_step_id"] == 8
         assert job.steps_applied == 8 and job.last_step("edge") == 8
+        # The lost reply's cached gradient was fetched again: the encoder missed no update.
+        assert result["duplicate_steps"] == 0
+        if pipeline == 0:
+            local = run(dataclasses.replace(config, job="lost-local"), LocalCloud())
+            assert result["train_loss"] == pytest.approx(local["train_loss"], rel=1e-5)
+            assert result["test_accuracy"] == local["test_accuracy"]
     finally:
         server.stop()
 
