@@ -5,10 +5,8 @@ import datetime
 import ipaddress
 import os
 import pickle
-import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import grpc
@@ -21,6 +19,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from attacks import capture
+from attacks.proxy import Proxy, RawForwarder
 from cloud_server import cli as cloud_cli
 from cloud_server.checkpoints import Checkpointer
 from cloud_server.config import ServerConfig
@@ -155,66 +155,41 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki, serve):
     assert list(one.Train(iter([_step(sid)]), timeout=10))[0].step_id == 1
 
 
-def test_tls_server_name_through_a_forwarder_hides_the_features(pki, serve):
-    """A TLS edge pointed at a plain TCP forwarder (the attacker proxy's position) verifies the
-    server by --tls-server-name, and the forwarder sees no feature bytes; without TLS it does."""
+def test_tls_server_name_through_a_forwarder_hides_the_features(pki, serve, tmp_path):
+    """A TLS edge pointed at the attacker's raw TCP relay (`attacker proxy --raw`) verifies the
+    server by --tls-server-name, and the relay records no feature bytes; without TLS it does."""
     tls = serve(tls_cert=str(pki / "named.pem"), tls_key=str(pki / "named.key"))
     plain = serve()
     marker = codec.encode(torch.full((1,), 1234.5678)).data * 4  # 16 bytes of a value features never hold
     for backend, files, visible in ((tls, {**_files(pki), "tls_server_name": "cloud.internal"}, False),
                                     (plain, {}, True)):
-        with _Forwarder(backend) as forwarder:
-            stub = _stub(forwarder.address, **files)
+        relay = RawForwarder("127.0.0.1:0", backend, str(tmp_path / f"raw-{visible}")).start()
+        try:
+            stub = _stub(relay.address, **files)
             sid = stub.OpenSession(_spec("proxied"), timeout=10).session_id
             assert list(stub.Train(iter([_step(sid, fill=1234.5678)]), timeout=10))[0].step_id == 1
-        assert (marker in forwarder.seen()) is visible
-    with _Forwarder(tls) as forwarder:  # without the name override the certificate does not match
-        stub = _stub(forwarder.address, **_files(pki))
+        finally:
+            relay.stop()
+        assert (marker in relay.recorded()) is visible
+    relay = RawForwarder("127.0.0.1:0", tls, str(tmp_path / "raw-noname")).start()
+    try:  # without the name override the certificate does not match
+        stub = _stub(relay.address, **_files(pki))
         assert _code(lambda: stub.Stats(pb.StatsRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        relay.stop()
     assert _train(tls, "named", **_files(pki), tls_server_name="cloud.internal")["steps"] == 3
 
 
-class _Forwarder:
-    """A byte-for-byte TCP forwarder on 127.0.0.1 that keeps what the client sent."""
-
-    def __init__(self, target: str) -> None:
-        self._target = wire.parse_address(target)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._upstream: list[bytes] = []
-        self._sockets: list[socket.socket] = []
-
-    def __enter__(self) -> "_Forwarder":
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        for s in [self._listener, *self._sockets]:
-            s.close()
-
-    def seen(self) -> bytes:
-        return b"".join(self._upstream)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self._target)
-            self._sockets += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, self._upstream), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, None), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, keep: list | None) -> None:
-        try:
-            while data := src.recv(65536):
-                if keep is not None:
-                    keep.append(data)
-                dst.sendall(data)
-        except OSError:
-            pass
+def test_grpc_proxy_captures_nothing_under_tls(pki, serve, tmp_path):
+    """The gRPC-level attacker proxy holds no key: a TLS edge cannot be made to talk to it."""
+    tls = serve(tls_cert=str(pki / "named.pem"), tls_key=str(pki / "named.key"))
+    proxy = Proxy("127.0.0.1:0", tls, str(tmp_path / "cap")).start()
+    try:
+        stub = _stub(proxy.address, **_files(pki), tls_server_name="cloud.internal")
+        assert _code(lambda: stub.OpenSession(_spec("eaves"), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        proxy.stop()
+    assert not (tmp_path / "cap" / "records.jsonl").exists() and capture.read_sessions(tmp_path / "cap") == []
 
 
 # -- tokens and ownership
