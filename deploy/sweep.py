@@ -65,10 +65,6 @@ class Point:
     def key(self) -> str:
         return f"{self.cut or 'default'}__{self.codec}__{self.defense}__s{self.seed}"
 
-    @property
-    def group(self) -> tuple[str, str, str]:
-        return (self.cut, self.codec, self.defense)
-
 
 @dataclass(frozen=True)
 class SweepConfig:
@@ -121,10 +117,10 @@ def _python(*args: str, timeout: float = 1800) -> None:
 def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: Path) -> dict:
     """One point: train and serve through the proxy, attack the capture, score; returns the row."""
     out.mkdir(parents=True, exist_ok=True)
-    model = {k: v for k, v in config.model.items()}
     edge_args = ["edge_client", "--server", proxy, "--job", f"sweep-{point.key}", "--codec", point.codec,
                  "--seed", str(point.seed), "--report", str(out / "edge.json"), "--save-encoder",
-                 str(out / "encoder.pt"), "--no-progress", *_flags(model), *_flags(config.defenses[point.defense])]
+                 str(out / "encoder.pt"), "--no-progress", *_flags(config.model),
+                 *_flags(config.defenses[point.defense])]
     if point.cut:
         edge_args += ["--cut", point.cut]
     _python(*edge_args)

@@ -184,7 +184,10 @@ class EdgeTrainer:
         return {k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items()}
 
     def load_encoder_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Adopt weights from elsewhere (FedAvg, the previous client in turn); momentum restarts,
+        since the old buffers point along a trajectory these weights did not take."""
         self.encoder.load_state_dict(state)
+        self.optimizer.state.clear()
 
     def save_encoder(self, path: str) -> None:
         """Encoder weights with the model and defense settings; loads with `load_encoder`."""
