@@ -44,11 +44,26 @@ EPOCHS = 10
 MAX_DROP = {"sequential": 0.03, "splitfed": 0.06, "parallel": 0.06}
 
 
+def _start_ray(attempts: int = 2) -> str:
+    """ray.init on a fresh short temp dir; retried once, as on one CI run the raylet never
+    registered (no raylet log written at all) while the next start was fine."""
+    for attempt in range(attempts):
+        temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, _temp_dir=temp,
+                     runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)
+            return temp
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for a start time-out
+            ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
+            if attempt + 1 == attempts or "timed out during startup" not in str(err):
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def ray_local():
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, _temp_dir=temp,
-             runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)
+    temp = _start_ray()
     try:
         # Ray decides its address when it is imported: a test module that imported it before
         # this one had set the environment would have it listening on the external interface.
