@@ -46,28 +46,52 @@ class CloudError(RuntimeError):
 
 
 class _TrainStream:
-    """A bidirectional Train call driven one request at a time."""
+    """A bidirectional Train call driven one request at a time.
+
+    One watchdog thread per stream enforces the per-step deadline (re-armed each step,
+    not a new timer thread per step): when a reply is late it cancels the call.
+    """
 
     def __init__(self, stub: split_pb2_grpc.SplitLearningStub) -> None:
         self._requests: queue.Queue = queue.Queue()
         self._call = stub.Train(iter(self._requests.get, _END))
+        self._watch = threading.Condition()
+        self._deadline: float | None = None
+        self._closed = self._timed_out = False
+        threading.Thread(target=self._watchdog, daemon=True).start()
+
+    def _watchdog(self) -> None:
+        with self._watch:
+            while not self._closed:
+                if self._deadline is None:
+                    self._watch.wait()
+                elif time.monotonic() >= self._deadline:
+                    self._timed_out, self._deadline = True, None
+                    self._call.cancel()
+                else:
+                    self._watch.wait(self._deadline - time.monotonic())
 
     def send(self, request: pb.TrainStep) -> None:
         self._requests.put(request)
 
     def receive(self, deadline_s: float) -> pb.TrainResult:
-        timer = threading.Timer(deadline_s, self._call.cancel)
-        timer.start()
+        with self._watch:
+            self._deadline = time.monotonic() + deadline_s
+            self._watch.notify()
         try:
             return next(self._call)
         except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.CANCELLED and not timer.is_alive():
+            if err.code() == grpc.StatusCode.CANCELLED and self._timed_out:
                 raise _LocalRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply within {deadline_s:g} s") from None
             raise
         finally:
-            timer.cancel()
+            with self._watch:
+                self._deadline = None
 
     def close(self) -> None:
+        with self._watch:
+            self._closed = True
+            self._watch.notify()
         self._requests.put(_END)
         self._call.cancel()
 

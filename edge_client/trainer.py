@@ -107,7 +107,7 @@ class EdgeTrainer:
         epoch = len(self.history) + 1
         depth = max(0, self.config.connection.pipeline)
         inflight: deque[_InFlight] = deque()
-        loss_sum, correct, seen = 0.0, 0, 0
+        tally = {"loss": 0.0, "correct": 0, "seen": 0}
         start = time.perf_counter()
         self.encoder.train()
         bar = tqdm(self.loader, desc=f"epoch {epoch}", unit="step", disable=not self.config.progress, leave=False)
@@ -121,14 +121,9 @@ class EdgeTrainer:
             self.cloud.submit(self.step_id, z_sent.detach(), y.cpu(), self.config.codec)
             inflight.append(_InFlight(x, y, z, z_sent, self.step_id, epoch))
             self.steps += 1
-            while len(inflight) > depth:
-                reply = self._apply(inflight.popleft())
-                loss_sum, correct, seen = loss_sum + reply.loss * len(y), correct + reply.correct, seen + len(y)
-                bar.set_postfix(loss=f"{reply.loss:.3f}")
-        while inflight:
-            item = inflight.popleft()
-            reply = self._apply(item)
-            loss_sum, correct, seen = loss_sum + reply.loss * len(item.y), correct + reply.correct, seen + len(item.y)
+            self._settle(inflight, depth, tally, bar)
+        self._settle(inflight, 0, tally, bar)
+        loss_sum, correct, seen = tally["loss"], tally["correct"], tally["seen"]
         elapsed = time.perf_counter() - start
         self.train_seconds += elapsed
         self.samples += seen
@@ -139,6 +134,18 @@ class EdgeTrainer:
         log.info("epoch %d: loss %.4f acc %.3f, %.0f samples/s%s", epoch, record["train_loss"],
                  record["train_accuracy"], record["samples_per_second"], self.cem.summary(record))
         return record
+
+    def _settle(self, inflight: deque[_InFlight], keep: int, tally: dict, bar: tqdm) -> None:
+        """Apply replies until at most `keep` steps are in flight; count the ones that carried a gradient
+        (a step the server had applied before comes back without loss or gradient)."""
+        while len(inflight) > keep:
+            item = inflight.popleft()
+            reply = self._apply(item)
+            if reply.grad is not None:
+                tally["loss"] += reply.loss * len(item.y)
+                tally["correct"] += reply.correct
+                tally["seen"] += len(item.y)
+                bar.set_postfix(loss=f"{reply.loss:.3f}")
 
     def _forward(self, x: torch.Tensor, stash: bool) -> torch.Tensor:
         if not stash:
