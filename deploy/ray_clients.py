@@ -13,7 +13,9 @@ the encoders around a round:
 - `parallel`: all clients train at once against the shared decoder, each keeping its own
   encoder; the decoder sees every client's features interleaved.
 - `splitfed`: parallel, then the encoders are averaged (FedAvg, weighted by shard size)
-  and every client carries on from the average (Thapa et al., SplitFed, 2022).
+  and every client carries on from the average (Thapa et al., SplitFed, 2022). The
+  average's batch-norm statistics are then measured (each client one forward pass over
+  its shard, pooled), not averaged: averaged statistics describe none of the encoders.
 All clients start from client 0's initial encoder, so the modes differ only in how the
 encoders are combined, and FedAvg averages models that share an initialisation.
 
@@ -69,6 +71,12 @@ class EdgeClient:
         self.trainer.open()
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
+        return self.trainer.encoder_state()
+
+    def recalibrated(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state` with its batch-norm statistics measured on this client's shard."""
+        self.trainer.load_encoder_state(state)
+        self.trainer.recalibrate_batch_norm()
         return self.trainer.encoder_state()
 
     def train_round(self, state: dict[str, torch.Tensor] | None) -> dict:
@@ -198,9 +206,15 @@ class _Run:
         self.server.close()
 
     def _average(self) -> None:
+        """FedAvg of the encoders, then of the batch-norm statistics every client measures for the average."""
         states = self.gather(self.live(), "encoder_state")
         if states:
             self.shared = fedavg(list(states.values()), [self.clients[i].shard_size for i in states], self.shared)
+        measured = self.gather(self.live(), "recalibrated", (self.shared,))
+        if measured:
+            # measured from scratch: the pooled batch count is the sum of the clients' counts
+            base = {k: v if v.is_floating_point() else torch.zeros_like(v) for k, v in self.shared.items()}
+            self.shared = fedavg(list(measured.values()), [self.clients[i].shard_size for i in measured], base)
 
     def _kill_mid_round(self, client: _Client) -> None:
         """Kill `client` once the server has applied one of its steps of this round (or after a deadline)."""

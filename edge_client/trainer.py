@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch.func import functional_call
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -195,6 +196,17 @@ class EdgeTrainer:
         since the old buffers point along a trajectory these weights did not take."""
         self.encoder.load_state_dict(state)
         self.optimizer.state.clear()
+
+    def recalibrate_batch_norm(self) -> None:
+        """Measure the encoder's batch-norm statistics afresh on this client's training data.
+
+        Running statistics describe the weights that produced them: after weights are
+        averaged (FedAvg) the averaged running statistics are not those of the averaged
+        encoder's activations, and evaluation in eval mode is thrown off by the mismatch.
+        One forward pass (no server, no gradients) replaces them with the cumulative mean
+        and variance over the shard; `update_bn` leaves an encoder without batch norm alone.
+        """
+        update_bn(DataLoader(self.train_set, batch_size=self.eval_batch_size), self.encoder, self.config.device)
 
     def save_encoder(self, path: str) -> None:
         """Encoder weights with the model and defense settings; loads with `load_encoder`."""

@@ -23,26 +23,26 @@ os.environ.update(RAY_ENV)
 import pytest  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import TensorDataset  # noqa: E402
+from torch.utils.data import Subset, TensorDataset  # noqa: E402
 
 from deploy import partition  # noqa: E402
 from deploy.fedavg import fedavg  # noqa: E402
+from cloud_server.local import LocalCloud  # noqa: E402
 from deploy.ray_clients import run_clients  # noqa: E402
 from edge_client.config import ConnectionConfig, EdgeConfig  # noqa: E402
 from edge_client.remote import RemoteCloud  # noqa: E402
-from edge_client.trainer import run  # noqa: E402
+from edge_client.trainer import EdgeTrainer, run  # noqa: E402
 from splitnet import data  # noqa: E402
 
 # Each client trains on a third of digits, 8 steps an epoch: with fewer epochs its batch-norm
 # running statistics have not settled and evaluation (in eval mode) lags training.
 EPOCHS = 10
-# Test accuracy points a mode may lose against one client with all the data. Sequential
-# is deterministic and holds the issue's 3 points. Parallel and splitfed clients race on
-# the shared decoder, so their result varies run to run: splitfed was within 0.6 points
-# over seeds 0-2 but lost 5.3 points in one CI run (about 1 run in 3 exceeds 3 points),
-# an open problem noted on the issue; this bound is what every run measured so far meets.
-MAX_DROP = {"sequential": 0.03, "splitfed": 0.06, "parallel": 0.06}
-
+# At the default lr 0.05 the last iterate is noisy: one client alone ended anywhere between
+# 0.933 and 0.997 over seeds 0-7 (0.986-0.997 at lr 0.02), which is the single-client
+# baseline's own spread, wider than the issue's 3 points. Both sides of the comparison use
+# lr 0.02. Measured (5 runs, seed 0): splitfed 0.986-0.992, parallel 0.983-0.989, single 0.992.
+LR = 0.02
+MAX_DROP = 0.03  # test accuracy points a mode may lose against one client with all the data
 
 def _start_ray(attempts: int = 2) -> str:
     """ray.init on a fresh short temp dir; retried once, as on one CI run the raylet never
@@ -76,6 +76,7 @@ def ray_local():
 
 def edge(server, job: str, **kw) -> EdgeConfig:
     kw.setdefault("epochs", EPOCHS)
+    kw.setdefault("lr", LR)
     return EdgeConfig(connection=ConnectionConfig(server=server.address, deadline_s=30, reconnect_s=30), job=job,
                       progress=False, **kw)
 
@@ -101,7 +102,7 @@ def test_three_clients_train(ray_local, server, single, mode):
     if mode != "parallel":  # one shared encoder at the end
         assert len({c["test_accuracy"] for c in clients}) == 1
     drop = single["test_accuracy"] - report["test_accuracy"]
-    assert drop <= MAX_DROP[mode], (report["test_accuracy"], single["test_accuracy"])
+    assert drop <= MAX_DROP, (report["test_accuracy"], single["test_accuracy"])
     assert report["bytes_up"] == sum(c["bytes_up"] for c in clients) and report["samples_per_second"] > 0
 
 
@@ -206,6 +207,35 @@ def test_fedavg_weights_by_shard_size_and_adds_batch_counts():
     avg = fedavg([a, b], [2, 1], base)
     assert torch.allclose(avg["w"], torch.tensor([2.0, 0.0]))
     assert avg["bn.num_batches_tracked"].item() == 14 and avg["bn.num_batches_tracked"].dtype == torch.long
+
+
+def test_fedavg_pools_batch_norm_variance_of_the_union():
+    """Two clients' exact (biased) channel statistics pool into those of their data together."""
+    xa, xb = torch.randn(300, 3) + 2.0, torch.randn(100, 3) * 3.0 - 1.0
+    base = {"bn.running_mean": torch.zeros(3), "bn.running_var": torch.ones(3)}
+    states = [{"bn.running_mean": x.mean(0), "bn.running_var": x.var(0, unbiased=False)} for x in (xa, xb)]
+    pooled = fedavg(states, [300, 100], base)
+    union = torch.cat([xa, xb])
+    assert torch.allclose(pooled["bn.running_mean"], union.mean(0), atol=1e-5)
+    assert torch.allclose(pooled["bn.running_var"], union.var(0, unbiased=False), atol=1e-4)
+    assert not torch.allclose(pooled["bn.running_var"], 0.75 * states[0]["bn.running_var"] + 0.25 * states[1]["bn.running_var"])
+
+
+def test_recalibrated_batch_norm_describes_the_averaged_encoder():
+    """After FedAvg the averaged running statistics are not the averaged encoder's; a recalibration
+    makes the eval-mode output match the batch statistics of that encoder on the client's data."""
+    splits = data.load(data.DataSpec())
+    trainer = EdgeTrainer(EdgeConfig(progress=False), LocalCloud(), splits, Subset(splits.train, range(512)))
+    bn = next(m for m in trainer.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        bn.running_mean.fill_(3.0)
+        bn.running_var.fill_(9.0)
+    x = torch.stack([splits.train[i][0] for i in range(512)])
+    trainer.recalibrate_batch_norm()
+    assert trainer.encoder.training  # left as it was
+    inputs = trainer.encoder[0][0](x)  # what the first batch norm sees
+    assert torch.allclose(bn.running_mean, inputs.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(bn.running_var, inputs.var((0, 2, 3)), rtol=0.02)
 
 
 def test_cluster_yaml_is_valid_for_the_launcher():
