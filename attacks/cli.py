@@ -74,7 +74,8 @@ def _run(args: argparse.Namespace) -> int:
     for record in records:
         images = attacker.reconstruct(capture.load_features(args.capture, record))
         harness.write_reconstruction(out, record.seq, record.method, record.session_id, record.step_id, images)
-    run_info = {"method": args.method, "records": len(records), "aux_images": len(aux_set),
+    run_info = {"method": args.method, "records": len(records), "aux_dataset": args.aux_dataset,
+                "aux_split": args.aux_split, "aux_images": len(aux_set),
                 "fit_seconds": attacker.fit_seconds, "reconstruct_seconds": time.perf_counter() - start,
                 "noise_aware": config.noise_aware, "defense_assumed": defense, "capture": str(args.capture)}
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
@@ -83,23 +84,28 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    import torch
+
     from attacks import harness
     from attacks.grid import save_grid
     from splitnet import data
 
-    truth_by_session = {}
+    sessions, datasets = {}, set()
     for path in args.edge_report:
         report = json.loads(Path(path).read_text())
+        datasets.add(args.dataset or report["dataset"])
         splits = data.load(DataSpec(args.dataset or report["dataset"], args.data_root, image_size=args.image_size))
-        truth_by_session[report["session_id"]] = harness.private_requests(splits.test, report["eval_batch_size"])
-    reconstructions = harness.read_reconstructions(args.recon)
-    recon, truth = harness.align(reconstructions, truth_by_session)
+        sessions[report["session_id"]] = harness.PrivateSession(report, splits)
+    pairs = harness.align(harness.read_reconstructions(args.recon), sessions)
     run_info = json.loads((Path(args.recon) / "run.json").read_text())
-    result = harness.score(recon, truth, run_info["method"])
+    harness.check_aux_disjoint(pairs, run_info, datasets)
+    result = harness.score_pairs(pairs, run_info["method"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "attack.json").write_text(json.dumps(result, indent=2) + "\n")
-    save_grid(truth[: args.grid], recon[: args.grid], out / "recon.png", scale=max(1, 64 // truth.shape[-1]))
+    truth = torch.cat([p.truth for p in pairs])[: args.grid]
+    recon = torch.cat([p.recon for p in pairs])[: args.grid]
+    save_grid(truth, recon, out / "recon.png", scale=max(1, 64 // truth.shape[-1]))
     print(json.dumps(result))
     return 0
 
@@ -127,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--aux-dataset", default="digits", choices=DATASETS, help="the attacker's own data")
     run.add_argument("--aux-data-root", default="")
     run.add_argument("--aux-split", default="train", choices=("train", "test"),
-                     help="which split is the attacker's (must not be the private evaluation data)")
+                     help="which split is the attacker's: train against inference traffic (the private images "
+                          "are the test set), test against training traffic")
     run.add_argument("--aux-limit", type=int, default=0, help="use about this many auxiliary images")
     run.add_argument("--session", default="", help="attack only this session's records")
     run.add_argument("--only", default="Infer", choices=("Infer", "Train", "all"), help="which records to attack")

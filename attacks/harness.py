@@ -1,9 +1,14 @@
 """The evaluation harness: the one party that holds the private images and the attack's output.
 
 An attacker never sees ground truth. The harness rebuilds, from the edge's own report,
-which private test images went into each inference request (the edge sends its test set
-in order, `eval_batch_size` images per request, on session `session_id`), and aligns them
-with reconstructions by (session id, request id).
+which private images went into each message of a session, and aligns them with the
+reconstructions by (session id, method, step id):
+- an inference request `i` carries test images `i * eval_batch_size` onwards (the edge
+  sends its test set in order);
+- training step `first_step_id + k` carries the k-th batch of
+  `splitnet.data.training_loader(train set, batch_size, seed)`, which the harness replays
+  over indices. A session that trained on part of the training set (a Ray client's shard)
+  says so by its `train_set_size`; its training steps cannot be placed and are skipped.
 
 Reconstruction folders (written by `attacker run`):
 - `recon.jsonl`: one JSON object per reconstructed batch: `seq` (the capture record it
@@ -15,6 +20,10 @@ Reconstruction folders (written by `attacker run`):
 from __future__ import annotations
 
 import json
+import logging
+import math
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +31,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from attacks import metrics
+from splitnet import data
+
+log = logging.getLogger(__name__)
 
 
 def write_reconstruction(out: Path, seq: int, method: str, session_id: str, step_id: int, images: torch.Tensor) -> None:
@@ -47,23 +59,94 @@ def private_requests(test_set: Dataset, eval_batch_size: int) -> list[torch.Tens
     return [x for x, _ in DataLoader(test_set, batch_size=eval_batch_size)]
 
 
-def align(reconstructions: list[tuple[dict, torch.Tensor]],
-          truth_by_session: dict[str, list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (reconstruction, truth) pairs of the inference requests the harness can place."""
-    recon, truth = [], []
+class PrivateSession:
+    """The private images behind one attacked session's traffic, rebuilt from its edge report."""
+
+    def __init__(self, report: dict, splits: data.Splits) -> None:
+        self.session_id = report["session_id"]
+        self.requests = private_requests(splits.test, report["eval_batch_size"])
+        self.train_set = splits.train
+        self.first_step = report.get("first_step_id", 0)
+        self.steps_per_epoch = max(1, math.ceil(report["train_set_size"] / report["batch_size"]))
+        self.batches: list[torch.Tensor] = []  # dataset indices of the k-th training step
+        if report["train_set_size"] == len(splits.train):
+            order = data.training_order(len(splits.train), report["batch_size"], report["seed"])
+            self.batches = list(islice(order, report["steps"]))
+        else:
+            log.warning("session %s trained on %d of the %d training images (a shard): its training steps are not "
+                        "scored", self.session_id, report["train_set_size"], len(splits.train))
+
+    def train_indices(self, step_id: int) -> torch.Tensor | None:
+        k = step_id - self.first_step - 1
+        return self.batches[k] if 0 <= k < len(self.batches) else None
+
+    def truth(self, method: str, step_id: int) -> torch.Tensor | None:
+        """The private images of a message, or None where the harness cannot place it."""
+        if method == "Infer":
+            return self.requests[step_id] if 0 <= step_id < len(self.requests) else None
+        indices = self.train_indices(step_id)
+        return None if indices is None else torch.stack([self.train_set[int(i)][0] for i in indices])
+
+    def epoch(self, step_id: int) -> int:
+        return (step_id - self.first_step - 1) // self.steps_per_epoch + 1
+
+
+@dataclass
+class Pair:
+    method: str
+    epoch: int  # training epoch of a Train step; 0 for inference
+    recon: torch.Tensor
+    truth: torch.Tensor
+
+
+def align(reconstructions: list[tuple[dict, torch.Tensor]], sessions: dict[str, PrivateSession]) -> list[Pair]:
+    """(reconstruction, truth) pairs of the messages the harness can place, each message once
+    (a step replayed after a reconnect is captured twice)."""
+    pairs, seen = [], set()
     for row, images in reconstructions:
-        requests = truth_by_session.get(row["session_id"])
-        if row["method"] != "Infer" or requests is None or row["step_id"] >= len(requests):
+        key = (row["session_id"], row["method"], row["step_id"])
+        session = sessions.get(row["session_id"])
+        expected = session.truth(row["method"], row["step_id"]) if session else None
+        if expected is None or key in seen:
             continue
-        expected = requests[row["step_id"]]
         if expected.shape != images.shape:
-            raise ValueError(f"request {row['step_id']} of session {row['session_id']}: reconstruction "
+            raise ValueError(f"{row['method']} {row['step_id']} of session {row['session_id']}: reconstruction "
                              f"{list(images.shape)} vs private images {list(expected.shape)}")
-        recon.append(images)
-        truth.append(expected)
-    if not recon:
-        raise ValueError("no reconstruction matches a known inference request (wrong --edge-report?)")
-    return torch.cat(recon), torch.cat(truth)
+        seen.add(key)
+        epoch = session.epoch(row["step_id"]) if row["method"] == "Train" else 0
+        pairs.append(Pair(row["method"], epoch, images, expected))
+    if not pairs:
+        raise ValueError("no reconstruction matches a known request or training step (wrong --edge-report?)")
+    return pairs
+
+
+# The split of the private dataset behind each kind of traffic.
+PRIVATE_SPLIT = {"Infer": "test", "Train": "train"}
+
+
+def check_aux_disjoint(pairs: list[Pair], run_info: dict, datasets: set[str]) -> None:
+    """Refuse to score an attack on the very images it trained on: that measures memory, not leakage."""
+    for kind in sorted({p.method for p in pairs}):
+        split = PRIVATE_SPLIT[kind]
+        if run_info.get("aux_dataset") in datasets and run_info.get("aux_split") == split:
+            other = "test" if split == "train" else "train"
+            raise ValueError(f"the attack trained on the {run_info['aux_dataset']} {split} split, which holds the "
+                             f"private images of the {kind} traffic it would be scored on; run `attacker run` with "
+                             f"--aux-split {other} (and --only {kind}) for an honest score")
+
+
+def score_pairs(pairs: list[Pair], method: str) -> dict:
+    """The scores over every aligned image, then per traffic kind and per training epoch:
+    features sent while the encoder was young may leak differently from the final ones."""
+    def scored(group: list[Pair]) -> dict:
+        return {**metrics.score(torch.cat([p.recon for p in group]), torch.cat([p.truth for p in group])),
+                "n_images": sum(len(p.recon) for p in group)}
+
+    kinds = {kind: [p for p in pairs if p.method == kind] for kind in ("Infer", "Train")}
+    epochs = sorted({p.epoch for p in kinds["Train"]})
+    return {**score(torch.cat([p.recon for p in pairs]), torch.cat([p.truth for p in pairs]), method),
+            "by_traffic": {kind: scored(group) for kind, group in kinds.items() if group},
+            "train_by_epoch": [{"epoch": e, **scored([p for p in kinds["Train"] if p.epoch == e])} for e in epochs]}
 
 
 def score(recon: torch.Tensor, truth: torch.Tensor, method: str) -> dict:

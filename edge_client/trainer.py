@@ -78,11 +78,11 @@ class EdgeTrainer:
                                           config.weight_decay).make(self.encoder.parameters())
         self.obfuscation = Obfuscation(config.defense, generator=torch.Generator().manual_seed(config.seed + 1))
         self.cem = CemHook.create(config, self.encoder, self.optimizer, self.split)
-        self.loader = DataLoader(self.train_set, batch_size=config.batch_size, shuffle=True,
-                                 generator=torch.Generator().manual_seed(config.seed))
+        self.loader = data.training_loader(self.train_set, config.batch_size, config.seed)
         self.client_id = config.client_id or uuid.uuid4().hex[:12]
         self.history: list[dict] = []
         self.step_id = self.steps = self.samples = 0
+        self.first_step_id = 0  # the step id the server had for this client when the session opened
         self.train_seconds = 0.0
         self.duplicates = 0
 
@@ -95,8 +95,8 @@ class EdgeTrainer:
         return bool(self.config.max_steps) and self.steps >= self.config.max_steps
 
     def open(self) -> None:
-        self.step_id = self.cloud.open(self.config.job, self.client_id, self.split, self.optim,
-                                       self.config.grad_codec, self.config.seed)
+        self.step_id = self.first_step_id = self.cloud.open(self.config.job, self.client_id, self.split, self.optim,
+                                                            self.config.grad_codec, self.config.seed)
 
     def close(self) -> None:
         self.cloud.close()
@@ -259,6 +259,7 @@ class EdgeTrainer:
             "job": cfg.job,
             "client_id": self.client_id,
             "session_id": self.cloud.session_id,
+            "first_step_id": self.first_step_id,
             "eval_batch_size": self.eval_batch_size,
             "server": cfg.connection.server,
             "defense": cfg.defense.as_dict(),

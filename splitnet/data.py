@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from splitnet import compat  # noqa: F401  (must precede torchvision)
 
@@ -136,3 +137,23 @@ def shard(dataset: Dataset, index: int, count: int, seed: int = 0) -> Subset:
     """The `index`-th of `count` disjoint IID shards (for many clients)."""
     perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()  # type: ignore[arg-type]
     return Subset(dataset, perm[index::count])
+
+
+def training_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
+    """The edge's shuffled training batches, the same order for the same seed.
+
+    Defined once because the evaluation harness replays it: to score reconstructions of
+    training traffic it must know which private images each training step carried.
+    """
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def training_order(size: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """The dataset indices of every batch `training_loader` yields, epoch after epoch.
+
+    The loader runs over the indices themselves: its sampler and the seed draw each epoch
+    makes do not depend on what the dataset holds, so the order is the edge's.
+    """
+    loader = training_loader(range(size), batch_size, seed)  # type: ignore[arg-type]
+    while True:
+        yield from loader

@@ -107,6 +107,52 @@ def test_rmle_and_shadow_run_and_report(attacked, server, tmp_path, method, args
     assert all(map(lambda v: v == v, (scores["mse"], scores["ssim"], scores["psnr"])))
 
 
+def test_training_traffic_is_placed_and_scored_by_epoch(attacked, tmp_path):
+    """The harness replays the edge's shuffled training order: every captured training step gets the
+    private images it carried (their labels are the ones on the wire), and the scores come per epoch."""
+    report, out, cap = attacked["report"], attacked["out"], attacked["cap"]
+    splits = data.load(data.DataSpec())
+    session = harness.PrivateSession(report, splits)
+    labels = splits.train.tensors[1]
+    train = [r for r in capture.read_records(cap) if r.method == "Train" and r.session_id == report["session_id"]]
+    assert len(train) == report["steps"] == 3 * session.steps_per_epoch
+    for record in train:
+        assert labels[session.train_indices(record.step_id)].tolist() == list(record.labels), record.step_id
+    assert session.train_indices(0) is None and session.train_indices(report["steps"] + 1) is None
+
+    recon, result = tmp_path / "recon", tmp_path / "result"
+    assert attacker_main(["run", "--capture", str(cap), "--method", "inversion", "--encoder", str(out / "enc.pt"),
+                          "--epochs", "4", "--only", "Train", "--aux-split", "test", "--session", report["session_id"],
+                          "--out", str(recon)]) == 0
+    assert attacker_main(["score", "--recon", str(recon), "--edge-report", str(out / "edge.json"),
+                          "--out", str(result)]) == 0
+    scores = json.loads((result / "attack.json").read_text())
+    assert list(scores["by_traffic"]) == ["Train"]
+    assert scores["n_images"] == scores["by_traffic"]["Train"]["n_images"] == report["train_samples"]
+    assert report["train_samples"] == 3 * len(splits.train)
+    assert [e["epoch"] for e in scores["train_by_epoch"]] == [1, 2, 3]
+    assert all(e["n_images"] == len(splits.train) for e in scores["train_by_epoch"])
+    assert all(0.0 < e["ssim"] <= 1.0 and e["mse"] > 0 for e in scores["train_by_epoch"])
+
+
+def test_scoring_an_attack_on_its_own_training_images_is_refused():
+    pair = harness.Pair("Train", 1, torch.zeros(2, 1, 16, 16), torch.zeros(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="--aux-split test"):
+        harness.check_aux_disjoint([pair], {"aux_dataset": "digits", "aux_split": "train"}, {"digits"})
+    harness.check_aux_disjoint([pair], {"aux_dataset": "digits", "aux_split": "test"}, {"digits"})
+    harness.check_aux_disjoint([pair], {"aux_dataset": "mnist", "aux_split": "train"}, {"digits"})
+    with pytest.raises(ValueError, match="--aux-split train"):
+        harness.check_aux_disjoint([dataclasses.replace(pair, method="Infer", epoch=0)],
+                                   {"aux_dataset": "digits", "aux_split": "test"}, {"digits"})
+
+
+def test_shard_sessions_leave_training_steps_unplaced():
+    splits = data.load(data.DataSpec())
+    report = {"session_id": "s", "eval_batch_size": 256, "train_set_size": 100, "batch_size": 64, "seed": 0, "steps": 4}
+    session = harness.PrivateSession(report, splits)
+    assert session.truth("Train", 1) is None and session.truth("Infer", 0).shape == (256, 1, 16, 16)
+
+
 def server_ckpts(server):
     directory = Path(server.proc.args[server.proc.args.index("--checkpoint-dir") + 1])
     return sorted(directory.glob("*.ckpt"))
