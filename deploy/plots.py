@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -20,47 +21,89 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+MARKERS = "osD^vP*Xh<>p"
+LABEL_ALL_UP_TO = 8  # more points than this: only the Pareto front is labelled, the rest read from the legends
+
+
 def _label(row: dict) -> str:
-    return f"{row['defense']} / {row['codec']}" + (f" / {row['cut']}" if row.get("cut") else "")
+    return f"{row['defense']} / {_variant(row)}"
+
+
+def _variant(row: dict) -> str:
+    return row["codec"] + (f" / {row['cut']}" if row.get("cut") else "")
+
+
+def _styles(rows: list[dict]) -> tuple[dict[str, tuple], dict[str, str]]:
+    """A colour per defense and a marker per (codec, cut), the same in both plots: a full sweep
+    has dozens of points, and dozens of overlapping labels cannot be read."""
+    defenses = list(dict.fromkeys(r["defense"] for r in rows))
+    variants = list(dict.fromkeys(_variant(r) for r in rows))
+    cmap = plt.get_cmap("tab10" if len(defenses) <= 10 else "tab20")
+    return ({d: cmap(i % cmap.N) for i, d in enumerate(defenses)},
+            {v: MARKERS[i % len(MARKERS)] for i, v in enumerate(variants)})
+
+
+def _legends(ax, colors: dict[str, tuple], markers: dict[str, str], extra: list | None = None) -> None:
+    def handle(color, marker) -> Line2D:
+        return Line2D([], [], color=color, marker=marker, linestyle="")
+
+    first = ax.legend([handle(c, "o") for c in colors.values()], list(colors), title="defense", fontsize=8,
+                      loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    ax.add_artist(first)
+    handles = [handle("gray", m) for m in markers.values()] + [h for h, _ in extra or []]
+    ax.legend(handles, list(markers) + [label for _, label in extra or []], title="codec / cut", fontsize=8,
+              loc="lower left", bbox_to_anchor=(1.02, 0.0))
+
+
+def _points(ax, rows: list[dict], xs: list[float], ys: list[float], xkey: str | None, ykey: str | None,
+            labelled: set[int]) -> None:
+    """One point per row with its spread over seeds as error bars, styled by `_styles`."""
+    colors, markers = _styles(rows)
+    for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
+        ax.errorbar(x, y, xerr=r.get(f"{xkey}_std", 0) if xkey else None, yerr=r.get(f"{ykey}_std", 0) if ykey else None,
+                    fmt=markers[_variant(r)], color=colors[r["defense"]], capsize=3, alpha=0.85)
+        if i in labelled:
+            ax.annotate(_label(r), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+
+
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legends sit outside the axes
+    plt.close(fig)
 
 
 def accuracy_vs_leakage(rows: list[dict], method: str, path: Path) -> None:
     key = f"{method}_ssim"
     usable = [r for r in rows if r.get(key) is not None]
     pts = [(r[key], r["test_accuracy"]) for r in usable]
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for r, (x, y) in zip(usable, pts):
-        ax.errorbar(x, y, xerr=r.get(f"{key}_std", 0), yerr=r.get("test_accuracy_std", 0), fmt="o", capsize=3)
-        ax.annotate(_label(r), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     front = pareto_front(pts)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    labelled = set(range(len(usable))) if len(usable) <= LABEL_ALL_UP_TO else set(front)
+    _points(ax, usable, [x for x, _ in pts], [y for _, y in pts], key, "test_accuracy", labelled)
+    extra = []
     if front:
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, label="Pareto front")
-        ax.legend(loc="lower right")
+        (line,) = ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1)
+        extra.append((line, "Pareto front (labelled)"))
+    _legends(ax, *_styles(usable), extra)
     ax.set_xlabel(f"{method} attack SSIM (lower leaks less)")
     ax.set_ylabel("test accuracy")
     ax.set_title("Accuracy vs leakage")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def bytes_vs_leakage(rows: list[dict], method: str, path: Path) -> None:
     key = f"{method}_ssim"
     usable = [r for r in rows if r.get(key) is not None]
     fig, ax = plt.subplots(figsize=(7, 5))
-    for r in usable:
-        ax.errorbar(r["bytes_up_per_sample"], r[key], yerr=r.get(f"{key}_std", 0), fmt="s", capsize=3)
-        ax.annotate(_label(r), (r["bytes_up_per_sample"], r[key]), textcoords="offset points", xytext=(5, 5),
-                    fontsize=8)
+    labelled = set(range(len(usable))) if len(usable) <= LABEL_ALL_UP_TO else set()
+    _points(ax, usable, [r["bytes_up_per_sample"] for r in usable], [r[key] for r in usable], None, key, labelled)
+    _legends(ax, *_styles(usable))
     ax.set_xscale("log")
     ax.set_xlabel("bytes up per training sample (log)")
     ax.set_ylabel(f"{method} attack SSIM")
     ax.set_title("Communication vs leakage")
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
@@ -73,7 +116,7 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
             value = r.get(key)
             std = r.get(f"{key}_std")
             text = "-" if value is None else (fmt.format(value) if not isinstance(value, str) else value)
-            if std:
+            if std is not None and value is not None and r.get("seeds", 1) > 1:  # a spread of 0 over seeds is shown
                 text += " ± " + fmt.format(std)
             cells.append(text)
         body.append("| " + " | ".join(cells) + " |")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from deploy.plots import pareto_front
+from deploy.plots import markdown_table, pareto_front
 from deploy.sweep import SweepConfig
 
 CONFIG = """
@@ -70,6 +70,13 @@ def test_pareto_front_and_grid_expansion():
                                              "seeds": [0, 1]}, "defenses": {"a": {}, "b": {"noise": 0.1}}})
     points = config.points()
     assert len(points) == 16 and len({p.key for p in points}) == 16
+
+
+def test_table_shows_the_spread_over_seeds_even_when_it_is_zero():
+    rows = [{"acc": 0.5, "acc_std": 0.0, "seeds": 2}, {"acc": 0.5, "acc_std": 0.0, "seeds": 1},
+            {"acc": 0.25, "acc_std": 0.125, "seeds": 3}, {"acc": None, "seeds": 2}]
+    lines = markdown_table(rows, [("acc", "{:.3f}")]).splitlines()
+    assert lines[2:] == ["| 0.500 ± 0.000 |", "| 0.500 |", "| 0.250 ± 0.125 |", "| - |"]
 
 
 def test_flags_mapping():
