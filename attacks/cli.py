@@ -69,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
                           not args.no_noise_aware, args.seed, width=args.width)
     attacker = Attacker(config, spec, aux_set, encoder=encoder, cloud_decoder=decoder, obfuscate=obfuscate).fit()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    harness.clear_reconstructions(out)  # a re-run into the same folder must not score the last run's output
     start = time.perf_counter()
     for record in records:
         images = attacker.reconstruct(capture.load_features(args.capture, record))
@@ -90,21 +90,23 @@ def _score(args: argparse.Namespace) -> int:
     from attacks.grid import save_grid
     from splitnet import data
 
-    sessions, datasets = {}, set()
+    sessions, datasets = [], set()
     for path in args.edge_report:
         report = json.loads(Path(path).read_text())
-        datasets.add(args.dataset or report["dataset"])
-        splits = data.load(DataSpec(args.dataset or report["dataset"], args.data_root, image_size=args.image_size))
-        sessions[report["session_id"]] = harness.PrivateSession(report, splits)
-    pairs = harness.align(harness.read_reconstructions(args.recon), sessions)
+        dataset = args.dataset or report["dataset"]
+        datasets.add(dataset)
+        splits = data.load(DataSpec(dataset, args.data_root, image_size=args.image_size))
+        sessions.append(harness.PrivateSession(report, splits))
+    pairs = harness.align(harness.read_reconstructions(args.recon), harness.by_session_id(sessions))
     run_info = json.loads((Path(args.recon) / "run.json").read_text())
     harness.check_aux_disjoint(pairs, run_info, datasets)
     result = harness.score_pairs(pairs, run_info["method"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "attack.json").write_text(json.dumps(result, indent=2) + "\n")
-    truth = torch.cat([p.truth for p in pairs])[: args.grid]
-    recon = torch.cat([p.recon for p in pairs])[: args.grid]
+    shown = pairs[: args.grid]  # every pair holds at least one image
+    truth = torch.cat([p.truth for p in shown])[: args.grid]
+    recon = torch.cat([p.recon for p in shown])[: args.grid]
     save_grid(truth, recon, out / "recon.png", scale=max(1, 64 // truth.shape[-1]))
     print(json.dumps(result))
     return 0

@@ -8,7 +8,9 @@ reconstructions by (session id, method, step id):
 - training step `first_step_id + k` carries the k-th batch of
   `splitnet.data.training_loader(train set, batch_size, seed)`, which the harness replays
   over indices. A session that trained on part of the training set (a Ray client's shard)
-  says so by its `train_set_size`; its training steps cannot be placed and are skipped.
+  says so (`train_shard`); its training steps cannot be placed and are skipped.
+A reconnect opens a new session: the report's `session_ids` lists them all, and a step
+captured under two of them (sent, then replayed) is scored once.
 
 Reconstruction folders (written by `attacker run`):
 - `recon.jsonl`: one JSON object per reconstructed batch: `seq` (the capture record it
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -34,6 +37,13 @@ from attacks import metrics
 from splitnet import data
 
 log = logging.getLogger(__name__)
+
+
+def clear_reconstructions(out: Path) -> None:
+    """An empty reconstruction folder (`write_reconstruction` appends to `recon.jsonl`)."""
+    shutil.rmtree(out / "recon", ignore_errors=True)
+    (out / "recon.jsonl").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def write_reconstruction(out: Path, seq: int, method: str, session_id: str, step_id: int, images: torch.Tensor) -> None:
@@ -64,12 +74,13 @@ class PrivateSession:
 
     def __init__(self, report: dict, splits: data.Splits) -> None:
         self.session_id = report["session_id"]
+        self.session_ids = report.get("session_ids") or [self.session_id]  # every reconnect opened one
         self.requests = private_requests(splits.test, report["eval_batch_size"])
         self.train_set = splits.train
         self.first_step = report.get("first_step_id", 0)
         self.steps_per_epoch = max(1, math.ceil(report["train_set_size"] / report["batch_size"]))
         self.batches: list[torch.Tensor] = []  # dataset indices of the k-th training step
-        if report["train_set_size"] == len(splits.train):
+        if not report.get("train_shard") and report["train_set_size"] == len(splits.train):
             order = data.training_order(len(splits.train), report["batch_size"], report["seed"])
             self.batches = list(islice(order, report["steps"]))
         else:
@@ -99,15 +110,22 @@ class Pair:
     truth: torch.Tensor
 
 
+def by_session_id(sessions: list[PrivateSession]) -> dict[str, PrivateSession]:
+    """Each session under every id it had: steps replayed after a reconnect carry the new id."""
+    return {sid: session for session in sessions for sid in session.session_ids}
+
+
 def align(reconstructions: list[tuple[dict, torch.Tensor]], sessions: dict[str, PrivateSession]) -> list[Pair]:
     """(reconstruction, truth) pairs of the messages the harness can place, each message once
-    (a step replayed after a reconnect is captured twice)."""
+    (a step replayed after a reconnect is captured twice, under the old and the new id)."""
     pairs, seen = [], set()
     for row, images in reconstructions:
-        key = (row["session_id"], row["method"], row["step_id"])
         session = sessions.get(row["session_id"])
         expected = session.truth(row["method"], row["step_id"]) if session else None
-        if expected is None or key in seen:
+        if expected is None:
+            continue
+        key = (session.session_id, row["method"], row["step_id"])
+        if key in seen:
             continue
         if expected.shape != images.shape:
             raise ValueError(f"{row['method']} {row['step_id']} of session {row['session_id']}: reconstruction "
@@ -137,16 +155,19 @@ def check_aux_disjoint(pairs: list[Pair], run_info: dict, datasets: set[str]) ->
 
 def score_pairs(pairs: list[Pair], method: str) -> dict:
     """The scores over every aligned image, then per traffic kind and per training epoch:
-    features sent while the encoder was young may leak differently from the final ones."""
-    def scored(group: list[Pair]) -> dict:
-        return {**metrics.score(torch.cat([p.recon for p in group]), torch.cat([p.truth for p in group])),
-                "n_images": sum(len(p.recon) for p in group)}
+    features sent while the encoder was young may leak differently from the final ones.
+    Each image is scored once; the groups are means over its per-image scores."""
+    values = metrics.per_image(torch.cat([p.recon for p in pairs]), torch.cat([p.truth for p in pairs]))
+    epochs = torch.cat([torch.full((len(p.recon),), p.epoch) for p in pairs])
+    train = torch.cat([torch.full((len(p.recon),), p.method == "Train") for p in pairs])
 
-    kinds = {kind: [p for p in pairs if p.method == kind] for kind in ("Infer", "Train")}
-    epochs = sorted({p.epoch for p in kinds["Train"]})
-    return {**score(torch.cat([p.recon for p in pairs]), torch.cat([p.truth for p in pairs]), method),
-            "by_traffic": {kind: scored(group) for kind, group in kinds.items() if group},
-            "train_by_epoch": [{"epoch": e, **scored([p for p in kinds["Train"] if p.epoch == e])} for e in epochs]}
+    def mean(mask: torch.Tensor) -> dict:
+        return {**{name: float(v[mask].mean()) for name, v in values.items()}, "n_images": int(mask.sum())}
+
+    kinds = {"Infer": ~train, "Train": train}
+    return {**mean(torch.ones_like(train)), "method": method, "ssim_convention": metrics.SSIM_CONVENTION,
+            "by_traffic": {kind: mean(mask) for kind, mask in kinds.items() if mask.any()},
+            "train_by_epoch": [{"epoch": int(e), **mean(train & (epochs == e))} for e in epochs[train].unique()]}
 
 
 def score(recon: torch.Tensor, truth: torch.Tensor, method: str) -> dict:

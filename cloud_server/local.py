@@ -16,6 +16,7 @@ from splitnet.models import OptimSpec, SplitModel
 class LocalCloud:
     bytes_up = bytes_down = reconnects = replayed_steps = 0
     session_id = "local"
+    session_ids = ("local",)
 
     def __init__(self) -> None:
         self.job: Job | None = None

@@ -206,7 +206,12 @@ class _Run:
         self.server.close()
 
     def _average(self) -> None:
-        """FedAvg of the encoders, then of the batch-norm statistics every client measures for the average."""
+        """FedAvg of the encoders, then of the batch-norm statistics every client measures for the average.
+
+        Measured every round, not only before the final evaluation: eval mode reads them
+        within rounds too (the GMM surrogate's epoch-end refit encodes the shard in eval mode,
+        with running statistics still partly those the round started from).
+        """
         states = self.gather(self.live(), "encoder_state")
         if states:
             self.shared = fedavg(list(states.values()), [self.clients[i].shard_size for i in states], self.shared)

@@ -40,7 +40,8 @@ import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -117,7 +118,10 @@ def _python(*args: str, timeout: float = 1800) -> None:
 def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: Path) -> dict:
     """One point: train and serve through the proxy, attack the capture, score; returns the row."""
     out.mkdir(parents=True, exist_ok=True)
-    edge_args = ["edge_client", "--server", proxy, "--job", f"sweep-{point.key}", "--codec", point.codec,
+    # A fresh job (a fresh decoder) per attempt: a retried point must not train against the
+    # decoder an interrupted attempt left half-trained on the long-lived server.
+    job = f"sweep-{point.key}-{uuid.uuid4().hex[:6]}"
+    edge_args = ["edge_client", "--server", proxy, "--job", job, "--codec", point.codec,
                  "--seed", str(point.seed), "--report", str(out / "edge.json"), "--save-encoder",
                  str(out / "encoder.pt"), "--no-progress", *_flags(config.model),
                  *_flags(config.defenses[point.defense])]
@@ -176,9 +180,11 @@ def write_results(config: SweepConfig, rows: list[dict], out: Path) -> list[dict
 class Services:
     """The sweep's long-lived processes: one cloud-server and the eavesdropping proxy in front of it."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, jobs: int) -> None:
         self.capture = str(out / "capture")
-        self.server: ServerProcess = start_server("--checkpoint-dir", str(out / "checkpoints"))
+        # Every point is a job of its own, kept until the sweep ends: room for all of them.
+        # No checkpoints: nothing reads a finished point's decoder again.
+        self.server: ServerProcess = start_server("--max-jobs", str(max(jobs, 1)))
         try:
             self.proxy = start_process(["attacks", "proxy", "--listen", "127.0.0.1:0", "--upstream",
                                         self.server.address, "--capture", self.capture], r"listening on (\S+) ->")
@@ -197,7 +203,7 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True) -> list[dic
     todo = [p for p in points if not (out / "points" / p.key / "result.json").exists()]
     log.info("%d points, %d already done", len(points), len(points) - len(todo))
     if todo:
-        services = Services(out)
+        services = Services(out, jobs=4 * len(todo))  # Ray re-runs a task whose worker died up to 3 times
         try:
             _run_all(config, todo, services, out, progress)
         finally:
@@ -252,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, tomllib.TOMLDecodeError, ValueError) as err:
         p.error(f"--config {args.config}: {err}")
     if args.workers:
-        config = SweepConfig(**{**config.__dict__, "workers": args.workers})
+        config = replace(config, workers=args.workers)
     out = Path(args.out)
     rows = run_sweep(config, out)
     table = write_results(config, rows, out)

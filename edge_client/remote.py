@@ -130,12 +130,17 @@ class RemoteCloud:
         self.rtt_ms: list[float] = []
         self.reconnects = 0
         self.replayed_steps = 0
+        self.session_ids: list[str] = []  # every session this connection opened: a reconnect opens a new one
 
     # -- session
 
     @property
     def session_id(self) -> str:
         return self.session.session_id if self.session else ""
+
+    def _opened(self, session: pb.Session) -> None:
+        self.session = session
+        self.session_ids.append(session.session_id)
 
     def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str, seed: int) -> int:
         """Open (or re-join) the session; return the last step id the server applied for this client."""
@@ -145,8 +150,8 @@ class RemoteCloud:
                                     feature_shape=split.feature_shape, bottleneck=spec.bottleneck, lr=optim.lr,
                                     momentum=optim.momentum, weight_decay=optim.weight_decay,
                                     grad_codec=grad_codec, seed=seed)
-        self.session = self._with_retry(lambda: self._stub.OpenSession(self._spec, timeout=self.config.deadline_s,
-                                                                      wait_for_ready=True), "OpenSession")
+        self._opened(self._with_retry(lambda: self._stub.OpenSession(self._spec, timeout=self.config.deadline_s,
+                                                                    wait_for_ready=True), "OpenSession"))
         self._count(self._spec, self.session)
         return self.session.last_step_id
 
@@ -225,7 +230,7 @@ class RemoteCloud:
         while True:
             time.sleep(backoff)
             try:
-                self.session = self._stub.OpenSession(self._spec, timeout=self.config.deadline_s, wait_for_ready=True)
+                self._opened(self._stub.OpenSession(self._spec, timeout=self.config.deadline_s, wait_for_ready=True))
                 self.reconnects += 1
                 last = self.session.last_step_id
                 # The server caches its last applied step's reply: a step in flight that it had

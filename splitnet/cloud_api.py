@@ -7,7 +7,7 @@ implements it in-process (the single-process baseline). The trainer depends only
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -29,6 +29,7 @@ class Cloud(Protocol):
     reconnects: int
     replayed_steps: int
     session_id: str
+    session_ids: Sequence[str]  # every session id it had, oldest first (a reconnect opens a new session)
 
     def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str,
              seed: int) -> int:

@@ -3,6 +3,7 @@
 
 import dataclasses
 import json
+import math
 import re
 import subprocess
 import sys
@@ -42,7 +43,8 @@ def attacked(server, proxy, tmp_path_factory):
     out = tmp_path_factory.mktemp("edge")
     base = EdgeConfig(epochs=3, progress=False, save_encoder=str(out / "enc.pt"))
     via = dataclasses.replace(base, job="via-proxy", connection=ConnectionConfig(server=address))
-    direct = dataclasses.replace(base, job="direct", connection=ConnectionConfig(server=server.address))
+    direct = dataclasses.replace(base, job="direct", connection=ConnectionConfig(server=server.address),
+                                 save_encoder="")  # the attacks load the proxied run's encoder
     report = run(via, RemoteCloud(via.connection))
     (out / "edge.json").write_text(json.dumps(report))
     return {"report": report, "direct": run(direct, RemoteCloud(direct.connection)), "cap": cap, "out": out}
@@ -104,7 +106,8 @@ def test_rmle_and_shadow_run_and_report(attacked, server, tmp_path, method, args
                           "--out", str(result)]) == 0
     scores = json.loads((result / "attack.json").read_text())
     assert scores["method"] == method and scores["n_images"] == 359
-    assert all(map(lambda v: v == v, (scores["mse"], scores["ssim"], scores["psnr"])))
+    assert all(math.isfinite(scores[k]) for k in ("mse", "ssim", "psnr"))
+    assert 0 < scores["ssim"] <= 1 and scores["mse"] > 0
 
 
 def test_training_traffic_is_placed_and_scored_by_epoch(attacked, tmp_path):
@@ -146,11 +149,57 @@ def test_scoring_an_attack_on_its_own_training_images_is_refused():
                                    {"aux_dataset": "digits", "aux_split": "test"}, {"digits"})
 
 
+def test_grouped_scores_equal_scoring_each_group_alone():
+    g = torch.Generator().manual_seed(0)
+
+    def pair(method, epoch, n):
+        return harness.Pair(method, epoch, torch.rand(n, 1, 16, 16, generator=g), torch.rand(n, 1, 16, 16, generator=g))
+
+    pairs = [pair("Infer", 0, 3), pair("Train", 1, 2), pair("Train", 2, 4), pair("Train", 1, 1)]
+    result = harness.score_pairs(pairs, "inversion")
+
+    def alone(group):
+        scores = harness.score(torch.cat([p.recon for p in group]), torch.cat([p.truth for p in group]), "inversion")
+        return {k: scores[k] for k in ("mse", "ssim", "psnr", "n_images")}
+
+    def picked(entry):
+        return {k: entry[k] for k in ("mse", "ssim", "psnr", "n_images")}
+
+    assert picked(result) == pytest.approx(alone(pairs))
+    assert picked(result["by_traffic"]["Infer"]) == pytest.approx(alone(pairs[:1]))
+    assert picked(result["by_traffic"]["Train"]) == pytest.approx(alone(pairs[1:]))
+    assert [e["epoch"] for e in result["train_by_epoch"]] == [1, 2]
+    assert picked(result["train_by_epoch"][0]) == pytest.approx(alone([pairs[1], pairs[3]]))
+    assert picked(result["train_by_epoch"][1]) == pytest.approx(alone([pairs[2]]))
+
+
+def _report(**kw) -> dict:
+    return {"session_id": "s2", "eval_batch_size": 256, "train_set_size": 1438, "batch_size": 64, "seed": 0,
+            "steps": 4, **kw}
+
+
 def test_shard_sessions_leave_training_steps_unplaced():
     splits = data.load(data.DataSpec())
-    report = {"session_id": "s", "eval_batch_size": 256, "train_set_size": 100, "batch_size": 64, "seed": 0, "steps": 4}
-    session = harness.PrivateSession(report, splits)
-    assert session.truth("Train", 1) is None and session.truth("Infer", 0).shape == (256, 1, 16, 16)
+    assert harness.PrivateSession(_report(), splits).truth("Train", 1) is not None
+    # a Ray client with one shard trains on a permutation of the whole split: same size, other order
+    for report in (_report(train_set_size=100), _report(train_shard=True)):
+        session = harness.PrivateSession(report, splits)
+        assert session.truth("Train", 1) is None and session.truth("Infer", 0).shape == (256, 1, 16, 16)
+
+
+def test_steps_sent_before_a_reconnect_are_placed_once(tmp_path):
+    """A reconnect opens a new session id: a step sent under the old one and replayed under the new
+    one is the same private batch, scored once."""
+    splits = data.load(data.DataSpec())
+    session = harness.PrivateSession(_report(session_ids=["s1", "s2"]), splits)
+    truth = session.truth("Train", 2)
+    for seq, sid in enumerate(["s1", "s2", "other"]):
+        harness.write_reconstruction(tmp_path, seq, "Train", sid, 2, truth)
+    pairs = harness.align(harness.read_reconstructions(tmp_path), harness.by_session_id([session]))
+    assert len(pairs) == 1 and torch.equal(pairs[0].truth, truth)
+    assert harness.align(harness.read_reconstructions(tmp_path)[:1], harness.by_session_id([session]))  # old id alone
+    harness.clear_reconstructions(tmp_path)  # a re-run starts from an empty folder
+    assert not (tmp_path / "recon.jsonl").exists() and not (tmp_path / "recon").exists()
 
 
 def server_ckpts(server):

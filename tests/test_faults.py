@@ -5,7 +5,6 @@ in-process around servicer subclasses that inject the fault."""
 
 import dataclasses
 import queue
-import socket
 import threading
 import time
 
@@ -21,31 +20,17 @@ from cloud_server.servicer import SplitLearningServicer
 from edge_client.config import ConnectionConfig, EdgeConfig
 from edge_client.remote import CloudError, RemoteCloud
 from edge_client.trainer import run
-from splitnet import codec, wire
+from splitnet import wire
 from splitnet.models import OptimSpec, SplitSpec, build
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from messages import free_port, spec, step
 
 
 def _serve(servicer_cls=SplitLearningServicer, **kw) -> tuple[CloudServer, str]:
     server = CloudServer(ServerConfig(**{"port": 0, "grace_seconds": 1.0, **kw}), servicer_cls)
     return server, f"127.0.0.1:{server.start()}"
-
-
-def _spec(job: str, client: str = "c") -> pb.SessionSpec:
-    return pb.SessionSpec(job=job, client_id=client, arch="cnn", cut="block1", num_classes=10,
-                          input_shape=[1, 16, 16], feature_shape=[32, 8, 8], lr=0.05, grad_codec="fp32")
-
-
-def _step(sid: str, step_id: int) -> pb.TrainStep:
-    return pb.TrainStep(session_id=sid, step_id=step_id, features=codec.encode(torch.rand(4, 32, 8, 8)),
-                        labels=[1, 2, 3, 4])
 
 
 class _Stream:
@@ -69,7 +54,7 @@ def _edge(address: str, job: str, **kw) -> EdgeConfig:
 
 def test_client_waits_for_a_server_started_late():
     """UNAVAILABLE and deadlines while the server is not there yet are retried with backoff."""
-    port = _free_port()
+    port = free_port()
     config = _edge(f"127.0.0.1:{port}", "late", max_steps=3, connection={"deadline_s": 0.3})
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(run(config, RemoteCloud(config.connection))))
@@ -149,12 +134,12 @@ def test_a_step_retried_after_a_lost_reply_gets_its_gradient_once():
     try:
         with grpc.insecure_channel(address) as channel:
             stub = split_pb2_grpc.SplitLearningStub(channel)
-            sid = stub.OpenSession(_spec("lost-raw"), timeout=10).session_id
-            steps = [_step(sid, i) for i in (1, 2, 3)]
+            sid = stub.OpenSession(spec("lost-raw"), timeout=10).session_id
+            steps = [step(sid, i) for i in (1, 2, 3)]
             with pytest.raises(grpc.RpcError) as err:
                 list(stub.Train(iter(steps), timeout=10))
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            session = stub.OpenSession(_spec("lost-raw"), timeout=10)  # the reconnect
+            session = stub.OpenSession(spec("lost-raw"), timeout=10)  # the reconnect
             assert session.last_step_id == 3  # applied, although its reply never came
             steps[2].session_id = session.session_id
             retry = list(stub.Train(iter([steps[2]]), timeout=10))[0]
@@ -201,11 +186,11 @@ def test_graceful_shutdown_drains_in_flight_steps(tmp_path):
     with grpc.insecure_channel(address) as channel:
         stub = split_pb2_grpc.SplitLearningStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
-        sid = stub.OpenSession(_spec("drain"), timeout=10).session_id
+        sid = stub.OpenSession(spec("drain"), timeout=10).session_id
         stream = _Stream(stub)
-        stream.send(_step(sid, 1))
+        stream.send(step(sid, 1))
         assert stream.reply().step_id == 1
-        stream.send(_step(sid, 2))
+        stream.send(step(sid, 2))
         assert _SlowStepTwo.entered.wait(10)
         stopper.start()  # what SIGTERM does
         deadline = time.monotonic() + 10
@@ -214,14 +199,14 @@ def test_graceful_shutdown_drains_in_flight_steps(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         with pytest.raises(grpc.RpcError) as err:  # new work is turned away while the old drains
-            stub.OpenSession(_spec("drain", "late-comer"), timeout=10)
+            stub.OpenSession(spec("drain", "late-comer"), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
         assert stopper.is_alive()
 
         _SlowStepTwo.release.set()
         reply = stream.reply()  # the in-flight step completes and is answered
         assert reply.step_id == 2 and not reply.duplicate and reply.HasField("grad")
-        stream.send(_step(sid, 3))  # the next one is refused, retryably; the edge replays it after the restart
+        stream.send(step(sid, 3))  # the next one is refused, retryably; the edge replays it after the restart
         with pytest.raises(grpc.RpcError) as err:
             stream.reply()
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -2,7 +2,6 @@
 with every step applied exactly once (the server's step counter equals the client's)."""
 
 import signal
-import socket
 import threading
 import time
 
@@ -16,11 +15,7 @@ from edge_client.trainer import run
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from messages import free_port
 
 
 def _job_stats(address: str, job: str) -> pb.JobStats | None:
@@ -31,7 +26,7 @@ def _job_stats(address: str, job: str) -> pb.JobStats | None:
 
 @pytest.mark.parametrize("pipeline", [0, 3])
 def test_kill_9_restart_and_continue(tmp_path, pipeline):
-    port, ckpt = _free_port(), str(tmp_path / "ckpt")
+    port, ckpt = free_port(), str(tmp_path / "ckpt")
     args = ("--checkpoint-dir", ckpt, "--checkpoint-every", "5")
     server = start_server(*args, port=port)
     config = EdgeConfig(connection=ConnectionConfig(server=server.address, deadline_s=10, reconnect_s=90,
@@ -54,13 +49,14 @@ def test_kill_9_restart_and_continue(tmp_path, pipeline):
         assert job.steps_applied == result["steps"] == result["last_step_id"]
         assert dict(job.client_last_step) == {"edge-1": result["steps"]}
         assert result["test_accuracy"] > 0.5
-        assert result["duplicate_steps"] + result["steps"] >= result["last_step_id"]
+        # only a step in flight at the kill, and already in the checkpoint, comes back without a gradient
+        assert result["duplicate_steps"] <= pipeline + 1
     finally:
         server.stop()
 
 
 def test_sigterm_checkpoints_and_a_rejoining_client_continues(tmp_path):
-    port, ckpt = _free_port(), str(tmp_path / "ckpt")
+    port, ckpt = free_port(), str(tmp_path / "ckpt")
     server = start_server("--checkpoint-dir", ckpt, "--checkpoint-every", "1000", port=port)
     config = EdgeConfig(connection=ConnectionConfig(server=server.address), epochs=1, max_steps=7, job="term",
                         client_id="edge-2", progress=False)

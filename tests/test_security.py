@@ -34,6 +34,8 @@ from splitnet import codec, security, wire
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
+from messages import rejected, spec, step, tensor
+
 TOKEN_A, TOKEN_B = "token-a-0123456789abcdef", "token-b-0123456789abcdef"
 
 
@@ -108,22 +110,6 @@ def _stub(address: str, **kw) -> split_pb2_grpc.SplitLearningStub:
     return split_pb2_grpc.SplitLearningStub(security.open_channel(address, [], **kw))
 
 
-def _spec(job: str = "j", client: str = "c") -> pb.SessionSpec:
-    return pb.SessionSpec(job=job, client_id=client, arch="cnn", cut="block1", num_classes=10,
-                          input_shape=[1, 16, 16], feature_shape=[32, 8, 8], lr=0.05, grad_codec="fp32")
-
-
-def _step(sid: str, step_id: int = 1, fill: float | None = None) -> pb.TrainStep:
-    t = torch.rand(2, 32, 8, 8) if fill is None else torch.full((2, 32, 8, 8), fill)
-    return pb.TrainStep(session_id=sid, step_id=step_id, features=codec.encode(t), labels=[0, 1])
-
-
-def _code(call) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value.code()
-
-
 def _train(address: str, job: str, **conn) -> dict:
     config = EdgeConfig(connection=ConnectionConfig(server=address, deadline_s=10, reconnect_s=10, **conn),
                         job=job, epochs=1, max_steps=3, progress=False)
@@ -136,23 +122,23 @@ def _train(address: str, job: str, **conn) -> dict:
 def test_tls_trains_and_refuses_plaintext_and_strangers(pki, serve):
     address = serve(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
     assert _train(address, "tls", **_files(pki))["steps"] == 3
-    assert _code(lambda: _stub(address).Stats(pb.StatsRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+    assert rejected(lambda: _stub(address).Stats(pb.StatsRequest(), timeout=5)).code() == grpc.StatusCode.UNAVAILABLE
     wrong_ca = _stub(address, **_files(pki, ca="other-ca"))
-    assert _code(lambda: wrong_ca.Stats(pb.StatsRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+    assert rejected(lambda: wrong_ca.Stats(pb.StatsRequest(), timeout=5)).code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki, serve):
     address = serve(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"), tls_ca=str(pki / "ca.pem"))
     for files in (_files(pki), _files(pki, cert="rogue")):
-        assert _code(lambda: _stub(address, **files).Stats(pb.StatsRequest(), timeout=5)) == \
+        assert rejected(lambda: _stub(address, **files).Stats(pb.StatsRequest(), timeout=5)).code() == \
             grpc.StatusCode.UNAVAILABLE
     assert _train(address, "mtls", **_files(pki, cert="edge-1"))["steps"] == 3
     # the certificate is the identity: edge-2 cannot drive or take over edge-1's client
     one, two = _stub(address, **_files(pki, cert="edge-1")), _stub(address, **_files(pki, cert="edge-2"))
-    sid = one.OpenSession(_spec("owned"), timeout=10).session_id
-    assert _code(lambda: list(two.Train(iter([_step(sid)]), timeout=10))) == grpc.StatusCode.PERMISSION_DENIED
-    assert _code(lambda: two.OpenSession(_spec("owned"), timeout=10)) == grpc.StatusCode.PERMISSION_DENIED
-    assert list(one.Train(iter([_step(sid)]), timeout=10))[0].step_id == 1
+    sid = one.OpenSession(spec("owned"), timeout=10).session_id
+    assert rejected(lambda: list(two.Train(iter([step(sid)]), timeout=10))).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert rejected(lambda: two.OpenSession(spec("owned"), timeout=10)).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert list(one.Train(iter([step(sid)]), timeout=10))[0].step_id == 1
 
 
 def test_tls_server_name_through_a_forwarder_hides_the_features(pki, serve, tmp_path):
@@ -166,15 +152,15 @@ def test_tls_server_name_through_a_forwarder_hides_the_features(pki, serve, tmp_
         relay = RawForwarder("127.0.0.1:0", backend, str(tmp_path / f"raw-{visible}")).start()
         try:
             stub = _stub(relay.address, **files)
-            sid = stub.OpenSession(_spec("proxied"), timeout=10).session_id
-            assert list(stub.Train(iter([_step(sid, fill=1234.5678)]), timeout=10))[0].step_id == 1
+            sid = stub.OpenSession(spec("proxied"), timeout=10).session_id
+            assert list(stub.Train(iter([step(sid, features=tensor(2, fill=1234.5678))]), timeout=10))[0].step_id == 1
         finally:
             relay.stop()
         assert (marker in relay.recorded()) is visible
     relay = RawForwarder("127.0.0.1:0", tls, str(tmp_path / "raw-noname")).start()
     try:  # without the name override the certificate does not match
         stub = _stub(relay.address, **_files(pki))
-        assert _code(lambda: stub.Stats(pb.StatsRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+        assert rejected(lambda: stub.Stats(pb.StatsRequest(), timeout=5)).code() == grpc.StatusCode.UNAVAILABLE
     finally:
         relay.stop()
     assert _train(tls, "named", **_files(pki), tls_server_name="cloud.internal")["steps"] == 3
@@ -186,7 +172,7 @@ def test_grpc_proxy_captures_nothing_under_tls(pki, serve, tmp_path):
     proxy = Proxy("127.0.0.1:0", tls, str(tmp_path / "cap")).start()
     try:
         stub = _stub(proxy.address, **_files(pki), tls_server_name="cloud.internal")
-        assert _code(lambda: stub.OpenSession(_spec("eaves"), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+        assert rejected(lambda: stub.OpenSession(spec("eaves"), timeout=5)).code() == grpc.StatusCode.UNAVAILABLE
     finally:
         proxy.stop()
     assert not (tmp_path / "cap" / "records.jsonl").exists() and capture.read_sessions(tmp_path / "cap") == []
@@ -198,10 +184,10 @@ def test_grpc_proxy_captures_nothing_under_tls(pki, serve, tmp_path):
 def test_tokens_guard_the_service_but_not_health(serve):
     address = serve(auth_tokens=(TOKEN_A, TOKEN_B))
     for stub in (_stub(address), _stub(address, auth_token="x" * 16 + "-not-accepted")):
-        for call in (lambda: stub.OpenSession(_spec(), timeout=5), lambda: stub.Stats(pb.StatsRequest(), timeout=5),
-                     lambda: list(stub.Train(iter([_step("s")]), timeout=5)),
+        for call in (lambda: stub.OpenSession(spec("j"), timeout=5), lambda: stub.Stats(pb.StatsRequest(), timeout=5),
+                     lambda: list(stub.Train(iter([step("s")]), timeout=5)),
                      lambda: list(stub.Infer(iter([pb.InferRequest()]), timeout=5))):
-            assert _code(call) == grpc.StatusCode.UNAUTHENTICATED
+            assert rejected(call).code() == grpc.StatusCode.UNAUTHENTICATED
     with grpc.insecure_channel(address) as channel:  # health and reflection stay open (see docs/SECURITY.md)
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -216,15 +202,15 @@ def test_tokens_guard_the_service_but_not_health(serve):
 def test_a_session_is_driven_only_by_the_token_that_opened_it(serve):
     address = serve(auth_tokens=(TOKEN_A, TOKEN_B))
     a, b = _stub(address, auth_token=TOKEN_A), _stub(address, auth_token=TOKEN_B)
-    sid = a.OpenSession(_spec("shared", "alice"), timeout=10).session_id
+    sid = a.OpenSession(spec("shared", "alice"), timeout=10).session_id
     denied = grpc.StatusCode.PERMISSION_DENIED
-    assert _code(lambda: list(b.Train(iter([_step(sid)]), timeout=10))) == denied
-    assert _code(lambda: list(b.Infer(iter([pb.InferRequest(session_id=sid)]), timeout=10))) == denied
-    assert _code(lambda: b.CloseSession(pb.CloseRequest(session_id=sid), timeout=10)) == denied
-    assert _code(lambda: b.OpenSession(_spec("shared", "alice"), timeout=10)) == denied  # no take-over by re-open
-    bob = b.OpenSession(_spec("shared", "bob"), timeout=10).session_id  # its own client in the same job is fine
-    assert list(b.Train(iter([_step(bob)]), timeout=10))[0].step_id == 1
-    assert list(a.Train(iter([_step(sid)]), timeout=10))[0].step_id == 1
+    assert rejected(lambda: list(b.Train(iter([step(sid)]), timeout=10))).code() == denied
+    assert rejected(lambda: list(b.Infer(iter([pb.InferRequest(session_id=sid)]), timeout=10))).code() == denied
+    assert rejected(lambda: b.CloseSession(pb.CloseRequest(session_id=sid), timeout=10)).code() == denied
+    assert rejected(lambda: b.OpenSession(spec("shared", "alice"), timeout=10)).code() == denied  # no take-over by re-open
+    bob = b.OpenSession(spec("shared", "bob"), timeout=10).session_id  # its own client in the same job is fine
+    assert list(b.Train(iter([step(bob)]), timeout=10))[0].step_id == 1
+    assert list(a.Train(iter([step(sid)]), timeout=10))[0].step_id == 1
     stats = a.Stats(pb.StatsRequest(job="shared"), timeout=10)
     assert dict(stats.jobs[0].client_last_step) == {"alice": 1, "bob": 1} and stats.steps_rejected == 1
 

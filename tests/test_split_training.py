@@ -22,6 +22,8 @@ from splitnet import codec, wire
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
+from messages import rejected, spec, step
+
 REPORT_KEYS = {"test_accuracy", "train_loss", "epochs", "steps", "train_samples", "bytes_up", "bytes_down",
                "wall_seconds", "samples_per_second", "rtt_ms_p50", "rtt_ms_p99", "codec", "grad_codec", "arch", "cut"}
 
@@ -75,37 +77,22 @@ def test_health_and_reflection(server):
         assert wire.SERVICE_NAME in names and "grpc.health.v1.Health" in names
 
 
-def _open(stub, job="j", client="c", **kw):
-    spec = pb.SessionSpec(job=job, client_id=client, arch="cnn", cut="block1", num_classes=10,
-                          input_shape=[1, 16, 16], feature_shape=[32, 8, 8], lr=0.05, momentum=0.9,
-                          grad_codec="fp32", **kw)
-    return stub.OpenSession(spec, timeout=10)
-
-
-def _step(session_id, step_id, batch=4, shape=(32, 8, 8), labels=None):
-    return pb.TrainStep(session_id=session_id, step_id=step_id, features=codec.encode(torch.rand(batch, *shape)),
-                        labels=labels if labels is not None else [1] * batch)
-
-
+# Every bad input is covered in-process by test_validation.py; these two go to a real
+# cloud-server process, to show its rejections arrive over the wire and it serves on.
 @pytest.mark.parametrize("make,code,text", [
-    (lambda sid: _step("nope", 1), grpc.StatusCode.NOT_FOUND, "session_id"),
-    (lambda sid: _step(sid, 1, labels=[0, 1, 2, 10]), grpc.StatusCode.INVALID_ARGUMENT, "labels"),
-    (lambda sid: _step(sid, 1, labels=[0, 1]), grpc.StatusCode.INVALID_ARGUMENT, "labels"),
-    (lambda sid: _step(sid, 1, shape=(16, 8, 8)), grpc.StatusCode.INVALID_ARGUMENT, "features.shape"),
-    (lambda sid: _step(sid, 1, batch=0, labels=[]), grpc.StatusCode.INVALID_ARGUMENT, "empty batch"),
-    (lambda sid: _step(sid, 3), grpc.StatusCode.FAILED_PRECONDITION, "step_id"),
+    (lambda sid: step("nope", 1), grpc.StatusCode.NOT_FOUND, "session_id"),
+    (lambda sid: step(sid, 1, labels=[0, 1, 2, 10]), grpc.StatusCode.INVALID_ARGUMENT, "labels"),
 ])
 def test_bad_steps_rejected_and_server_keeps_serving(server, make, code, text):
-    job = f"bad-{code.name}-{text}-{uuid.uuid4().hex[:6]}"
+    job = f"bad-{code.name}-{uuid.uuid4().hex[:6]}"
     with grpc.insecure_channel(server.address) as channel:
         stub = split_pb2_grpc.SplitLearningStub(channel)
-        session = _open(stub, job=job)
-        with pytest.raises(grpc.RpcError) as err:
-            list(stub.Train(iter([make(session.session_id)]), timeout=10))
-        assert err.value.code() == code and text in err.value.details()
+        session = stub.OpenSession(spec(job), timeout=10)
+        error = rejected(lambda: list(stub.Train(iter([make(session.session_id)]), timeout=10)))
+        assert error.code() == code and text in error.details()
         stats = stub.Stats(pb.StatsRequest(job=job), timeout=10)
         assert stats.jobs[0].steps_applied == 0  # the decoder was not touched
-        good = list(stub.Train(iter([_step(session.session_id, 1)]), timeout=10))
+        good = list(stub.Train(iter([step(session.session_id, 1)]), timeout=10))
         assert good[0].step_id == 1 and not good[0].duplicate and len(good[0].grad.data) == 4 * 32 * 64 * 4
 
 
@@ -113,12 +100,12 @@ def test_bad_session_specs(server):
     with grpc.insecure_channel(server.address) as channel:
         stub = split_pb2_grpc.SplitLearningStub(channel)
         for kw, text in [({"job": ""}, "job"), ({"feature_shape": [1, 2, 3]}, "feature_shape")]:
-            spec = {"job": "x", "feature_shape": [32, 8, 8], **kw}
+            fields = {"job": "x", "feature_shape": [32, 8, 8], **kw}
             with pytest.raises(grpc.RpcError) as err:
                 stub.OpenSession(pb.SessionSpec(client_id="c", arch="cnn", num_classes=10, input_shape=[1, 16, 16],
-                                                lr=0.1, grad_codec="fp32", **spec), timeout=10)
+                                                lr=0.1, grad_codec="fp32", **fields), timeout=10)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and text in err.value.details()
-        _open(stub, job="fixed")
+        stub.OpenSession(spec("fixed"), timeout=10)
         with pytest.raises(grpc.RpcError) as err:
             stub.OpenSession(pb.SessionSpec(job="fixed", client_id="d", arch="cnn", cut="block2", num_classes=10,
                                             input_shape=[1, 16, 16], feature_shape=[64, 4, 4], lr=0.1,
@@ -129,9 +116,9 @@ def test_bad_session_specs(server):
 def test_retry_of_last_step_returns_cached_gradient(server):
     with grpc.insecure_channel(server.address) as channel:
         stub = split_pb2_grpc.SplitLearningStub(channel)
-        sid = _open(stub, job="dup").session_id
-        step = _step(sid, 1)
-        first, again = list(stub.Train(iter([step, step]), timeout=10))
+        sid = stub.OpenSession(spec("dup"), timeout=10).session_id
+        msg = step(sid, 1)
+        first, again = list(stub.Train(iter([msg, msg]), timeout=10))
         assert not first.duplicate and again.duplicate and again.grad == first.grad
         assert stub.Stats(pb.StatsRequest(job="dup"), timeout=10).jobs[0].steps_applied == 1
 
@@ -142,8 +129,8 @@ def test_sessions_of_one_job_share_a_decoder_without_lost_updates(server):
     def client(name: str) -> None:
         with grpc.insecure_channel(address) as channel:
             stub = split_pb2_grpc.SplitLearningStub(channel)
-            sid = _open(stub, job="shared", client=name).session_id
-            assert len(list(stub.Train(iter(_step(sid, i) for i in range(1, 21)), timeout=60))) == 20
+            sid = stub.OpenSession(spec("shared", name), timeout=10).session_id
+            assert len(list(stub.Train(iter(step(sid, i) for i in range(1, 21)), timeout=60))) == 20
 
     threads = [threading.Thread(target=client, args=(f"c{i}",)) for i in range(3)]
     for t in threads:
@@ -152,7 +139,7 @@ def test_sessions_of_one_job_share_a_decoder_without_lost_updates(server):
         t.join(120)
     with grpc.insecure_channel(address) as channel:
         stub = split_pb2_grpc.SplitLearningStub(channel)
-        _open(stub, job="other")
+        stub.OpenSession(spec("other"), timeout=10)
         stats = stub.Stats(pb.StatsRequest(), timeout=10)
     jobs = {j.job: j for j in stats.jobs}
     assert jobs["shared"].steps_applied == 60 and dict(jobs["shared"].client_last_step) == {"c0": 20, "c1": 20, "c2": 20}

@@ -17,7 +17,8 @@ from splitnet import codec
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
-FEATURES = (32, 8, 8)  # cnn, cut block1, 16x16 input
+from messages import FEATURES, rejected, spec, step, tensor
+
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 
 
@@ -30,36 +31,12 @@ def cloud():
     server.stop()
 
 
-def spec(job: str, client: str = "c", **kw) -> pb.SessionSpec:
-    fields = dict(job=job, client_id=client, arch="cnn", cut="block1", num_classes=10, input_shape=[1, 16, 16],
-                  feature_shape=list(FEATURES), lr=0.05, momentum=0.9, grad_codec="fp32")
-    return pb.SessionSpec(**{**fields, **kw})
-
-
-def tensor(batch: int = 4, fill: float | None = None, name: str = "fp32") -> pb.Tensor:
-    t = torch.rand(batch, *FEATURES) if fill is None else torch.full((batch, *FEATURES), fill)
-    return codec.encode(t, name)
-
-
-def step(sid: str, step_id: int, features: pb.Tensor | None = None, labels: list[int] | None = None) -> pb.TrainStep:
-    features = features if features is not None else tensor()
-    n = features.shape[0] if features.shape else 0
-    return pb.TrainStep(session_id=sid, step_id=step_id, features=features,
-                        labels=labels if labels is not None else [i % 10 for i in range(max(n, 0))])
-
-
 def decoder_bytes(server: CloudServer, job: str) -> list[bytes]:
     """Every weight, buffer and optimizer state of a job's decoder, as raw bytes."""
     j = server.servicer.jobs[job]
     tensors = list(j.decoder.state_dict().values())
     tensors += [v for s in j.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     return [t.detach().cpu().contiguous().numpy().tobytes() for t in tensors]
-
-
-def rejected(call) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    return err.value
 
 
 def _mutated(field: str, value):
