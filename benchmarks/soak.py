@@ -31,6 +31,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from edge_client.report import percentile
 from splitnet import codec
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
@@ -85,11 +86,6 @@ class LoadClient:
             return next(self._call)
         finally:
             timer.cancel()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
 
 
 def rss_bytes(pid: int) -> int:

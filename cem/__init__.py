@@ -3,7 +3,7 @@
     surrogate = cem.build("slot", feature_dim, var_threshold=0.125)
     rob_loss, intra_mse, diag = surrogate(z, labels, sigma)
     cem.two_phase_backward(scale * rob_loss, task_backward, encoder.parameters(),
-                           surrogate.parameters(), lam * cem.lr_weight(lr))
+                           surrogate.parameters(), lam * cem.lr_weight(lr), features=z)
 
 The math is CEM_SPEC.md; the choices it leaves open are stated where they are made.
 """

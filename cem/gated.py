@@ -70,4 +70,4 @@ class GatedCEM(Surrogate):
             sq = (x - raw_mu.unsqueeze(1)).square().mean(-1) * groups.mask
             intra = (shares * sq.sum(-1) / groups.counts).sum()
         return rob, intra, {**gate_diag, "class_gate_mean": float(class_gate.detach().mean()),
-                            "attn_max_mean": float(a.detach().amax(-1).mean()), "shutoff": False}
+                            "attn_max_mean": float(a.detach().amax(-1).mean())}

@@ -34,19 +34,17 @@ def fedavg(states: Sequence[State], weights: Sequence[float], base: State) -> St
     if total <= 0:
         raise ValueError("fedavg weights must sum to > 0")
     shares = [w / total for w in weights]
-
-    def mean(name: str) -> torch.Tensor:
-        return sum(s[name].double() * share for s, share in zip(states, shares))
-
+    means = {name: sum(s[name].double() * share for s, share in zip(states, shares))
+             for name, start in base.items() if start.is_floating_point()}
     averaged: State = {}
     for name, start in base.items():
         if not start.is_floating_point():
             averaged[name] = start + sum(s[name] - start for s in states)
             continue
-        pooled = mean(name)
+        pooled = means[name]
         mean_name = name.removesuffix("running_var") + "running_mean"
-        if name.endswith("running_var") and mean_name in base:
-            centre = mean(mean_name)
-            pooled = pooled + sum((s[mean_name].double() - centre) ** 2 * share for s, share in zip(states, shares))
+        if name.endswith("running_var") and mean_name in means:
+            pooled = pooled + sum((s[mean_name].double() - means[mean_name]) ** 2 * share
+                                  for s, share in zip(states, shares))
         averaged[name] = pooled.to(start.dtype)
     return averaged

@@ -56,9 +56,8 @@ def _legends(ax, colors: dict[str, tuple], markers: dict[str, str], extra: list 
 
 
 def _points(ax, rows: list[dict], xs: list[float], ys: list[float], xkey: str | None, ykey: str | None,
-            labelled: set[int]) -> None:
+            labelled: set[int], colors: dict[str, tuple], markers: dict[str, str]) -> None:
     """One point per row with its spread over seeds as error bars, styled by `_styles`."""
-    colors, markers = _styles(rows)
     for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
         ax.errorbar(x, y, xerr=r.get(f"{xkey}_std", 0) if xkey else None, yerr=r.get(f"{ykey}_std", 0) if ykey else None,
                     fmt=markers[_variant(r)], color=colors[r["defense"]], capsize=3, alpha=0.85)
@@ -78,12 +77,13 @@ def accuracy_vs_leakage(rows: list[dict], method: str, path: Path) -> None:
     front = pareto_front(pts)
     fig, ax = plt.subplots(figsize=(7, 5))
     labelled = set(range(len(usable))) if len(usable) <= LABEL_ALL_UP_TO else set(front)
-    _points(ax, usable, [x for x, _ in pts], [y for _, y in pts], key, "test_accuracy", labelled)
+    styles = _styles(usable)
+    _points(ax, usable, [x for x, _ in pts], [y for _, y in pts], key, "test_accuracy", labelled, *styles)
     extra = []
     if front:
         (line,) = ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1)
         extra.append((line, "Pareto front (labelled)"))
-    _legends(ax, *_styles(usable), extra)
+    _legends(ax, *styles, extra)
     ax.set_xlabel(f"{method} attack SSIM (lower leaks less)")
     ax.set_ylabel("test accuracy")
     ax.set_title("Accuracy vs leakage")
@@ -96,8 +96,10 @@ def bytes_vs_leakage(rows: list[dict], method: str, path: Path) -> None:
     usable = [r for r in rows if r.get(key) is not None]
     fig, ax = plt.subplots(figsize=(7, 5))
     labelled = set(range(len(usable))) if len(usable) <= LABEL_ALL_UP_TO else set()
-    _points(ax, usable, [r["bytes_up_per_sample"] for r in usable], [r[key] for r in usable], None, key, labelled)
-    _legends(ax, *_styles(usable))
+    styles = _styles(usable)
+    _points(ax, usable, [r["bytes_up_per_sample"] for r in usable], [r[key] for r in usable], None, key, labelled,
+            *styles)
+    _legends(ax, *styles)
     ax.set_xscale("log")
     ax.set_xlabel("bytes up per training sample (log)")
     ax.set_ylabel(f"{method} attack SSIM")

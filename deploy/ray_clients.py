@@ -74,10 +74,10 @@ class EdgeClient:
         return self.trainer.encoder_state()
 
     def recalibrated(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`state` with its batch-norm statistics measured on this client's shard."""
+        """The batch-norm statistics (the encoder's buffers) of `state`, measured on this client's shard."""
         self.trainer.load_encoder_state(state)
         self.trainer.recalibrate_batch_norm()
-        return self.trainer.encoder_state()
+        return {name: b.detach().cpu().clone() for name, b in self.trainer.encoder.named_buffers()}
 
     def train_round(self, state: dict[str, torch.Tensor] | None) -> dict:
         """One local epoch, from `state` if given; the running counters and the epoch's loss."""
@@ -94,8 +94,6 @@ class EdgeClient:
             return self.trainer.report(self.trainer.evaluate())
         finally:
             self.trainer.close()
-
-
 
 
 @dataclass
@@ -215,11 +213,13 @@ class _Run:
         states = self.gather(self.live(), "encoder_state")
         if states:
             self.shared = fedavg(list(states.values()), [self.clients[i].shard_size for i in states], self.shared)
-        measured = self.gather(self.live(), "recalibrated", (self.shared,))
+        measured = self.gather(self.live(), "recalibrated", (ray.put(self.shared),))
         if measured:
+            buffers = list(measured.values())
             # measured from scratch: the pooled batch count is the sum of the clients' counts
-            base = {k: v if v.is_floating_point() else torch.zeros_like(v) for k, v in self.shared.items()}
-            self.shared = fedavg(list(measured.values()), [self.clients[i].shard_size for i in measured], base)
+            base = {k: v if v.is_floating_point() else torch.zeros_like(v) for k, v in buffers[0].items()}
+            pooled = fedavg(buffers, [self.clients[i].shard_size for i in measured], base)
+            self.shared = {**self.shared, **pooled}
 
     def _kill_mid_round(self, client: _Client) -> None:
         """Kill `client` once the server has applied one of its steps of this round (or after a deadline)."""

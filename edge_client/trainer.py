@@ -152,7 +152,7 @@ class EdgeTrainer:
         if not stash:
             return self.encoder(x)
         weights = {name: p.clone() for name, p in self.encoder.named_parameters()}
-        return functional_call(self.encoder, {**weights, **dict(self.encoder.named_buffers())}, (x,))
+        return functional_call(self.encoder, weights, (x,))  # buffers not passed: the module's own (BN updates them)
 
     def _apply(self, item: _InFlight) -> StepReply:
         reply = self.cloud.collect(item.step_id)

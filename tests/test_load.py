@@ -8,7 +8,8 @@ import time
 
 import grpc
 
-from benchmarks.soak import LoadClient, percentile
+from benchmarks.soak import LoadClient
+from edge_client.report import percentile
 from deploy.processes import start_server
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
