@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import re
 import threading
 from pathlib import Path
@@ -65,7 +66,11 @@ class Checkpointer:
         if not self.enabled:
             return jobs
         for path in sorted(self.directory.glob("*.ckpt")):  # type: ignore[union-attr]
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as err:  # weights_only met something other than plain data
+                raise ValueError(f"checkpoint {path} holds objects, not only weights; refused, as loading it could "
+                                 f"run code ({str(err).splitlines()[0]})") from None
             job = Job.from_state(state, device)
             jobs[job.name] = job
             self._saved_at[job.name] = job.steps_applied

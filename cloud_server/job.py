@@ -48,8 +48,12 @@ class Job:
     seed: int = 0  # the decoder starts from the same weights as a single-process model of this seed
     steps_applied: int = 0
     clients: dict[str, _ClientState] = field(default_factory=dict)
+    # client id -> the principal that first opened it; checkpointed, so that a restart does not
+    # hand a client id (and its step counter) to whoever re-opens it first
+    owners: dict[str, str] = field(default_factory=dict)
     durable: dict[str, int] = field(default_factory=dict)  # client -> last step a written checkpoint holds
     checkpoints_written: int = 0
+    restored: bool = False  # built from a checkpoint (the session's `resumed`)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +113,7 @@ class Job:
                 "seed": self.seed,
                 "steps_applied": self.steps_applied,
                 "client_last_step": {c: s.last_step for c, s in self.clients.items()},
+                "client_owner": dict(self.owners),
                 "decoder": {k: v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()},
                 "optimizer": _clone(self.optimizer.state_dict()),
             }
@@ -121,6 +126,8 @@ class Job:
         job.steps_applied = state["steps_applied"]
         job.clients = {c: _ClientState(last) for c, last in state["client_last_step"].items()}
         job.durable = dict(state["client_last_step"])
+        job.restored = True
+        job.owners = dict(state.get("client_owner", {}))  # absent in checkpoints written before it was kept
         return job
 
     def mark_durable(self, state: dict) -> None:

@@ -133,7 +133,6 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         self.sessions: dict[str, SessionState] = {}
         self.counters = Counters()
         self.drain = Drain()
-        self._owners: dict[tuple[str, str], str] = {}  # (job, client id) -> principal
         self._client_session: dict[tuple[str, str], str] = {}  # (job, client id) -> its open session
         self._lock = threading.Lock()
 
@@ -155,11 +154,11 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         key = (request.job, request.client_id)
         with self._lock:
             job = self.jobs.get(request.job)
-            resumed = job is not None and job.checkpoints_written > 0
             if job is None:
                 job = self.jobs[request.job] = self._new_job(request, spec, optim)
             _check_compatible(job, spec, request)
-            owner = self._owners.setdefault(key, caller)
+            with job.lock:  # a checkpoint may be copying the owners meanwhile
+                owner = job.owners.setdefault(request.client_id, caller)
             if owner != caller:
                 raise Rejected(grpc.StatusCode.PERMISSION_DENIED,
                                f"client_id {_quote(request.client_id)} of job {_quote(request.job)} belongs to "
@@ -170,7 +169,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             self.sessions[session.session_id] = session
             self._client_session[key] = session.session_id
         return pb.Session(session_id=session.session_id, last_step_id=job.last_step(request.client_id),
-                          job_steps_applied=job.steps_applied, resumed=resumed)
+                          job_steps_applied=job.steps_applied, resumed=job.restored)
 
     def _new_job(self, request: pb.SessionSpec, spec: SplitSpec, optim: OptimSpec) -> Job:
         if len(self.jobs) >= self.max_jobs:

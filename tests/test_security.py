@@ -4,7 +4,6 @@ checkpoints that refuse pickled objects. Certificates are made at test time."""
 import datetime
 import ipaddress
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -215,6 +214,28 @@ def test_a_session_is_driven_only_by_the_token_that_opened_it(serve):
     assert dict(stats.jobs[0].client_last_step) == {"alice": 1, "bob": 1} and stats.steps_rejected == 1
 
 
+def test_ownership_survives_a_restart(tmp_path):
+    """The owner of a client id is checkpointed: after a restart another principal still cannot
+    re-open it and take over its step counter; the owner carries on."""
+    config = ServerConfig(port=0, grace_seconds=0.5, auth_tokens=(TOKEN_A, TOKEN_B), checkpoint_dir=str(tmp_path))
+    first = CloudServer(config)
+    address = f"127.0.0.1:{first.start()}"
+    a = _stub(address, auth_token=TOKEN_A)
+    sid = a.OpenSession(spec("kept", "alice"), timeout=10).session_id
+    assert list(a.Train(iter([step(sid)]), timeout=10))[0].step_id == 1
+    first.stop()  # checkpoints every job
+    second = CloudServer(config)
+    address = f"127.0.0.1:{second.start()}"
+    try:
+        b = _stub(address, auth_token=TOKEN_B)
+        error = rejected(lambda: b.OpenSession(spec("kept", "alice"), timeout=10))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "client_id" in error.details()
+        again = _stub(address, auth_token=TOKEN_A).OpenSession(spec("kept", "alice"), timeout=10)
+        assert again.resumed and again.last_step_id == 1
+    finally:
+        second.stop()
+
+
 # -- the command lines
 
 
@@ -271,7 +292,7 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused(tmp_path, capsys):
     ckpt, marker = tmp_path / "ckpt", tmp_path / "pwned"
     ckpt.mkdir()
     torch.save({"name": "evil", "decoder": {}, "payload": _Exploit(marker)}, ckpt / "evil-00000000.ckpt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="evil-00000000.ckpt holds objects"):
         Checkpointer(str(ckpt), 10).load_all("cpu")
     assert cloud_cli.main(["--port", "0", "--checkpoint-dir", str(ckpt)]) == 2
     err = capsys.readouterr().err
