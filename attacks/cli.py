@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from splitnet.cli_util import set_threads, setup_logging
+from splitnet.cli_util import add_threads_arg, set_threads, setup_logging
 from splitnet.data import DATASETS, DataSpec, DatasetNotFound
 
 log = logging.getLogger("attacks")
@@ -115,7 +115,7 @@ def _score(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attacker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--verbose", action="store_true")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
+    add_threads_arg(p)
     sub = p.add_subparsers(dest="command", required=True)
 
     px = sub.add_parser("proxy", help="transparent gRPC proxy that records features")

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import cem
+from splitnet.cli_util import add_threads_arg, set_threads
 from splitnet.data import DataSpec, load
 from splitnet.models import SplitSpec, build
 
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.01)
     # 1 by default: on a 2-core machine shared with other jobs, a second intra-op thread
     # spin-waits on a busy core and inflates small-op times by orders of magnitude.
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave default)")
+    add_threads_arg(parser)
     parser.add_argument("--merge", choices=("features", "params"), default="features",
                         help="rob gradient taken at z (one encoder backward) or on the encoder params (two)")
     parser.add_argument("--seed", type=int, default=0)
@@ -107,8 +108,7 @@ def refit_cost(variant: Variant, x_all: torch.Tensor, y_all: torch.Tensor, sigma
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     splits = load(DataSpec())
     x_all, y_all = splits.train.tensors  # type: ignore[attr-defined]
     g = torch.Generator().manual_seed(args.seed)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from splitnet import models
+from splitnet.cli_util import add_threads_arg, set_threads
 
 
 def _step(decoder: nn.Module, opt: torch.optim.Optimizer, z: torch.Tensor, y: torch.Tensor) -> None:
@@ -34,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--threads", type=int, default=1)
+    add_threads_arg(p)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     split = models.build(models.SplitSpec())
     decoder = split.decoder
     opt = models.OptimSpec().make(decoder.parameters())

@@ -10,7 +10,7 @@ import threading
 
 from cloud_server.config import ServerConfig
 from splitnet import security
-from splitnet.cli_util import set_threads, setup_logging
+from splitnet.cli_util import add_threads_arg, set_threads, setup_logging
 
 log = logging.getLogger("cloud_server")
 
@@ -35,8 +35,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                    help="on shutdown, time for in-flight steps (default %(default)s)")
     p.add_argument("--tap", dest="tap_dir", default=d.tap_dir,
                    help="curious-server mode: record every received training batch here for the attacker")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default %(default)s; 0: torch's default of one per core)")
+    add_threads_arg(p)
     p.add_argument("--verbose", action="store_true")
     g = p.add_argument_group("security (see docs/SECURITY.md)")
     g.add_argument("--tls-cert", default=d.tls_cert, help="PEM certificate chain: serve TLS (with --tls-key)")

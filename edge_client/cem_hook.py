@@ -30,6 +30,7 @@ class CemHook:
         self._steps: list[tuple[float, float, dict]] = []
         self._last_epoch: dict = {}
         self.shutoff_steps = 0
+        self._joined = False
         if module is not None and self.defense.noise <= 0:
             log.warning("--cem %s with --noise 0: CEM needs obfuscation noise to work with and stays off",
                         self.defense.cem)
@@ -50,7 +51,9 @@ class CemHook:
         if self.module is None or not self.defense.cem_active(epoch):
             task.backward()
             return
-        cem.join_optimizer(self.optimizer, self.module)
+        if not self._joined:  # the surrogate's parameters train from the first CEM step on (CEM_SPEC §4)
+            cem.join_optimizer(self.optimizer, self.module)
+            self._joined = True
         rob, intra, diag = self.module(z, y, self.defense.noise)
         self._steps.append((float(rob.detach()), float(intra), diag))
         self.shutoff_steps += int(bool(diag.get("shutoff", False)))

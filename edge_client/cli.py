@@ -9,7 +9,7 @@ import sys
 from edge_client.config import ConnectionConfig, EdgeConfig
 from edge_client.defense import DefenseConfig
 from splitnet import codec, models, security
-from splitnet.cli_util import set_threads, setup_logging
+from splitnet.cli_util import add_threads_arg, set_threads, setup_logging
 from splitnet.data import DATASETS, DataSpec, DatasetNotFound
 from splitnet.wire import parse_address
 
@@ -70,8 +70,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cem-scale", type=float, default=None, help="rob_loss scale (default: the surrogate's)")
     g.add_argument("--cem-warmup", type=int, default=None, help="epochs without CEM (default: the surrogate's)")
     g.add_argument("--freeze-gates", action="store_true", help="CEM gates do not learn from rob_loss")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default %(default)s; 0: torch's default of one per core)")
+    add_threads_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true")
 

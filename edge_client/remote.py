@@ -177,10 +177,7 @@ class RemoteCloud:
         request = pb.TrainStep(step_id=step_id, features=codec.encode(features, codec_name), labels=labels.tolist())
         self._check_size(request)
         self._unacked[step_id] = request
-        try:
-            self._send(request)
-        except grpc.RpcError:
-            pass  # the stream is broken; collect() reconnects and re-sends
+        self._send(request)  # only queued: a broken stream shows in collect(), which reconnects and re-sends
 
     def collect(self, step_id: int) -> StepReply:
         deadline = time.monotonic() + self.config.reconnect_s
@@ -243,7 +240,10 @@ class RemoteCloud:
                     raise CloudError(grpc.StatusCode.DATA_LOSS,
                                      f"the server restarted without steps {lost[0]}..{lost[-1]} and they are no "
                                      "longer buffered here (was its --checkpoint-dir changed?)")
-                self._applied_by_server |= {s for s in self._unacked if s < last and s in self._sent_at}
+                settled = {s for s in self._unacked if s < last and s in self._sent_at}
+                for s in settled:  # no reply will come for them: no longer in flight
+                    del self._sent_at[s]
+                self._applied_by_server |= settled
                 for step_id in pending:
                     self._send(self._unacked[step_id])
                 self.replayed_steps += len(pending)

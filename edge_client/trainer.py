@@ -177,7 +177,8 @@ class EdgeTrainer:
         labels: deque[torch.Tensor] = deque()
 
         def batches():
-            for x, y in DataLoader(test_set or self.splits.test, batch_size=self.eval_batch_size):
+            dataset = self.splits.test if test_set is None else test_set  # an empty subset stays empty
+            for x, y in DataLoader(dataset, batch_size=self.eval_batch_size):
                 labels.append(y)
                 yield self.encode(x)
 

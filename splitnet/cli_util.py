@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
@@ -22,3 +23,9 @@ def set_threads(threads: int) -> None:
 
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    """The `--threads` flag every process of the project takes (see `set_threads`)."""
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default %(default)s; 0: torch's default of one per core)")

@@ -26,6 +26,8 @@ from typing import Iterable, Mapping, Sequence
 
 import grpc
 
+from splitnet import wire
+
 log = logging.getLogger(__name__)
 
 AUTH_METADATA_KEY = "authorization"
@@ -176,7 +178,10 @@ def open_channel(target: str, options: list[tuple[str, int | str]], *, tls_ca: s
 
 
 def _is_loopback(target: str) -> bool:
-    host = target.rpartition(":")[0].strip("[]") or target
+    try:
+        host = wire.parse_address(target)[0]
+    except ValueError:  # no port: the target is a host name alone
+        host = target
     if host == "localhost":
         return True
     try:
