@@ -53,12 +53,17 @@ def _raw_bytes(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
+
 def _quantize(t: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     """Affine int8 with zero exactly representable (ReLU and pruned zeros stay zero)."""
     if t.numel() == 0:
         return t.to(torch.int8), 1.0, 0
     lo, hi = min(float(t.min()), 0.0), max(float(t.max()), 0.0)
-    scale = (hi - lo) / 255.0 or 1.0
+    # The wire holds the scale as a float32: a range of subnormals alone would round it to 0,
+    # which decoding rightly refuses, so it is at least the smallest normal float32.
+    scale = max((hi - lo) / 255.0, _FLOAT32_TINY) if hi > lo else 1.0
     zero_point = int(max(-128, min(127, round(-128 - lo / scale))))
     q = torch.clamp(torch.round(t / scale) + zero_point, -128, 127).to(torch.int8)
     return q, scale, zero_point

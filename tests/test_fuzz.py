@@ -69,6 +69,14 @@ def test_codec_survives_random_tensors(msg):
     _check_decode(msg)
 
 
+def test_int8_scale_of_subnormal_values_stays_a_valid_float32():
+    """Found by fuzzing: the scale of a tensor of subnormals rounded to 0 on the wire, and the
+    receiver refused the message its own peer had encoded."""
+    values = torch.tensor([1.401298464324817e-45, 0.0])
+    out = codec.decode(pb.Tensor.FromString(codec.encode(values, "int8").SerializeToString()))
+    assert (out - values).abs().max() <= torch.finfo(torch.float32).tiny
+
+
 def test_codec_refuses_zero_element_shapes_that_overflow():
     """Found by fuzzing: a zero-element shape with a huge side overflowed torch's strides (RuntimeError)."""
     with pytest.raises(codec.CodecError, match="shape"):
@@ -80,8 +88,15 @@ def test_codec_refuses_zero_element_shapes_that_overflow():
 def test_codec_round_trips_what_it_encodes(name, shape, data):
     values = torch.tensor(data.draw(st.lists(st.floats(-1e4, 1e4, width=32), min_size=math.prod(shape),
                                              max_size=math.prod(shape))), dtype=torch.float32).reshape(shape)
-    out = codec.decode(pb.Tensor.FromString(codec.encode(values, name).SerializeToString()))
+    msg = codec.encode(values, name)
+    out = codec.decode(pb.Tensor.FromString(msg.SerializeToString()))
     assert out.shape == values.shape and torch.isfinite(out).all()
+    if name == "int8":  # affine quantisation: within half a step of the value
+        error = (out - values).abs().max().item() if values.numel() else 0.0
+        assert error <= msg.scale / 2 * (1 + 1e-5) + 1e-6
+    else:  # rounding to the nearest representable value: half a unit in the last place
+        rtol, atol = {"fp32": (0.0, 0.0), "fp16": (2 ** -11, 2 ** -24), "bf16": (2 ** -8, 1e-38)}[name]
+        torch.testing.assert_close(out, values, rtol=rtol, atol=atol)
 
 
 LEAKED = "<an honest client's session id>"
