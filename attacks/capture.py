@@ -23,11 +23,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from splitnet import codec
 from splitnet.v1 import split_pb2 as pb
 
 
@@ -63,13 +63,13 @@ class CaptureWriter:
             self._sessions.add(session_id)
             _append(self.root / "sessions.jsonl", {"session_id": session_id, "source": self.source, **model})
 
-    def record(self, method: str, session_id: str, step_id: int, features: pb.Tensor, labels: list[int],
-               model: object = None) -> None:
-        """Store one message's features; `model` (a SplitSpec) is noted the first time a session is seen."""
-        if model is not None and session_id not in self._sessions:
-            self.record_session(session_id, {k: plain(getattr(model, k)) for k in
-                                             ("arch", "cut", "num_classes", "input_shape", "bottleneck")})
-        array = codec.decode(features, "features").numpy()
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def record(self, method: str, session_id: str, step_id: int, features: torch.Tensor, wire_dtype: int,
+               labels: list[int]) -> None:
+        """Store one message's features, decoded as the server decodes them (`wire_dtype`: as sent)."""
+        array = features.detach().cpu().float().numpy()
         with self._lock:
             seq = self._seq
             self._seq += 1
@@ -77,8 +77,15 @@ class CaptureWriter:
             np.save(self.root / name, array, allow_pickle=False)
             _append(self.root / "records.jsonl", {
                 "seq": seq, "source": self.source, "method": method, "session_id": session_id,
-                "step_id": int(step_id), "wire_dtype": pb.DType.Name(features.dtype), "shape": list(array.shape),
+                "step_id": int(step_id), "wire_dtype": pb.DType.Name(wire_dtype), "shape": list(array.shape),
                 "labels": list(labels), "file": name, "time": time.time()})
+
+
+def session_model(spec: object, feature_shape: Sequence[int], job: str) -> dict:
+    """What `sessions.jsonl` holds of a session's model, the same from the proxy (a SessionSpec)
+    and from the tap (the job's SplitSpec)."""
+    fields = {k: plain(getattr(spec, k)) for k in ("arch", "cut", "num_classes", "input_shape", "bottleneck")}
+    return {**fields, "feature_shape": list(feature_shape), "job": job}
 
 
 def plain(value):

@@ -19,8 +19,8 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from attacks.capture import CaptureWriter, plain
-from splitnet import wire
+from attacks.capture import CaptureWriter, session_model
+from splitnet import codec, wire
 from splitnet.v1 import split_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,6 @@ _SERVICES = (pb.DESCRIPTOR.services_by_name["SplitLearning"], health_pb2.DESCRIP
 # "/package.Service/Method" -> (client streams, server streams)
 METHODS = {f"/{s.full_name}/{m.name}": (m.client_streaming, m.server_streaming) for s in _SERVICES for m in s.methods}
 _SPLIT = f"/{wire.SERVICE_NAME}/"
-_SPEC_FIELDS = ("arch", "cut", "num_classes", "input_shape", "feature_shape", "bottleneck", "job")
 
 
 class _Forwarder(grpc.GenericRpcHandler):
@@ -93,10 +92,12 @@ class _Forwarder(grpc.GenericRpcHandler):
         try:
             if method == _SPLIT + "Train":
                 step = pb.TrainStep.FromString(raw)
-                self.writer.record("Train", step.session_id, step.step_id, step.features, list(step.labels))
+                self.writer.record("Train", step.session_id, step.step_id, codec.decode(step.features, "features"),
+                                   step.features.dtype, list(step.labels))
             elif method == _SPLIT + "Infer":
                 req = pb.InferRequest.FromString(raw)
-                self.writer.record("Infer", req.session_id, req.request_id, req.features, [])
+                self.writer.record("Infer", req.session_id, req.request_id, codec.decode(req.features, "features"),
+                                   req.features.dtype, [])
         except Exception as err:  # noqa: BLE001 - the proxy must forward whatever it cannot read
             log.debug("not captured (%s): %s", method, err)
 
@@ -105,7 +106,7 @@ class _Forwarder(grpc.GenericRpcHandler):
             return
         spec = pb.SessionSpec.FromString(request)
         session = pb.Session.FromString(response)
-        self.writer.record_session(session.session_id, {k: plain(getattr(spec, k)) for k in _SPEC_FIELDS})
+        self.writer.record_session(session.session_id, session_model(spec, spec.feature_shape, spec.job))
 
 
 def _metadata(context: grpc.ServicerContext) -> list[tuple[str, str | bytes]]:

@@ -169,8 +169,14 @@ class CloudServer:
 def _tap(tap_dir: str):
     if not tap_dir:
         return None
-    from attacks.capture import CaptureWriter
+    from attacks.capture import CaptureWriter, session_model
 
     writer = CaptureWriter(tap_dir, source="tap")
-    return lambda method, session, step_id, features, labels: writer.record(
-        method, session.session_id, step_id, features, labels, session.job.spec)
+
+    def observe(method, session, step_id, features, wire_dtype, labels) -> None:
+        if not writer.has_session(session.session_id):
+            job = session.job
+            writer.record_session(session.session_id, session_model(job.spec, job.feature_shape, job.name))
+        writer.record(method, session.session_id, step_id, features, wire_dtype, labels)
+
+    return observe

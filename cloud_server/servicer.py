@@ -36,8 +36,9 @@ from splitnet.v1 import split_pb2_grpc
 log = logging.getLogger(__name__)
 
 # Called with every accepted message (method "Train" or "Infer", session, step or
-# request id, features, labels): the curious-server tap hooks in here.
-StepObserver = Callable[[str, "SessionState", int, pb.Tensor, list[int]], None]
+# request id, the features as decoded, their wire dtype, labels): the curious-server tap
+# hooks in here.
+StepObserver = Callable[[str, "SessionState", int, torch.Tensor, int, list[int]], None]
 
 # Bounds on what a SessionSpec may ask the server to build: a decoder and a dummy forward
 # pass are allocated from these numbers, so unbounded ones would let a peer exhaust memory.
@@ -217,7 +218,8 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         if not outcome.duplicate:
             session.steps_applied += 1
             if self.observer:
-                self.observer("Train", session, request.step_id, request.features, list(request.labels))
+                self.observer("Train", session, request.step_id, features, request.features.dtype,
+                              list(request.labels))
             self.checkpointer.maybe_save(job)
         durable = job.durable.get(session.client_id, 0) if self.checkpointer.enabled else request.step_id
         result = pb.TrainResult(step_id=request.step_id, loss=outcome.loss, correct=outcome.correct,
@@ -237,12 +239,13 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                     size = request.ByteSize()
                     self._check_size("InferRequest", size)
                     session = self._session(request.session_id, caller)
-                    logits = session.job.infer(self._features(request.features, session.job, "features"))
+                    features = self._features(request.features, session.job, "features")
+                    logits = session.job.infer(features)
             except Rejected as err:
                 log.debug("Infer request refused: %s", err.message)
                 context.abort(err.code, err.message)
             if self.observer:
-                self.observer("Infer", session, request.request_id, request.features, [])
+                self.observer("Infer", session, request.request_id, features, request.features.dtype, [])
             reply = pb.Prediction(request_id=request.request_id, logits=codec.encode(logits, "fp32"))
             self.counters.add(infer_batches=1, bytes_in=size, bytes_out=reply.ByteSize())
             yield reply

@@ -220,7 +220,9 @@ def test_tap_records_what_the_server_receives(tmp_path):
     assert {r.source for r in records} == {"tap"}
     assert [r.step_id for r in records if r.method == "Train"] == [1, 2, 3]
     assert sum(r.shape[0] for r in records if r.method == "Infer") == 359
-    assert capture.read_sessions(tap)[0]["session_id"] == report["session_id"]
+    session = capture.read_sessions(tap)[0]
+    assert session["session_id"] == report["session_id"]
+    assert session["feature_shape"] == [32, 8, 8] and session["job"] == "tapped" and session["cut"] == "block1"
 
 
 def test_score_refuses_unknown_sessions(attacked, tmp_path):
