@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import statistics
 import sys
 import threading
@@ -31,6 +30,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from edge_client.remote import TrainStream
 from edge_client.report import percentile
 from splitnet import codec
 from splitnet.v1 import split_pb2 as pb
@@ -56,8 +56,7 @@ class LoadClient:
         # A few batches, re-sent in turn: building tensors is not what is measured.
         self._batches = [(codec.encode(torch.rand(batch, *FEATURE_SHAPE, generator=generator)),
                           torch.randint(0, 10, (batch,), generator=generator).tolist()) for _ in range(8)]
-        self._requests: queue.Queue = queue.Queue()
-        self._call = stub.Train(iter(self._requests.get, None))
+        self._stream = TrainStream(stub)  # the edge's own stream, with its per-step deadline watchdog
         self.latency_ms: list[float] = []
         self.duplicates = 0
 
@@ -69,23 +68,15 @@ class LoadClient:
                 step_id += 1
                 features, labels = self._batches[step_id % len(self._batches)]
                 sent = time.perf_counter()
-                self._requests.put(pb.TrainStep(session_id=self.session_id, step_id=step_id, features=features,
-                                                labels=labels))
-                reply = self._next_reply()
+                self._stream.send(pb.TrainStep(session_id=self.session_id, step_id=step_id, features=features,
+                                               labels=labels))
+                reply = self._stream.receive(self.deadline_s)  # a hung server fails the run, not hangs it
                 self.latency_ms.append((time.perf_counter() - sent) * 1e3)
                 if reply.step_id != step_id:
                     raise RuntimeError(f"reply for step {reply.step_id}, expected {step_id}")
                 self.duplicates += reply.duplicate
         finally:
-            self._requests.put(None)
-
-    def _next_reply(self) -> pb.TrainResult:
-        timer = threading.Timer(self.deadline_s, self._call.cancel)  # a hung server fails the run, not hangs it
-        timer.start()
-        try:
-            return next(self._call)
-        finally:
-            timer.cancel()
+            self._stream.close()
 
 
 def rss_bytes(pid: int) -> int:

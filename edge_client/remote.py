@@ -45,7 +45,7 @@ class CloudError(RuntimeError):
         self.code = code
 
 
-class _TrainStream:
+class TrainStream:
     """A bidirectional Train call driven one request at a time.
 
     One watchdog thread per stream enforces the per-step deadline (re-armed each step,
@@ -120,7 +120,7 @@ class RemoteCloud:
                                               tls_server_name=config.tls_server_name, auth_token=config.auth_token)
         self._stub = split_pb2_grpc.SplitLearningStub(self._channel)
         self._spec: pb.SessionSpec | None = None
-        self._stream: _TrainStream | None = None
+        self._stream: TrainStream | None = None
         self._unacked: OrderedDict[int, pb.TrainStep] = OrderedDict()  # sent, not yet durable on the server
         self._sent_at: dict[int, float] = {}  # sent, reply not yet received
         self._applied_by_server: set[int] = set()
@@ -192,7 +192,7 @@ class RemoteCloud:
 
     def _send(self, request: pb.TrainStep) -> None:
         if self._stream is None:
-            self._stream = _TrainStream(self._stub)
+            self._stream = TrainStream(self._stub)
         request.session_id = self.session.session_id  # type: ignore[union-attr]
         self._sent_at[request.step_id] = time.perf_counter()
         self._stream.send(request)
