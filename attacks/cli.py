@@ -101,6 +101,9 @@ def _score(args: argparse.Namespace) -> int:
     run_info = json.loads((Path(args.recon) / "run.json").read_text())
     harness.check_aux_disjoint(pairs, run_info, datasets)
     result = harness.score_pairs(pairs, run_info["method"])
+    # what a Train step's reconstruction is compared with: the pixels it carried, crop and flip included
+    result["train_truth"] = ("augmented as sent (replayed from the report's seed)"
+                             if any(s.augment_seed is not None for s in sessions) else "training images as stored")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "attack.json").write_text(json.dumps(result, indent=2) + "\n")

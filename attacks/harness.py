@@ -8,7 +8,10 @@ reconstructions by (session id, method, step id):
 - training step `first_step_id + k` carries the k-th batch of
   `splitnet.data.training_loader(train set, batch_size, seed)`, which the harness replays
   over indices. A session that trained on part of the training set (a Ray client's shard)
-  says so (`train_shard`); its training steps cannot be placed and are skipped.
+  says so (`train_shard`); its training steps cannot be placed and are skipped. A session
+  trained with augmentation (`augment` in the report) sent cropped and flipped images; the
+  augmentation is a pure function of (seed, epoch, index) (`splitnet.data.augment`), so the
+  harness rebuilds and scores against the exact pixels each step carried.
 A reconnect opens a new session: the report's `session_ids` lists them all, and a step
 captured under two of them (sent, then replayed) is scored once.
 
@@ -79,6 +82,7 @@ class PrivateSession:
         self.train_set = splits.train
         self.first_step = report.get("first_step_id", 0)
         self.steps_per_epoch = max(1, math.ceil(report["train_set_size"] / report["batch_size"]))
+        self.augment_seed = report["seed"] if report.get("augment") else None
         self.batches: list[torch.Tensor] = []  # dataset indices of the k-th training step
         if not report.get("train_shard") and report["train_set_size"] == len(splits.train):
             order = data.training_order(len(splits.train), report["batch_size"], report["seed"])
@@ -96,7 +100,13 @@ class PrivateSession:
         if method == "Infer":
             return self.requests[step_id] if 0 <= step_id < len(self.requests) else None
         indices = self.train_indices(step_id)
-        return None if indices is None else torch.stack([self.train_set[int(i)][0] for i in indices])
+        if indices is None:
+            return None
+        images = [self.train_set[int(i)][0] for i in indices]
+        if self.augment_seed is not None:
+            epoch = self.epoch(step_id)
+            images = [data.augment(x, self.augment_seed, epoch, int(i)) for x, i in zip(images, indices)]
+        return torch.stack(images)
 
     def epoch(self, step_id: int) -> int:
         return (step_id - self.first_step - 1) // self.steps_per_epoch + 1

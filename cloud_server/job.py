@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from splitnet.models import OptimSpec, SplitSpec, build
+from splitnet.schedule import LrSchedule
 
 
 @dataclass
@@ -27,6 +28,7 @@ class StepOutcome:
     correct: int
     duplicate: bool
     job_steps_applied: int
+    lr: float = 0.0  # the rate the decoder stepped with (0 for a duplicate)
 
 
 class StepOrderError(ValueError):
@@ -37,6 +39,7 @@ class StepOrderError(ValueError):
 class _ClientState:
     last_step: int = 0
     last_outcome: StepOutcome | None = None
+    schedule: LrSchedule = LrSchedule()  # this client's, in its own steps (clients' epochs differ in length)
 
 
 @dataclass
@@ -70,6 +73,11 @@ class Job:
         with self.lock:
             return self.clients.get(client_id, _ClientState()).last_step
 
+    def set_schedule(self, client_id: str, schedule: LrSchedule) -> None:
+        """The schedule a (re-)opening client declared: its later steps follow it."""
+        with self.lock:
+            self.clients.setdefault(client_id, _ClientState()).schedule = schedule
+
     def train_step(self, client_id: str, step_id: int, features: torch.Tensor, labels: torch.Tensor) -> StepOutcome:
         """Apply one step once: forward, backward, optimizer step; return dLoss/dfeatures."""
         with self.lock:
@@ -77,7 +85,7 @@ class Job:
             if step_id <= state.last_step:
                 if step_id == state.last_step and state.last_outcome is not None:
                     cached = state.last_outcome
-                    return StepOutcome(cached.grad, cached.loss, cached.correct, True, self.steps_applied)
+                    return StepOutcome(cached.grad, cached.loss, cached.correct, True, self.steps_applied, cached.lr)
                 return StepOutcome(None, 0.0, 0, True, self.steps_applied)
             if step_id != state.last_step + 1:
                 raise StepOrderError(f"step_id {step_id} skips ahead: the server expects {state.last_step + 1} "
@@ -89,10 +97,13 @@ class Job:
             logits = self.decoder(z)
             loss = self._loss(logits, y)
             loss.backward()
+            lr = self.optim.lr * state.schedule.factor(step_id)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             self.optimizer.step()
             self.steps_applied += 1
             outcome = StepOutcome(z.grad.detach().cpu(), float(loss.detach()),
-                                  int((logits.argmax(1) == y).sum()), False, self.steps_applied)
+                                  int((logits.argmax(1) == y).sum()), False, self.steps_applied, lr)
             state.last_step, state.last_outcome = step_id, outcome
             return outcome
 
@@ -113,6 +124,7 @@ class Job:
                 "seed": self.seed,
                 "steps_applied": self.steps_applied,
                 "client_last_step": {c: s.last_step for c, s in self.clients.items()},
+                "client_schedule": {c: s.schedule.as_dict() for c, s in self.clients.items()},
                 "client_owner": dict(self.owners),
                 "decoder": {k: v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()},
                 "optimizer": _clone(self.optimizer.state_dict()),
@@ -124,7 +136,10 @@ class Job:
         job.decoder.load_state_dict(state["decoder"])
         job.optimizer.load_state_dict(state["optimizer"])
         job.steps_applied = state["steps_applied"]
-        job.clients = {c: _ClientState(last) for c, last in state["client_last_step"].items()}
+        schedules = state.get("client_schedule", {})  # absent in checkpoints written before schedules
+        job.clients = {c: _ClientState(last, schedule=LrSchedule.from_dict(schedules[c]) if c in schedules
+                                       else LrSchedule())
+                       for c, last in state["client_last_step"].items()}
         job.durable = dict(state["client_last_step"])
         job.restored = True
         job.owners = dict(state.get("client_owner", {}))  # absent in checkpoints written before it was kept

@@ -25,12 +25,13 @@ class LocalCloud:
 
     def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str, seed: int) -> int:
         self.job = Job(job, split.spec, optim, seed=seed)
+        self.job.set_schedule(client_id, optim.schedule)
         self._client = client_id
         return 0
 
     def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> None:
         out = self.job.train_step(self._client, step_id, features, labels)  # type: ignore[union-attr]
-        self._replies[step_id] = StepReply(out.grad, out.loss, out.correct, out.duplicate)
+        self._replies[step_id] = StepReply(out.grad, out.loss, out.correct, out.duplicate, out.lr)
 
     def collect(self, step_id: int) -> StepReply:
         return self._replies.pop(step_id)

@@ -152,6 +152,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
 
     def _open(self, request: pb.SessionSpec, caller: str) -> pb.Session:
         spec, optim = _session_spec(request)
+        schedule = wire.schedule_from_message(request.lr_schedule)
         key = (request.job, request.client_id)
         with self._lock:
             job = self.jobs.get(request.job)
@@ -164,6 +165,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                 raise Rejected(grpc.StatusCode.PERMISSION_DENIED,
                                f"client_id {_quote(request.client_id)} of job {_quote(request.job)} belongs to "
                                "another principal (each edge needs its own --client-id)")
+            job.set_schedule(request.client_id, schedule)
             # A re-open (reconnect) replaces the client's previous session: one per client.
             self.sessions.pop(self._client_session.get(key, ""), None)
             session = SessionState(uuid.uuid4().hex, job, request.client_id, request.grad_codec, caller)
@@ -224,7 +226,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         durable = job.durable.get(session.client_id, 0) if self.checkpointer.enabled else request.step_id
         result = pb.TrainResult(step_id=request.step_id, loss=outcome.loss, correct=outcome.correct,
                                 duplicate=outcome.duplicate, job_steps_applied=outcome.job_steps_applied,
-                                durable_step_id=durable)
+                                durable_step_id=durable, lr=outcome.lr)
         if outcome.grad is not None:
             result.grad.CopyFrom(codec.encode(outcome.grad, session.grad_codec))
         self.counters.add(steps_applied=0 if outcome.duplicate else 1, steps_duplicate=int(outcome.duplicate),
@@ -365,7 +367,8 @@ def _session_spec(request: pb.SessionSpec) -> tuple[SplitSpec, OptimSpec]:
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name}: {value} must be finite and >= 0")
     codec.check_codec(request.grad_codec, "grad_codec")
-    spec = SplitSpec(request.arch, request.cut, request.num_classes, tuple(shape), request.bottleneck)
+    spec = SplitSpec(request.arch, request.cut, request.num_classes, tuple(shape), request.bottleneck,
+                     request.width or 1.0)
     spec.resolved()  # raises ValueError naming arch / cut
     return spec, OptimSpec(request.lr, request.momentum, request.weight_decay)
 
@@ -373,7 +376,7 @@ def _session_spec(request: pb.SessionSpec) -> tuple[SplitSpec, OptimSpec]:
 def _check_compatible(job: Job, spec: SplitSpec, request: pb.SessionSpec) -> None:
     """A job's first session fixes its model and optimizer; later ones must declare the same model."""
     mine = spec.resolved()
-    for name in ("arch", "cut", "num_classes", "input_shape", "bottleneck"):
+    for name in ("arch", "cut", "num_classes", "input_shape", "bottleneck", "width"):
         if getattr(mine, name) != getattr(job.spec, name):
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
                            f"{name}: {getattr(mine, name)!r} differs from job {_quote(job.name)}'s "

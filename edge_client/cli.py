@@ -11,6 +11,7 @@ from edge_client.defense import DefenseConfig
 from splitnet import codec, models, security
 from splitnet.cli_util import add_threads_arg, set_threads, setup_logging
 from splitnet.data import DATASETS, DataSpec, DatasetNotFound
+from splitnet.schedule import LrSchedule
 from splitnet.wire import parse_address
 
 log = logging.getLogger("edge_client")
@@ -45,10 +46,21 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--list-cuts", action="store_true", help="print each arch's cut points and exit")
     g.add_argument("--bottleneck", type=int, default=e.bottleneck, metavar="C",
                    help="conv to C channels + sigmoid at the cut (0: none)")
+    g.add_argument("--width", type=float, default=e.width, metavar="W",
+                   help="channel multiplier of the architecture, e.g. 0.25 for vgg11_bn on a CPU "
+                        "(default %(default)s: full width)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=e.epochs)
     g.add_argument("--batch-size", type=int, default=e.batch_size)
-    g.add_argument("--lr", type=float, default=e.lr)
+    g.add_argument("--lr", type=float, default=e.lr, help="base learning rate (default %(default)s)")
+    g.add_argument("--lr-schedule", default=e.lr_schedule, metavar="SCHEDULE",
+                   help="constant | cosine | multistep:E1,E2,...:GAMMA (e.g. multistep:60,120,180,210:0.2, the "
+                        "CEM paper's); the cloud's decoder follows it step for step (default %(default)s)")
+    g.add_argument("--warmup-epochs", type=float, default=e.warmup_epochs, metavar="E",
+                   help="ramp the rate linearly from lr/steps to lr over the first E epochs (default %(default)s)")
+    g.add_argument("--augment", default=e.augment, choices=("auto", "on", "off"),
+                   help="random crop (padding 4) + horizontal flip of training images, seeded so the attack "
+                        "harness can replay them (auto: on for RGB sets, off for digits)")
     g.add_argument("--momentum", type=float, default=e.momentum)
     g.add_argument("--weight-decay", type=float, default=e.weight_decay)
     g.add_argument("--max-steps", type=int, default=0, help="stop after N training steps (0: all epochs)")
@@ -99,13 +111,21 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
         p.error("--pipeline must be >= 0")
     if args.lr <= 0:
         p.error("--lr must be > 0")
+    try:
+        LrSchedule.parse(args.lr_schedule, args.epochs, warmup_epochs=args.warmup_epochs)
+        models.SplitSpec(args.arch, args.cut, width=args.width).resolved()
+    except ValueError as err:
+        p.error(str(err).replace("lr_schedule.warmup_epochs", "--warmup-epochs").replace("lr_schedule.", "--lr-schedule ")
+                .replace("width:", "--width"))
     if args.cut and args.cut not in models.cut_points(args.arch):
         p.error(f"--cut {args.cut!r} is not a cut of {args.arch}; valid: {models.cut_points(args.arch)}")
     return EdgeConfig(
         connection=connection,
         data=DataSpec(args.dataset, args.data_root, args.download, args.image_size),
-        defense=defense, arch=args.arch, cut=args.cut, bottleneck=args.bottleneck, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        defense=defense, arch=args.arch, cut=args.cut, bottleneck=args.bottleneck, width=args.width,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
+        augment=args.augment,
         codec=args.codec, grad_codec=args.grad_codec, seed=args.seed, job=args.job,
         client_id=getattr(args, "client_id", ""), max_steps=args.max_steps, device=args.device,
         report=getattr(args, "report", ""), save_encoder=getattr(args, "save_encoder", ""),

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from edge_client.defense import DefenseConfig
 from splitnet.data import DataSpec
+
+DEFAULT_SCHEDULE = "cosine"
 from splitnet.wire import DEFAULT_MAX_MESSAGE_MB
 
 
@@ -31,11 +33,15 @@ class EdgeConfig:
     arch: str = "cnn"
     cut: str = ""  # empty: the architecture's default
     bottleneck: int = 0
+    width: float = 1.0  # channel multiplier of the architecture
     epochs: int = 10
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    lr_schedule: str = DEFAULT_SCHEDULE  # constant | cosine | multistep:E1,E2,...:GAMMA (splitnet.schedule)
+    warmup_epochs: float = 0.0
+    augment: str = "auto"  # auto | on | off: seeded crop + flip of the training images (auto: on for RGB)
     codec: str = "fp32"
     grad_codec: str = "fp32"
     seed: int = 0

@@ -149,7 +149,8 @@ class RemoteCloud:
                                     num_classes=spec.num_classes, input_shape=spec.input_shape,
                                     feature_shape=split.feature_shape, bottleneck=spec.bottleneck, lr=optim.lr,
                                     momentum=optim.momentum, weight_decay=optim.weight_decay,
-                                    grad_codec=grad_codec, seed=seed)
+                                    grad_codec=grad_codec, seed=seed,
+                                    lr_schedule=wire.schedule_message(optim.schedule), width=spec.width)
         self._opened(self._with_retry(lambda: self._stub.OpenSession(self._spec, timeout=self.config.deadline_s,
                                                                     wait_for_ready=True), "OpenSession"))
         self._count(self._spec, self.session)
@@ -216,7 +217,7 @@ class RemoteCloud:
             if sent is not None:
                 self.rtt_ms.append((time.perf_counter() - sent) * 1e3)
             grad = codec.decode(result.grad, "grad") if result.HasField("grad") else None
-            return StepReply(grad, result.loss, result.correct, result.duplicate)
+            return StepReply(grad, result.loss, result.correct, result.duplicate, result.lr)
 
     def _reconnect(self, deadline: float) -> None:
         """Re-open the session and re-send, in order, every buffered step the server lacks."""

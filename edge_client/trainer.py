@@ -14,6 +14,7 @@ the optimizer has moved on.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -32,6 +33,7 @@ from edge_client.defense import Obfuscation, nopeek_loss
 from edge_client.report import percentile
 from splitnet import data, models
 from splitnet.cloud_api import Cloud, StepReply
+from splitnet.schedule import LrSchedule
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +73,20 @@ class EdgeTrainer:
         self.train_set = train_set if train_set is not None else self.splits.train
         torch.manual_seed(config.seed)
         self.split = models.build(models.SplitSpec(config.arch, config.cut, self.splits.num_classes,
-                                                   self.splits.input_shape, config.bottleneck))
+                                                   self.splits.input_shape, config.bottleneck, config.width))
         self.encoder = self.split.encoder.to(config.device)
-        self.optim = models.OptimSpec(config.lr, config.momentum, config.weight_decay)
+        self.augment = (data.augment_by_default(self.splits.input_shape) if config.augment == "auto"
+                        else config.augment == "on")
+        self.augmented = data.Augmented(self.train_set, config.seed) if self.augment else None
+        self.loader = data.training_loader(self.augmented or self.train_set, config.batch_size, config.seed)
+        schedule = LrSchedule.parse(config.lr_schedule, config.epochs, len(self.loader), config.warmup_epochs)
+        self.optim = models.OptimSpec(config.lr, config.momentum, config.weight_decay, schedule)
         self.optimizer = models.OptimSpec(config.lr, encoder_momentum(config.momentum, config.connection.pipeline),
                                           config.weight_decay).make(self.encoder.parameters())
         self.obfuscation = Obfuscation(config.defense, generator=torch.Generator().manual_seed(config.seed + 1))
         self.cem = CemHook.create(config, self.encoder, self.optimizer, self.split)
-        self.loader = data.training_loader(self.train_set, config.batch_size, config.seed)
+        self.lr = config.lr  # the rate of the last step applied
+        self.lr_mismatches = 0  # steps where the decoder stepped with another rate than the encoder
         self.client_id = config.client_id or uuid.uuid4().hex[:12]
         self.history: list[dict] = []
         self.step_id = self.steps = self.samples = 0
@@ -106,6 +114,8 @@ class EdgeTrainer:
         if self.done:
             return {}
         epoch = len(self.history) + 1
+        if self.augmented is not None:
+            self.augmented.epoch = epoch
         depth = max(0, self.config.connection.pipeline)
         inflight: deque[_InFlight] = deque()
         tally = {"loss": 0.0, "correct": 0, "seen": 0}
@@ -129,7 +139,7 @@ class EdgeTrainer:
         self.train_seconds += elapsed
         self.samples += seen
         record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                  "samples_per_second": seen / elapsed if elapsed else 0.0,
+                  "lr": self.lr, "samples_per_second": seen / elapsed if elapsed else 0.0,
                   **self.cem.end_epoch(epoch, self.train_set)}
         self.history.append(record)
         log.info("epoch %d: loss %.4f acc %.3f, %.0f samples/s%s", epoch, record["train_loss"],
@@ -159,6 +169,7 @@ class EdgeTrainer:
         if reply.grad is None:  # the server had this step already (replayed after a restart)
             self.duplicates += 1
             return reply
+        self._set_lr(item.step_id, reply.lr)
         self.optimizer.zero_grad(set_to_none=True)
         task = (item.z_sent * reply.grad.to(item.z_sent.device)).sum()  # d task / d z_sent == the cloud's grad
         if self.config.defense.nopeek > 0:
@@ -166,6 +177,18 @@ class EdgeTrainer:
         self.cem.backward(task, item.z, item.y, item.epoch)
         self.optimizer.step()
         return reply
+
+    def _set_lr(self, step_id: int, decoder_lr: float) -> None:
+        """Step the encoder (and CEM's parameters) at the schedule's rate for this step id, the rate
+        the decoder reports it used (equal up to the wire's float32: anything else is a mismatch)."""
+        self.lr = self.optim.lr_at(step_id)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        if not math.isclose(decoder_lr, self.lr, rel_tol=1e-5):
+            self.lr_mismatches += 1
+            if self.lr_mismatches == 1:
+                log.warning("step %d: the decoder stepped at lr %.6g, the encoder at %.6g (the server's job has "
+                            "another base --lr or schedule?)", step_id, decoder_lr, self.lr)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,6 +278,10 @@ class EdgeTrainer:
             "train_set_size": len(self.train_set),
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
+            "lr_schedule": self.optim.schedule.as_dict(),
+            "lr_mismatch_steps": self.lr_mismatches,
+            "width": spec.width,
+            "augment": self.augment,
             "seed": cfg.seed,
             "pipeline": cfg.connection.pipeline,
             "job": cfg.job,

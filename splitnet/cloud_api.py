@@ -20,6 +20,7 @@ class StepReply:
     loss: float
     correct: int
     duplicate: bool
+    lr: float = 0.0  # the rate the decoder stepped with (0 when it did not step)
 
 
 class Cloud(Protocol):

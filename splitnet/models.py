@@ -10,11 +10,14 @@ cloud then starts with the matching expansion back to the stage's width.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+
+from splitnet.schedule import LrSchedule
 
 Stage = tuple[str, nn.Module]
 
@@ -28,16 +31,17 @@ class SplitSpec:
     num_classes: int = 10
     input_shape: tuple[int, int, int] = (1, 16, 16)
     bottleneck: int = 0  # 0: none; C > 0: conv to C channels + sigmoid at the cut
+    width: float = 1.0  # channel multiplier: 0.25 makes vgg11_bn train on 2 CPU cores in minutes per epoch
 
     def as_dict(self) -> dict:
         """Plain values, for JSON reports and weights_only checkpoints."""
         return {"arch": self.arch, "cut": self.cut, "num_classes": self.num_classes,
-                "input_shape": list(self.input_shape), "bottleneck": self.bottleneck}
+                "input_shape": list(self.input_shape), "bottleneck": self.bottleneck, "width": self.width}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SplitSpec":
         return cls(d["arch"], d["cut"], int(d["num_classes"]), tuple(int(v) for v in d["input_shape"]),
-                   int(d.get("bottleneck") or 0))
+                   int(d.get("bottleneck") or 0), float(d.get("width") or 1.0))
 
     def resolved(self) -> "SplitSpec":
         """The same spec with the default cut filled in and checked."""
@@ -50,7 +54,9 @@ class SplitSpec:
             raise ValueError(f"unknown cut {cut!r} for arch {self.arch!r}; valid cuts: {names}")
         if self.bottleneck < 0:
             raise ValueError("bottleneck must be >= 0")
-        return SplitSpec(self.arch, cut, self.num_classes, tuple(self.input_shape), self.bottleneck)
+        if not (math.isfinite(self.width) and MIN_WIDTH <= self.width <= MAX_WIDTH):
+            raise ValueError(f"width: {self.width} must lie in [{MIN_WIDTH}, {MAX_WIDTH}]")
+        return SplitSpec(self.arch, cut, self.num_classes, tuple(self.input_shape), self.bottleneck, self.width)
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,14 @@ class OptimSpec:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    schedule: LrSchedule = LrSchedule()
 
     def make(self, params) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+
+    def lr_at(self, step_id: int) -> float:
+        """The rate of the client's step `step_id` (both ends call this with the same id)."""
+        return self.lr * self.schedule.factor(step_id)
 
 
 @dataclass
@@ -75,30 +86,38 @@ class SplitModel:
 
 @dataclass(frozen=True)
 class _Arch:
-    stages: Callable[[int, int], tuple[list[Stage], nn.Module]]  # (in_ch, classes)
+    stages: Callable[[int, int, float], tuple[list[Stage], nn.Module]]  # (in_ch, classes, width)
     default_cut: str
+
+
+MIN_WIDTH, MAX_WIDTH = 1 / 64, 4.0
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-def _cnn(in_ch: int, classes: int) -> tuple[list[Stage], nn.Module]:
+def _cnn(in_ch: int, classes: int, width: float) -> tuple[list[Stage], nn.Module]:
+    c16, c32, c64, c128 = (_scaled(c, width) for c in (16, 32, 64, 128))
     stages = [
-        ("conv1", nn.Sequential(*_conv_bn_relu(in_ch, 16))),
-        ("block1", nn.Sequential(*_conv_bn_relu(16, 32), nn.MaxPool2d(2))),
-        ("block2", nn.Sequential(*_conv_bn_relu(32, 64), nn.MaxPool2d(2))),
+        ("conv1", nn.Sequential(*_conv_bn_relu(in_ch, c16))),
+        ("block1", nn.Sequential(*_conv_bn_relu(c16, c32), nn.MaxPool2d(2))),
+        ("block2", nn.Sequential(*_conv_bn_relu(c32, c64), nn.MaxPool2d(2))),
     ]
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(256, 128), nn.ReLU(inplace=True),
-                         nn.Linear(128, classes))
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c64, c128), nn.ReLU(inplace=True),
+                         nn.Linear(c128, classes))
     return stages, head
 
 
 _VGG11_CFG = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"]
 
 
-def _vgg11_bn(in_ch: int, classes: int) -> tuple[list[Stage], nn.Module]:
-    """CIFAR-style VGG11-bn (cfg A) with the 512-wide head of the CEM paper."""
+def _vgg11_bn(in_ch: int, classes: int, width: float) -> tuple[list[Stage], nn.Module]:
+    """CIFAR-style VGG11-bn (cfg A) with the 512-wide head of the CEM paper, every width scaled."""
     stages: list[Stage] = []
     cin, conv_i, pool_i = in_ch, 0, 0
     for v in _VGG11_CFG:
@@ -107,10 +126,12 @@ def _vgg11_bn(in_ch: int, classes: int) -> tuple[list[Stage], nn.Module]:
             stages.append((f"pool{pool_i}", nn.MaxPool2d(2)))
         else:
             conv_i += 1
-            stages.append((f"conv{conv_i}", nn.Sequential(*_conv_bn_relu(cin, int(v)))))
-            cin = int(v)
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 512), nn.ReLU(inplace=True),
-                         nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, classes))
+            cout = _scaled(int(v), width)
+            stages.append((f"conv{conv_i}", nn.Sequential(*_conv_bn_relu(cin, cout))))
+            cin = cout
+    hidden = _scaled(512, width)
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, classes))
     return stages, head
 
 
@@ -127,17 +148,18 @@ class _BasicBlock(nn.Module):
         return torch.relu(self.body(x) + self.short(x))
 
 
-def _resnet20(in_ch: int, classes: int) -> tuple[list[Stage], nn.Module]:
+def _resnet20(in_ch: int, classes: int, width: float) -> tuple[list[Stage], nn.Module]:
     def layer(cin: int, cout: int, stride: int) -> nn.Module:
         return nn.Sequential(_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1), _BasicBlock(cout, cout, 1))
 
+    c16, c32, c64 = (_scaled(c, width) for c in (16, 32, 64))
     stages = [
-        ("stem", nn.Sequential(*_conv_bn_relu(in_ch, 16))),
-        ("layer1", layer(16, 16, 1)),
-        ("layer2", layer(16, 32, 2)),
-        ("layer3", layer(32, 64, 2)),
+        ("stem", nn.Sequential(*_conv_bn_relu(in_ch, c16))),
+        ("layer1", layer(c16, c16, 1)),
+        ("layer2", layer(c16, c32, 2)),
+        ("layer3", layer(c32, c64, 2)),
     ]
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c64, classes))
     return stages, head
 
 
@@ -156,14 +178,14 @@ def cut_points(arch: str) -> list[str]:
 @functools.cache
 def _cut_points(arch: str) -> tuple[str, ...]:
     with torch.random.fork_rng(devices=[]):  # building layers draws weights: keep callers' seeds intact
-        stages, _ = ARCHS[arch].stages(1, 2)
+        stages, _ = ARCHS[arch].stages(1, 2, 1.0)
     return tuple(name for name, _ in stages)
 
 
 def build(spec: SplitSpec) -> SplitModel:
     """Build both halves and measure the feature shape at the cut (batch dim dropped)."""
     spec = spec.resolved()
-    stages, head = ARCHS[spec.arch].stages(spec.input_shape[0], spec.num_classes)
+    stages, head = ARCHS[spec.arch].stages(spec.input_shape[0], spec.num_classes, spec.width)
     idx = [name for name, _ in stages].index(spec.cut) + 1
     enc_layers = [m for _, m in stages[:idx]]
     dec_layers = [m for _, m in stages[idx:]]

@@ -35,7 +35,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scale: _Optional[float] = ..., zero_point: _Optional[int] = ...) -> None: ...
 
 class SessionSpec(_message.Message):
-    __slots__ = ("job", "client_id", "arch", "cut", "num_classes", "input_shape", "feature_shape", "bottleneck", "lr", "momentum", "weight_decay", "grad_codec", "seed")
+    __slots__ = ("job", "client_id", "arch", "cut", "num_classes", "input_shape", "feature_shape", "bottleneck", "lr", "momentum", "weight_decay", "grad_codec", "seed", "lr_schedule", "width")
     JOB_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,8 @@ class SessionSpec(_message.Message):
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     GRAD_CODEC_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
     job: str
     client_id: str
     arch: str
@@ -62,7 +64,25 @@ class SessionSpec(_message.Message):
     weight_decay: float
     grad_codec: str
     seed: int
-    def __init__(self, job: _Optional[str] = ..., client_id: _Optional[str] = ..., arch: _Optional[str] = ..., cut: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., feature_shape: _Optional[_Iterable[int]] = ..., bottleneck: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., grad_codec: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+    lr_schedule: LrSchedule
+    width: float
+    def __init__(self, job: _Optional[str] = ..., client_id: _Optional[str] = ..., arch: _Optional[str] = ..., cut: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., feature_shape: _Optional[_Iterable[int]] = ..., bottleneck: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., grad_codec: _Optional[str] = ..., seed: _Optional[int] = ..., lr_schedule: _Optional[_Union[LrSchedule, _Mapping]] = ..., width: _Optional[float] = ...) -> None: ...
+
+class LrSchedule(_message.Message):
+    __slots__ = ("kind", "milestones", "gamma", "warmup_epochs", "epochs", "steps_per_epoch")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MILESTONES_FIELD_NUMBER: _ClassVar[int]
+    GAMMA_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    milestones: _containers.RepeatedScalarFieldContainer[int]
+    gamma: float
+    warmup_epochs: float
+    epochs: int
+    steps_per_epoch: int
+    def __init__(self, kind: _Optional[str] = ..., milestones: _Optional[_Iterable[int]] = ..., gamma: _Optional[float] = ..., warmup_epochs: _Optional[float] = ..., epochs: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("session_id", "last_step_id", "job_steps_applied", "resumed")
@@ -89,7 +109,7 @@ class TrainStep(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TrainResult(_message.Message):
-    __slots__ = ("step_id", "grad", "loss", "correct", "duplicate", "job_steps_applied", "durable_step_id")
+    __slots__ = ("step_id", "grad", "loss", "correct", "duplicate", "job_steps_applied", "durable_step_id", "lr")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +117,7 @@ class TrainResult(_message.Message):
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     JOB_STEPS_APPLIED_FIELD_NUMBER: _ClassVar[int]
     DURABLE_STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     grad: Tensor
     loss: float
@@ -104,7 +125,8 @@ class TrainResult(_message.Message):
     duplicate: bool
     job_steps_applied: int
     durable_step_id: int
-    def __init__(self, step_id: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., loss: _Optional[float] = ..., correct: _Optional[int] = ..., duplicate: _Optional[bool] = ..., job_steps_applied: _Optional[int] = ..., durable_step_id: _Optional[int] = ...) -> None: ...
+    lr: float
+    def __init__(self, step_id: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., loss: _Optional[float] = ..., correct: _Optional[int] = ..., duplicate: _Optional[bool] = ..., job_steps_applied: _Optional[int] = ..., durable_step_id: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("session_id", "request_id", "features")
