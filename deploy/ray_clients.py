@@ -51,7 +51,7 @@ log = logging.getLogger("deploy.ray")
 
 # What each client entry of the report carries from its trainer's report (README keys).
 CLIENT_KEYS = ("test_accuracy", "train_loss", "epochs", "steps", "train_samples", "bytes_up", "bytes_down",
-               "samples_per_second", "rtt_ms_p50", "rtt_ms_p99", "reconnects", "duplicate_steps")
+               "samples_per_second", "rtt_ms_p50", "rtt_ms_p99", "reconnects", "duplicate_steps", "lr_mismatch_steps")
 
 
 class EdgeClient:
@@ -315,6 +315,7 @@ def _report(run: _Run, skew: float, server_steps: int, last_steps: dict[str, int
         "dataset": edge.data.name,
         "arch": edge.arch,
         "epochs": edge.epochs,
+        "lr_schedule": edge.lr_schedule,
         "batch_size": edge.batch_size,
         "codec": edge.codec,
         "seed": edge.seed,

@@ -20,6 +20,7 @@ from splitnet.models import SplitModel
 log = logging.getLogger(__name__)
 
 _GATE_KEYS = ("soft_gate_mean", "snr_gate_mean", "class_gate_mean")
+WEAK_PULL = 0.01  # below this share of the task gradient, for a whole epoch, CEM changes nothing measurable
 
 
 class CemHook:
@@ -58,8 +59,12 @@ class CemHook:
         self._steps.append((float(rob.detach()), float(intra), diag))
         self.shutoff_steps += int(bool(diag.get("shutoff", False)))
         lr = self.optimizer.param_groups[0]["lr"]
-        cem.two_phase_backward(self.defense.scale * rob, task.backward, self.encoder.parameters(),
-                               self.module.parameters(), self.defense.lam * cem.lr_weight(lr), features=z)
+        weight = self.defense.lam * cem.lr_weight(lr)
+        norms = cem.two_phase_backward(self.defense.scale * rob, task.backward, self.encoder.parameters(),
+                                       self.module.parameters(), weight, features=z)
+        # the pull: how hard CEM steers the encoder against the task, both taken at z
+        diag["pull"] = weight * float(norms["rob_grad_norm"]) / max(float(norms["task_grad_norm"]), 1e-12)
+        diag["w_lr"] = cem.lr_weight(lr)
 
     def end_epoch(self, epoch: int, train_set: Dataset) -> dict:
         """Epoch-end work (the GMM refit) and the epoch's CEM diagnostics for the history."""
@@ -75,6 +80,12 @@ class CemHook:
                 values = [d[key] for _, _, d in self._steps if key in d]
                 if values:
                     record[key] = sum(values) / len(values)
+            record["cem_pull"] = sum(d["pull"] for _, _, d in self._steps) / len(self._steps)
+            record["cem_w_lr"] = self._steps[-1][2]["w_lr"]
+            if record["cem_pull"] < WEAK_PULL:
+                log.warning("epoch %d: CEM is not acting: its pull on the encoder, lambda * w_lr * |g_rob| / "
+                            "|g_task|, averaged %.2g%% (below %g%%); raise --lambda or reach the low-lr phase "
+                            "of the schedule where w_lr = 1", epoch, 100 * record["cem_pull"], 100 * WEAK_PULL)
         self._steps = []
         self._last_epoch = record
         return record
@@ -94,7 +105,8 @@ class CemHook:
         if "rob_loss_mean" not in record:
             return ""
         gates = " ".join(f"{k.removesuffix('_mean')} {record[k]:.3f}" for k in _GATE_KEYS if k in record)
-        return f"; cem rob {record['rob_loss_mean']:.4g} intra_mse {record['batch_intra_mse']:.4g} {gates}"
+        return (f"; cem rob {record['rob_loss_mean']:.4g} intra_mse {record['batch_intra_mse']:.4g} "
+                f"pull {100 * record['cem_pull']:.2g}% w_lr {record['cem_w_lr']:.3g} {gates}")
 
     def report(self, train_set: Dataset) -> dict:
         """Last-epoch CEM figures, and the final class-conditional spread of the clean features.

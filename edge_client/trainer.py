@@ -258,6 +258,7 @@ class EdgeTrainer:
             "replayed_steps": cloud.replayed_steps,
             "duplicate_steps": self.duplicates,
             "last_step_id": self.step_id,
+            "lr_mismatch_steps": self.lr_mismatches,
         }
 
     def report(self, accuracy: float) -> dict:
@@ -279,7 +280,6 @@ class EdgeTrainer:
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
             "lr_schedule": self.optim.schedule.as_dict(),
-            "lr_mismatch_steps": self.lr_mismatches,
             "width": spec.width,
             "augment": self.augment,
             "seed": cfg.seed,

@@ -20,6 +20,12 @@ from dataclasses import dataclass
 
 KINDS = ("constant", "multistep", "cosine")
 
+# The CEM paper's recipe, lr 0.05 dropped x0.2 at epochs 60/120/180/210 of 240, as fractions of
+# any run's length. Its last two phases run below lr 4.1e-4 (0.05 * 0.2^3 = 4e-4), where CEM's
+# w_lr = 0.001 / lr becomes 1: CEM at full lambda, after the task has converged.
+PAPER_FRACTIONS = (0.25, 0.5, 0.75, 0.875)
+PAPER_GAMMA = 0.2
+
 
 @dataclass(frozen=True)
 class LrSchedule:
@@ -54,8 +60,15 @@ class LrSchedule:
 
     @classmethod
     def parse(cls, text: str, epochs: int, steps_per_epoch: int = 1, warmup_epochs: float = 0.0) -> "LrSchedule":
-        """`constant`, `cosine` or `multistep:E1,E2,...:GAMMA` (the `--lr-schedule` flag's syntax)."""
+        """`constant`, `cosine`, `multistep:E1,E2,...:GAMMA` or `paper` (the `--lr-schedule` flag's
+        syntax); `paper` is the CEM paper's multistep scaled to `epochs` (at least 8)."""
         kind, _, rest = text.strip().partition(":")
+        if kind == "paper" and not rest:
+            if epochs < 8:
+                raise ValueError(f"lr_schedule.epochs: the paper schedule needs --epochs >= 8 for its four "
+                                 f"drops, not {epochs}")
+            milestones = tuple(sorted({max(1, round(f * epochs)) for f in PAPER_FRACTIONS}))
+            return cls("multistep", milestones, PAPER_GAMMA, warmup_epochs, epochs, steps_per_epoch)
         if kind != "multistep":
             if rest:
                 raise ValueError(f"--lr-schedule {text!r}: only multistep takes arguments "

@@ -99,6 +99,7 @@ def test_three_clients_train(ray_local, server, single, mode):
     # exactly once, end to end: every step a client sent was applied once by the shared decoder
     assert report["server_steps_applied"] == report["client_steps_sent"] == sum(c["steps"] for c in clients)
     assert all(c["server_last_step"] == c["steps"] for c in clients)
+    assert all(c["lr_mismatch_steps"] == 0 for c in clients)  # each client's schedule, step for step
     if mode != "parallel":  # one shared encoder at the end
         assert len({c["test_accuracy"] for c in clients}) == 1
     drop = single["test_accuracy"] - report["test_accuracy"]

@@ -24,16 +24,33 @@ def _job_stats(address: str, job: str) -> pb.JobStats | None:
     return stats.jobs[0] if stats.jobs else None
 
 
+class _RateRecorder(RemoteCloud):
+    """Records the learning rate the decoder reports for every step whose gradient the edge applies."""
+
+    def __init__(self, config: ConnectionConfig) -> None:
+        super().__init__(config)
+        self.rates: dict[int, float] = {}
+
+    def collect(self, step_id: int):
+        reply = super().collect(step_id)
+        if reply.grad is not None:
+            self.rates[step_id] = reply.lr
+        return reply
+
+
 @pytest.mark.parametrize("pipeline", [0, 3])
 def test_kill_9_restart_and_continue(tmp_path, pipeline):
+    """Also: the decoder follows the edge's schedule step for step across the crash (the rate
+    drops tenfold at epoch 1; the server that restarted from the checkpoint keeps the drop)."""
     port, ckpt = free_port(), str(tmp_path / "ckpt")
     args = ("--checkpoint-dir", ckpt, "--checkpoint-every", "5")
     server = start_server(*args, port=port)
     config = EdgeConfig(connection=ConnectionConfig(server=server.address, deadline_s=10, reconnect_s=90,
                                                     pipeline=pipeline),
-                        epochs=2, job="crash", client_id="edge-1", progress=False)
+                        epochs=2, job="crash", client_id="edge-1", progress=False, lr_schedule="multistep:1:0.1")
     result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(run(config, RemoteCloud(config.connection))))
+    cloud = _RateRecorder(config.connection)
+    worker = threading.Thread(target=lambda: result.update(run(config, cloud)))
     worker.start()
     try:
         deadline = time.monotonic() + 120
@@ -51,6 +68,10 @@ def test_kill_9_restart_and_continue(tmp_path, pipeline):
         assert result["test_accuracy"] > 0.5
         # only a step in flight at the kill, and already in the checkpoint, comes back without a gradient
         assert result["duplicate_steps"] <= pipeline + 1
+        per_epoch = result["lr_schedule"]["steps_per_epoch"]
+        assert result["lr_mismatch_steps"] == 0 and len(cloud.rates) == result["steps"] - result["duplicate_steps"]
+        for step_id, lr in cloud.rates.items():
+            assert lr == pytest.approx(config.lr * (1.0 if step_id <= per_epoch else 0.1))
     finally:
         server.stop()
 

@@ -3,6 +3,8 @@ training recipe that both ends (and the attack harness) must agree on."""
 
 import dataclasses
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -203,5 +205,41 @@ def test_in_memory_image_tree_serves_the_same_pixels(tmp_path):
     splits = data.load(data.DataSpec("imagefolder", str(tmp_path), image_size=12))
     assert isinstance(splits.train, data._Uint8Images) and splits.input_shape == (3, 12, 12)
     x, y = splits.train[4]
-    expected = torch.tensor(list(Image.open(tmp_path / "train" / "b" / "1.png").getdata()), dtype=torch.float32)
-    assert y == 1 and torch.equal(x, expected.T.reshape(3, 12, 12) / 255.0)
+    expected = torch.from_numpy(np.array(Image.open(tmp_path / "train" / "b" / "1.png"))).permute(2, 0, 1)
+    assert y == 1 and torch.equal(x, expected.float() / 255.0)
+
+
+def test_cem_pull_is_reported_and_w_lr_reaches_full_lambda_at_the_milestone(caplog):
+    """The paper's regime: once the schedule drops the rate below 4.1e-4, w_lr = 0.001 / lr
+    turns into 1, so the same lambda pulls 50x harder; a tiny lambda is flagged as inactive."""
+    from edge_client.defense import DefenseConfig
+
+    def cem_run(lam: float) -> list[dict]:
+        defense = DefenseConfig(noise=0.1, cem="gmm", lam=lam)  # GMM's warm-up: epoch 1 fits its first mixture
+        config = EdgeConfig(epochs=3, lr=0.05, lr_schedule="multistep:2:0.001", bottleneck=8, defense=defense,
+                            progress=False)
+        history = run(config, LocalCloud())["history"]
+        assert "cem_pull" not in history[0]
+        return history[1:]
+
+    with caplog.at_level("WARNING", logger="edge_client.cem_hook"):
+        tiny = cem_run(1e-6)
+    assert [h["cem_w_lr"] for h in tiny] == pytest.approx([0.001 / 0.05, 1.0])
+    assert all(h["cem_pull"] < 0.01 for h in tiny)
+    assert sum("CEM is not acting" in r.message for r in caplog.records) == 2
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edge_client.cem_hook"):
+        strong = cem_run(16)
+    assert not any("CEM is not acting" in r.message for r in caplog.records)
+    assert strong[0]["cem_pull"] > 0.01
+    # the same lambda pulls harder per unit of task gradient after the drop (w_lr 0.02 -> 1)
+    assert strong[1]["cem_pull"] > 10 * strong[0]["cem_pull"]
+
+
+def test_paper_schedule_scales_the_cem_milestones_to_the_run():
+    s = LrSchedule.parse("paper", epochs=240, steps_per_epoch=3)
+    assert s.kind == "multistep" and s.milestones == (60, 120, 180, 210) and s.gamma == 0.2
+    assert 0.05 * s.factor(180 * 3 + 1) < 4.1e-4 < 0.05 * s.factor(180 * 3)  # w_lr = 1 from epoch 180 on
+    assert LrSchedule.parse("paper", epochs=8).milestones == (2, 4, 6, 7)
+    with pytest.raises(ValueError, match="epochs >= 8"):
+        LrSchedule.parse("paper", epochs=5)
