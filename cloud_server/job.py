@@ -39,7 +39,6 @@ class StepOrderError(ValueError):
 class _ClientState:
     last_step: int = 0
     last_outcome: StepOutcome | None = None
-    schedule: LrSchedule = LrSchedule()  # this client's, in its own steps (clients' epochs differ in length)
 
 
 @dataclass
@@ -55,6 +54,8 @@ class Job:
     # hand a client id (and its step counter) to whoever re-opens it first
     owners: dict[str, str] = field(default_factory=dict)
     durable: dict[str, int] = field(default_factory=dict)  # client -> last step a written checkpoint holds
+    # client -> its learning-rate schedule, in its own steps (clients' epochs differ in length); checkpointed
+    schedules: dict[str, LrSchedule] = field(default_factory=dict)
     checkpoints_written: int = 0
     restored: bool = False  # built from a checkpoint (the session's `resumed`)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -76,7 +77,7 @@ class Job:
     def set_schedule(self, client_id: str, schedule: LrSchedule) -> None:
         """The schedule a (re-)opening client declared: its later steps follow it."""
         with self.lock:
-            self.clients.setdefault(client_id, _ClientState()).schedule = schedule
+            self.schedules[client_id] = schedule
 
     def train_step(self, client_id: str, step_id: int, features: torch.Tensor, labels: torch.Tensor) -> StepOutcome:
         """Apply one step once: forward, backward, optimizer step; return dLoss/dfeatures."""
@@ -97,7 +98,7 @@ class Job:
             logits = self.decoder(z)
             loss = self._loss(logits, y)
             loss.backward()
-            lr = self.optim.lr * state.schedule.factor(step_id)
+            lr = self.optim.lr * self.schedules.get(client_id, LrSchedule()).factor(step_id)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
@@ -124,7 +125,7 @@ class Job:
                 "seed": self.seed,
                 "steps_applied": self.steps_applied,
                 "client_last_step": {c: s.last_step for c, s in self.clients.items()},
-                "client_schedule": {c: s.schedule.as_dict() for c, s in self.clients.items()},
+                "client_schedule": {c: s.as_dict() for c, s in self.schedules.items()},
                 "client_owner": dict(self.owners),
                 "decoder": {k: v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()},
                 "optimizer": _clone(self.optimizer.state_dict()),
@@ -136,10 +137,9 @@ class Job:
         job.decoder.load_state_dict(state["decoder"])
         job.optimizer.load_state_dict(state["optimizer"])
         job.steps_applied = state["steps_applied"]
-        schedules = state.get("client_schedule", {})  # absent in checkpoints written before schedules
-        job.clients = {c: _ClientState(last, schedule=LrSchedule.from_dict(schedules[c]) if c in schedules
-                                       else LrSchedule())
-                       for c, last in state["client_last_step"].items()}
+        job.clients = {c: _ClientState(last) for c, last in state["client_last_step"].items()}
+        # absent in checkpoints written before schedules: those clients ran at a constant rate
+        job.schedules = {c: LrSchedule.from_dict(s) for c, s in state.get("client_schedule", {}).items()}
         job.durable = dict(state["client_last_step"])
         job.restored = True
         job.owners = dict(state.get("client_owner", {}))  # absent in checkpoints written before it was kept

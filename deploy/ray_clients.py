@@ -51,7 +51,8 @@ log = logging.getLogger("deploy.ray")
 
 # What each client entry of the report carries from its trainer's report (README keys).
 CLIENT_KEYS = ("test_accuracy", "train_loss", "epochs", "steps", "train_samples", "bytes_up", "bytes_down",
-               "samples_per_second", "rtt_ms_p50", "rtt_ms_p99", "reconnects", "duplicate_steps", "lr_mismatch_steps")
+               "samples_per_second", "rtt_ms_p50", "rtt_ms_p99", "reconnects", "duplicate_steps",
+               "lr_mismatch_steps")
 
 
 class EdgeClient:
