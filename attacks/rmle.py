@@ -7,13 +7,13 @@ ReLU discard information), the piecewise-smooth one natural images resemble.
 
 Choices the paper leaves open: the feature term is the mean over feature elements per
 image, summed over images, so each image's optimisation is independent of the batch
-and of the cut's feature size (the paper's sum differs by a constant factor per cut, which
-only rescales lambda_TV); TV is anisotropic (mean absolute neighbour difference, the
-beta = 1 member of the TV family the paper cites, per pixel so lambda_TV does not depend on
-the image size); x stays in [0, 1] by projection (clamp after each Adam step), which,
-unlike a sigmoid parameterisation, lets pixels reach exactly 0 or 1 without vanishing
-gradients. The intercepted z may carry the edge's obfuscation; rMLE matches it as it is,
-as the paper's attacker does. `iterations`, `lr` and `tv_weight` are the attacker's knobs
+and of the cut's feature size (a sum over elements differs by a constant factor per cut,
+which only rescales lambda_TV); TV is anisotropic (mean absolute neighbour difference, a
+mean per pixel so lambda_TV does not depend on the image size); x stays in [0, 1] by
+projection (clamp after each Adam step), which, unlike a sigmoid parameterisation, lets
+pixels reach exactly 0 or 1 without vanishing gradients. rMLE matches the intercepted z as
+it is, obfuscation included: it has no model of the defense (the noise-aware attacker is
+the inversion network). `iterations`, `lr` and `tv_weight` are the attacker's knobs
 (`attacker run --rmle-iterations / --rmle-lr / --rmle-tv-weight`, recorded in run.json).
 """
 
