@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+from dataclasses import replace
+
 import pytest
 
 from deploy.plots import markdown_table, pareto_front
@@ -119,6 +121,9 @@ bottleneck = 8
 epochs = 1
 batch_size = 8
 
+[grid]
+cuts = [{{cut = "block1", bottleneck = 4}}]  # the point's own bottleneck wins over [model]'s
+
 [defenses]
 none = {{}}
 
@@ -135,6 +140,7 @@ rmle_tv_weight = 0.1
                            str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (point,) = json.loads((out / "results.json").read_text())["points"]
+    assert point["key"].startswith("block1-b4__") and point["bottleneck"] == 4
     inversion, rmle = point["inversion_attacker"], point["rmle_attacker"]
     assert inversion["aux_dataset"] == rmle["aux_dataset"] == "imagefolder"
     assert inversion["aux_data_root"] == str(data) and inversion["aux_images"] == 40
@@ -163,3 +169,29 @@ def test_attack_table_and_per_cut_bottleneck_parse():
         SweepConfig.from_dict({"attack": {"bloks": 8}})
     with pytest.raises(ValueError, match="cuts entry"):
         SweepConfig.from_dict({"grid": {"cuts": [{"bottleneck": 8}]}})
+
+
+def test_data_roots_become_absolute_and_the_cli_one_wins(tmp_path, monkeypatch):
+    from deploy.sweep import with_absolute_roots
+
+    monkeypatch.chdir(tmp_path)
+    config = SweepConfig.from_dict({"model": {"dataset": "imagefolder", "data_root": "data/a"},
+                                    "attack": {"aux_data_root": "../b"}})
+    resolved = with_absolute_roots(config)
+    assert resolved.model["data_root"] == str(tmp_path / "data" / "a")
+    assert resolved.attack["aux_data_root"] == str(tmp_path.parent / "b")
+    assert with_absolute_roots(config, "elsewhere").model["data_root"] == str(tmp_path / "elsewhere")
+    assert config.model["data_root"] == "data/a"  # the loaded config is left as it was
+
+
+def test_demo_attacker_flags_reach_the_attacker_and_the_report(tmp_path, monkeypatch):
+    from deploy import demo
+
+    tiny = replace(demo.DEMO, model={"dataset": "digits", "bottleneck": 8, "epochs": 1, "max_steps": 4},
+                   codecs=("fp32",), defenses={"none": {}}, attack_args=("--aux-limit", "200"))
+    monkeypatch.setattr(demo, "DEMO", tiny)
+    assert demo.main(["--out", str(tmp_path), "--workers", "1", "--inverse-epochs", "1", "--inverse-width", "8",
+                      "--inverse-blocks", "1"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["attacker"] == {"blocks": 1, "width": 8, "epochs": 1}
+    assert "1 residual blocks, width 8, 1 epochs" in (tmp_path / "report.md").read_text()
