@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     table = aggregate(config, points)
     rows = demo_rows(table)
     story = verdict(rows)
-    # As the attacker resolved and recorded it (finished points of an earlier run keep theirs).
-    attacker = {k: points[0]["inversion_attacker"].get(f"inverse_{k}") for k in ("blocks", "width", "epochs")}
+    # As the attacker resolved and recorded it (None: a point finished before attackers were recorded).
+    attacker = {k: points[0].get("inversion_attacker", {}).get(f"inverse_{k}") for k in ("blocks", "width", "epochs")}
     preface = (f"Digits, cnn cut at its default with an 8-channel sigmoid bottleneck, {config.model['epochs']} "
                f"epochs; noise sigma {SIGMA}; CEM = gated attention, lambda 16. Attacker: noise-aware inversion "
                f"network ({attacker['blocks']} residual blocks, width {attacker['width']}, {attacker['epochs']} "

@@ -34,6 +34,7 @@ Config (TOML):
     # aux_limit; args = ["--flag", "value"]: any other `attacker run` flags
     [run]
     workers = 1
+    timeout_s = 1800        # the longest any one process of a point may run (training, attack, scoring)
 
 Every point's `result.json` (and `results.json`'s `points`) holds, per method, the
 attacker's `run.json` as `<method>_attacker`: the resolved settings that produced its scores.
@@ -108,6 +109,7 @@ class SweepConfig:
     attack: dict = field(default_factory=dict)  # ATTACK_FLAGS keys -> values
     attack_args: tuple[str, ...] = ()
     workers: int = 1
+    timeout_s: float = 1800.0  # per process (edge-client, attacker run, attacker score) of a point
 
     def __post_init__(self) -> None:
         unknown = set(self.attack) - set(ATTACK_FLAGS)
@@ -124,7 +126,8 @@ class SweepConfig:
         return cls(model=d.get("model", {}), cuts=tuple(_cut(c) for c in grid.get("cuts", [""])),
                    codecs=tuple(grid.get("codecs", ["fp32"])), seeds=tuple(grid.get("seeds", [0])),
                    defenses=d.get("defenses", {"none": {}}), attacks=tuple(methods), attack=attack,
-                   attack_args=tuple(args), workers=int(run.get("workers", 1)))
+                   attack_args=tuple(args), workers=int(run.get("workers", 1)),
+                   timeout_s=float(run.get("timeout_s", 1800)))
 
     def points(self) -> list[Point]:
         return [Point(cut, codec, name, seed, bottleneck) for cut, bottleneck in self.cuts for codec in self.codecs
@@ -137,8 +140,8 @@ class SweepConfig:
 
     def attacker_settings(self) -> dict:
         """`attacker run` settings: the [attack] table's, with auxiliary data of the edge's own
-        dataset unless the table names other (an attacker of a digits sweep on CIFAR images
-        would fail on the channel count, or worse, score an attacker that never saw the data)."""
+        dataset unless the table names other: attacking an RGB edge with digits fails on the
+        channel count, and an attacker that never saw the edge's kind of images understates the leak."""
         edge = self.scorer_data()
         aux = self.attack.get("aux_dataset", edge["dataset"])
         root = edge.get("data_root", "") if aux == edge["dataset"] else ""
@@ -157,7 +160,7 @@ def _flags(settings: dict) -> list[str]:
     return out
 
 
-def _python(*args: str, timeout: float = 1800) -> None:
+def _python(*args: str, timeout: float) -> None:
     done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode != 0:
@@ -190,7 +193,7 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
         edge_args += ["--cut", point.cut]
     if point.bottleneck is not None:  # after the [model] flags: the last one counts
         edge_args += ["--bottleneck", str(point.bottleneck)]
-    _python(*edge_args)
+    _python(*edge_args, timeout=config.timeout_s)
     edge = json.loads((out / "edge.json").read_text())
     row: dict = {"key": point.key, "cut": edge["cut"], "bottleneck": edge["bottleneck"], "codec": point.codec,
                  "defense": point.defense, "seed": point.seed, **{k: edge.get(k) for k in METRICS},
@@ -201,9 +204,9 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
         recon, scored = out / f"recon-{method}", out / f"attack-{method}"
         _python("attacks", "run", "--capture", capture, "--session", edge["session_id"], "--method", method,
                 "--encoder", str(out / "encoder.pt"), "--seed", str(point.seed), "--out", str(recon), *attack_flags,
-                *config.attack_args)
+                *config.attack_args, timeout=config.timeout_s)
         _python("attacks", "score", "--recon", str(recon), "--edge-report", str(out / "edge.json"), "--out",
-                str(scored), *_flags(config.scorer_data()))
+                str(scored), *_flags(config.scorer_data()), timeout=config.timeout_s)
         scores = json.loads((scored / "attack.json").read_text())
         row.update({f"{method}_{m}": scores[m] for m in ATTACK_METRICS})
         row[f"{method}_attacker"] = json.loads((recon / "run.json").read_text())  # what produced the scores
@@ -318,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="sweep TOML")
     p.add_argument("--out", required=True, help="output folder (re-run with the same one to resume)")
     p.add_argument("--workers", type=int, default=0, help="points in parallel (default: the config's)")
-    p.add_argument("--data-root", default="", help="the edge's dataset folder (default: the config's [model] data_root)")
+    p.add_argument("--data-root", default="",
+                   help="the edge's dataset folder (default: the config's [model] data_root)")
     args = p.parse_args(argv)
     setup_logging()
     try:

@@ -165,6 +165,7 @@ def test_attack_table_and_per_cut_bottleneck_parse():
                                    "attack": {"aux_dataset": "cifar100", "aux_data_root": "/e"}})
     assert other.attacker_settings() == {"aux_dataset": "cifar100", "aux_data_root": "/e"}
     assert SweepConfig().attacker_settings() == {"aux_dataset": "digits"}
+    assert SweepConfig.from_dict({"run": {"timeout_s": 5}}).timeout_s == 5.0 and SweepConfig().timeout_s == 1800
     with pytest.raises(ValueError, match="bloks"):
         SweepConfig.from_dict({"attack": {"bloks": 8}})
     with pytest.raises(ValueError, match="cuts entry"):
