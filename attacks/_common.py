@@ -53,12 +53,12 @@ def shuffled(data: Tensor | Dataset, batch_size: int, seed: int) -> DataLoader:
 
 
 def fit(params: Iterable[Tensor], batch_loss: Callable[[list[Tensor]], Tensor], loader: DataLoader, epochs: int,
-        lr: float, progress: bool, desc: str) -> float:
-    """Adam with per-step cosine decay to zero; returns the last epoch's mean loss."""
+        lr: float, progress: bool, desc: str) -> list[float]:
+    """Adam with per-step cosine decay to zero; returns each epoch's mean loss (what a run records)."""
     params = list(params)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * len(loader)))
-    epoch_loss = float("nan")
+    history: list[float] = []
     bar = tqdm(range(epochs), desc=desc, disable=not progress, unit="epoch")
     for _ in bar:
         total, seen, start = 0.0, 0, time.perf_counter()
@@ -71,5 +71,6 @@ def fit(params: Iterable[Tensor], batch_loss: Callable[[list[Tensor]], Tensor], 
             total += float(loss.detach()) * len(batch[0])
             seen += len(batch[0])
         epoch_loss = total / seen
+        history.append(epoch_loss)
         bar.set_postfix(loss=f"{epoch_loss:.4g}", img_per_s=f"{seen / (time.perf_counter() - start):.0f}")
-    return epoch_loss
+    return history

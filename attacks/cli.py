@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from attacks.runner import LIGHT_INVERSE, RGB_INVERSE, AttackConfig
 from splitnet.cli_util import add_threads_arg, set_threads, setup_logging
 from splitnet.data import DATASETS, DataSpec, DatasetNotFound
 
@@ -42,7 +43,7 @@ def _proxy(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from attacks import capture, harness
-    from attacks.runner import AttackConfig, Attacker, load_decoder, load_encoder
+    from attacks.runner import Attacker, load_decoder, load_encoder
     from edge_client.defense import DefenseConfig, Obfuscation
     from splitnet import data, models
 
@@ -66,7 +67,8 @@ def _run(args: argparse.Namespace) -> int:
     fields = DefenseConfig.__dataclass_fields__
     obfuscate = Obfuscation(DefenseConfig(**{k: v for k, v in defense.items() if k in fields}))
     config = AttackConfig(args.method, args.epochs, args.shadow_epochs, args.rmle_iterations,
-                          not args.no_noise_aware, args.seed, width=args.width)
+                          not args.no_noise_aware, args.seed, width=args.width, blocks=args.inverse_blocks,
+                          rmle_lr=args.rmle_lr, rmle_tv_weight=args.rmle_tv_weight)
     attacker = Attacker(config, spec, aux_set, encoder=encoder, cloud_decoder=decoder, obfuscate=obfuscate).fit()
     out = Path(args.out)
     harness.clear_reconstructions(out)  # a re-run into the same folder must not score the last run's output
@@ -75,9 +77,10 @@ def _run(args: argparse.Namespace) -> int:
         images = attacker.reconstruct(capture.load_features(args.capture, record))
         harness.write_reconstruction(out, record.seq, record.method, record.session_id, record.step_id, images)
     run_info = {"method": args.method, "records": len(records), "aux_dataset": args.aux_dataset,
-                "aux_split": args.aux_split, "aux_images": len(aux_set),
+                "aux_data_root": args.aux_data_root, "aux_split": args.aux_split, "aux_images": len(aux_set),
                 "fit_seconds": attacker.fit_seconds, "reconstruct_seconds": time.perf_counter() - start,
-                "noise_aware": config.noise_aware, "defense_assumed": defense, "capture": str(args.capture)}
+                "noise_aware": config.noise_aware, **attacker.settings(), "seed": args.seed,
+                "defense_assumed": defense, "capture": str(args.capture)}
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     print(json.dumps(run_info))
     return 0
@@ -143,10 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--aux-limit", type=int, default=0, help="use about this many auxiliary images")
     run.add_argument("--session", default="", help="attack only this session's records")
     run.add_argument("--only", default="Infer", choices=("Infer", "Train", "all"), help="which records to attack")
-    run.add_argument("--epochs", type=int, default=50, help="inverse-network epochs")
-    run.add_argument("--width", type=int, default=64, help="channels of the inverse network")
-    run.add_argument("--shadow-epochs", type=int, default=30)
-    run.add_argument("--rmle-iterations", type=int, default=500)
+    defaults = {k: f"default by the input: {getattr(RGB_INVERSE, k)} for RGB, else {getattr(LIGHT_INVERSE, k)}"
+                for k in ("epochs", "width", "blocks")}
+    run.add_argument("--inverse-epochs", "--epochs", dest="epochs", type=int, metavar="N",
+                     help=f"inverse-network training epochs ({defaults['epochs']})")
+    run.add_argument("--inverse-width", "--width", dest="width", type=int, metavar="C",
+                     help=f"channels of the inverse network ({defaults['width']})")
+    run.add_argument("--inverse-blocks", type=int, metavar="N",
+                     help=f"residual blocks of the inverse network ({defaults['blocks']})")
+    a = AttackConfig()
+    run.add_argument("--shadow-epochs", type=int, default=a.shadow_epochs, metavar="N")
+    run.add_argument("--rmle-iterations", type=int, default=a.rmle_iterations, metavar="N",
+                     help="rMLE optimisation steps per captured batch (default %(default)s)")
+    run.add_argument("--rmle-lr", type=float, default=a.rmle_lr, help="rMLE Adam learning rate (default %(default)s)")
+    run.add_argument("--rmle-tv-weight", type=float, default=a.rmle_tv_weight, metavar="W",
+                     help="rMLE total-variation weight lambda_TV (default %(default)s)")
     run.add_argument("--no-noise-aware", action="store_true", help="train on clean features (weaker attacker)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", required=True, help="write reconstructions here")

@@ -22,11 +22,12 @@ from attacks.inversion_models import InversionDecoder
 def train_inversion(encoder: nn.Module, aux_images: Tensor | Dataset, feature_shape: tuple[int, int, int],
                     image_shape: tuple[int, int, int], obfuscate: Obfuscate | None = None, epochs: int = 50,
                     lr: float = 1e-3, batch_size: int = 64, seed: int = 0, progress: bool = True,
-                    width: int = 64) -> InversionDecoder:
-    """Fit an inverse network on `aux_images` (labels, if any, are ignored); returned in eval mode."""
+                    width: int = 64, blocks: int = 2) -> InversionDecoder:
+    """Fit an inverse network on `aux_images` (labels, if any, are ignored); returned in eval mode,
+    with its per-epoch training loss in `loss_history`."""
     device = device_of(encoder)
     with seeded(seed), evaluating(encoder):
-        decoder = InversionDecoder(feature_shape, image_shape, width).to(device)
+        decoder = InversionDecoder(feature_shape, image_shape, width, blocks).to(device)
 
         def batch_loss(batch: list[Tensor]) -> Tensor:
             x = batch[0].to(device)
@@ -36,8 +37,8 @@ def train_inversion(encoder: nn.Module, aux_images: Tensor | Dataset, feature_sh
                     z = obfuscate(z)
             return F.mse_loss(decoder(z), x)
 
-        fit(decoder.parameters(), batch_loss, shuffled(aux_images, batch_size, seed), epochs, lr, progress,
-            "inversion")
+        decoder.loss_history = fit(decoder.parameters(), batch_loss, shuffled(aux_images, batch_size, seed), epochs,
+                                   lr, progress, "inversion")
     return decoder.eval()
 
 

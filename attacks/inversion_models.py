@@ -38,11 +38,16 @@ def upsampling_stages(feature_hw: tuple[int, int], image_hw: tuple[int, int]) ->
 
 
 class InversionDecoder(nn.Module):
-    """Maps features of shape `feature_shape` (C, h, w) to images of `image_shape` (C, H, W) in [0, 1]."""
+    """Maps features of shape `feature_shape` (C, h, w) to images of `image_shape` (C, H, W) in [0, 1].
+
+    `loss_history` holds the per-epoch training loss once `train_inversion` has fitted it, so
+    a run can record how long, and how well, the network it used was trained.
+    """
 
     def __init__(self, feature_shape: tuple[int, int, int], image_shape: tuple[int, int, int], width: int = 64,
                  blocks: int = 2) -> None:
         super().__init__()
+        self.loss_history: list[float] = []
         self.image_hw = (int(image_shape[1]), int(image_shape[2]))
         layers: list[nn.Module] = [*_conv_bn_relu(feature_shape[0], width)]
         layers += [_ResBlock(width) for _ in range(blocks)]

@@ -7,9 +7,14 @@ ReLU discard information), the piecewise-smooth one natural images resemble.
 
 Choices the paper leaves open: the feature term is the mean over feature elements per
 image, summed over images, so each image's optimisation is independent of the batch
-and of the cut's feature size; TV is anisotropic (mean absolute neighbour difference);
-x stays in [0, 1] by projection (clamp after each Adam step), which, unlike a sigmoid
-parameterisation, lets pixels reach exactly 0 or 1 without vanishing gradients.
+and of the cut's feature size (a sum over elements differs by a constant factor per cut,
+which only rescales lambda_TV); TV is anisotropic (mean absolute neighbour difference, a
+mean per pixel so lambda_TV does not depend on the image size); x stays in [0, 1] by
+projection (clamp after each Adam step), which, unlike a sigmoid parameterisation, lets
+pixels reach exactly 0 or 1 without vanishing gradients. rMLE matches the intercepted z as
+it is, obfuscation included: it has no model of the defense (the noise-aware attacker is
+the inversion network). `iterations`, `lr` and `tv_weight` are the attacker's knobs
+(`attacker run --rmle-iterations / --rmle-lr / --rmle-tv-weight`, recorded in run.json).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import Tensor, nn
 from attacks._common import device_of, evaluating
 
 TV_WEIGHT = 0.05
+LR = 1e-2
 
 
 def total_variation(x: Tensor) -> Tensor:
@@ -30,7 +36,7 @@ def total_variation(x: Tensor) -> Tensor:
 
 
 def rmle(encoder: nn.Module, features: Tensor, image_shape: tuple[int, int, int], iterations: int = 500,
-         lr: float = 1e-2, tv_weight: float = TV_WEIGHT, batch_size: int = 256) -> Tensor:
+         lr: float = LR, tv_weight: float = TV_WEIGHT, batch_size: int = 256) -> Tensor:
     """Reconstruct one image per feature map, starting every pixel at 0.5."""
     device = device_of(encoder)
     with evaluating(encoder):  # eval batch norm: images do not interact, running stats stay put

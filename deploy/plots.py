@@ -128,7 +128,7 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 def write_report(config, rows: list[dict], out: Path, title: str = "Sweep: accuracy vs leakage vs communication",
                  preface: str = "") -> None:
     method = config.attacks[0] if config.attacks else None
-    columns = [("defense", "{}"), ("codec", "{}"), ("cut", "{}"), ("test_accuracy", "{:.3f}"),
+    columns = [("defense", "{}"), ("codec", "{}"), ("cut", "{}"), ("bottleneck", "{}"), ("test_accuracy", "{:.3f}"),
                ("bytes_up_per_sample", "{:.0f}"), ("rtt_ms_p50", "{:.1f}"), ("intra_mse", "{:.4f}")]
     for m in config.attacks:
         columns += [(f"{m}_ssim", "{:.3f}"), (f"{m}_psnr", "{:.1f}"), (f"{m}_mse", "{:.4f}")]

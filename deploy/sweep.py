@@ -9,13 +9,14 @@ as Ray tasks (each point is a few single-threaded processes).
 
 Config (TOML):
 
-    [model]                 # edge-client settings shared by every point
-    dataset = "digits"
-    arch = "cnn"
+    [model]                 # edge-client settings shared by every point (underscores become dashes)
+    dataset = "digits"      # also what the attacker learns from and the scorer rebuilds, with
+    data_root = ""          # data_root and image_size (a relative data_root is taken from the
+    arch = "cnn"            # folder split-sweep runs in; `--data-root DIR` overrides it)
     bottleneck = 8
     epochs = 8
     [grid]
-    cuts = ["block1"]
+    cuts = ["block1", {cut = "block2", bottleneck = 4}]  # a table: a cut with its own bottleneck
     codecs = ["fp32", "int8"]
     seeds = [0, 1]
     [defenses]              # name -> edge-client defense flags (underscores become dashes)
@@ -23,10 +24,20 @@ Config (TOML):
     noise = {noise = 0.1}
     cem_gated = {noise = 0.1, cem = "gated", lambda = 16, cem_warmup = 2}
     [attack]
-    methods = ["inversion"] # inversion | rmle | shadow
-    epochs = 15
+    methods = ["inversion"] # inversion | rmle (shadow needs the cloud's decoder, which a sweep does not pass)
+    epochs = 15             # inverse network: training epochs,
+    blocks = 2              #   residual blocks,
+    width = 64              #   channels; each unset one is the attacker's default for the data
+                            #   (RGB: 50 epochs, 8 blocks, 64 wide, the CEM paper's attacker; else 50, 2, 64)
+    rmle_iterations = 500   # rMLE: steps, and (optional) rmle_lr, rmle_tv_weight
+    # aux_dataset, aux_data_root: the attacker's own data (default: the edge's dataset and root);
+    # aux_limit; args = ["--flag", "value"]: any other `attacker run` flags
     [run]
     workers = 1
+    timeout_s = 1800        # the longest any one process of a point may run (training, attack, scoring)
+
+Every point's `result.json` (and `results.json`'s `points`) holds, per method, the
+attacker's `run.json` as `<method>_attacker`: the resolved settings that produced its scores.
 """
 
 from __future__ import annotations
@@ -61,39 +72,80 @@ class Point:
     codec: str
     defense: str
     seed: int
+    bottleneck: int | None = None  # None: the [model] table's
 
     @property
     def key(self) -> str:
-        return f"{self.cut or 'default'}__{self.codec}__{self.defense}__s{self.seed}"
+        cut = (self.cut or "default") + ("" if self.bottleneck is None else f"-b{self.bottleneck}")
+        return f"{cut}__{self.codec}__{self.defense}__s{self.seed}"
+
+
+# [attack] settings -> `attacker run` flags. Unset ones are left to the attacker, which
+# resolves them by the data (attacks.runner.default_inverse) and records them in run.json.
+ATTACK_FLAGS = {"epochs": "--inverse-epochs", "blocks": "--inverse-blocks", "width": "--inverse-width",
+                "rmle_iterations": "--rmle-iterations", "rmle_lr": "--rmle-lr",
+                "rmle_tv_weight": "--rmle-tv-weight", "aux_dataset": "--aux-dataset",
+                "aux_data_root": "--aux-data-root", "aux_limit": "--aux-limit"}
+
+
+def _cut(entry: str | dict) -> tuple[str, int | None]:
+    """A [grid] cuts entry: "conv1", or {cut = "pool2", bottleneck = 8} for a cut with its own bottleneck."""
+    if isinstance(entry, str):
+        return entry, None
+    unknown = set(entry) - {"cut", "bottleneck"}
+    if "cut" not in entry or unknown:
+        raise ValueError(f"a cuts entry is a cut name or {{cut = NAME, bottleneck = C}}, got {entry}")
+    return str(entry["cut"]), None if entry.get("bottleneck") is None else int(entry["bottleneck"])
 
 
 @dataclass(frozen=True)
 class SweepConfig:
     model: dict = field(default_factory=lambda: {"dataset": "digits"})
-    cuts: tuple[str, ...] = ("",)
+    cuts: tuple[tuple[str, int | None], ...] = (("", None),)  # (cut, bottleneck or None: the model's)
     codecs: tuple[str, ...] = ("fp32",)
     seeds: tuple[int, ...] = (0,)
     defenses: dict = field(default_factory=lambda: {"none": {}})
     attacks: tuple[str, ...] = ("inversion",)
-    attack_epochs: int = 15
+    attack: dict = field(default_factory=dict)  # ATTACK_FLAGS keys -> values
     attack_args: tuple[str, ...] = ()
     workers: int = 1
+    timeout_s: float = 1800.0  # per process (edge-client, attacker run, attacker score) of a point
+
+    def __post_init__(self) -> None:
+        unknown = set(self.attack) - set(ATTACK_FLAGS)
+        if unknown:
+            raise ValueError(f"unknown [attack] key(s) {sorted(unknown)}; known: methods, args, {sorted(ATTACK_FLAGS)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "SweepConfig":
-        grid, attack, run = d.get("grid", {}), d.get("attack", {}), d.get("run", {})
+        grid, attack, run = d.get("grid", {}), dict(d.get("attack", {})), d.get("run", {})
         unknown = set(d) - {"model", "grid", "defenses", "attack", "run"}
         if unknown:
             raise ValueError(f"unknown sweep config section(s) {sorted(unknown)}")
-        return cls(model=d.get("model", {}), cuts=tuple(grid.get("cuts", [""])),
+        methods, args = attack.pop("methods", ["inversion"]), attack.pop("args", [])
+        return cls(model=d.get("model", {}), cuts=tuple(_cut(c) for c in grid.get("cuts", [""])),
                    codecs=tuple(grid.get("codecs", ["fp32"])), seeds=tuple(grid.get("seeds", [0])),
-                   defenses=d.get("defenses", {"none": {}}), attacks=tuple(attack.get("methods", ["inversion"])),
-                   attack_epochs=int(attack.get("epochs", 15)), attack_args=tuple(attack.get("args", [])),
-                   workers=int(run.get("workers", 1)))
+                   defenses=d.get("defenses", {"none": {}}), attacks=tuple(methods), attack=attack,
+                   attack_args=tuple(args), workers=int(run.get("workers", 1)),
+                   timeout_s=float(run.get("timeout_s", 1800)))
 
     def points(self) -> list[Point]:
-        return [Point(cut, codec, name, seed) for cut in self.cuts for codec in self.codecs
+        return [Point(cut, codec, name, seed, bottleneck) for cut, bottleneck in self.cuts for codec in self.codecs
                 for name in self.defenses for seed in self.seeds]
+
+    def scorer_data(self) -> dict:
+        """The edge's dataset settings, which the scorer needs to rebuild the private images."""
+        return {"dataset": self.model.get("dataset", "digits"),
+                **{k: self.model[k] for k in ("data_root", "image_size") if self.model.get(k)}}
+
+    def attacker_settings(self) -> dict:
+        """`attacker run` settings: the [attack] table's, with auxiliary data of the edge's own
+        dataset unless the table names other: attacking an RGB edge with digits fails on the
+        channel count, and an attacker that never saw the edge's kind of images understates the leak."""
+        edge = self.scorer_data()
+        aux = self.attack.get("aux_dataset", edge["dataset"])
+        root = edge.get("data_root", "") if aux == edge["dataset"] else ""
+        return {"aux_dataset": aux, **({"aux_data_root": root} if root else {}), **self.attack}
 
 
 def _flags(settings: dict) -> list[str]:
@@ -108,11 +160,23 @@ def _flags(settings: dict) -> list[str]:
     return out
 
 
-def _python(*args: str, timeout: float = 1800) -> None:
+def _python(*args: str, timeout: float) -> None:
     done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:2])} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def with_absolute_roots(config: SweepConfig, data_root: str = "") -> SweepConfig:
+    """`data_root` (if given) as the edge's data root, and every data root absolute: relative ones
+    are taken from where split-sweep was started, whatever folder a Ray worker runs in."""
+    model = {**config.model, **({"data_root": data_root} if data_root else {})}
+    attack = dict(config.attack)
+    for table in (model, attack):
+        for key in ("data_root", "aux_data_root"):
+            if table.get(key):
+                table[key] = str(Path(table[key]).resolve())
+    return replace(config, model=model, attack=attack)
 
 
 def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: Path) -> dict:
@@ -127,19 +191,25 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
                  *_flags(config.defenses[point.defense])]
     if point.cut:
         edge_args += ["--cut", point.cut]
-    _python(*edge_args)
+    if point.bottleneck is not None:  # after the [model] flags: the last one counts
+        edge_args += ["--bottleneck", str(point.bottleneck)]
+    _python(*edge_args, timeout=config.timeout_s)
     edge = json.loads((out / "edge.json").read_text())
-    row: dict = {"key": point.key, "cut": edge["cut"], "codec": point.codec, "defense": point.defense,
-                 "seed": point.seed, **{k: edge.get(k) for k in METRICS}, "defense_settings": edge["defense"]}
+    row: dict = {"key": point.key, "cut": edge["cut"], "bottleneck": edge["bottleneck"], "codec": point.codec,
+                 "defense": point.defense, "seed": point.seed, **{k: edge.get(k) for k in METRICS},
+                 "defense_settings": edge["defense"]}
+    attack_flags = [flag for key, value in config.attacker_settings().items()
+                    for flag in (ATTACK_FLAGS[key], str(value))]
     for method in config.attacks:
         recon, scored = out / f"recon-{method}", out / f"attack-{method}"
         _python("attacks", "run", "--capture", capture, "--session", edge["session_id"], "--method", method,
-                "--encoder", str(out / "encoder.pt"), "--epochs", str(config.attack_epochs), "--seed",
-                str(point.seed), "--out", str(recon), *config.attack_args)
+                "--encoder", str(out / "encoder.pt"), "--seed", str(point.seed), "--out", str(recon), *attack_flags,
+                *config.attack_args, timeout=config.timeout_s)
         _python("attacks", "score", "--recon", str(recon), "--edge-report", str(out / "edge.json"), "--out",
-                str(scored))
+                str(scored), *_flags(config.scorer_data()), timeout=config.timeout_s)
         scores = json.loads((scored / "attack.json").read_text())
         row.update({f"{method}_{m}": scores[m] for m in ATTACK_METRICS})
+        row[f"{method}_attacker"] = json.loads((recon / "run.json").read_text())  # what produced the scores
         row[f"{method}_grid"] = str((scored / "recon.png").relative_to(out.parent.parent))
     (out / "result.json").write_text(json.dumps(row, indent=2) + "\n")
     return row
@@ -150,10 +220,10 @@ def aggregate(config: SweepConfig, rows: list[dict]) -> list[dict]:
     numeric = list(METRICS) + [f"{m}_{k}" for m in config.attacks for k in ATTACK_METRICS]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["cut"], row["codec"], row["defense"]), []).append(row)
+        groups.setdefault((row["cut"], row.get("bottleneck"), row["codec"], row["defense"]), []).append(row)
     out = []
-    for (cut, codec, defense), members in groups.items():
-        agg: dict = {"cut": cut, "codec": codec, "defense": defense, "seeds": len(members)}
+    for (cut, bottleneck, codec, defense), members in groups.items():
+        agg: dict = {"cut": cut, "bottleneck": bottleneck, "codec": codec, "defense": defense, "seeds": len(members)}
         for key in numeric:
             values = [m[key] for m in members if m.get(key) is not None]
             if values:
@@ -251,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="sweep TOML")
     p.add_argument("--out", required=True, help="output folder (re-run with the same one to resume)")
     p.add_argument("--workers", type=int, default=0, help="points in parallel (default: the config's)")
+    p.add_argument("--data-root", default="",
+                   help="the edge's dataset folder (default: the config's [model] data_root)")
     args = p.parse_args(argv)
     setup_logging()
     try:
@@ -259,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--config {args.config}: {err}")
     if args.workers:
         config = replace(config, workers=args.workers)
+    config = with_absolute_roots(config, args.data_root)
     out = Path(args.out)
     rows = run_sweep(config, out)
     table = write_results(config, rows, out)

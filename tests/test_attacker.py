@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from attacks import capture, harness
+from attacks.cli import build_parser
 from attacks.cli import main as attacker_main
 from attacks.runner import AttackConfig, Attacker, load_encoder
 from deploy.processes import start_server
@@ -108,6 +109,24 @@ def test_rmle_and_shadow_run_and_report(attacked, server, tmp_path, method, args
     assert scores["method"] == method and scores["n_images"] == 359
     assert all(math.isfinite(scores[k]) for k in ("mse", "ssim", "psnr"))
     assert 0 < scores["ssim"] <= 1 and scores["mse"] > 0
+    info = json.loads((recon / "run.json").read_text())  # what produced them, defaults resolved
+    if method == "rmle":
+        assert (info["rmle_iterations"], info["rmle_lr"], info["rmle_tv_weight"]) == (60, 1e-2, 0.05)
+        assert "inverse_blocks" not in info
+    else:  # digits: the light default network, two epochs as asked
+        assert (info["shadow_epochs"], info["inverse_epochs"], info["inverse_blocks"], info["inverse_width"]) == \
+            (2, 2, 2, 64)
+        assert len(info["inverse_loss_history"]) == 2
+
+
+def test_inverse_network_flags_and_their_old_names():
+    parser = build_parser()
+    base = ["run", "--capture", "c", "--out", "o"]
+    new = parser.parse_args([*base, "--inverse-width", "8", "--inverse-epochs", "3", "--inverse-blocks", "4"])
+    old = parser.parse_args([*base, "--width", "8", "--epochs", "3", "--inverse-blocks", "4"])
+    assert vars(new) == vars(old) and (new.width, new.epochs, new.inverse_blocks) == (8, 3, 4)
+    unset = parser.parse_args(base)  # left to AttackConfig.resolved, by the data
+    assert (unset.width, unset.epochs, unset.inverse_blocks) == (None, None, None)
 
 
 def test_training_traffic_is_placed_and_scored_by_epoch(attacked, tmp_path):

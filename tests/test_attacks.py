@@ -18,8 +18,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from attacks import (InversionDecoder, reconstruct, rmle, save_grid, score, shadow_attack, train_inversion,
-                     train_shadow_encoder)
+from attacks import (InversionDecoder, reconstruct, rmle, save_grid, score, shadow_attack, total_variation,
+                     train_inversion, train_shadow_encoder)
+from attacks.runner import AttackConfig, Attacker
 from splitnet.data import Splits, load, DataSpec
 from splitnet.models import SplitModel, SplitSpec, build, cut_points
 
@@ -187,3 +188,70 @@ def test_shadow_attack_rejects_unknown_method(digits: Splits, target: SplitModel
     with pytest.raises(ValueError, match="unknown shadow"):
         shadow_attack(lambda: build(target.spec).encoder, target.decoder, _aux(digits), torch.zeros(1, 64, 8, 8),
                       digits.input_shape, "magic")  # type: ignore[arg-type]
+
+
+def _res_blocks(decoder: nn.Module) -> list[nn.Module]:
+    return [m for m in decoder.modules() if type(m).__name__ == "_ResBlock"]
+
+
+def test_inverse_network_defaults_follow_the_input() -> None:
+    rgb, gray = AttackConfig().resolved((3, 32, 32)), AttackConfig().resolved((1, 16, 16))
+    assert (rgb.blocks, rgb.width, rgb.epochs) == (8, 64, 50)  # the CEM paper's attacker on colour images
+    assert (gray.blocks, gray.width, gray.epochs) == (2, 64, 50)
+    assert AttackConfig(blocks=1, width=8, epochs=3).resolved((3, 32, 32)) == AttackConfig(blocks=1, width=8, epochs=3)
+    spec = SplitSpec("vgg11_bn", "conv1", 10, (3, 32, 32))  # the Attacker resolves against its target's input
+    assert Attacker(AttackConfig(), spec, torch.zeros(0), encoder=build(spec).encoder).config == rgb
+    with pytest.raises(ValueError, match="blocks"):
+        AttackConfig(blocks=-1)
+
+
+def test_attacker_builds_and_trains_the_inverse_network_it_is_asked_for(digits: Splits, target: SplitModel) -> None:
+    aux = digits.train.tensors[0][:128]  # type: ignore[attr-defined]
+    config = AttackConfig("inversion", epochs=3, blocks=3, width=8, progress=False)
+    attacker = Attacker(config, target.spec, aux, encoder=target.encoder).fit()
+    inverse = attacker._inverse
+    assert len(_res_blocks(inverse)) == 3
+    convs = [m for m in inverse.body.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    assert convs and all(m.out_channels == 8 for m in convs)
+    assert len(inverse.loss_history) == 3 and all(math.isfinite(v) for v in inverse.loss_history)
+    assert attacker.settings() == {"inverse_blocks": 3, "inverse_width": 8, "inverse_epochs": 3,
+                                   "inverse_loss_history": inverse.loss_history}
+    # unset, the digits default: 2 blocks
+    light = Attacker(AttackConfig("inversion", epochs=1, width=8, progress=False), target.spec, aux,
+                     encoder=target.encoder).fit()
+    assert len(_res_blocks(light._inverse)) == 2 and len(light._inverse.loss_history) == 1
+
+
+def _identity_encoder(channels: int = 1) -> nn.Module:
+    conv = nn.Conv2d(channels, channels, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(channels).view(channels, channels, 1, 1))
+    return conv
+
+
+def test_rmle_solves_the_regularised_objective_within_the_image_range() -> None:
+    """Through an identity encoder argmin_x ||x - z||^2 is z itself, projected onto [0, 1]: rMLE
+    must find it, and the TV weight, iterations and lr it is given must be the ones it uses."""
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    z = x.clone()
+    z[:, :, 0, 0] = 1.5  # out of the image range: the best image in [0, 1] is 1 there
+    encoder = _identity_encoder()
+    recon = rmle(encoder, z, (1, 8, 8), iterations=300, lr=0.05, tv_weight=0.0)
+    assert (recon[:, :, 0, 0] == 1.0).all() and recon.min() >= 0
+    assert (recon - z.clamp(0, 1)).abs().max() < 0.02
+    smooth = rmle(encoder, z, (1, 8, 8), iterations=300, lr=0.05, tv_weight=1.0)
+    assert total_variation(smooth).mean() < 0.5 * total_variation(recon).mean()
+    assert torch.equal(rmle(encoder, z, (1, 8, 8), iterations=0), torch.full_like(z, 0.5))  # the flat start
+    assert torch.equal(rmle(encoder, z, (1, 8, 8), iterations=5, lr=0.0), torch.full_like(z, 0.5))
+
+
+def test_attacker_passes_its_rmle_settings_on() -> None:
+    spec = SplitSpec("cnn", "conv1", 10, (1, 16, 16))
+    encoder = build(spec).encoder
+    z = encoder.eval()(torch.rand(2, 1, 16, 16))
+    config = AttackConfig("rmle", rmle_iterations=7, rmle_lr=0.03, rmle_tv_weight=0.2)
+    attacker = Attacker(config, spec, torch.zeros(0), encoder=encoder).fit()
+    expected = rmle(encoder, z, (1, 16, 16), iterations=7, lr=0.03, tv_weight=0.2)
+    assert torch.equal(attacker.reconstruct(z), expected)
+    assert not torch.equal(expected, rmle(encoder, z, (1, 16, 16), iterations=7))  # the settings matter
+    assert attacker.settings() == {"rmle_iterations": 7, "rmle_lr": 0.03, "rmle_tv_weight": 0.2}
