@@ -52,6 +52,8 @@ def _run(args: argparse.Namespace) -> int:
     if not records:
         raise ValueError(f"no {args.only} records{' of session ' + args.session if args.session else ''} "
                          f"in {args.capture}")
+    if args.max_records:  # per-image attacks (rMLE) cost hundreds of encoder passes per image
+        records = records[: args.max_records]
     encoder = decoder = None
     defense: dict = {}
     if args.encoder:
@@ -146,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--aux-limit", type=int, default=0, help="use about this many auxiliary images")
     run.add_argument("--session", default="", help="attack only this session's records")
     run.add_argument("--only", default="Infer", choices=("Infer", "Train", "all"), help="which records to attack")
+    run.add_argument("--max-records", type=int, default=0, metavar="N",
+                     help="attack only the first N captured batches (0: all); the scorer scores what was attacked")
     defaults = {k: f"default by the input: {getattr(RGB_INVERSE, k)} for RGB, else {getattr(LIGHT_INVERSE, k)}"
                 for k in ("epochs", "width", "blocks")}
     run.add_argument("--inverse-epochs", "--epochs", dest="epochs", type=int, metavar="N",
