@@ -62,7 +62,7 @@ from deploy.processes import ServerProcess, start_process, start_server
 log = logging.getLogger("deploy.sweep")
 
 METRICS = ("test_accuracy", "bytes_up_per_sample", "bytes_down_per_sample", "rtt_ms_p50", "samples_per_second",
-           "intra_mse")
+           "intra_mse", "cem_pull")  # cem_pull: the last epoch's lambda * w_lr * |g_rob| / |g_task| (CEM rows)
 ATTACK_METRICS = ("mse", "ssim", "psnr")
 
 
