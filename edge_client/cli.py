@@ -117,8 +117,11 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
         LrSchedule.parse(args.lr_schedule, args.epochs, warmup_epochs=args.warmup_epochs)
         models.SplitSpec(args.arch, args.cut, width=args.width).resolved()
     except ValueError as err:
-        p.error(str(err).replace("lr_schedule.warmup_epochs", "--warmup-epochs").replace("lr_schedule.", "--lr-schedule ")
-                .replace("width:", "--width"))
+        names = {"lr_schedule.warmup_epochs": "--warmup-epochs", "lr_schedule.": "--lr-schedule ", "width:": "--width"}
+        message = str(err)
+        for field_name, flag in names.items():
+            message = message.replace(field_name, flag)
+        p.error(message)
     if args.cut and args.cut not in models.cut_points(args.arch):
         p.error(f"--cut {args.cut!r} is not a cut of {args.arch}; valid: {models.cut_points(args.arch)}")
     return EdgeConfig(

@@ -200,7 +200,8 @@ def test_in_memory_image_tree_serves_the_same_pixels(tmp_path):
         for label in ("a", "b"):
             (tmp_path / split / label).mkdir(parents=True)
             for i in range(3):
-                pixels = torch.randint(0, 256, (12, 12, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+                g = torch.Generator().manual_seed(i)
+                pixels = torch.randint(0, 256, (12, 12, 3), dtype=torch.uint8, generator=g)
                 Image.fromarray(pixels.numpy()).save(tmp_path / split / label / f"{i}.png")
     splits = data.load(data.DataSpec("imagefolder", str(tmp_path), image_size=12))
     assert isinstance(splits.train, data._Uint8Images) and splits.input_shape == (3, 12, 12)
