@@ -10,7 +10,7 @@ import threading
 
 from cloud_server.config import ServerConfig
 from splitnet import security
-from splitnet.cli_util import add_threads_arg, set_threads, setup_logging
+from splitnet.cli_util import add_threads_arg, port, set_threads, setup_logging
 
 log = logging.getLogger("cloud_server")
 
@@ -19,7 +19,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     d = ServerConfig()
     p = argparse.ArgumentParser(prog="cloud-server", description=__doc__)
     p.add_argument("--host", default=d.host, help="interface to bind (default %(default)s: loopback only)")
-    p.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default %(default)s)")
+    p.add_argument("--port", type=port, default=d.port, help="port; 0 picks a free one (default %(default)s)")
     p.add_argument("--device", default=d.device, help="torch device for the decoders: cpu, cuda, cuda:1 ...")
     p.add_argument("--checkpoint-dir", default=d.checkpoint_dir,
                    help="write job checkpoints here and resume from them at start (default: none)")

@@ -121,7 +121,7 @@ class CloudServer:
         # maximum_concurrent_rpcs: past max_workers a call is refused (RESOURCE_EXHAUSTED) instead of
         # queueing forever behind long-lived streams.
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
-                                   interceptors=interceptors, options=wire.grpc_options(config.max_message_mb),
+                                   interceptors=interceptors, options=wire.server_options(config.max_message_mb),
                                    maximum_concurrent_rpcs=config.max_workers)
         split_pb2_grpc.add_SplitLearningServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -130,14 +130,7 @@ class CloudServer:
         self.port = 0
 
     def start(self) -> int:
-        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        address = f"{host}:{self.config.port}"
-        if self._credentials is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            self.port = self._server.add_secure_port(address, self._credentials)
-        if self.port == 0:
-            raise OSError(f"cannot bind {self.config.host}:{self.config.port} (port in use? pass another --port)")
+        self.port = wire.add_port(self._server, self.config.host, self.config.port, "--port", self._credentials)
         self._server.start()
         for service in ("", wire.SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)

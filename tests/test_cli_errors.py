@@ -1,0 +1,83 @@
+"""Errors a user can act on: ports that are taken or out of range, servers that are not
+there or speak TLS, and flag values the CLIs refuse by their own name. Each must be one
+line on stderr, without a traceback."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from attacks import cli as attacker_cli
+from attacks.proxy import Proxy, RawForwarder
+from cloud_server import cli as cloud_cli
+from deploy.processes import start_server
+
+
+def _one_line_error(err: str, *needles: str) -> str:
+    lines = err.strip().splitlines()
+    assert lines and "Traceback" not in err, err
+    assert all(n in lines[-1] for n in needles), err
+    return lines[-1]
+
+
+def _exit_code(main, argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit_:  # argparse's error exit
+        return exit_.code
+
+
+def test_a_second_server_on_a_port_in_use_exits_with_one_line(tmp_path):
+    """gRPC's default SO_REUSEPORT let a second server bind the same port and silently take
+    a share of the connections; now the second one exits at once, naming the port."""
+    first = start_server()
+    try:
+        port = first.address.rsplit(":", 1)[1]
+        second = subprocess.Popen([sys.executable, "-m", "cloud_server", "--port", port], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = second.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            second.kill()
+            out, err = second.communicate()
+            pytest.fail(f"a second server on port {port} kept running: {out}")
+        assert second.returncode != 0 and "listening" not in out
+        _one_line_error(err, f"127.0.0.1:{port}", "in use", "--port")
+    finally:
+        first.stop()
+
+
+def test_proxies_do_not_share_a_port_in_use(tmp_path, capsys):
+    taken = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{taken.getsockname()[1]}"
+    try:
+        with pytest.raises(OSError, match="in use.*--listen"):
+            Proxy(address, "127.0.0.1:1", None)
+        with pytest.raises(OSError, match="in use.*--listen"):
+            RawForwarder(address, "127.0.0.1:1", str(tmp_path))
+        assert attacker_cli.main(["proxy", "--listen", address, "--upstream", "127.0.0.1:1"]) == 2
+        _one_line_error(capsys.readouterr().err, address, "in use")
+    finally:
+        taken.close()
+    relay = RawForwarder("127.0.0.1:0", "127.0.0.1:1", str(tmp_path))
+    try:
+        assert relay.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+        with pytest.raises(OSError, match="in use"):
+            RawForwarder(relay.address, "127.0.0.1:1", str(tmp_path))
+    finally:
+        relay.stop()
+
+
+@pytest.mark.parametrize("main,argv,flag", [
+    (cloud_cli.main, ["--port", "70000"], "--port"),
+    (cloud_cli.main, ["--port", "-1"], "--port"),
+    (attacker_cli.main, ["proxy", "--listen", "127.0.0.1:65536", "--upstream", "127.0.0.1:1"], "--listen"),
+    (attacker_cli.main, ["proxy", "--listen", "no-port", "--upstream", "127.0.0.1:1"], "--listen"),
+])
+def test_out_of_range_ports_are_refused_by_argparse(main, argv, flag, capsys):
+    started = time.monotonic()
+    assert _exit_code(main, argv) == 2
+    _one_line_error(capsys.readouterr().err, f"argument {flag}")
+    assert time.monotonic() - started < 5  # refused before anything is served
