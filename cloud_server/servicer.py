@@ -27,7 +27,7 @@ import grpc
 import torch
 
 from cloud_server.checkpoints import Checkpointer
-from cloud_server.job import Job, StepOrderError
+from cloud_server.job import Job, NotFinite, StepOrderError
 from splitnet import codec, security, wire
 from splitnet.models import OptimSpec, SplitSpec
 from splitnet.v1 import split_pb2 as pb
@@ -212,6 +212,8 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             outcome = job.train_step(session.client_id, request.step_id, features, labels)
         except StepOrderError as err:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
+        except NotFinite as err:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"features: {err}") from None
         except ValueError as err:  # e.g. batch norm cannot train on one sample per channel
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"features: the decoder cannot train on this batch: "
                                                              f"{str(err)[:200]}") from None
@@ -240,7 +242,11 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                     self._check_size("InferRequest", size)
                     session = self._session(request.session_id, caller)
                     features = self._features(request.features, session.job, "features")
-                    logits = session.job.infer(features)
+                    try:
+                        logits = session.job.infer(features)
+                    except NotFinite as err:
+                        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"features of request {request.request_id}: {err}") from None
             except Rejected as err:
                 log.debug("Infer request refused: %s", err.message)
                 context.abort(err.code, err.message)
