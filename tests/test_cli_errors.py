@@ -13,6 +13,9 @@ from attacks import cli as attacker_cli
 from attacks.proxy import Proxy, RawForwarder
 from cloud_server import cli as cloud_cli
 from deploy.processes import start_server
+from edge_client import cli as edge_cli
+
+from messages import free_port
 
 
 def _one_line_error(err: str, *needles: str) -> str:
@@ -81,3 +84,28 @@ def test_out_of_range_ports_are_refused_by_argparse(main, argv, flag, capsys):
     assert _exit_code(main, argv) == 2
     _one_line_error(capsys.readouterr().err, f"argument {flag}")
     assert time.monotonic() - started < 5  # refused before anything is served
+
+
+EDGE = ["--epochs", "1", "--max-steps", "1", "--no-progress", "--deadline", "2", "--reconnect-seconds", "1"]
+
+
+def test_an_edge_pointed_at_nothing_says_so_in_bounded_time(capsys):
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    assert edge_cli.main(["--server", address, *EDGE]) == 1
+    assert time.monotonic() - started < 15
+    _one_line_error(capsys.readouterr().err, address, "is a cloud-server running there?")
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--noise", "-1"], "--noise must be"),
+    (["--lambda", "-1"], "--lambda must be"),
+    (["--dropout", "1.5"], "--dropout must be"),
+    (["--bottleneck", "-2"], "--bottleneck must be >= 0"),
+    (["--cem", "gmm"], "pass --lambda"),
+    (["--cem", "slot", "--lambda", "0"], "pass --lambda"),
+])
+def test_edge_flag_errors_name_the_flag(argv, flag, capsys):
+    assert _exit_code(edge_cli.main, [*argv, *EDGE]) == 2
+    line = _one_line_error(capsys.readouterr().err, flag)
+    assert "DefenseConfig" not in line

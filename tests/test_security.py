@@ -126,6 +126,18 @@ def test_tls_trains_and_refuses_plaintext_and_strangers(pki, serve):
     assert rejected(lambda: wrong_ca.Stats(pb.StatsRequest(), timeout=5)).code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_tls_mismatch_is_named_in_the_edge_error(pki, serve, capsys):
+    """A plaintext edge against a TLS server and a TLS edge against a plaintext one each get an
+    error that points at TLS, not just UNAVAILABLE."""
+    edge = ["--epochs", "1", "--max-steps", "1", "--no-progress", "--deadline", "2", "--reconnect-seconds", "1"]
+    tls_server = serve(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
+    assert edge_cli.main(["--server", tls_server, *edge]) == 1
+    assert "if it serves TLS, connect with --tls-ca" in capsys.readouterr().err.strip().splitlines()[-1]
+    plain_server = serve()
+    assert edge_cli.main(["--server", plain_server, "--tls-ca", str(pki / "ca.pem"), *edge]) == 1
+    assert "TLS handshake with" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki, serve):
     address = serve(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"), tls_ca=str(pki / "ca.pem"))
     for files in (_files(pki), _files(pki, cert="rogue")):
