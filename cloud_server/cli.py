@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                    help="write job checkpoints here and resume from them at start (default: none)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="steps of a job between checkpoints (default %(default)s)")
+    p.add_argument("--skip-bad-checkpoints", action="store_true",
+                   help="a checkpoint that is damaged, foreign or non-finite is logged and its job started afresh "
+                        "(default: refuse to start, naming the file)")
     p.add_argument("--max-message-mb", type=float, default=d.max_message_mb,
                    help="largest message accepted or sent, MiB (default %(default)s)")
     p.add_argument("--max-workers", type=int, default=d.max_workers,

@@ -14,6 +14,7 @@ class ServerConfig:
     device: str = "cpu"
     checkpoint_dir: str = ""  # empty: no checkpoints, no resume
     checkpoint_every: int = 50  # steps of a job between checkpoints
+    skip_bad_checkpoints: bool = False  # start without a job whose checkpoint is refused (default: exit)
     max_message_mb: float = DEFAULT_MAX_MESSAGE_MB
     max_workers: int = 64  # concurrent RPCs (each Train / Infer stream holds a thread); more are refused
     max_jobs: int = 256  # each job holds a decoder in memory: a cap so peers cannot exhaust it

@@ -114,7 +114,8 @@ class CloudServer:
             raise ValueError("--max-jobs and --max-workers must be >= 1")
         self._credentials = security.server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
         interceptors = [*([TokenAuth(config.auth_tokens)] if config.auth_tokens else []), ParseRequests()]
-        self.servicer = servicer_cls(Checkpointer(config.checkpoint_dir or None, config.checkpoint_every),
+        self.servicer = servicer_cls(Checkpointer(config.checkpoint_dir or None, config.checkpoint_every,
+                                                  config.skip_bad_checkpoints),
                                      config.device, config.max_message_mb, observer=_tap(config.tap_dir),
                                      max_jobs=config.max_jobs, token_identity=bool(config.auth_tokens))
         self.health = health.HealthServicer()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cloud_server import checkpoints
 from cloud_server.config import ServerConfig
 from cloud_server.local import LocalCloud
 from cloud_server.server import CloudServer
@@ -212,7 +213,7 @@ def test_graceful_shutdown_drains_in_flight_steps(tmp_path):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     stopper.join(30)
     assert not stopper.is_alive()
-    state = torch.load(next(tmp_path.glob("*.ckpt")), weights_only=True)
+    state = checkpoints.read(next(tmp_path.glob("*.ckpt")))
     assert state["steps_applied"] == 2 and state["client_last_step"] == {"c": 2}
 
 

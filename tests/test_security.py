@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from attacks import capture
 from attacks.proxy import Proxy, RawForwarder
 from cloud_server import cli as cloud_cli
+from cloud_server import checkpoints
 from cloud_server.checkpoints import Checkpointer
 from cloud_server.config import ServerConfig
 from cloud_server.server import CloudServer
@@ -303,8 +304,10 @@ class _Exploit:
 def test_a_checkpoint_holding_a_pickled_object_is_refused(tmp_path, capsys):
     ckpt, marker = tmp_path / "ckpt", tmp_path / "pwned"
     ckpt.mkdir()
-    torch.save({"name": "evil", "decoder": {}, "payload": _Exploit(marker)}, ckpt / "evil-00000000.ckpt")
-    with pytest.raises(ValueError, match="evil-00000000.ckpt holds objects"):
+    # in a well-formed file: the checksum is no defence against whoever can write the folder
+    (ckpt / "evil-00000000.ckpt").write_bytes(checkpoints.encode({"name": "evil", "decoder": {},
+                                                                  "payload": _Exploit(marker)}))
+    with pytest.raises(ValueError, match="evil-00000000.ckpt: holds objects"):
         Checkpointer(str(ckpt), 10).load_all("cpu")
     assert cloud_cli.main(["--port", "0", "--checkpoint-dir", str(ckpt)]) == 2
     err = capsys.readouterr().err
