@@ -32,6 +32,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                    help="largest message accepted or sent, MiB (default %(default)s)")
     p.add_argument("--max-workers", type=int, default=d.max_workers,
                    help="concurrent calls; more are refused with RESOURCE_EXHAUSTED (default %(default)s)")
+    p.add_argument("--max-streams", type=int, default=d.max_streams,
+                   help="open Train + Infer streams; more are refused at once. Keep it below --max-workers so health "
+                        "checks, Stats and OpenSession always find a worker (default %(default)s)")
+    p.add_argument("--max-streams-per-peer", type=int, default=d.max_streams_per_peer,
+                   help="open Train + Infer streams of one connection (default %(default)s)")
+    p.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, default=d.idle_timeout_s, metavar="SECONDS",
+                   help="end a Train / Infer stream that sends no message for this long (default %(default)s)")
     p.add_argument("--max-jobs", type=int, default=d.max_jobs,
                    help="jobs (decoders) held at once; more are refused (default %(default)s)")
     p.add_argument("--grace-seconds", type=float, default=d.grace_seconds,

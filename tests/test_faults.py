@@ -241,3 +241,57 @@ def test_calls_beyond_max_workers_are_refused_not_queued():
                     time.sleep(0.1)
     finally:
         server.stop()
+
+
+def test_an_idle_stream_is_ended_with_a_status_that_says_so():
+    server, address = _serve(idle_timeout_s=1.0)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = split_pb2_grpc.SplitLearningStub(channel)
+            sid = stub.OpenSession(spec("idle"), timeout=10).session_id
+            for first in ([], [step(sid, 1)]):  # silent from the start, or silent after a step
+                stream = _Stream(stub)
+                for request in first:
+                    stream.send(request)
+                    assert stream.reply().step_id == request.step_id
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as err:
+                    stream.reply()
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "--idle-timeout" in err.value.details()
+                assert time.monotonic() - started < 5
+            deadline = time.monotonic() + 5
+            while server.servicer.streams.in_use:  # both slots are given back as the calls end
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        server.stop()
+
+
+def test_idle_streams_cannot_starve_health_or_an_honest_client():
+    """One client opens 64 Train streams (the default --max-workers) and sends nothing: health
+    stays SERVING, Stats answers and another client trains."""
+    server, address = _serve()
+    gates = [queue.Queue() for _ in range(64)]
+    # its own connection, as another process would have (gRPC otherwise shares one per target)
+    hog = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+    try:
+        stub = split_pb2_grpc.SplitLearningStub(hog)
+        calls = [stub.Train(iter(gate.get, None), timeout=60) for gate in gates]
+        refused = []
+        for call in calls[ServerConfig.max_streams_per_peer:]:  # past its share: refused at once, not queued
+            with pytest.raises(grpc.RpcError) as err:
+                next(call)
+            refused.append(err.value.code())
+        assert set(refused) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        with grpc.insecure_channel(address) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            split_pb2_grpc.SplitLearningStub(channel).Stats(pb.StatsRequest(), timeout=5)
+        config = _edge(address, "beside-the-hog", max_steps=3)
+        assert run(config, RemoteCloud(config.connection))["last_step_id"] == 3
+        assert server.servicer.streams.in_use >= ServerConfig.max_streams_per_peer
+    finally:
+        for gate in gates:
+            gate.put(None)
+        hog.close()
+        server.stop()
