@@ -267,6 +267,21 @@ def test_an_idle_stream_is_ended_with_a_status_that_says_so():
         server.stop()
 
 
+def test_an_edge_whose_stream_was_ended_as_idle_reconnects_and_goes_on():
+    server, address = _serve(idle_timeout_s=0.5)
+    cloud = RemoteCloud(ConnectionConfig(server=address, deadline_s=10, reconnect_s=10))
+    try:
+        cloud.open("idle-edge", "c", build(SplitSpec()), OptimSpec(), "fp32", 0)
+        for step_id in (1, 2):
+            cloud.submit(step_id, torch.rand(2, 32, 8, 8), torch.tensor([0, 1]), "fp32")
+            assert cloud.collect(step_id).grad is not None
+            time.sleep(1.5)  # the server ends the quiet stream meanwhile
+        assert cloud.reconnects == 1 and server.servicer.jobs["idle-edge"].last_step("c") == 2
+    finally:
+        cloud.close()
+        server.stop()
+
+
 def test_idle_streams_cannot_starve_health_or_an_honest_client():
     """One client opens 64 Train streams (the default --max-workers) and sends nothing: health
     stays SERVING, Stats answers and another client trains."""
