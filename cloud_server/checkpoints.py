@@ -148,7 +148,9 @@ class Checkpointer:
             self.save(job)
 
     def save(self, job: Job) -> None:
-        if not self.enabled:
+        """Write `job`'s checkpoint, unless it never trained: such a decoder is its seed's initial
+        weights, and a peer that opens many jobs would otherwise leave a file for each."""
+        if not self.enabled or not job.steps_applied:
             return
         with self._lock:
             state = job.state()

@@ -160,9 +160,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         spec, optim = _session_spec(request)
         key = (request.job, request.client_id)
         with self._lock:
-            job = self.jobs.get(request.job)
-            if job is None:
-                job = self.jobs[request.job] = self._new_job(request, spec, optim)
+            job = self.jobs.get(request.job) or self._new_job(request, spec, optim)
             _check_compatible(job, spec, request)
             with job.lock:  # a checkpoint may be copying the owners meanwhile
                 owner = job.owners.setdefault(request.client_id, caller)
@@ -170,6 +168,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                 raise Rejected(grpc.StatusCode.PERMISSION_DENIED,
                                f"client_id {_quote(request.client_id)} of job {_quote(request.job)} belongs to "
                                "another principal (each edge needs its own --client-id)")
+            self.jobs[request.job] = job  # a new job is kept only once its first session is accepted
             # A re-open (reconnect) replaces the client's previous session: one per client.
             self.sessions.pop(self._client_session.get(key, ""), None)
             session = SessionState(uuid.uuid4().hex, job, request.client_id, request.grad_codec, caller)

@@ -12,11 +12,15 @@ import torch
 from cloud_server import checkpoints
 from cloud_server import cli as cloud_cli
 from cloud_server.checkpoints import CheckpointError, Checkpointer
+from cloud_server.config import ServerConfig
+from cloud_server.server import CloudServer
 from cloud_server.job import Job
 from deploy.processes import start_server
 from splitnet.models import OptimSpec, SplitSpec
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
+
+from messages import spec, step
 
 SPEC = SplitSpec("cnn", "block1", 10, (1, 16, 16))
 
@@ -118,3 +122,18 @@ def test_the_cli_exits_naming_the_file_or_skips_it(folder, capsys):
     finally:
         server.stop()
     assert path.name in server.output() and "--skip-bad-checkpoints" in server.output()
+
+
+def test_a_job_that_never_trained_leaves_no_checkpoint(tmp_path):
+    """Opening jobs costs a peer nothing on disk: only a job that applied a step is written."""
+    server = CloudServer(ServerConfig(port=0, grace_seconds=0.5, checkpoint_dir=str(tmp_path)))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.start()}") as channel:
+            stub = split_pb2_grpc.SplitLearningStub(channel)
+            for job in ("opened-only", "another-opened-only"):
+                stub.OpenSession(spec(job), timeout=10)
+            sid = stub.OpenSession(spec("trained"), timeout=10).session_id
+            list(stub.Train(iter([step(sid, 1)]), timeout=10))
+    finally:
+        server.stop()  # checkpoints every job that trained
+    assert [p.name for p in tmp_path.glob("*.ckpt")] == [Checkpointer(str(tmp_path), 1).path("trained").name]
