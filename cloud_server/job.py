@@ -112,9 +112,11 @@ class Job:
         buffers back, drop the gradients and raise NotFinite. Weights and optimizer state are
         untouched, and the caller has not yet advanced the client's step counter."""
         grads = [z.grad, *(p.grad for p in self.decoder.parameters() if p.grad is not None)]
-        what = "loss" if not torch.isfinite(loss) else "gradient" if not all(
-            bool(torch.isfinite(g).all()) for g in grads) else ""
-        if not what:
+        if not torch.isfinite(loss):
+            what = "loss"
+        elif not all(bool(torch.isfinite(g).all()) for g in grads):
+            what = "gradient"
+        else:
             return
         self.optimizer.zero_grad(set_to_none=True)
         for name, value in self.decoder.named_buffers():

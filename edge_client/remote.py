@@ -308,6 +308,8 @@ class RemoteCloud:
                     "--tls-ca sign its certificate?")
         if not tls and "socket closed" in details:
             return f"{server} closed the connection: if it serves TLS, connect with --tls-ca"
+        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"{server} did not answer within {self.config.deadline_s:g} s (--deadline)"
         return f"nothing answers at {server}: is a cloud-server running there?"
 
     def _check_size(self, request) -> None:
