@@ -282,6 +282,30 @@ def test_an_edge_whose_stream_was_ended_as_idle_reconnects_and_goes_on():
         server.stop()
 
 
+def test_streams_beyond_max_streams_are_refused_and_leave_workers_for_other_calls():
+    server, address = _serve(max_workers=4, max_streams=2)
+    gates = [queue.Queue() for _ in range(3)]
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = split_pb2_grpc.SplitLearningStub(channel)
+            held = [stub.Train(iter(gate.get, None), timeout=30) for gate in gates[:2]]
+            deadline = time.monotonic() + 10
+            while server.servicer.streams.in_use < len(held):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as err:  # a third: refused at once, not queued
+                next(stub.Train(iter(gates[2].get, None), timeout=30))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams" in err.value.details()
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            stub.OpenSession(spec("beside-two-streams"), timeout=5)
+            assert server.servicer.streams.in_use == 2
+    finally:
+        for gate in gates:
+            gate.put(None)
+        server.stop()
+
+
 def test_idle_streams_cannot_starve_health_or_an_honest_client():
     """One client opens 64 Train streams (the default --max-workers) and sends nothing: health
     stays SERVING, Stats answers and another client trains."""
