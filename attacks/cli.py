@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from attacks.runner import LIGHT_INVERSE, RGB_INVERSE, AttackConfig
-from splitnet.cli_util import add_threads_arg, set_threads, setup_logging
+from splitnet.cli_util import add_threads_arg, listen_address, set_threads, setup_logging
 from splitnet.data import DATASETS, DataSpec, DatasetNotFound
 
 log = logging.getLogger("attacks")
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     px = sub.add_parser("proxy", help="transparent gRPC proxy that records features")
-    px.add_argument("--listen", default="127.0.0.1:50052", help="HOST:PORT to accept the edge on")
+    px.add_argument("--listen", type=listen_address, default="127.0.0.1:50052", help="HOST:PORT to accept the edge on")
     px.add_argument("--upstream", required=True, help="the real cloud-server HOST:PORT")
     px.add_argument("--capture", default="", help="record features into this folder")
     px.add_argument("--max-message-mb", type=float, default=64.0)
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, DatasetNotFound) as err:
+    except (ValueError, OSError, DatasetNotFound) as err:  # OSError: a file not found, a port in use
         print(f"attacker {args.command}: error: {err}", file=sys.stderr)
         return 2
 

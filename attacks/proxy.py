@@ -122,15 +122,13 @@ def _timeout(context: grpc.ServicerContext) -> float | None:
 
 class Proxy:
     def __init__(self, listen: str, upstream: str, capture_dir: str | None, max_message_mb: float = 64.0) -> None:
-        options = wire.grpc_options(max_message_mb)
-        self.channel = grpc.insecure_channel(upstream, options=options)
+        self.channel = grpc.insecure_channel(upstream, options=wire.grpc_options(max_message_mb))
         self.writer = CaptureWriter(capture_dir, source="proxy") if capture_dir else None
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=options)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
+                                  options=wire.server_options(max_message_mb))
         self.server.add_generic_rpc_handlers((_Forwarder(self.channel, self.writer),))
         host, port = wire.parse_address(listen, listen=True)
-        self.port = self.server.add_insecure_port(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {listen}")
+        self.port = wire.add_port(self.server, host, port, "--listen")
         self.address = f"{host}:{self.port}"
 
     def start(self) -> "Proxy":
@@ -151,13 +149,11 @@ class RawForwarder:
     """
 
     def __init__(self, listen: str, upstream: str, capture_dir: str) -> None:
-        import socket
-
         host, port = wire.parse_address(listen, listen=True)
         self.upstream = wire.parse_address(upstream)
         self.raw = Path(capture_dir) / "raw"
         self.raw.mkdir(parents=True, exist_ok=True)
-        self.sock = socket.create_server((host, port))
+        self.sock = wire.listening_socket(host, port, "--listen")
         self.address = f"{host}:{self.sock.getsockname()[1]}"
         self._count = 0
         self._stop = threading.Event()

@@ -94,7 +94,9 @@ def load_encoder(path: str) -> tuple[nn.Module, models.SplitSpec, dict]:
 
 def load_decoder(path: str) -> tuple[nn.Module, models.SplitSpec]:
     """The cloud's decoder from a `cloud-server` job checkpoint (what a curious cloud holds)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from cloud_server import checkpoints
+
+    state = checkpoints.read(path)
     spec = models.SplitSpec.from_dict(state["spec"])
     decoder = models.build(spec).decoder
     decoder.load_state_dict(state["decoder"])

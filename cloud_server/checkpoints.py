@@ -4,12 +4,21 @@ A checkpoint holds only tensors, numbers and strings (see `Job.state`), so it lo
 `torch.load(weights_only=True)`: a checkpoint file can never run code. Each job has one
 file; a write goes to a temporary name first and is renamed over the old one, so a kill
 mid-write leaves the previous checkpoint intact.
+
+File format: one header line, `splitnet-checkpoint <format> sha256=<hex>`, then the
+`torch.save` bytes of the state. The checksum is over those bytes, so a damaged or
+truncated file is refused before anything is unpickled. It detects accidents, not an
+attacker who can write to the folder (they can recompute it); what they can write is
+still only data, and `check_state` refuses data that does not fit a job (wrong keys,
+types or shapes, NaN / Inf) with the file's name and the reason.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import math
 import os
 import pickle
 import re
@@ -22,11 +31,103 @@ from cloud_server.job import Job
 
 log = logging.getLogger(__name__)
 
+FORMAT = 1
+MAGIC = b"splitnet-checkpoint"
+_HEADER = re.compile(rb"splitnet-checkpoint (\d+) sha256=([0-9a-f]{64})\n")
+_MAX_HEADER = 128
+
+# key -> type of every field of `Job.state`
+_FIELDS = {"name": str, "spec": dict, "optim": dict, "seed": int, "steps_applied": int, "client_last_step": dict,
+           "client_owner": dict, "decoder": dict, "optimizer": dict}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be resumed from; the message names the file and why."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"checkpoint {path}: {reason}")
+
+
+def encode(state: dict) -> bytes:
+    """The bytes of a checkpoint file holding `state`."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    return b"%s %d sha256=%s\n" % (MAGIC, FORMAT, hashlib.sha256(payload).hexdigest().encode()) + payload
+
+
+def read(path: str | Path) -> dict:
+    """The state in a checkpoint file, its header and checksum checked, loaded with
+    weights_only=True; CheckpointError otherwise. Its contents are not checked (`check_state`)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(path, f"cannot read it ({err.strerror or err})") from None
+    if not data:
+        raise CheckpointError(path, "the file is empty")
+    header = _HEADER.match(data[:_MAX_HEADER])
+    if header is None:
+        raise CheckpointError(path, "not a split-learning checkpoint (no 'splitnet-checkpoint' header: another "
+                                    "program's file, or one written before checkpoints had a format version)")
+    if int(header[1]) != FORMAT:
+        raise CheckpointError(path, f"format version {int(header[1])}; this server reads version {FORMAT}")
+    payload = data[header.end():]
+    if hashlib.sha256(payload).hexdigest().encode() != header[2]:
+        raise CheckpointError(path, "checksum mismatch: the file is damaged or truncated")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only met something other than plain data
+        raise CheckpointError(path, f"holds objects, not only weights; refused, as loading it could run code "
+                                    f"({str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds on malformed archives
+        raise CheckpointError(path, f"cannot be read ({type(err).__name__}: {str(err)[:200]})") from None
+
+
+def check_state(path: Path, state) -> None:
+    """Refuse a state that is not a job's: missing keys, wrong types, NaN / Inf tensors."""
+    if not isinstance(state, dict):
+        raise CheckpointError(path, f"holds a {type(state).__name__}, not a job's state")
+    for key, kind in _FIELDS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise CheckpointError(path, f"'{key}' is missing or not a {kind.__name__}")
+    for part in ("decoder", "optimizer"):
+        for key, value in _tensors(state[part], part):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(path, f"{key} holds NaN or Inf")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in state["optim"].values()):
+        raise CheckpointError(path, "'optim' holds a value that is not a finite number")
+
+
+def _tensors(obj, prefix: str):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}")
+
+
+def load_job(path: Path, device: str) -> Job:
+    """The job a checkpoint file holds, or CheckpointError naming the file and the reason."""
+    state = read(path)
+    check_state(path, state)
+    try:
+        return Job.from_state(state, device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # RuntimeError: a shape that does not fit
+        raise CheckpointError(path, f"does not fit the model it names ({type(err).__name__}: "
+                                    f"{str(err).splitlines()[0][:200]})") from None
+
 
 class Checkpointer:
-    def __init__(self, directory: str | None, every_steps: int) -> None:
+    def __init__(self, directory: str | None, every_steps: int, skip_bad: bool = False) -> None:
+        """`skip_bad`: at start, a checkpoint that cannot be resumed is logged and its job left
+        out, instead of stopping the server (cloud-server --skip-bad-checkpoints)."""
         self.directory = Path(directory) if directory else None
         self.every_steps = every_steps
+        self.skip_bad = skip_bad
         self._lock = threading.Lock()
         self._saved_at: dict[str, int] = {}
         if self.directory:
@@ -47,7 +148,9 @@ class Checkpointer:
             self.save(job)
 
     def save(self, job: Job) -> None:
-        if not self.enabled:
+        """Write `job`'s checkpoint, unless it never trained: such a decoder is its seed's initial
+        weights, and a peer that opens many jobs would otherwise leave a file for each."""
+        if not self.enabled or not job.steps_applied:
             return
         with self._lock:
             state = job.state()
@@ -55,24 +158,37 @@ class Checkpointer:
                 return
             target = self.path(job.name)
             tmp = target.with_suffix(".tmp")
-            torch.save(state, tmp)
+            tmp.write_bytes(encode(state))
             os.replace(tmp, target)
             self._saved_at[job.name] = state["steps_applied"]
             job.mark_durable(state)
         log.debug("checkpoint %s at step %d", target.name, state["steps_applied"])
 
     def load_all(self, device: str) -> dict[str, Job]:
+        """Every job in the folder. A file that cannot be resumed, or two files that hold one
+        job, raise CheckpointError; with `skip_bad` they are logged and the job left out."""
         jobs: dict[str, Job] = {}
         if not self.enabled:
             return jobs
+        source: dict[str, Path] = {}
         for path in sorted(self.directory.glob("*.ckpt")):  # type: ignore[union-attr]
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as err:  # weights_only met something other than plain data
-                raise ValueError(f"checkpoint {path} holds objects, not only weights; refused, as loading it could "
-                                 f"run code ({str(err).splitlines()[0]})") from None
-            job = Job.from_state(state, device)
-            jobs[job.name] = job
+                job = load_job(path, device)
+            except CheckpointError as err:
+                self._refuse(err)
+                continue
+            if job.name in source:
+                self._refuse(CheckpointError(path, f"holds job {job.name!r}, as {source[job.name]} does: keep one "
+                                                   "and move the other away"))
+                jobs.pop(job.name, None)  # skipping: neither claimant is trusted
+                self._saved_at.pop(job.name, None)
+                continue
+            jobs[job.name], source[job.name] = job, path
             self._saved_at[job.name] = job.steps_applied
             log.info("resumed job %r from %s at step %d", job.name, path.name, job.steps_applied)
         return jobs
+
+    def _refuse(self, err: CheckpointError) -> None:
+        if not self.skip_bad:
+            raise err
+        log.error("%s; started without that job (--skip-bad-checkpoints)", err)

@@ -10,7 +10,7 @@ import threading
 
 from cloud_server.config import ServerConfig
 from splitnet import security
-from splitnet.cli_util import add_threads_arg, set_threads, setup_logging
+from splitnet.cli_util import add_threads_arg, port, set_threads, setup_logging
 
 log = logging.getLogger("cloud_server")
 
@@ -19,16 +19,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     d = ServerConfig()
     p = argparse.ArgumentParser(prog="cloud-server", description=__doc__)
     p.add_argument("--host", default=d.host, help="interface to bind (default %(default)s: loopback only)")
-    p.add_argument("--port", type=int, default=d.port, help="port; 0 picks a free one (default %(default)s)")
+    p.add_argument("--port", type=port, default=d.port, help="port; 0 picks a free one (default %(default)s)")
     p.add_argument("--device", default=d.device, help="torch device for the decoders: cpu, cuda, cuda:1 ...")
     p.add_argument("--checkpoint-dir", default=d.checkpoint_dir,
                    help="write job checkpoints here and resume from them at start (default: none)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="steps of a job between checkpoints (default %(default)s)")
+    p.add_argument("--skip-bad-checkpoints", action="store_true",
+                   help="a checkpoint that is damaged, foreign or non-finite is logged and its job started afresh "
+                        "(default: refuse to start, naming the file)")
     p.add_argument("--max-message-mb", type=float, default=d.max_message_mb,
                    help="largest message accepted or sent, MiB (default %(default)s)")
     p.add_argument("--max-workers", type=int, default=d.max_workers,
                    help="concurrent calls; more are refused with RESOURCE_EXHAUSTED (default %(default)s)")
+    p.add_argument("--max-streams", type=int, default=d.max_streams,
+                   help="open Train + Infer streams; more are refused at once. Keep it below --max-workers so health "
+                        "checks, Stats and OpenSession always find a worker (default %(default)s)")
+    p.add_argument("--max-streams-per-peer", type=int, default=d.max_streams_per_peer,
+                   help="open Train + Infer streams of one connection (default %(default)s)")
+    p.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, default=d.idle_timeout_s, metavar="SECONDS",
+                   help="end a Train / Infer stream that sends no message for this long (default %(default)s)")
     p.add_argument("--max-jobs", type=int, default=d.max_jobs,
                    help="jobs (decoders) held at once; more are refused (default %(default)s)")
     p.add_argument("--grace-seconds", type=float, default=d.grace_seconds,

@@ -14,8 +14,12 @@ class ServerConfig:
     device: str = "cpu"
     checkpoint_dir: str = ""  # empty: no checkpoints, no resume
     checkpoint_every: int = 50  # steps of a job between checkpoints
+    skip_bad_checkpoints: bool = False  # start without a job whose checkpoint is refused (default: exit)
     max_message_mb: float = DEFAULT_MAX_MESSAGE_MB
     max_workers: int = 64  # concurrent RPCs (each Train / Infer stream holds a thread); more are refused
+    max_streams: int = 48  # open Train + Infer streams; below max_workers so health, Stats and sessions find a worker
+    max_streams_per_peer: int = 16  # open Train + Infer streams of one connection
+    idle_timeout_s: float = 300.0  # a Train / Infer stream without a message for this long is ended
     max_jobs: int = 256  # each job holds a decoder in memory: a cap so peers cannot exhaust it
     grace_seconds: float = 5.0  # shutdown: how long in-flight steps may finish
     tap_dir: str = ""  # curious-server tap: record received features here

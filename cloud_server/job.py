@@ -35,6 +35,14 @@ class StepOrderError(ValueError):
     """A step id skipped ahead: steps of one client must arrive in order."""
 
 
+class NotFinite(ArithmeticError):
+    """The loss, a gradient or the logits came out NaN or Inf, so the job refused to use them.
+
+    Finite features can still overflow inside the decoder (a batch of 3e38 does), and one
+    optimizer step on a NaN gradient would poison the decoder every client of the job shares.
+    """
+
+
 @dataclass
 class _ClientState:
     last_step: int = 0
@@ -94,6 +102,7 @@ class Job:
             self.decoder.train()
             z = features.to(self.device).requires_grad_(True)
             y = labels.to(self.device)
+            buffers = _copy_buffers(self.decoder)  # the forward pass updates batch-norm statistics
             self.optimizer.zero_grad(set_to_none=True)
             logits = self.decoder(z)
             loss = self._loss(logits, y)
@@ -101,6 +110,7 @@ class Job:
             lr = self.optim.lr * self.schedules.get(client_id, LrSchedule()).factor(step_id)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
+            self._refuse_non_finite(step_id, loss, z, buffers)
             self.optimizer.step()
             self.steps_applied += 1
             outcome = StepOutcome(z.grad.detach().cpu(), float(loss.detach()),
@@ -108,10 +118,31 @@ class Job:
             state.last_step, state.last_outcome = step_id, outcome
             return outcome
 
+    def _refuse_non_finite(self, step_id: int, loss: torch.Tensor, z: torch.Tensor,
+                           buffers: dict[str, torch.Tensor]) -> None:
+        """Before the optimizer step: if the loss or any gradient is NaN / Inf, put the decoder's
+        buffers back, drop the gradients and raise NotFinite. Weights and optimizer state are
+        untouched, and the caller has not yet advanced the client's step counter."""
+        grads = [z.grad, *(p.grad for p in self.decoder.parameters() if p.grad is not None)]
+        if not torch.isfinite(loss):
+            what = "loss"
+        elif not all(bool(torch.isfinite(g).all()) for g in grads):
+            what = "gradient"
+        else:
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        for name, value in self.decoder.named_buffers():
+            value.copy_(buffers[name])
+        raise NotFinite(f"step {step_id}: the {what} was not finite (NaN or Inf); the step was refused and the "
+                        "decoder left unchanged")
+
     def infer(self, features: torch.Tensor) -> torch.Tensor:
         with self.lock, torch.no_grad():
             self.decoder.eval()
-            return self.decoder(features.to(self.device)).cpu()
+            logits = self.decoder(features.to(self.device)).cpu()
+        if not torch.isfinite(logits).all():
+            raise NotFinite("the logits were not finite (NaN or Inf) for these features; refused")
+        return logits
 
     # -- checkpoint state: plain tensors, numbers and strings, loadable with weights_only=True
 
@@ -150,6 +181,10 @@ class Job:
         with self.lock:
             self.durable.update(state["client_last_step"])
             self.checkpoints_written += 1
+
+
+def _copy_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in module.named_buffers()}
 
 
 def _clone(obj):

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from cloud_server.checkpoints import Checkpointer
 from cloud_server.config import ServerConfig
 from cloud_server.servicer import SplitLearningServicer
+from cloud_server.streams import StreamSlots
 from splitnet import security, wire
 from splitnet.v1 import split_pb2_grpc
 
@@ -110,18 +111,26 @@ class CloudServer:
 
             if not torch.cuda.is_available():
                 raise ValueError(f"--device {config.device}: CUDA is not available on this machine (use --device cpu)")
-        if config.max_jobs < 1 or config.max_workers < 1:
-            raise ValueError("--max-jobs and --max-workers must be >= 1")
+        if min(config.max_jobs, config.max_workers, config.max_streams, config.max_streams_per_peer) < 1:
+            raise ValueError("--max-jobs, --max-workers, --max-streams and --max-streams-per-peer must be >= 1")
+        if not config.idle_timeout_s > 0:
+            raise ValueError("--idle-timeout must be > 0")
+        if config.max_streams >= config.max_workers:
+            log.warning("--max-streams %d >= --max-workers %d: open streams can hold every worker, and health "
+                        "checks and Stats are then refused", config.max_streams, config.max_workers)
         self._credentials = security.server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
         interceptors = [*([TokenAuth(config.auth_tokens)] if config.auth_tokens else []), ParseRequests()]
-        self.servicer = servicer_cls(Checkpointer(config.checkpoint_dir or None, config.checkpoint_every),
+        self.servicer = servicer_cls(Checkpointer(config.checkpoint_dir or None, config.checkpoint_every,
+                                                  config.skip_bad_checkpoints),
                                      config.device, config.max_message_mb, observer=_tap(config.tap_dir),
-                                     max_jobs=config.max_jobs, token_identity=bool(config.auth_tokens))
+                                     max_jobs=config.max_jobs, token_identity=bool(config.auth_tokens),
+                                     streams=StreamSlots(config.max_streams, config.max_streams_per_peer),
+                                     idle_timeout_s=config.idle_timeout_s)
         self.health = health.HealthServicer()
         # maximum_concurrent_rpcs: past max_workers a call is refused (RESOURCE_EXHAUSTED) instead of
         # queueing forever behind long-lived streams.
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_workers),
-                                   interceptors=interceptors, options=wire.grpc_options(config.max_message_mb),
+                                   interceptors=interceptors, options=wire.server_options(config.max_message_mb),
                                    maximum_concurrent_rpcs=config.max_workers)
         split_pb2_grpc.add_SplitLearningServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -130,14 +139,7 @@ class CloudServer:
         self.port = 0
 
     def start(self) -> int:
-        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        address = f"{host}:{self.config.port}"
-        if self._credentials is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            self.port = self._server.add_secure_port(address, self._credentials)
-        if self.port == 0:
-            raise OSError(f"cannot bind {self.config.host}:{self.config.port} (port in use? pass another --port)")
+        self.port = wire.add_port(self._server, self.config.host, self.config.port, "--port", self._credentials)
         self._server.start()
         for service in ("", wire.SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -27,7 +27,9 @@ import grpc
 import torch
 
 from cloud_server.checkpoints import Checkpointer
-from cloud_server.job import Job, StepOrderError
+from cloud_server.config import ServerConfig
+from cloud_server.job import Job, NotFinite, StepOrderError
+from cloud_server.streams import StreamSlots, StreamsExhausted, within_idle
 from splitnet import codec, security, wire
 from splitnet.models import OptimSpec, SplitSpec
 from splitnet.v1 import split_pb2 as pb
@@ -122,9 +124,13 @@ class Drain:
 
 class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
     def __init__(self, checkpointer: Checkpointer, device: str = "cpu", max_message_mb: float = 64.0,
-                 observer: StepObserver | None = None, max_jobs: int = 256, token_identity: bool = False) -> None:
-        """`token_identity`: the server checks tokens, so a caller's token is part of its identity."""
+                 observer: StepObserver | None = None, max_jobs: int = 256, token_identity: bool = False,
+                 streams: StreamSlots | None = None, idle_timeout_s: float = ServerConfig.idle_timeout_s) -> None:
+        """`token_identity`: the server checks tokens, so a caller's token is part of its identity.
+        `streams`, `idle_timeout_s`: limits on Train / Infer streams (see `cloud_server.streams`)."""
         self.checkpointer = checkpointer
+        self.streams = streams or StreamSlots(ServerConfig.max_streams, ServerConfig.max_streams_per_peer)
+        self.idle_timeout_s = idle_timeout_s
         self.device = device
         self.max_message_mb = max_message_mb
         self.max_jobs = max_jobs
@@ -155,9 +161,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         schedule = wire.schedule_from_message(request.lr_schedule)
         key = (request.job, request.client_id)
         with self._lock:
-            job = self.jobs.get(request.job)
-            if job is None:
-                job = self.jobs[request.job] = self._new_job(request, spec, optim)
+            job = self.jobs.get(request.job) or self._new_job(request, spec, optim)
             _check_compatible(job, spec, request)
             with job.lock:  # a checkpoint may be copying the owners meanwhile
                 owner = job.owners.setdefault(request.client_id, caller)
@@ -166,6 +170,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                                f"client_id {_quote(request.client_id)} of job {_quote(request.job)} belongs to "
                                "another principal (each edge needs its own --client-id)")
             job.set_schedule(request.client_id, schedule)
+            self.jobs[request.job] = job  # a new job is kept only once its first session is accepted
             # A re-open (reconnect) replaces the client's previous session: one per client.
             self.sessions.pop(self._client_session.get(key, ""), None)
             session = SessionState(uuid.uuid4().hex, job, request.client_id, request.grad_codec, caller)
@@ -190,7 +195,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
 
     def Train(self, request_iterator: Iterator[pb.TrainStep], context: grpc.ServicerContext) -> Iterator[pb.TrainResult]:
         caller = self._caller(context)
-        for request in request_iterator:
+        for request in self._stream(request_iterator, context):
             try:
                 with self.drain.work():
                     result = self._train_one(request, caller)
@@ -214,6 +219,8 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             outcome = job.train_step(session.client_id, request.step_id, features, labels)
         except StepOrderError as err:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
+        except NotFinite as err:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"features: {err}") from None
         except ValueError as err:  # e.g. batch norm cannot train on one sample per channel
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"features: the decoder cannot train on this batch: "
                                                              f"{str(err)[:200]}") from None
@@ -235,14 +242,18 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
 
     def Infer(self, request_iterator: Iterator[pb.InferRequest], context: grpc.ServicerContext) -> Iterator[pb.Prediction]:
         caller = self._caller(context)
-        for request in request_iterator:
+        for request in self._stream(request_iterator, context):
             try:
                 with self.drain.work():
                     size = request.ByteSize()
                     self._check_size("InferRequest", size)
                     session = self._session(request.session_id, caller)
                     features = self._features(request.features, session.job, "features")
-                    logits = session.job.infer(features)
+                    try:
+                        logits = session.job.infer(features)
+                    except NotFinite as err:
+                        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"features of request {request.request_id}: {err}") from None
             except Rejected as err:
                 log.debug("Infer request refused: %s", err.message)
                 context.abort(err.code, err.message)
@@ -288,6 +299,18 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             jobs = list(self.jobs.values())
         for job in jobs:
             self.checkpointer.save(job)
+
+    def _stream(self, requests: Iterator, context: grpc.ServicerContext) -> Iterator:
+        """Hold a stream slot for the call's lifetime (RESOURCE_EXHAUSTED at once if none is
+        free) and end the call if it sits idle (see `cloud_server.streams`)."""
+        peer = context.peer()
+        try:
+            self.streams.take(peer)
+        except StreamsExhausted as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+        if not context.add_callback(lambda: self.streams.give_back(peer)):  # the call has already ended
+            self.streams.give_back(peer)
+        return within_idle(requests, context, self.idle_timeout_s)
 
     def _caller(self, context: grpc.ServicerContext) -> str:
         token = security.presented_token(context.invocation_metadata()) if self.token_identity else ""

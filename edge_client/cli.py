@@ -7,7 +7,7 @@ import logging
 import sys
 
 from edge_client.config import ConnectionConfig, EdgeConfig
-from edge_client.defense import DefenseConfig
+from edge_client.defense import DefenseConfig, InvalidDefense
 from splitnet import codec, models, security
 from splitnet.cli_util import add_threads_arg, set_threads, setup_logging
 from splitnet.data import DATASETS, DataSpec, DatasetNotFound
@@ -15,6 +15,9 @@ from splitnet.schedule import LrSchedule
 from splitnet.wire import parse_address
 
 log = logging.getLogger("edge_client")
+
+# DefenseConfig fields whose flag is not `--` + the field name with dashes
+_DEFENSE_FLAGS = {"lam": "--lambda"}
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
@@ -104,11 +107,16 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
                                 nopeek=args.nopeek, cem=args.cem, lam=args.lam, var_threshold=args.var_threshold,
                                 cem_scale=args.cem_scale, cem_warmup=args.cem_warmup,
                                 learn_gates=not args.freeze_gates)
+    except InvalidDefense as err:
+        p.error(f"{_DEFENSE_FLAGS.get(err.field, '--' + err.field.replace('_', '-'))} must be {err.expected}, "
+                f"got {err.value!r}")
     except ValueError as err:
         p.error(str(err))
-    for flag in ("epochs", "batch_size"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1")
+    for flag, lowest in (("epochs", 1), ("batch_size", 1), ("bottleneck", 0), ("max_steps", 0)):
+        if getattr(args, flag) < lowest:
+            p.error(f"--{flag.replace('_', '-')} must be >= {lowest}")
+    if args.cem != "none" and not args.lam > 0:
+        p.error(f"--cem {args.cem} needs a positive CEM weight: pass --lambda (e.g. --lambda 16)")
     if args.pipeline < 0:
         p.error("--pipeline must be >= 0")
     if args.lr <= 0:

@@ -21,6 +21,14 @@ NOISE_KINDS = ("gaussian", "laplace")
 CEM_CHOICES = ("none", *cem.SURROGATES)
 
 
+class InvalidDefense(ValueError):
+    """A DefenseConfig field out of range; `field` lets a command line name its own flag."""
+
+    def __init__(self, field: str, expected: str, value) -> None:
+        super().__init__(f"DefenseConfig.{field} must be {expected}, got {value!r}")
+        self.field, self.expected, self.value = field, expected, value
+
+
 @dataclass(frozen=True)
 class DefenseConfig:
     noise: float = 0.0  # sigma: Gaussian std, or Laplace scale b
@@ -56,7 +64,7 @@ class DefenseConfig:
         ]
         for name, ok, expected in checks:
             if not ok:
-                raise ValueError(f"DefenseConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+                raise InvalidDefense(name, expected, getattr(self, name))
 
     @property
     def scale(self) -> float:

@@ -151,8 +151,11 @@ class RemoteCloud:
                                     momentum=optim.momentum, weight_decay=optim.weight_decay,
                                     grad_codec=grad_codec, seed=seed,
                                     lr_schedule=wire.schedule_message(optim.schedule), width=spec.width)
+        # wait_for_ready=False: a try fails at once with gRPC's reason (refused, closed, TLS
+        # handshake), which `_unreachable` turns into advice; _with_retry still waits for a
+        # server that comes up late.
         self._opened(self._with_retry(lambda: self._stub.OpenSession(self._spec, timeout=self.config.deadline_s,
-                                                                    wait_for_ready=True), "OpenSession"))
+                                                                    wait_for_ready=False), "OpenSession"))
         self._count(self._spec, self.session)
         return self.session.last_step_id
 
@@ -281,14 +284,34 @@ class RemoteCloud:
     def _with_retry(self, call, what: str):
         deadline = time.monotonic() + self.config.reconnect_s
         backoff = 0.2
+        warned = False
         while True:
             try:
                 return call()
             except grpc.RpcError as err:
-                if err.code() not in _RETRYABLE or time.monotonic() > deadline:
+                if err.code() not in _RETRYABLE:
                     raise _cloud_error(err, what) from None
+                if time.monotonic() > deadline:
+                    raise _cloud_error(err, what, self._unreachable(err)) from None
+                if not warned:
+                    log.warning("%s; retrying for %g s (--reconnect-seconds)", self._unreachable(err),
+                                self.config.reconnect_s)
+                    warned = True
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    def _unreachable(self, err: grpc.RpcError) -> str:
+        """What to check when `--server` does not answer, from gRPC's reason."""
+        server, details = self.config.server, (err.details() or "").lower()
+        tls = bool(self.config.tls_ca or self.config.tls_cert or self.config.tls_key)
+        if "handshake" in details or "ssl" in details:
+            return (f"the TLS handshake with {server} failed: does it serve TLS (cloud-server --tls-cert), and did "
+                    "--tls-ca sign its certificate?")
+        if not tls and "socket closed" in details:
+            return f"{server} closed the connection: if it serves TLS, connect with --tls-ca"
+        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"{server} did not answer within {self.config.deadline_s:g} s (--deadline)"
+        return f"nothing answers at {server}: is a cloud-server running there?"
 
     def _check_size(self, request) -> None:
         message = wire.too_large(type(request).__name__, request.ByteSize(), self.config.max_message_mb,
@@ -301,6 +324,7 @@ class RemoteCloud:
         self.bytes_down += down.ByteSize()
 
 
-def _cloud_error(err: grpc.RpcError, what: str) -> CloudError:
+def _cloud_error(err: grpc.RpcError, what: str, advice: str = "") -> CloudError:
     code = err.code()
-    return CloudError(code, f"{what} failed: {code.name if code else 'UNKNOWN'}: {err.details()}")
+    reason = f"{advice} (gRPC: {err.details()})" if advice else err.details()
+    return CloudError(code, f"{what} failed: {code.name if code else 'UNKNOWN'}: {reason}")

@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 
+from splitnet import wire
+
 
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else getattr(logging, os.environ.get("SPLIT_LOG_LEVEL", "INFO").upper(), logging.INFO)
@@ -29,3 +31,19 @@ def add_threads_arg(parser: argparse.ArgumentParser) -> None:
     """The `--threads` flag every process of the project takes (see `set_threads`)."""
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default %(default)s; 0: torch's default of one per core)")
+
+
+def port(text: str) -> int:
+    """argparse type of a port to listen on: 0 (any free one) .. 65535; argparse names the flag."""
+    if not text.isdigit() or int(text) > wire.MAX_PORT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port in 0..{wire.MAX_PORT}")
+    return int(text)
+
+
+def listen_address(text: str) -> str:
+    """argparse type of a HOST:PORT to listen on (port 0: any free one)."""
+    try:
+        wire.parse_address(text, listen=True)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text

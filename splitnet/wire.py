@@ -8,12 +8,16 @@ raises it; gRPC's own hard limit sits above it as a backstop.
 
 from __future__ import annotations
 
+import errno
+import socket
+
 from splitnet.schedule import LrSchedule
 from splitnet.v1 import split_pb2
 
 SERVICE_NAME = split_pb2.DESCRIPTOR.services_by_name["SplitLearning"].full_name
 DEFAULT_MAX_MESSAGE_MB = 64
 _GRPC_CEILING = 2**31 - 1
+MAX_PORT = 65535
 
 
 def message_limit_bytes(max_message_mb: float) -> int:
@@ -28,6 +32,22 @@ def grpc_options(max_message_mb: float) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", hard), ("grpc.max_receive_message_length", hard)]
 
 
+def server_options(max_message_mb: float) -> list[tuple[str, int]]:
+    """`grpc_options` plus what only a listening server needs.
+
+    `grpc.so_reuseport` = 0: gRPC sets SO_REUSEPORT on Linux by default, so a second
+    server (or a proxy) started on a port already in use would bind it too and the kernel
+    would split the connections between them: clients would reach whichever it picked.
+    Off, the second bind fails and the CLI says the port is in use.
+
+    Keepalive: the server pings a connection after 60 s without traffic and closes it if
+    no answer comes within 20 s, so the streams of a peer that vanished (power loss, a
+    dropped network, no FIN ever sent) are freed instead of holding their workers.
+    """
+    return [*grpc_options(max_message_mb), ("grpc.so_reuseport", 0), ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000)]
+
+
 def too_large(kind: str, size: int, max_message_mb: float, flag: str) -> str | None:
     """An error text naming the limit and the flag that raises it, or None if `size` fits."""
     limit = message_limit_bytes(max_message_mb)
@@ -37,13 +57,41 @@ def too_large(kind: str, size: int, max_message_mb: float, flag: str) -> str | N
             f"({max_message_mb:g} MiB); raise it with {flag}")
 
 
+def listening_socket(host: str, port: int, flag: str) -> socket.socket:
+    """A TCP socket listening on host:port, without SO_REUSEPORT (so a port in use fails
+    here), or an OSError naming the address and `flag`."""
+    try:
+        return socket.create_server((host, port), reuse_port=False)
+    except OSError as err:
+        reason = "the port is in use" if err.errno == errno.EADDRINUSE else err.strerror or str(err)
+        raise OSError(f"cannot listen on {host}:{port}: {reason} (pass another {flag})") from None
+
+
+def add_port(server, host: str, port: int, flag: str, credentials=None) -> int:
+    """Bind a gRPC server built with `server_options` to host:port; return the port it got.
+
+    The address is tried with `listening_socket` first, so that a port in use is one line
+    naming it and `flag` instead of gRPC's own log line and RuntimeError.
+    """
+    listening_socket(host, port, flag).close()
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio's "Failed to bind": taken between the probe and here
+        raise OSError(f"cannot listen on {host}:{port}: the port is in use (pass another {flag})") from None
+
+
 def parse_address(address: str, listen: bool = False) -> tuple[str, int]:
     """'HOST:PORT' (IPv6 as '[::1]:PORT') -> (host, port), with an error that says what to pass.
 
     A listening address may use port 0 (any free port)."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not (0 if listen else 1) <= int(port) < 65536:
-        raise ValueError(f"address {address!r} is not HOST:PORT (e.g. 127.0.0.1:50051)")
+    lowest = 0 if listen else 1
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) <= MAX_PORT:
+        raise ValueError(f"address {address!r} is not HOST:PORT with a port in {lowest}..{MAX_PORT} "
+                         "(e.g. 127.0.0.1:50051)")
     return host.strip("[]"), int(port)
 
 

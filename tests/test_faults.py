@@ -13,6 +13,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cloud_server import checkpoints
 from cloud_server.config import ServerConfig
 from cloud_server.local import LocalCloud
 from cloud_server.server import CloudServer
@@ -212,7 +213,7 @@ def test_graceful_shutdown_drains_in_flight_steps(tmp_path):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     stopper.join(30)
     assert not stopper.is_alive()
-    state = torch.load(next(tmp_path.glob("*.ckpt")), weights_only=True)
+    state = checkpoints.read(next(tmp_path.glob("*.ckpt")))
     assert state["steps_applied"] == 2 and state["client_last_step"] == {"c": 2}
 
 
@@ -239,4 +240,97 @@ def test_calls_beyond_max_workers_are_refused_not_queued():
                     assert time.monotonic() < deadline
                     time.sleep(0.1)
     finally:
+        server.stop()
+
+
+def test_an_idle_stream_is_ended_with_a_status_that_says_so():
+    server, address = _serve(idle_timeout_s=1.0)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = split_pb2_grpc.SplitLearningStub(channel)
+            sid = stub.OpenSession(spec("idle"), timeout=10).session_id
+            for first in ([], [step(sid, 1)]):  # silent from the start, or silent after a step
+                stream = _Stream(stub)
+                for request in first:
+                    stream.send(request)
+                    assert stream.reply().step_id == request.step_id
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as err:
+                    stream.reply()
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "--idle-timeout" in err.value.details()
+                assert time.monotonic() - started < 5
+            deadline = time.monotonic() + 5
+            while server.servicer.streams.in_use:  # both slots are given back as the calls end
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        server.stop()
+
+
+def test_an_edge_whose_stream_was_ended_as_idle_reconnects_and_goes_on():
+    server, address = _serve(idle_timeout_s=0.5)
+    cloud = RemoteCloud(ConnectionConfig(server=address, deadline_s=10, reconnect_s=10))
+    try:
+        cloud.open("idle-edge", "c", build(SplitSpec()), OptimSpec(), "fp32", 0)
+        for step_id in (1, 2):
+            cloud.submit(step_id, torch.rand(2, 32, 8, 8), torch.tensor([0, 1]), "fp32")
+            assert cloud.collect(step_id).grad is not None
+            time.sleep(1.5)  # the server ends the quiet stream meanwhile
+        assert cloud.reconnects == 1 and server.servicer.jobs["idle-edge"].last_step("c") == 2
+    finally:
+        cloud.close()
+        server.stop()
+
+
+def test_streams_beyond_max_streams_are_refused_and_leave_workers_for_other_calls():
+    server, address = _serve(max_workers=4, max_streams=2)
+    gates = [queue.Queue() for _ in range(3)]
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = split_pb2_grpc.SplitLearningStub(channel)
+            held = [stub.Train(iter(gate.get, None), timeout=30) for gate in gates[:2]]
+            deadline = time.monotonic() + 10
+            while server.servicer.streams.in_use < len(held):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as err:  # a third: refused at once, not queued
+                next(stub.Train(iter(gates[2].get, None), timeout=30))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams" in err.value.details()
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            stub.OpenSession(spec("beside-two-streams"), timeout=5)
+            assert server.servicer.streams.in_use == 2
+    finally:
+        for gate in gates:
+            gate.put(None)
+        server.stop()
+
+
+def test_idle_streams_cannot_starve_health_or_an_honest_client():
+    """One client opens 64 Train streams (the default --max-workers) and sends nothing: health
+    stays SERVING, Stats answers and another client trains."""
+    server, address = _serve()
+    gates = [queue.Queue() for _ in range(64)]
+    # its own connection, as another process would have (gRPC otherwise shares one per target)
+    hog = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+    try:
+        stub = split_pb2_grpc.SplitLearningStub(hog)
+        calls = [stub.Train(iter(gate.get, None), timeout=60) for gate in gates]
+        refused = []
+        for call in calls[ServerConfig.max_streams_per_peer:]:  # past its share: refused at once, not queued
+            with pytest.raises(grpc.RpcError) as err:
+                next(call)
+            refused.append(err.value.code())
+        assert set(refused) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        with grpc.insecure_channel(address) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            split_pb2_grpc.SplitLearningStub(channel).Stats(pb.StatsRequest(), timeout=5)
+        config = _edge(address, "beside-the-hog", max_steps=3)
+        assert run(config, RemoteCloud(config.connection))["last_step_id"] == 3
+        assert server.servicer.streams.in_use >= ServerConfig.max_streams_per_peer
+    finally:
+        for gate in gates:
+            gate.put(None)
+        hog.close()
         server.stop()

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from attacks import capture
 from attacks.proxy import Proxy, RawForwarder
 from cloud_server import cli as cloud_cli
+from cloud_server import checkpoints
 from cloud_server.checkpoints import Checkpointer
 from cloud_server.config import ServerConfig
 from cloud_server.server import CloudServer
@@ -124,6 +125,18 @@ def test_tls_trains_and_refuses_plaintext_and_strangers(pki, serve):
     assert rejected(lambda: _stub(address).Stats(pb.StatsRequest(), timeout=5)).code() == grpc.StatusCode.UNAVAILABLE
     wrong_ca = _stub(address, **_files(pki, ca="other-ca"))
     assert rejected(lambda: wrong_ca.Stats(pb.StatsRequest(), timeout=5)).code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_tls_mismatch_is_named_in_the_edge_error(pki, serve, capsys):
+    """A plaintext edge against a TLS server and a TLS edge against a plaintext one each get an
+    error that points at TLS, not just UNAVAILABLE."""
+    edge = ["--epochs", "1", "--max-steps", "1", "--no-progress", "--deadline", "2", "--reconnect-seconds", "1"]
+    tls_server = serve(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
+    assert edge_cli.main(["--server", tls_server, *edge]) == 1
+    assert "if it serves TLS, connect with --tls-ca" in capsys.readouterr().err.strip().splitlines()[-1]
+    plain_server = serve()
+    assert edge_cli.main(["--server", plain_server, "--tls-ca", str(pki / "ca.pem"), *edge]) == 1
+    assert "TLS handshake with" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki, serve):
@@ -291,8 +304,10 @@ class _Exploit:
 def test_a_checkpoint_holding_a_pickled_object_is_refused(tmp_path, capsys):
     ckpt, marker = tmp_path / "ckpt", tmp_path / "pwned"
     ckpt.mkdir()
-    torch.save({"name": "evil", "decoder": {}, "payload": _Exploit(marker)}, ckpt / "evil-00000000.ckpt")
-    with pytest.raises(ValueError, match="evil-00000000.ckpt holds objects"):
+    # in a well-formed file: the checksum is no defence against whoever can write the folder
+    (ckpt / "evil-00000000.ckpt").write_bytes(checkpoints.encode({"name": "evil", "decoder": {},
+                                                                  "payload": _Exploit(marker)}))
+    with pytest.raises(ValueError, match="evil-00000000.ckpt: holds objects"):
         Checkpointer(str(ckpt), 10).load_all("cpu")
     assert cloud_cli.main(["--port", "0", "--checkpoint-dir", str(ckpt)]) == 2
     err = capsys.readouterr().err

@@ -1,0 +1,139 @@
+"""Checkpoints carry a format version and a sha256 of their payload; a file that cannot be
+resumed (damaged, truncated, empty, foreign, wrong shapes, NaN / Inf, or a second file for
+one job) stops the server with the file's name and the reason, or is skipped with
+--skip-bad-checkpoints."""
+
+import shutil
+
+import grpc
+import pytest
+import torch
+
+from cloud_server import checkpoints
+from cloud_server import cli as cloud_cli
+from cloud_server.checkpoints import CheckpointError, Checkpointer
+from cloud_server.config import ServerConfig
+from cloud_server.server import CloudServer
+from cloud_server.job import Job
+from deploy.processes import start_server
+from splitnet.models import OptimSpec, SplitSpec
+from splitnet.v1 import split_pb2 as pb
+from splitnet.v1 import split_pb2_grpc
+
+from messages import spec, step
+
+SPEC = SplitSpec("cnn", "block1", 10, (1, 16, 16))
+
+
+def _trained(name: str) -> Job:
+    job = Job(name, SPEC, OptimSpec(0.05, 0.9))
+    job.train_step("c", 1, torch.rand(4, 32, 8, 8), torch.tensor([0, 1, 2, 3]))  # optimizer state exists
+    return job
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A checkpoint folder holding jobs 'good' and 'victim'; returns (folder, victim's file)."""
+    saver = Checkpointer(str(tmp_path), 1)
+    for name in ("good", "victim"):
+        saver.save(_trained(name))
+    return tmp_path, saver.path("victim")
+
+
+def _flip(path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def _rewrite(path, change) -> None:
+    """Load the state, change it, write it back as a well-formed file (valid checksum)."""
+    state = checkpoints.read(path)
+    change(state)
+    path.write_bytes(checkpoints.encode(state))
+
+
+def _poison(state) -> None:
+    state["decoder"]["0.0.weight"][0, 0, 0, 0] = float("nan")
+
+
+def _inf_momentum(state) -> None:
+    next(iter(state["optimizer"]["state"].values()))["momentum_buffer"].fill_(float("inf"))
+
+
+def _reshape(state) -> None:
+    state["decoder"]["0.0.weight"] = torch.zeros(64, 16, 3, 3)
+
+
+DAMAGE = [
+    ("empty", lambda p: p.write_bytes(b""), "empty"),
+    ("truncated", lambda p: p.write_bytes(p.read_bytes()[:-500]), "checksum mismatch"),
+    ("one bit flipped", lambda p: _flip(p, -100), "checksum mismatch"),
+    ("no header", lambda p: torch.save(checkpoints.read(p), p), "no 'splitnet-checkpoint' header"),
+    ("future format", lambda p: p.write_bytes(p.read_bytes().replace(b"checkpoint 1 ", b"checkpoint 9 ", 1)),
+     "format version 9"),
+    ("foreign structure", lambda p: p.write_bytes(checkpoints.encode({"weights": torch.zeros(3)})), "'name'"),
+    ("not a dict", lambda p: p.write_bytes(checkpoints.encode([1, 2, 3])), "not a job's state"),
+    ("wrong shape", lambda p: _rewrite(p, _reshape), "does not fit the model"),
+    ("NaN weight", lambda p: _rewrite(p, _poison), "decoder.0.0.weight holds NaN or Inf"),
+    ("Inf optimizer state", lambda p: _rewrite(p, _inf_momentum), "momentum_buffer holds NaN or Inf"),
+]
+
+
+def test_a_checkpoint_round_trips(folder):
+    directory, path = folder
+    assert path.read_bytes().startswith(b"splitnet-checkpoint 1 sha256=")
+    jobs = Checkpointer(str(directory), 1).load_all("cpu")
+    assert sorted(jobs) == ["good", "victim"] and jobs["victim"].last_step("c") == 1
+
+
+@pytest.mark.parametrize("damage,reason", [d[1:] for d in DAMAGE], ids=[d[0] for d in DAMAGE])
+def test_a_bad_checkpoint_is_refused_by_name_or_skipped(folder, damage, reason):
+    directory, path = folder
+    damage(path)
+    with pytest.raises(CheckpointError) as err:
+        Checkpointer(str(directory), 1).load_all("cpu")
+    assert str(path) in str(err.value) and reason in str(err.value), str(err.value)
+    assert sorted(Checkpointer(str(directory), 1, skip_bad=True).load_all("cpu")) == ["good"]
+
+
+def test_two_files_for_one_job_are_refused_with_both_names(folder):
+    directory, path = folder
+    copy = directory / "renamed.ckpt"
+    shutil.copy(path, copy)
+    with pytest.raises(CheckpointError) as err:
+        Checkpointer(str(directory), 1).load_all("cpu")
+    assert str(path) in str(err.value) and str(copy) in str(err.value) and "'victim'" in str(err.value)
+    assert sorted(Checkpointer(str(directory), 1, skip_bad=True).load_all("cpu")) == ["good"]
+
+
+def test_the_cli_exits_naming_the_file_or_skips_it(folder, capsys):
+    directory, path = folder
+    path.write_bytes(path.read_bytes()[:1000])
+    assert cloud_cli.main(["--port", "0", "--checkpoint-dir", str(directory)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "checksum mismatch" in err[0] and "Traceback" not in err[0]
+
+    server = start_server("--checkpoint-dir", str(directory), "--skip-bad-checkpoints")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stats = split_pb2_grpc.SplitLearningStub(channel).Stats(pb.StatsRequest(), timeout=10)
+        assert [j.job for j in stats.jobs] == ["good"]
+    finally:
+        server.stop()
+    assert path.name in server.output() and "--skip-bad-checkpoints" in server.output()
+
+
+def test_a_job_that_never_trained_leaves_no_checkpoint(tmp_path):
+    """Opening jobs costs a peer nothing on disk: only a job that applied a step is written."""
+    server = CloudServer(ServerConfig(port=0, grace_seconds=0.5, checkpoint_dir=str(tmp_path)))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.start()}") as channel:
+            stub = split_pb2_grpc.SplitLearningStub(channel)
+            for job in ("opened-only", "another-opened-only"):
+                stub.OpenSession(spec(job), timeout=10)
+            sid = stub.OpenSession(spec("trained"), timeout=10).session_id
+            list(stub.Train(iter([step(sid, 1)]), timeout=10))
+    finally:
+        server.stop()  # checkpoints every job that trained
+    assert [p.name for p in tmp_path.glob("*.ckpt")] == [Checkpointer(str(tmp_path), 1).path("trained").name]

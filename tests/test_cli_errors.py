@@ -1,0 +1,111 @@
+"""Errors a user can act on: ports that are taken or out of range, servers that are not
+there or speak TLS, and flag values the CLIs refuse by their own name. Each must be one
+line on stderr, without a traceback."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from attacks import cli as attacker_cli
+from attacks.proxy import Proxy, RawForwarder
+from cloud_server import cli as cloud_cli
+from deploy.processes import start_server
+from edge_client import cli as edge_cli
+
+from messages import free_port
+
+
+def _one_line_error(err: str, *needles: str) -> str:
+    lines = err.strip().splitlines()
+    assert lines and "Traceback" not in err, err
+    assert all(n in lines[-1] for n in needles), err
+    return lines[-1]
+
+
+def _exit_code(main, argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit_:  # argparse's error exit
+        return exit_.code
+
+
+def test_a_second_server_on_a_port_in_use_exits_with_one_line():
+    """gRPC's default SO_REUSEPORT let a second server bind the same port and silently take
+    a share of the connections; now the second one exits at once, naming the port."""
+    first = start_server()
+    try:
+        port = first.address.rsplit(":", 1)[1]
+        second = subprocess.Popen([sys.executable, "-m", "cloud_server", "--port", port], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = second.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            second.kill()
+            out, err = second.communicate()
+            pytest.fail(f"a second server on port {port} kept running: {out}")
+        assert second.returncode != 0 and "listening" not in out
+        _one_line_error(err, f"127.0.0.1:{port}", "in use", "--port")
+    finally:
+        first.stop()
+
+
+def test_proxies_do_not_share_a_port_in_use(tmp_path, capsys):
+    taken = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{taken.getsockname()[1]}"
+    try:
+        with pytest.raises(OSError, match="in use.*--listen"):
+            Proxy(address, "127.0.0.1:1", None)
+        with pytest.raises(OSError, match="in use.*--listen"):
+            RawForwarder(address, "127.0.0.1:1", str(tmp_path))
+        assert attacker_cli.main(["proxy", "--listen", address, "--upstream", "127.0.0.1:1"]) == 2
+        _one_line_error(capsys.readouterr().err, address, "in use")
+    finally:
+        taken.close()
+    relay = RawForwarder("127.0.0.1:0", "127.0.0.1:1", str(tmp_path))
+    try:
+        assert relay.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+        with pytest.raises(OSError, match="in use"):
+            RawForwarder(relay.address, "127.0.0.1:1", str(tmp_path))
+    finally:
+        relay.stop()
+
+
+@pytest.mark.parametrize("main,argv,flag", [
+    (cloud_cli.main, ["--port", "70000"], "--port"),
+    (cloud_cli.main, ["--port", "-1"], "--port"),
+    (attacker_cli.main, ["proxy", "--listen", "127.0.0.1:65536", "--upstream", "127.0.0.1:1"], "--listen"),
+    (attacker_cli.main, ["proxy", "--listen", "no-port", "--upstream", "127.0.0.1:1"], "--listen"),
+])
+def test_out_of_range_ports_are_refused_by_argparse(main, argv, flag, capsys):
+    started = time.monotonic()
+    assert _exit_code(main, argv) == 2
+    _one_line_error(capsys.readouterr().err, f"argument {flag}")
+    assert time.monotonic() - started < 5  # refused before anything is served
+
+
+EDGE = ["--epochs", "1", "--max-steps", "1", "--no-progress", "--deadline", "2", "--reconnect-seconds", "1"]
+
+
+def test_an_edge_pointed_at_nothing_says_so_in_bounded_time(capsys):
+    address = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    assert edge_cli.main(["--server", address, *EDGE]) == 1
+    assert time.monotonic() - started < 15
+    _one_line_error(capsys.readouterr().err, address, "is a cloud-server running there?")
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--noise", "-1"], "--noise must be"),
+    (["--lambda", "-1"], "--lambda must be"),
+    (["--dropout", "1.5"], "--dropout must be"),
+    (["--bottleneck", "-2"], "--bottleneck must be >= 0"),
+    (["--cem", "gmm"], "pass --lambda"),
+    (["--cem", "slot", "--lambda", "0"], "pass --lambda"),
+])
+def test_edge_flag_errors_name_the_flag(argv, flag, capsys):
+    assert _exit_code(edge_cli.main, [*argv, *EDGE]) == 2
+    line = _one_line_error(capsys.readouterr().err, flag)
+    assert "DefenseConfig" not in line
