@@ -180,11 +180,12 @@ class EdgeTrainer:
 
     def _set_lr(self, step_id: int, decoder_lr: float) -> None:
         """Step the encoder (and CEM's parameters) at the schedule's rate for this step id, the rate
-        the decoder reports it used (equal up to the wire's float32: anything else is a mismatch)."""
+        the decoder reports it used (equal up to the wire's float32: anything else is a mismatch; a
+        server older than schedules reports 0, and is not checked)."""
         self.lr = self.optim.lr_at(step_id)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        if not math.isclose(decoder_lr, self.lr, rel_tol=1e-5):
+        if decoder_lr and not math.isclose(decoder_lr, self.lr, rel_tol=1e-5):
             self.lr_mismatches += 1
             if self.lr_mismatches == 1:
                 log.warning("step %d: the decoder stepped at lr %.6g, the encoder at %.6g (the server's job has "
