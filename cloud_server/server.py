@@ -115,6 +115,8 @@ class CloudServer:
             raise ValueError("--max-jobs, --max-workers, --max-streams and --max-streams-per-peer must be >= 1")
         if not config.idle_timeout_s > 0:
             raise ValueError("--idle-timeout must be > 0")
+        if not 0 < config.job_memory_mb <= config.max_memory_mb:
+            raise ValueError("--job-memory-mb must be > 0 and at most --max-memory-mb")
         if config.max_streams >= config.max_workers:
             log.warning("--max-streams %d >= --max-workers %d: open streams can hold every worker, and health "
                         "checks and Stats are then refused", config.max_streams, config.max_workers)
@@ -125,7 +127,8 @@ class CloudServer:
                                      config.device, config.max_message_mb, observer=_tap(config.tap_dir),
                                      max_jobs=config.max_jobs, token_identity=bool(config.auth_tokens),
                                      streams=StreamSlots(config.max_streams, config.max_streams_per_peer),
-                                     idle_timeout_s=config.idle_timeout_s)
+                                     idle_timeout_s=config.idle_timeout_s, job_memory_mb=config.job_memory_mb,
+                                     max_memory_mb=config.max_memory_mb)
         self.health = health.HealthServicer()
         # maximum_concurrent_rpcs: past max_workers a call is refused (RESOURCE_EXHAUSTED) instead of
         # queueing forever behind long-lived streams.

@@ -26,12 +26,16 @@ from typing import Callable, Iterator
 import grpc
 import torch
 
+from cloud_server import memory
 from cloud_server.checkpoints import Checkpointer
 from cloud_server.config import ServerConfig
 from cloud_server.job import Job, NotFinite, StepOrderError
+from cloud_server.keyed_lock import KeyedLocks
+from cloud_server.memory import OverBudget
 from cloud_server.streams import StreamSlots, StreamsExhausted, within_idle
 from splitnet import codec, security, wire
 from splitnet.models import OptimSpec, SplitSpec
+from splitnet.schedule import LrSchedule
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
@@ -124,24 +128,31 @@ class Drain:
 
 class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
     def __init__(self, checkpointer: Checkpointer, device: str = "cpu", max_message_mb: float = 64.0,
-                 observer: StepObserver | None = None, max_jobs: int = 256, token_identity: bool = False,
-                 streams: StreamSlots | None = None, idle_timeout_s: float = ServerConfig.idle_timeout_s) -> None:
+                 observer: StepObserver | None = None, max_jobs: int = ServerConfig.max_jobs,
+                 token_identity: bool = False, streams: StreamSlots | None = None,
+                 idle_timeout_s: float = ServerConfig.idle_timeout_s, job_memory_mb: float = ServerConfig.job_memory_mb,
+                 max_memory_mb: float = ServerConfig.max_memory_mb) -> None:
         """`token_identity`: the server checks tokens, so a caller's token is part of its identity.
-        `streams`, `idle_timeout_s`: limits on Train / Infer streams (see `cloud_server.streams`)."""
+        `streams`, `idle_timeout_s`: limits on Train / Infer streams (see `cloud_server.streams`).
+        `max_jobs`, `job_memory_mb`, `max_memory_mb`: what new jobs may cost (see `cloud_server.memory`)."""
         self.checkpointer = checkpointer
         self.streams = streams or StreamSlots(ServerConfig.max_streams, ServerConfig.max_streams_per_peer)
         self.idle_timeout_s = idle_timeout_s
         self.device = device
         self.max_message_mb = max_message_mb
-        self.max_jobs = max_jobs
         self.token_identity = token_identity
         self.observer = observer
         self.jobs: dict[str, Job] = checkpointer.load_all(device)
+        memory.warm_up()
+        self.budget = memory.JobBudget(max_jobs, job_memory_mb, max_memory_mb)
+        for job in self.jobs.values():  # resumed jobs count, even past the budget: refusing them would lose them
+            self.budget.hold(job.name, memory.estimate_bytes(job.spec))
         self.sessions: dict[str, SessionState] = {}
         self.counters = Counters()
         self.drain = Drain()
         self._client_session: dict[tuple[str, str], str] = {}  # (job, client id) -> its open session
         self._lock = threading.Lock()
+        self._job_names = KeyedLocks()
 
     # -- RPCs
 
@@ -157,11 +168,29 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     def _open(self, request: pb.SessionSpec, caller: str) -> pb.Session:
+        """A new job is estimated, then built under the lock of its name only (see
+        `cloud_server.keyed_lock`), so a slow build never stalls other jobs' sessions and steps."""
         spec, optim = _session_spec(request)
         schedule = wire.schedule_from_message(request.lr_schedule)
+        with self._job_names.hold(request.job):
+            with self._lock:
+                job = self.jobs.get(request.job)
+            new = job is None
+            if new:
+                job = self._new_job(request, spec, optim)
+            try:
+                session = self._accept(job, spec, request, caller, schedule)
+            except Rejected:
+                if new:  # a refused OpenSession leaves no job behind
+                    self.budget.release(request.job)
+                raise
+        return pb.Session(session_id=session.session_id, last_step_id=job.last_step(request.client_id),
+                          job_steps_applied=job.steps_applied, resumed=job.restored)
+
+    def _accept(self, job: Job, spec: SplitSpec, request: pb.SessionSpec, caller: str,
+                schedule: LrSchedule) -> SessionState:
         key = (request.job, request.client_id)
         with self._lock:
-            job = self.jobs.get(request.job) or self._new_job(request, spec, optim)
             _check_compatible(job, spec, request)
             with job.lock:  # a checkpoint may be copying the owners meanwhile
                 owner = job.owners.setdefault(request.client_id, caller)
@@ -176,20 +205,24 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             session = SessionState(uuid.uuid4().hex, job, request.client_id, request.grad_codec, caller)
             self.sessions[session.session_id] = session
             self._client_session[key] = session.session_id
-        return pb.Session(session_id=session.session_id, last_step_id=job.last_step(request.client_id),
-                          job_steps_applied=job.steps_applied, resumed=job.restored)
+        return session
 
     def _new_job(self, request: pb.SessionSpec, spec: SplitSpec, optim: OptimSpec) -> Job:
-        if len(self.jobs) >= self.max_jobs:
-            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"job: the server already holds {len(self.jobs)} jobs; join one of them or raise "
-                           "cloud-server --max-jobs")
+        """Hold the job's estimated memory in the budget (RESOURCE_EXHAUSTED if it does not fit),
+        then build it; the caller releases the hold if the session is refused after all."""
         try:
-            job = Job(request.job, spec, optim, self.device, request.seed)
+            self.budget.reserve(request.job, spec)
+        except OverBudget as err:
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
         except RuntimeError as err:  # the input is too small for the encoder's pooling
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                            f"input_shape: {list(request.input_shape)} does not fit {spec.arch} up to cut "
                            f"{spec.resolved().cut}: {str(err)[:200]}") from None
+        try:
+            job = Job(request.job, spec, optim, self.device, request.seed)
+        except BaseException:
+            self.budget.release(request.job)
+            raise
         log.info("job %r: new decoder %s cut %s", request.job, spec.arch, job.spec.cut)
         return job
 
