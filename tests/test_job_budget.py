@@ -45,6 +45,7 @@ def test_a_costly_job_is_refused_at_once_naming_its_estimate_the_budget_and_the_
                  "cloud-server --job-memory-mb"):
         assert text in err.details(), err.details()
     assert "costly" not in server.servicer.jobs and server.servicer.budget.held_mb == 0
+    assert not len(server.servicer._job_names)  # no lock entry is left for the refused name
     stub.OpenSession(spec("small"), timeout=10)  # the server goes on serving
 
 
