@@ -164,6 +164,18 @@ class Checkpointer:
             job.mark_durable(state)
         log.debug("checkpoint %s at step %d", target.name, state["steps_applied"])
 
+    def load(self, job_name: str, device: str) -> Job | None:
+        """The job from its checkpoint, or None if it has none (never trained, or no checkpoint
+        folder); CheckpointError if the file cannot be resumed. For jobs loaded on demand."""
+        if not self.enabled or not self.path(job_name).exists():
+            return None
+        job = load_job(self.path(job_name), device)
+        if job.name != job_name:
+            raise CheckpointError(self.path(job_name), f"holds job {job.name!r}, not {job_name!r}")
+        self._saved_at[job.name] = job.steps_applied
+        log.info("resumed job %r from %s at step %d", job.name, self.path(job_name).name, job.steps_applied)
+        return job
+
     def load_all(self, device: str) -> dict[str, Job]:
         """Every job in the folder. A file that cannot be resumed, or two files that hold one
         job, raise CheckpointError; with `skip_bad` they are logged and the job left out."""

@@ -27,7 +27,7 @@ import grpc
 import torch
 
 from cloud_server import memory
-from cloud_server.checkpoints import Checkpointer
+from cloud_server.checkpoints import CheckpointError, Checkpointer
 from cloud_server.config import ServerConfig
 from cloud_server.job import Job, NotFinite, StepOrderError
 from cloud_server.keyed_lock import KeyedLocks
@@ -131,13 +131,16 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                  observer: StepObserver | None = None, max_jobs: int = ServerConfig.max_jobs,
                  token_identity: bool = False, streams: StreamSlots | None = None,
                  idle_timeout_s: float = ServerConfig.idle_timeout_s, job_memory_mb: float = ServerConfig.job_memory_mb,
-                 max_memory_mb: float = ServerConfig.max_memory_mb) -> None:
+                 max_memory_mb: float = ServerConfig.max_memory_mb,
+                 job_idle_s: float = ServerConfig.job_idle_s) -> None:
         """`token_identity`: the server checks tokens, so a caller's token is part of its identity.
         `streams`, `idle_timeout_s`: limits on Train / Infer streams (see `cloud_server.streams`).
-        `max_jobs`, `job_memory_mb`, `max_memory_mb`: what new jobs may cost (see `cloud_server.memory`)."""
+        `max_jobs`, `job_memory_mb`, `max_memory_mb`: what new jobs may cost (see `cloud_server.memory`).
+        `job_idle_s`: see `evict_idle`."""
         self.checkpointer = checkpointer
         self.streams = streams or StreamSlots(ServerConfig.max_streams, ServerConfig.max_streams_per_peer)
         self.idle_timeout_s = idle_timeout_s
+        self.job_idle_s = job_idle_s
         self.device = device
         self.max_message_mb = max_message_mb
         self.token_identity = token_identity
@@ -209,7 +212,8 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
 
     def _new_job(self, request: pb.SessionSpec, spec: SplitSpec, optim: OptimSpec) -> Job:
         """Hold the job's estimated memory in the budget (RESOURCE_EXHAUSTED if it does not fit),
-        then build it; the caller releases the hold if the session is refused after all."""
+        then load it from its checkpoint (an evicted job) or build it; the caller releases the
+        hold if the session is refused after all."""
         try:
             self.budget.reserve(request.job, spec)
         except OverBudget as err:
@@ -219,12 +223,53 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                            f"input_shape: {list(request.input_shape)} does not fit {spec.arch} up to cut "
                            f"{spec.resolved().cut}: {str(err)[:200]}") from None
         try:
-            job = Job(request.job, spec, optim, self.device, request.seed)
+            job = self._resume(request.job)
+            if job is None:
+                job = Job(request.job, spec, optim, self.device, request.seed)
+                log.info("job %r: new decoder %s cut %s", request.job, spec.arch, job.spec.cut)
         except BaseException:
             self.budget.release(request.job)
             raise
-        log.info("job %r: new decoder %s cut %s", request.job, spec.arch, job.spec.cut)
         return job
+
+    def _resume(self, name: str) -> Job | None:
+        try:
+            return self.checkpointer.load(name, self.device)
+        except CheckpointError as err:
+            log.error("%s", err)
+            if self.checkpointer.skip_bad:
+                return None
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"job {_quote(name)}: its checkpoint cannot be resumed (the server's log says why; "
+                           "cloud-server --skip-bad-checkpoints starts it afresh)") from None
+
+    def evict_idle(self) -> list[str]:
+        """Drop from memory the jobs without an open session and without a step, inference or
+        new session for `job_idle_s` seconds, checkpointing them first; the next OpenSession of
+        one loads it again. Only with a checkpoint folder: without one, eviction would lose the
+        job. A job that never trained has nothing to keep and is simply dropped. Returns the
+        names evicted."""
+        if not (self.job_idle_s and self.checkpointer.enabled):
+            return []
+        with self._lock:
+            candidates = [name for name, job in self.jobs.items() if self._is_idle(job)]
+        evicted = []
+        for name in candidates:
+            with self._job_names.hold(name):  # no session of it can open meanwhile, so no step comes
+                with self._lock:
+                    job = self.jobs.get(name)
+                    if job is None or not self._is_idle(job):
+                        continue
+                    del self.jobs[name]
+                self.checkpointer.save(job)
+                self.budget.release(name)
+            evicted.append(name)
+            log.info("job %r: evicted after %.0f s idle (checkpoint kept)", name, job.idle_for())
+        return evicted
+
+    def _is_idle(self, job: Job) -> bool:
+        """Under self._lock."""
+        return job.idle_for() > self.job_idle_s and all(s.job is not job for s in self.sessions.values())
 
     def Train(self, request_iterator: Iterator[pb.TrainStep], context: grpc.ServicerContext) -> Iterator[pb.TrainResult]:
         caller = self._caller(context)
