@@ -77,11 +77,6 @@ class JobBudget:
         with self._lock:
             return sum(self._held.values()) / MB
 
-    def hold(self, name: str, nbytes: int) -> None:
-        """Count a job unchecked (one resumed from a checkpoint at start)."""
-        with self._lock:
-            self._held[name] = nbytes
-
     def reserve(self, name: str, spec: SplitSpec) -> None:
         """Hold a new job's estimate, or raise OverBudget; RuntimeError as `estimate_bytes`."""
         nbytes = estimate_bytes(spec)

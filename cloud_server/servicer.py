@@ -145,11 +145,10 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         self.max_message_mb = max_message_mb
         self.token_identity = token_identity
         self.observer = observer
-        self.jobs: dict[str, Job] = checkpointer.load_all(device)
+        checkpointer.check_all(device)  # jobs with a checkpoint are loaded at their first OpenSession
+        self.jobs: dict[str, Job] = {}  # the jobs in memory
         memory.warm_up()
         self.budget = memory.JobBudget(max_jobs, job_memory_mb, max_memory_mb)
-        for job in self.jobs.values():  # resumed jobs count, even past the budget: refusing them would lose them
-            self.budget.hold(job.name, memory.estimate_bytes(job.spec))
         self.sessions: dict[str, SessionState] = {}
         self.counters = Counters()
         self.drain = Drain()
@@ -360,6 +359,8 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             for s in self.sessions.values():
                 open_by_job[s.job.name] = open_by_job.get(s.job.name, 0) + 1
             jobs = [j for name, j in self.jobs.items() if not request.job or name == request.job]
+            on_disk = {name: saved for name, saved in dict(self.checkpointer.on_disk).items()
+                       if name not in self.jobs and (not request.job or name == request.job)}
         reply = pb.StatsReply(steps_applied=c.steps_applied, steps_duplicate=c.steps_duplicate,
                               steps_rejected=c.steps_rejected, infer_batches=c.infer_batches, bytes_in=c.bytes_in,
                               bytes_out=c.bytes_out, sessions_open=sum(open_by_job.values()))
@@ -368,6 +369,8 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                 last = {client: st.last_step for client, st in job.clients.items()}
             reply.jobs.add(job=job.name, steps_applied=job.steps_applied, sessions_open=open_by_job.get(job.name, 0),
                            checkpoints_written=job.checkpoints_written, client_last_step=last)
+        for name, saved in on_disk.items():  # checkpointed, not in memory (not yet loaded, or evicted)
+            reply.jobs.add(job=name, steps_applied=saved["steps_applied"], client_last_step=saved["client_last_step"])
         return reply
 
     # -- helpers
