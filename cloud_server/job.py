@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from splitnet.models import OptimSpec, SplitSpec, build
+from splitnet.models import OptimSpec, SplitSpec, build, private_rng
 from splitnet.schedule import LrSchedule
 
 
@@ -71,8 +71,7 @@ class Job:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
-        with torch.random.fork_rng(devices=[]):  # other server threads keep their RNG state
-            torch.manual_seed(self.seed)
+        with private_rng(self.seed):  # other server threads keep their RNG state, and we ours
             split = build(self.spec)
         self.spec = split.spec
         self.feature_shape = split.feature_shape

@@ -24,9 +24,8 @@ import math
 import threading
 
 import torch
-from torch import nn
 
-from splitnet.models import SplitSpec, build
+from splitnet.models import SplitSpec, build, private_rng
 
 ESTIMATE_BATCH = 64  # the edge's default --batch-size
 _FLOAT_BYTES = 4
@@ -40,7 +39,7 @@ class OverBudget(Exception):
 def estimate_bytes(spec: SplitSpec) -> int:
     """The job's memory as described in the module docstring. RuntimeError if the input is too
     small for the model (as building the real one would raise)."""
-    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+    with torch.device("meta"), private_rng():
         split = build(spec)
         decoder = split.decoder
         weights = sum(p.numel() for p in decoder.parameters())

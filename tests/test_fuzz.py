@@ -173,7 +173,8 @@ def _fuzz_spec(job: str, client: str) -> pb.SessionSpec:
 # -- the bulk: the servicer called in-process, no sockets
 
 # A refusal names the field at fault: some field of the messages a peer sends.
-FIELDS = sorted({f.name for m in (pb.SessionSpec, pb.TrainStep, pb.InferRequest, pb.Tensor) for f in m.DESCRIPTOR.fields})
+FIELDS = sorted({f.name for m in (pb.SessionSpec, pb.TrainStep, pb.InferRequest, pb.Tensor)
+                 for f in m.DESCRIPTOR.fields})
 NAMES_A_FIELD = re.compile(rf"\b({'|'.join(FIELDS)})\b")
 HONEST_STEPS = 12
 

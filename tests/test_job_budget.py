@@ -11,10 +11,14 @@ import time
 
 import grpc
 import pytest
+import torch
 
+from cloud_server.checkpoints import Checkpointer
 from cloud_server.config import ServerConfig
+from cloud_server.job import Job
 from cloud_server.server import CloudServer
 from cloud_server.servicer import SplitLearningServicer
+from splitnet.models import OptimSpec
 from splitnet.v1 import split_pb2_grpc
 
 from messages import rejected, spec, step
@@ -119,3 +123,26 @@ def test_building_a_slow_job_stalls_no_other_job(slow_cloud):
     assert SlowBuild.builds == 1 and sorted(opened) == ["a", "b"]
     sessions = server.servicer.sessions
     assert sessions[opened["a"]].job is sessions[opened["b"]].job is server.servicer.jobs["slow"]
+
+
+def test_jobs_built_at_the_same_time_get_their_own_seeds_weights():
+    """Found by the fuzz test: builds off the servicer's lock ran at once, and torch's fork_rng
+    put the global generator back under another build's feet, so a job's first weights were
+    not its seed's (see `splitnet.models.private_rng`)."""
+    servicer = SplitLearningServicer(Checkpointer(None, 50))
+    start = threading.Barrier(8)
+
+    def open_job(seed: int) -> None:
+        start.wait()
+        servicer._open(spec(f"seed-{seed}", seed=seed), caller="")
+
+    threads = [threading.Thread(target=open_job, args=(seed,)) for seed in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for seed in range(8):
+        alone = Job("alone", servicer.jobs[f"seed-{seed}"].spec, OptimSpec(), seed=seed)
+        for (name, built), expected in zip(servicer.jobs[f"seed-{seed}"].decoder.state_dict().items(),
+                                           alone.decoder.state_dict().values()):
+            assert torch.equal(built, expected), f"job seed-{seed}: {name} is not its seed's"
