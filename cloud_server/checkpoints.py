@@ -1,4 +1,5 @@
-"""Job checkpoints: written atomically on a step schedule and at shutdown, read at start.
+"""Job checkpoints: written atomically on a step schedule, at eviction and at shutdown; checked at
+start and read at each job's first OpenSession.
 
 A checkpoint holds only tensors, numbers and strings (see `Job.state`), so it loads with
 `torch.load(weights_only=True)`: a checkpoint file can never run code. Each job has one
@@ -130,6 +131,9 @@ class Checkpointer:
         self.skip_bad = skip_bad
         self._lock = threading.Lock()
         self._saved_at: dict[str, int] = {}
+        self._found: dict[str, Path | None] = {}  # job -> its file as found at start (None: refused)
+        # job -> steps applied and each client's last step, as last written: Stats lists jobs not loaded from these
+        self.on_disk: dict[str, dict] = {}
         if self.directory:
             self.directory.mkdir(parents=True, exist_ok=True)
 
@@ -160,33 +164,53 @@ class Checkpointer:
             tmp = target.with_suffix(".tmp")
             tmp.write_bytes(encode(state))
             os.replace(tmp, target)
-            self._saved_at[job.name] = state["steps_applied"]
+            self._found[job.name] = target
+            self._note(job.name, state)
             job.mark_durable(state)
         log.debug("checkpoint %s at step %d", target.name, state["steps_applied"])
 
-    def load_all(self, device: str) -> dict[str, Job]:
-        """Every job in the folder. A file that cannot be resumed, or two files that hold one
-        job, raise CheckpointError; with `skip_bad` they are logged and the job left out."""
-        jobs: dict[str, Job] = {}
+    def load(self, job_name: str, device: str) -> Job | None:
+        """The job from its checkpoint, or None if it has none (never trained, no checkpoint
+        folder, or skipped by `check_all`); CheckpointError if the file cannot be resumed.
+        Jobs are loaded on demand, at their first OpenSession after a start or an eviction."""
+        path = self._found.get(job_name, self.path(job_name) if self.enabled else None)
+        if path is None or not path.exists():
+            return None
+        job = load_job(path, device)
+        if job.name != job_name:
+            raise CheckpointError(path, f"holds job {job.name!r}, not {job_name!r}")
+        self._saved_at[job.name] = job.steps_applied
+        log.info("resumed job %r from %s at step %d", job.name, path.name, job.steps_applied)
+        return job
+
+    def check_all(self, device: str) -> None:
+        """Check every file in the folder at start, one at a time, keeping none in memory (so a
+        restart holds no more jobs than --max-jobs and --max-memory-mb allow), but noting what
+        each holds for `load` and `on_disk`. A file that cannot be resumed, or two files that
+        hold one job, raise CheckpointError; with `skip_bad` they are logged and the job left out."""
         if not self.enabled:
-            return jobs
-        source: dict[str, Path] = {}
+            return
         for path in sorted(self.directory.glob("*.ckpt")):  # type: ignore[union-attr]
             try:
                 job = load_job(path, device)
             except CheckpointError as err:
                 self._refuse(err)
                 continue
-            if job.name in source:
-                self._refuse(CheckpointError(path, f"holds job {job.name!r}, as {source[job.name]} does: keep one "
-                                                   "and move the other away"))
-                jobs.pop(job.name, None)  # skipping: neither claimant is trusted
-                self._saved_at.pop(job.name, None)
+            if job.name in self._found:
+                self._refuse(CheckpointError(path, f"holds job {job.name!r}, as {self._found[job.name]} does: keep "
+                                                   "one and move the other away"))
+                self._found[job.name] = None  # skipping: neither claimant is trusted
+                self.on_disk.pop(job.name, None)
                 continue
-            jobs[job.name], source[job.name] = job, path
-            self._saved_at[job.name] = job.steps_applied
-            log.info("resumed job %r from %s at step %d", job.name, path.name, job.steps_applied)
-        return jobs
+            self._found[job.name] = path
+            self._note(job.name, job.state())
+        log.info("%d job checkpoint(s) found in %s; each is loaded at its job's first OpenSession",
+                 len(self.on_disk), self.directory)
+
+    def _note(self, name: str, state: dict) -> None:
+        self._saved_at[name] = state["steps_applied"]
+        self.on_disk[name] = {"steps_applied": state["steps_applied"],
+                              "client_last_step": dict(state["client_last_step"])}
 
     def _refuse(self, err: CheckpointError) -> None:
         if not self.skip_bad:

@@ -41,6 +41,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                    help="end a Train / Infer stream that sends no message for this long (default %(default)s)")
     p.add_argument("--max-jobs", type=int, default=d.max_jobs,
                    help="jobs (decoders) held at once; more are refused (default %(default)s)")
+    p.add_argument("--job-memory-mb", type=float, default=d.job_memory_mb,
+                   help="a new job whose estimated memory (decoder weights, gradients and momentum, activations of "
+                        "a 64-sample batch) exceeds this many MiB is refused before it is built (default %(default)s)")
+    p.add_argument("--max-memory-mb", type=float, default=d.max_memory_mb,
+                   help="the estimates of all jobs held at once stay within this many MiB; a new job past it is "
+                        "refused (default %(default)s)")
+    p.add_argument("--job-idle-seconds", dest="job_idle_s", type=float, default=d.job_idle_s, metavar="SECONDS",
+                   help="with --checkpoint-dir: a job with no open session and no step for this long is checkpointed "
+                        "and dropped from memory, and loaded again at its next OpenSession; 0: never "
+                        "(default %(default)s)")
     p.add_argument("--grace-seconds", type=float, default=d.grace_seconds,
                    help="on shutdown, time for in-flight steps (default %(default)s)")
     p.add_argument("--tap", dest="tap_dir", default=d.tap_dir,

@@ -21,6 +21,9 @@ class ServerConfig:
     max_streams_per_peer: int = 16  # open Train + Infer streams of one connection
     idle_timeout_s: float = 300.0  # a Train / Infer stream without a message for this long is ended
     max_jobs: int = 256  # each job holds a decoder in memory: a cap so peers cannot exhaust it
+    job_memory_mb: float = 1024.0  # a new job whose estimated memory exceeds this is refused (cloud_server.memory)
+    max_memory_mb: float = 4096.0  # the estimates of all jobs held at once stay within this
+    job_idle_s: float = 3600.0  # with checkpoint_dir: a job without session or step this long leaves memory (0: never)
     grace_seconds: float = 5.0  # shutdown: how long in-flight steps may finish
     tap_dir: str = ""  # curious-server tap: record received features here
     tls_cert: str = ""  # PEM certificate chain: serve TLS (with tls_key)

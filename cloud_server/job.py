@@ -12,12 +12,13 @@ gradient), an older id is reported as a duplicate, and a gap is an error.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from splitnet.models import OptimSpec, SplitSpec, build
+from splitnet.models import OptimSpec, SplitSpec, build, private_rng
 from splitnet.schedule import LrSchedule
 
 
@@ -66,11 +67,11 @@ class Job:
     schedules: dict[str, LrSchedule] = field(default_factory=dict)
     checkpoints_written: int = 0
     restored: bool = False  # built from a checkpoint (the session's `resumed`)
+    active_at: float = field(default_factory=time.monotonic, repr=False)  # last step, inference or session
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
-        with torch.random.fork_rng(devices=[]):  # other server threads keep their RNG state
-            torch.manual_seed(self.seed)
+        with private_rng(self.seed):  # other server threads keep their RNG state, and we ours
             split = build(self.spec)
         self.spec = split.spec
         self.feature_shape = split.feature_shape
@@ -86,10 +87,16 @@ class Job:
         """The schedule a (re-)opening client declared: its later steps follow it."""
         with self.lock:
             self.schedules[client_id] = schedule
+            self.active_at = time.monotonic()
+
+    def idle_for(self) -> float:
+        """Seconds since the last step, inference or opened session: the server evicts a job idle too long."""
+        return time.monotonic() - self.active_at
 
     def train_step(self, client_id: str, step_id: int, features: torch.Tensor, labels: torch.Tensor) -> StepOutcome:
         """Apply one step once: forward, backward, optimizer step; return dLoss/dfeatures."""
         with self.lock:
+            self.active_at = time.monotonic()
             state = self.clients.setdefault(client_id, _ClientState())
             if step_id <= state.last_step:
                 if step_id == state.last_step and state.last_outcome is not None:
@@ -138,6 +145,7 @@ class Job:
 
     def infer(self, features: torch.Tensor) -> torch.Tensor:
         with self.lock, torch.no_grad():
+            self.active_at = time.monotonic()
             self.decoder.eval()
             logits = self.decoder(features.to(self.device)).cpu()
         if not torch.isfinite(logits).all():

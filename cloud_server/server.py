@@ -11,6 +11,7 @@ certificate, for every service.)
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent import futures
 from typing import Sequence
@@ -115,6 +116,10 @@ class CloudServer:
             raise ValueError("--max-jobs, --max-workers, --max-streams and --max-streams-per-peer must be >= 1")
         if not config.idle_timeout_s > 0:
             raise ValueError("--idle-timeout must be > 0")
+        if not 0 < config.job_memory_mb <= config.max_memory_mb:
+            raise ValueError("--job-memory-mb must be > 0 and at most --max-memory-mb")
+        if config.job_idle_s < 0:
+            raise ValueError("--job-idle-seconds must be >= 0 (0: never evict)")
         if config.max_streams >= config.max_workers:
             log.warning("--max-streams %d >= --max-workers %d: open streams can hold every worker, and health "
                         "checks and Stats are then refused", config.max_streams, config.max_workers)
@@ -125,7 +130,8 @@ class CloudServer:
                                      config.device, config.max_message_mb, observer=_tap(config.tap_dir),
                                      max_jobs=config.max_jobs, token_identity=bool(config.auth_tokens),
                                      streams=StreamSlots(config.max_streams, config.max_streams_per_peer),
-                                     idle_timeout_s=config.idle_timeout_s)
+                                     idle_timeout_s=config.idle_timeout_s, job_memory_mb=config.job_memory_mb,
+                                     max_memory_mb=config.max_memory_mb, job_idle_s=config.job_idle_s)
         self.health = health.HealthServicer()
         # maximum_concurrent_rpcs: past max_workers a call is refused (RESOURCE_EXHAUSTED) instead of
         # queueing forever behind long-lived streams.
@@ -137,6 +143,7 @@ class CloudServer:
         reflection.enable_server_reflection(
             (wire.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         self.port = 0
+        self._stopping = threading.Event()
 
     def start(self) -> int:
         self.port = wire.add_port(self._server, self.config.host, self.config.port, "--port", self._credentials)
@@ -145,7 +152,15 @@ class CloudServer:
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s%s", "mutual TLS" if self.config.tls_ca else "TLS" if self._credentials else "plaintext",
                  f", {len(self.config.auth_tokens)} auth token(s)" if self.config.auth_tokens else "")
+        if self.config.job_idle_s and self.config.checkpoint_dir:
+            threading.Thread(target=self._evict_idle_jobs, daemon=True, name="job-evictor").start()
         return self.port
+
+    def _evict_idle_jobs(self) -> None:
+        """Look for idle jobs to evict (`SplitLearningServicer.evict_idle`) four times per
+        --job-idle-seconds, at most a minute apart, until the server stops."""
+        while not self._stopping.wait(min(self.config.job_idle_s / 4, 60.0)):
+            self.servicer.evict_idle()
 
     def stop(self) -> None:
         """Say NOT_SERVING, finish the steps in progress, then stop and checkpoint every job.
@@ -156,6 +171,7 @@ class CloudServer:
         the drain goes to gRPC's own stop for the replies still being sent.
         """
         started = time.monotonic()
+        self._stopping.set()
         self.health.enter_graceful_shutdown()
         if not self.servicer.drain.drain(self.config.grace_seconds):
             log.warning("steps still running after %gs of grace", self.config.grace_seconds)

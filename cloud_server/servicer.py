@@ -26,12 +26,16 @@ from typing import Callable, Iterator
 import grpc
 import torch
 
-from cloud_server.checkpoints import Checkpointer
+from cloud_server import memory
+from cloud_server.checkpoints import CheckpointError, Checkpointer
 from cloud_server.config import ServerConfig
 from cloud_server.job import Job, NotFinite, StepOrderError
+from cloud_server.keyed_lock import KeyedLocks
+from cloud_server.memory import OverBudget
 from cloud_server.streams import StreamSlots, StreamsExhausted, within_idle
 from splitnet import codec, security, wire
 from splitnet.models import OptimSpec, SplitSpec
+from splitnet.schedule import LrSchedule
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
@@ -124,24 +128,33 @@ class Drain:
 
 class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
     def __init__(self, checkpointer: Checkpointer, device: str = "cpu", max_message_mb: float = 64.0,
-                 observer: StepObserver | None = None, max_jobs: int = 256, token_identity: bool = False,
-                 streams: StreamSlots | None = None, idle_timeout_s: float = ServerConfig.idle_timeout_s) -> None:
+                 observer: StepObserver | None = None, max_jobs: int = ServerConfig.max_jobs,
+                 token_identity: bool = False, streams: StreamSlots | None = None,
+                 idle_timeout_s: float = ServerConfig.idle_timeout_s, job_memory_mb: float = ServerConfig.job_memory_mb,
+                 max_memory_mb: float = ServerConfig.max_memory_mb,
+                 job_idle_s: float = ServerConfig.job_idle_s) -> None:
         """`token_identity`: the server checks tokens, so a caller's token is part of its identity.
-        `streams`, `idle_timeout_s`: limits on Train / Infer streams (see `cloud_server.streams`)."""
+        `streams`, `idle_timeout_s`: limits on Train / Infer streams (see `cloud_server.streams`).
+        `max_jobs`, `job_memory_mb`, `max_memory_mb`: what new jobs may cost (see `cloud_server.memory`).
+        `job_idle_s`: see `evict_idle`."""
         self.checkpointer = checkpointer
         self.streams = streams or StreamSlots(ServerConfig.max_streams, ServerConfig.max_streams_per_peer)
         self.idle_timeout_s = idle_timeout_s
+        self.job_idle_s = job_idle_s
         self.device = device
         self.max_message_mb = max_message_mb
-        self.max_jobs = max_jobs
         self.token_identity = token_identity
         self.observer = observer
-        self.jobs: dict[str, Job] = checkpointer.load_all(device)
+        checkpointer.check_all(device)  # jobs with a checkpoint are loaded at their first OpenSession
+        self.jobs: dict[str, Job] = {}  # the jobs in memory
+        memory.warm_up()
+        self.budget = memory.JobBudget(max_jobs, job_memory_mb, max_memory_mb)
         self.sessions: dict[str, SessionState] = {}
         self.counters = Counters()
         self.drain = Drain()
         self._client_session: dict[tuple[str, str], str] = {}  # (job, client id) -> its open session
         self._lock = threading.Lock()
+        self._job_names = KeyedLocks()
 
     # -- RPCs
 
@@ -157,11 +170,29 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     def _open(self, request: pb.SessionSpec, caller: str) -> pb.Session:
+        """A new job is estimated, then built under the lock of its name only (see
+        `cloud_server.keyed_lock`), so a slow build never stalls other jobs' sessions and steps."""
         spec, optim = _session_spec(request)
         schedule = wire.schedule_from_message(request.lr_schedule)
+        with self._job_names.hold(request.job):
+            with self._lock:
+                job = self.jobs.get(request.job)
+            new = job is None
+            if new:
+                job = self._new_job(request, spec, optim)
+            try:
+                session = self._accept(job, spec, request, caller, schedule)
+            except Rejected:
+                if new:  # a refused OpenSession leaves no job behind
+                    self.budget.release(request.job)
+                raise
+        return pb.Session(session_id=session.session_id, last_step_id=job.last_step(request.client_id),
+                          job_steps_applied=job.steps_applied, resumed=job.restored)
+
+    def _accept(self, job: Job, spec: SplitSpec, request: pb.SessionSpec, caller: str,
+                schedule: LrSchedule) -> SessionState:
         key = (request.job, request.client_id)
         with self._lock:
-            job = self.jobs.get(request.job) or self._new_job(request, spec, optim)
             _check_compatible(job, spec, request)
             with job.lock:  # a checkpoint may be copying the owners meanwhile
                 owner = job.owners.setdefault(request.client_id, caller)
@@ -176,22 +207,68 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             session = SessionState(uuid.uuid4().hex, job, request.client_id, request.grad_codec, caller)
             self.sessions[session.session_id] = session
             self._client_session[key] = session.session_id
-        return pb.Session(session_id=session.session_id, last_step_id=job.last_step(request.client_id),
-                          job_steps_applied=job.steps_applied, resumed=job.restored)
+        return session
 
     def _new_job(self, request: pb.SessionSpec, spec: SplitSpec, optim: OptimSpec) -> Job:
-        if len(self.jobs) >= self.max_jobs:
-            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"job: the server already holds {len(self.jobs)} jobs; join one of them or raise "
-                           "cloud-server --max-jobs")
+        """Hold the job's estimated memory in the budget (RESOURCE_EXHAUSTED if it does not fit),
+        then load it from its checkpoint (an evicted job) or build it; the caller releases the
+        hold if the session is refused after all."""
         try:
-            job = Job(request.job, spec, optim, self.device, request.seed)
+            self.budget.reserve(request.job, spec)
+        except OverBudget as err:
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
         except RuntimeError as err:  # the input is too small for the encoder's pooling
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                            f"input_shape: {list(request.input_shape)} does not fit {spec.arch} up to cut "
                            f"{spec.resolved().cut}: {str(err)[:200]}") from None
-        log.info("job %r: new decoder %s cut %s", request.job, spec.arch, job.spec.cut)
+        try:
+            job = self._resume(request.job)
+            if job is None:
+                job = Job(request.job, spec, optim, self.device, request.seed)
+                log.info("job %r: new decoder %s cut %s", request.job, spec.arch, job.spec.cut)
+        except BaseException:
+            self.budget.release(request.job)
+            raise
         return job
+
+    def _resume(self, name: str) -> Job | None:
+        try:
+            return self.checkpointer.load(name, self.device)
+        except CheckpointError as err:
+            log.error("%s", err)
+            if self.checkpointer.skip_bad:
+                return None
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"job {_quote(name)}: its checkpoint cannot be resumed (the server's log says why; "
+                           "cloud-server --skip-bad-checkpoints starts it afresh)") from None
+
+    def evict_idle(self) -> list[str]:
+        """Drop from memory the jobs without an open session and without a step, inference or
+        new session for `job_idle_s` seconds, checkpointing them first; the next OpenSession of
+        one loads it again. Only with a checkpoint folder: without one, eviction would lose the
+        job. A job that never trained has nothing to keep and is simply dropped. Returns the
+        names evicted."""
+        if not (self.job_idle_s and self.checkpointer.enabled):
+            return []
+        with self._lock:
+            candidates = [name for name, job in self.jobs.items() if self._is_idle(job)]
+        evicted = []
+        for name in candidates:
+            with self._job_names.hold(name):  # no session of it can open meanwhile, so no step comes
+                with self._lock:
+                    job = self.jobs.get(name)
+                    if job is None or not self._is_idle(job):
+                        continue
+                    del self.jobs[name]
+                self.checkpointer.save(job)
+                self.budget.release(name)
+            evicted.append(name)
+            log.info("job %r: evicted after %.0f s idle (checkpoint kept)", name, job.idle_for())
+        return evicted
+
+    def _is_idle(self, job: Job) -> bool:
+        """Under self._lock."""
+        return job.idle_for() > self.job_idle_s and all(s.job is not job for s in self.sessions.values())
 
     def Train(self, request_iterator: Iterator[pb.TrainStep], context: grpc.ServicerContext) -> Iterator[pb.TrainResult]:
         caller = self._caller(context)
@@ -282,6 +359,8 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             for s in self.sessions.values():
                 open_by_job[s.job.name] = open_by_job.get(s.job.name, 0) + 1
             jobs = [j for name, j in self.jobs.items() if not request.job or name == request.job]
+            on_disk = {name: saved for name, saved in dict(self.checkpointer.on_disk).items()
+                       if name not in self.jobs and (not request.job or name == request.job)}
         reply = pb.StatsReply(steps_applied=c.steps_applied, steps_duplicate=c.steps_duplicate,
                               steps_rejected=c.steps_rejected, infer_batches=c.infer_batches, bytes_in=c.bytes_in,
                               bytes_out=c.bytes_out, sessions_open=sum(open_by_job.values()))
@@ -290,6 +369,8 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                 last = {client: st.last_step for client, st in job.clients.items()}
             reply.jobs.add(job=job.name, steps_applied=job.steps_applied, sessions_open=open_by_job.get(job.name, 0),
                            checkpoints_written=job.checkpoints_written, client_last_step=last)
+        for name, saved in on_disk.items():  # checkpointed, not in memory (not yet loaded, or evicted)
+            reply.jobs.add(job=name, steps_applied=saved["steps_applied"], client_last_step=saved["client_last_step"])
         return reply
 
     # -- helpers

@@ -9,10 +9,12 @@ cloud then starts with the matching expansion back to the stage's width.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -175,9 +177,27 @@ def cut_points(arch: str) -> list[str]:
     return list(_cut_points(arch))
 
 
+_RNG = threading.RLock()
+
+
+@contextlib.contextmanager
+def private_rng(seed: int | None = None) -> Iterator[None]:
+    """Draw from torch's global CPU generator, seeded with `seed` if given, and leave it as it was.
+
+    `torch.random.fork_rng` alone is not enough across threads: it puts the generator's state
+    back on exit, so two threads that fork at once overwrite each other's draws (two server
+    threads building jobs at the same time got weights other than their seeds'). So one
+    thread at a time; re-entrant, as building a model looks up its cut points.
+    """
+    with _RNG, torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
 @functools.cache
 def _cut_points(arch: str) -> tuple[str, ...]:
-    with torch.random.fork_rng(devices=[]):  # building layers draws weights: keep callers' seeds intact
+    with private_rng():  # building layers draws weights: keep callers' seeds intact
         stages, _ = ARCHS[arch].stages(1, 2, 1.0)
     return tuple(name for name, _ in stages)
 

@@ -80,11 +80,17 @@ DAMAGE = [
 ]
 
 
+def _checked(directory, skip_bad: bool = False) -> Checkpointer:
+    checkpointer = Checkpointer(str(directory), 1, skip_bad)
+    checkpointer.check_all("cpu")
+    return checkpointer
+
+
 def test_a_checkpoint_round_trips(folder):
     directory, path = folder
     assert path.read_bytes().startswith(b"splitnet-checkpoint 1 sha256=")
-    jobs = Checkpointer(str(directory), 1).load_all("cpu")
-    assert sorted(jobs) == ["good", "victim"] and jobs["victim"].last_step("c") == 1
+    checkpointer = _checked(directory)
+    assert sorted(checkpointer.on_disk) == ["good", "victim"] and checkpointer.load("victim", "cpu").last_step("c") == 1
 
 
 @pytest.mark.parametrize("damage,reason", [d[1:] for d in DAMAGE], ids=[d[0] for d in DAMAGE])
@@ -92,9 +98,9 @@ def test_a_bad_checkpoint_is_refused_by_name_or_skipped(folder, damage, reason):
     directory, path = folder
     damage(path)
     with pytest.raises(CheckpointError) as err:
-        Checkpointer(str(directory), 1).load_all("cpu")
+        _checked(directory)
     assert str(path) in str(err.value) and reason in str(err.value), str(err.value)
-    assert sorted(Checkpointer(str(directory), 1, skip_bad=True).load_all("cpu")) == ["good"]
+    assert sorted(_checked(directory, skip_bad=True).on_disk) == ["good"]
 
 
 def test_two_files_for_one_job_are_refused_with_both_names(folder):
@@ -102,9 +108,9 @@ def test_two_files_for_one_job_are_refused_with_both_names(folder):
     copy = directory / "renamed.ckpt"
     shutil.copy(path, copy)
     with pytest.raises(CheckpointError) as err:
-        Checkpointer(str(directory), 1).load_all("cpu")
+        _checked(directory)
     assert str(path) in str(err.value) and str(copy) in str(err.value) and "'victim'" in str(err.value)
-    assert sorted(Checkpointer(str(directory), 1, skip_bad=True).load_all("cpu")) == ["good"]
+    assert sorted(_checked(directory, skip_bad=True).on_disk) == ["good"]
 
 
 def test_the_cli_exits_naming_the_file_or_skips_it(folder, capsys):

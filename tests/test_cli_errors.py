@@ -109,3 +109,13 @@ def test_edge_flag_errors_name_the_flag(argv, flag, capsys):
     assert _exit_code(edge_cli.main, [*argv, *EDGE]) == 2
     line = _one_line_error(capsys.readouterr().err, flag)
     assert "DefenseConfig" not in line
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--job-memory-mb", "8192"], "--job-memory-mb must be > 0 and at most --max-memory-mb"),
+    (["--job-memory-mb", "0"], "--job-memory-mb must be > 0"),
+    (["--job-idle-seconds", "-1"], "--job-idle-seconds must be >= 0"),
+])
+def test_server_budget_flag_errors_name_the_flag(argv, flag, capsys):
+    assert _exit_code(cloud_cli.main, ["--port", "0", *argv]) == 2
+    _one_line_error(capsys.readouterr().err, flag)

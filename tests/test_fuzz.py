@@ -1,23 +1,32 @@
 """Fuzzing the codec and the servicer with hypothesis.
 
 The codec must answer any bytes with a tensor or a CodecError. The servicer must answer
-any message with a status from the expected set, keep serving, and leave an honest
-client that trains at the same time exactly where it would have been without the fuzz.
-Budgets are bounded (max_examples) so the module stays well under a minute."""
+any message with a status from the expected set whose message names a field, keep
+serving, and leave honest clients that train at the same time exactly where they would
+have been without the fuzz. The bulk (over 10,000 messages) calls the servicer in-process,
+without sockets; a smaller slice goes over gRPC to a real cloud-server process, with bytes
+that do not parse. Budgets are bounded (max_examples) so the module stays under a minute
+on two shared cores."""
 
 import math
+import re
 import threading
+import time
 
 import grpc
 import pytest
 import torch
+from google.protobuf import message
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cloud_server.checkpoints import Checkpointer
 from cloud_server.config import ServerConfig
 from cloud_server.server import CloudServer
+from cloud_server.servicer import SplitLearningServicer
+from deploy.processes import start_server
 from edge_client.config import ConnectionConfig, EdgeConfig
 from edge_client.remote import RemoteCloud
 from edge_client.trainer import run
@@ -130,17 +139,228 @@ def _mutations(valid: pb.TrainStep, sessions: list[str]):
     return st.lists(one, min_size=1, max_size=3)
 
 
-def test_servicer_survives_fuzzing_while_an_honest_client_trains():
-    """Honest runs repeat, one after another, for as long as the fuzz lasts; each must equal
-    a run made before the fuzz began (same seed, its own job)."""
-    server = CloudServer(ServerConfig(port=0, grace_seconds=0.5, auth_tokens=(HONEST, FUZZER)))
-    address = f"127.0.0.1:{server.start()}"
-    fuzzing, results = threading.Event(), []
+def _spec_mutations(valid: pb.SessionSpec):
+    """Lists of one to three changes to a valid SessionSpec. Job names come from a small set
+    (the fuzzer's job, a finished honest one, a few new ones) so accepted specs cannot fill
+    the server with jobs."""
+    def field(name, strategy):
+        return st.tuples(st.just(name), strategy)
+
+    one = st.one_of(
+        field("job", st.sampled_from(["fuzz", "baseline"]) | st.text("ab", max_size=2)),
+        field("client_id", st.sampled_from(["f", "g", "honest"]) | st.text(max_size=4)),
+        field("arch", st.sampled_from(["cnn", "vgg11_bn", "resnet20"]) | st.text(max_size=10)),
+        field("cut", st.sampled_from(["", "conv1", "block1", "block2", "layer1", "pool2"]) | st.text(max_size=6)),
+        field("num_classes", st.integers(-2, 12) | st.sampled_from([100_001, 2**31 - 1, -(2**31)])),
+        field("input_shape", st.lists(st.integers(-1, 40) | st.sampled_from([2**20, 2**31 - 1]), max_size=4)),
+        field("feature_shape", shapes),
+        field("bottleneck", st.integers(-1, 8) | st.sampled_from([4097, 2**31 - 1])),
+        field("width", floats | st.sampled_from([0.25, 4.0])),
+        field("lr", floats),
+        field("momentum", floats),
+        field("weight_decay", floats),
+        field("grad_codec", st.sampled_from(codec.CODECS) | st.text(max_size=5)),
+        field("seed", st.integers(0, 2**64 - 1)),
+    )
+    return st.lists(one, min_size=1, max_size=3)
+
+
+def _fuzz_spec(job: str, client: str) -> pb.SessionSpec:
+    return pb.SessionSpec(job=job, client_id=client, arch="cnn", cut="block2", num_classes=10, input_shape=[1, 16, 16],
+                          feature_shape=list(FEATURES), lr=0.05, momentum=0.9, grad_codec="int8")
+
+
+# -- the bulk: the servicer called in-process, no sockets
+
+# A refusal names the field at fault: some field of the messages a peer sends.
+FIELDS = sorted({f.name for m in (pb.SessionSpec, pb.TrainStep, pb.InferRequest, pb.Tensor)
+                 for f in m.DESCRIPTOR.fields})
+NAMES_A_FIELD = re.compile(rf"\b({'|'.join(FIELDS)})\b")
+HONEST_STEPS = 12
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _Context:
+    """What the servicer uses of a grpc.ServicerContext: a caller's token, a peer, abort and
+    the end-of-call callbacks (run by `_call` once the call is over)."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = ((security.AUTH_METADATA_KEY, security.AUTH_SCHEME + token),)
+        self.callbacks: list = []
+        self.active = True
+
+    def peer(self) -> str:
+        return "in-process"
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def auth_context(self) -> dict:
+        return {}
+
+    def add_callback(self, callback) -> bool:
+        self.callbacks.append(callback)
+        return True
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def abort(self, code: grpc.StatusCode, details: str):
+        raise _Aborted(code, details)
+
+
+def _call(rpc, request, token: str):
+    """One call of a servicer method as gRPC would make it: a unary reply, or a streamed one as a list."""
+    context = _Context(token)
+    try:
+        reply = rpc(request, context)
+        return reply if isinstance(reply, message.Message) else list(reply)
+    finally:
+        context.active = False
+        for callback in context.callbacks:
+            callback()
+
+
+def _honest_run(servicer: SplitLearningServicer, job: str) -> tuple[list[bytes], list[bytes]]:
+    """Open a job, train it HONEST_STEPS seeded steps and infer once: every reply's bytes and the
+    decoder's final weights, buffers and optimizer state."""
+    generator = torch.Generator().manual_seed(0)
+    sid = _call(servicer.OpenSession, _fuzz_spec(job, "honest"), HONEST).session_id
+    replies = []
+    for step_id in range(1, HONEST_STEPS + 1):
+        features = torch.rand(4, *FEATURES, generator=generator)
+        labels = torch.randint(0, 10, (4,), generator=generator).tolist()
+        msg = pb.TrainStep(session_id=sid, step_id=step_id, features=codec.encode(features, "int8"), labels=labels)
+        replies += [r.SerializeToString() for r in _call(servicer.Train, iter([msg]), HONEST)]
+    features = torch.rand(3, *FEATURES, generator=generator)
+    request = pb.InferRequest(session_id=sid, request_id=1, features=codec.encode(features))
+    replies += [r.SerializeToString() for r in _call(servicer.Infer, iter([request]), HONEST)]
+    decoder = servicer.jobs[job]
+    tensors = [*decoder.decoder.state_dict().values(),
+               *(v for state in decoder.optimizer.state.values() for v in state.values())]
+    return replies, [t.contiguous().numpy().tobytes() for t in tensors]
+
+
+def test_servicer_in_process_survives_10000_fuzzed_messages_while_an_honest_client_trains():
+    """Mutated sessions, steps and inference requests, and random bytes that parse, straight into
+    the servicer's RPC methods. Every refusal is an expected status whose message names a
+    field; nothing else escapes; honest runs made meanwhile (each its own job, interleaved
+    with the fuzz) are byte-identical to one made before it."""
+    servicer = SplitLearningServicer(Checkpointer(None, 50), token_identity=True)
+    baseline = _honest_run(servicer, "baseline")
+    own = _call(servicer.OpenSession, _fuzz_spec("fuzz", "f"), FUZZER).session_id
+    valid = pb.TrainStep(session_id=own, step_id=1, features=codec.encode(torch.rand(2, *FEATURES), "int8"),
+                         labels=[3, 7])
+    codes: dict[str, int] = {}
+    sent = [0]
+    done, honest_runs, failures = threading.Event(), [], []
+
+    def keep_training() -> None:  # a run every half second: one job each, so they must not fill --max-jobs
+        try:
+            while not done.wait(0.5):
+                honest_runs.append(_honest_run(servicer, f"honest-{len(honest_runs)}"))
+        except BaseException as err:  # noqa: BLE001 - reported by the test's thread
+            failures.append(err)
+
+    def expect(rpc, request, messages: int = 1) -> None:
+        sent[0] += messages
+        try:
+            _call(rpc, request, FUZZER)
+            codes["OK"] = codes.get("OK", 0) + 1
+        except _Aborted as err:
+            assert err.code in EXPECTED, (err.code, err.details)
+            assert NAMES_A_FIELD.search(err.details), err.details
+            codes[err.code.name] = codes.get(err.code.name, 0) + 1
+
+    def leaked() -> str:
+        return next((sid for sid, s in list(servicer.sessions.items()) if s.client_id == "honest"), "")
+
+    @given(_mutations(valid, [own, LEAKED, "", "0" * 32]), st.sampled_from(["train", "infer", "valid first"]))
+    @settings(FUZZ, max_examples=6000)
+    def mutated_steps(changes, rpc):
+        msg = _mutated(valid, changes, leaked)
+        if rpc == "infer":
+            expect(servicer.Infer, iter([pb.InferRequest(session_id=msg.session_id, request_id=msg.step_id,
+                                                         features=msg.features)]))
+        else:
+            before = [valid] if rpc == "valid first" else []
+            expect(servicer.Train, iter([*before, msg]), 1 + len(before))
+
+    @given(_spec_mutations(_fuzz_spec("fuzz", "f")))
+    @settings(FUZZ, max_examples=1500)
+    def mutated_specs(changes):
+        msg = _fuzz_spec("fuzz", "f")
+        for name, value in changes:
+            msg.ClearField(name)
+            if isinstance(value, list):
+                getattr(msg, name).extend(value)
+            else:
+                setattr(msg, name, value)
+        expect(servicer.OpenSession, msg)
+
+    @given(st.binary(max_size=300) | tensors.map(lambda t: pb.TrainStep(session_id=own, step_id=1, features=t,
+                                                                          labels=[1, 2]).SerializeToString()))
+    @settings(FUZZ, max_examples=2000)
+    def random_bytes(data):
+        try:
+            msg = pb.TrainStep.FromString(data)
+        except DecodeError:  # ParseRequests' job: see the process test and the one below
+            return
+        expect(servicer.Train, iter([msg]))
+
+    worker = threading.Thread(target=keep_training)
+    worker.start()
+    timings = {}
+    try:
+        for phase in (mutated_steps, mutated_specs, random_bytes):
+            started = time.monotonic()
+            phase()
+            timings[phase.__name__] = round(time.monotonic() - started, 1)
+    finally:
+        done.set()
+        worker.join(60)
+    print(f"in-process fuzz: {sent[0]} messages, seconds {timings}, status codes {codes}; "
+          f"honest runs alongside: {len(honest_runs)}")
+
+    assert not failures and not worker.is_alive() and honest_runs
+    assert sent[0] >= 10_000
+    assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "PERMISSION_DENIED", "FAILED_PRECONDITION"} <= codes.keys()
+    for run_replies, run_state in honest_runs:
+        assert run_replies == baseline[0] and run_state == baseline[1]
+    assert servicer.streams.in_use == 0  # every stream slot was given back
+
+
+def _mutated(valid: pb.TrainStep, changes, leaked) -> pb.TrainStep:
+    msg = pb.TrainStep()
+    msg.CopyFrom(valid)
+    for change, value in changes:
+        change(msg, value)
+    if msg.session_id == LEAKED:
+        msg.session_id = leaked()
+    return msg
+
+
+# -- a slice over the wire: a real cloud-server process
+
+
+def test_server_process_survives_fuzzing_while_an_honest_client_trains():
+    """The same mutations through gRPC to a cloud-server process, plus bytes that do not parse.
+    Honest runs repeat, one after another, for as long as the fuzz lasts; each must equal a
+    run made before the fuzz began (same seed, its own job)."""
+    proc = start_server("--auth-token", HONEST, "--auth-token", FUZZER, "--grace-seconds", "0.5")
+    address = proc.address
+    fuzzing, results, clouds = threading.Event(), [], []
 
     def honest(job: str) -> dict:
         config = EdgeConfig(connection=ConnectionConfig(server=address, auth_token=HONEST), job=job,
                             client_id="honest", epochs=1, max_steps=20, progress=False)
-        return run(config, RemoteCloud(config.connection))
+        clouds.append(RemoteCloud(config.connection))
+        return run(config, clouds[-1])
 
     def keep_training() -> None:
         while fuzzing.is_set():
@@ -151,15 +371,10 @@ def test_servicer_survives_fuzzing_while_an_honest_client_trains():
         channel = security.open_channel(address, [], auth_token=FUZZER)
         stub = split_pb2_grpc.SplitLearningStub(channel)
         raw_train = channel.stream_stream("/splitnet.v1.SplitLearning/Train")
-        own = stub.OpenSession(pb.SessionSpec(job="fuzz", client_id="f", arch="cnn", cut="block2", num_classes=10,
-                                              input_shape=[1, 16, 16], feature_shape=list(FEATURES), lr=0.05,
-                                              grad_codec="int8"), timeout=10).session_id
+        own = stub.OpenSession(_fuzz_spec("fuzz", "f"), timeout=10).session_id
         valid = pb.TrainStep(session_id=own, step_id=1, features=codec.encode(torch.rand(2, *FEATURES), "int8"),
                              labels=[3, 7])
         codes: dict[str, int] = {}
-
-        def leaked() -> str:
-            return next((sid for sid, s in list(server.servicer.sessions.items()) if s.client_id == "honest"), "")
 
         def expect(call) -> None:
             try:
@@ -170,14 +385,9 @@ def test_servicer_survives_fuzzing_while_an_honest_client_trains():
                 codes[err.code().name] = codes.get(err.code().name, 0) + 1
 
         @given(_mutations(valid, [own, LEAKED, "", "0" * 32]), st.sampled_from(["train", "infer", "valid first"]))
-        @settings(FUZZ, max_examples=1200)
+        @settings(FUZZ, max_examples=400)
         def mutated(changes, rpc):
-            msg = pb.TrainStep()
-            msg.CopyFrom(valid)
-            for change, value in changes:
-                change(msg, value)
-            if msg.session_id == LEAKED:
-                msg.session_id = leaked()
+            msg = _mutated(valid, changes, lambda: clouds[-1].session_id)
             if rpc == "infer":
                 request = pb.InferRequest(session_id=msg.session_id, request_id=msg.step_id, features=msg.features)
                 expect(lambda: list(stub.Infer(iter([request]), timeout=10)))
@@ -187,7 +397,7 @@ def test_servicer_survives_fuzzing_while_an_honest_client_trains():
 
         @given(st.binary(max_size=300) | tensors.map(lambda t: pb.TrainStep(session_id=own, step_id=1, features=t,
                                                                               labels=[1, 2]).SerializeToString()))
-        @settings(FUZZ, max_examples=600)
+        @settings(FUZZ, max_examples=200)
         def random_bytes(data):
             expect(lambda: list(raw_train(iter([data]), timeout=10)))
 
@@ -198,22 +408,24 @@ def test_servicer_survives_fuzzing_while_an_honest_client_trains():
         random_bytes()
         fuzzing.clear()
         worker.join(120)
-        print(f"fuzz status codes: {codes}; honest runs alongside: {len(results)}")
+        print(f"process fuzz status codes: {codes}; honest runs alongside: {len(results)}")
 
         assert results and not worker.is_alive()
-        for i, result in enumerate(results):
+        for result in results:
             assert (result["train_loss"], result["test_accuracy"]) == (baseline["train_loss"],
                                                                        baseline["test_accuracy"])
-            job = server.servicer.jobs[f"fuzzed-{i}"]
-            assert job.steps_applied == 20 and job.last_step("honest") == 20
-        assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "PERMISSION_DENIED", "FAILED_PRECONDITION"} <= codes.keys()
-        assert server.servicer.counters.steps_rejected > 100
+        stats = stub.Stats(pb.StatsRequest(), timeout=10)
+        jobs = {j.job: j for j in stats.jobs}
+        for i in range(len(results)):
+            assert jobs[f"fuzzed-{i}"].steps_applied == 20 and jobs[f"fuzzed-{i}"].client_last_step["honest"] == 20
+        assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION"} <= codes.keys()
+        assert stats.steps_rejected > 100
         check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert check.status == health_pb2.HealthCheckResponse.SERVING
         channel.close()
     finally:
         fuzzing.clear()
-        _stops_promptly(server)
+        assert proc.stop(timeout=20) == 0, proc.output()
 
 
 def _stops_promptly(server: CloudServer) -> None:

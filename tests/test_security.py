@@ -308,7 +308,7 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused(tmp_path, capsys):
     (ckpt / "evil-00000000.ckpt").write_bytes(checkpoints.encode({"name": "evil", "decoder": {},
                                                                   "payload": _Exploit(marker)}))
     with pytest.raises(ValueError, match="evil-00000000.ckpt: holds objects"):
-        Checkpointer(str(ckpt), 10).load_all("cpu")
+        Checkpointer(str(ckpt), 10).check_all("cpu")
     assert cloud_cli.main(["--port", "0", "--checkpoint-dir", str(ckpt)]) == 2
     err = capsys.readouterr().err
     assert "refused" in err and len(err.strip().splitlines()) == 1
