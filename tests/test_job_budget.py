@@ -29,13 +29,18 @@ COSTLY = dict(cut="conv1", input_shape=[1, 1024, 1024], bottleneck=128, feature_
 BUILD_S = 2.0
 
 
-@pytest.fixture
-def cloud(request):
-    server = CloudServer(ServerConfig(port=0, grace_seconds=0.5, **getattr(request, "param", {})))
+def _serve(servicer_cls: type[SplitLearningServicer] = SplitLearningServicer, **config):
+    """An in-process server and a stub to it, for as long as the fixture lives."""
+    server = CloudServer(ServerConfig(port=0, grace_seconds=0.5, **config), servicer_cls=servicer_cls)
     port = server.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield server, split_pb2_grpc.SplitLearningStub(channel)
     server.stop()
+
+
+@pytest.fixture
+def cloud(request):
+    yield from _serve(**getattr(request, "param", {}))
 
 
 def test_a_costly_job_is_refused_at_once_naming_its_estimate_the_budget_and_the_flag(cloud):
@@ -84,11 +89,7 @@ class SlowBuild(SplitLearningServicer):
 
 @pytest.fixture
 def slow_cloud():
-    server = CloudServer(ServerConfig(port=0, grace_seconds=0.5), servicer_cls=SlowBuild)
-    port = server.start()
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield server, split_pb2_grpc.SplitLearningStub(channel)
-    server.stop()
+    yield from _serve(SlowBuild)
 
 
 def test_building_a_slow_job_stalls_no_other_job(slow_cloud):
