@@ -10,7 +10,7 @@ OUT ?= out/demo
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, pinned: a plain resolver run would pull a CUDA build (see ENVIRONMENT.md).
+# torch first, pinned: a plain resolver run would pull a CUDA build (several GB) on Linux.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
 	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev]"

@@ -1,6 +1,6 @@
 """Reconstruction quality, scored the one way every report in this project uses.
 
-Conventions (ATTACKS_AND_METRICS.md): images in [0, 1] and clamped, each metric per
+Conventions: images in [0, 1] and clamped, each metric per
 image and then averaged over images. Pooling MSE over a batch before taking PSNR lets
 one bad image dominate, and a batch-derived SSIM data range makes scores depend on what
 else is in the batch, so neither is done here.

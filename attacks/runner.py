@@ -1,6 +1,6 @@
 """One attacker, prepared once and applied to every captured batch; pure torch.
 
-What each method needs, by threat model (DESIGN.md):
+What each method needs, by threat model (README.md, "Attacking your own deployment"):
 - `inversion` (eavesdropper or white-box): the encoder + auxiliary images; trains an
   inverse network, noise-aware by default (the edge's obfuscation on its training z).
 - `rmle` (white-box): the encoder; optimises each image against its features.
