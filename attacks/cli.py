@@ -42,10 +42,10 @@ def _proxy(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from attacks import capture, harness
+    from attacks import harness
     from attacks.runner import Attacker, load_decoder, load_encoder
-    from edge_client.defense import DefenseConfig, Obfuscation
-    from splitnet import data, models
+    from splitnet import capture, data, models
+    from splitnet.obfuscation import Obfuscation, ObfuscationConfig
 
     records = [r for r in capture.read_records(args.capture) if (args.only == "all" or r.method == args.only)
                and (not args.session or r.session_id == args.session)]
@@ -66,8 +66,7 @@ def _run(args: argparse.Namespace) -> int:
     aux_set = aux.train if args.aux_split == "train" else aux.test
     if args.aux_limit:
         aux_set = data.shard(aux_set, 0, max(1, len(aux_set) // args.aux_limit))
-    fields = DefenseConfig.__dataclass_fields__
-    obfuscate = Obfuscation(DefenseConfig(**{k: v for k, v in defense.items() if k in fields}))
+    obfuscate = Obfuscation(ObfuscationConfig.from_settings(defense))
     config = AttackConfig(args.method, args.epochs, args.shadow_epochs, args.rmle_iterations,
                           not args.no_noise_aware, args.seed, width=args.width, blocks=args.inverse_blocks,
                           rmle_lr=args.rmle_lr, rmle_tv_weight=args.rmle_tv_weight)

@@ -3,7 +3,7 @@
 Every call is forwarded as raw bytes, untouched, with its metadata and deadline, so the
 edge's results are identical with and without the proxy. On the way through, messages
 of the split-learning service are parsed with the public wire contract and their
-features recorded (see `attacks.capture`). It speaks plaintext HTTP/2 only: with TLS
+features recorded (see `splitnet.capture`). It speaks plaintext HTTP/2 only: with TLS
 between edge and cloud, it cannot read (or even terminate) the connection.
 """
 
@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from attacks.capture import CaptureWriter, session_model
+from splitnet.capture import CaptureWriter, session_model
 from splitnet import codec, wire
 from splitnet.v1 import split_pb2 as pb
 

@@ -24,7 +24,7 @@ from attacks.inversion_models import InversionDecoder
 from attacks.rmle import LR as RMLE_LR
 from attacks.rmle import TV_WEIGHT, rmle
 from attacks.shadow import train_shadow_encoder
-from splitnet import models
+from splitnet import checkpoint_file, models
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,7 @@ def load_encoder(path: str) -> tuple[nn.Module, models.SplitSpec, dict]:
 
 def load_decoder(path: str) -> tuple[nn.Module, models.SplitSpec]:
     """The cloud's decoder from a `cloud-server` job checkpoint (what a curious cloud holds)."""
-    from cloud_server import checkpoints
-
-    state = checkpoints.read(path)
+    state = checkpoint_file.read(path)
     spec = models.SplitSpec.from_dict(state["spec"])
     decoder = models.build(spec).decoder
     decoder.load_state_dict(state["decoder"])

@@ -187,7 +187,7 @@ class CloudServer:
 def _tap(tap_dir: str):
     if not tap_dir:
         return None
-    from attacks.capture import CaptureWriter, session_model
+    from splitnet.capture import CaptureWriter, session_model
 
     writer = CaptureWriter(tap_dir, source="tap")
 

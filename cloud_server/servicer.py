@@ -27,13 +27,14 @@ import grpc
 import torch
 
 from cloud_server import memory
-from cloud_server.checkpoints import CheckpointError, Checkpointer
+from cloud_server.checkpoints import Checkpointer
 from cloud_server.config import ServerConfig
 from cloud_server.job import Job, NotFinite, StepOrderError
 from cloud_server.keyed_lock import KeyedLocks
 from cloud_server.memory import OverBudget
 from cloud_server.streams import StreamSlots, StreamsExhausted, within_idle
 from splitnet import codec, security, wire
+from splitnet.checkpoint_file import CheckpointError
 from splitnet.models import OptimSpec, SplitSpec
 from splitnet.schedule import LrSchedule
 from splitnet.v1 import split_pb2 as pb

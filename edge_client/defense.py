@@ -1,23 +1,21 @@
-"""The edge's feature defenses (ATTACKS_AND_METRICS.md "Defenses"); pure torch.
+"""The edge's feature defenses (docs/ATTACKS_AND_METRICS.md §3); pure torch.
 
-`Obfuscation` is what stands between the encoder and the wire: noise, then a dropout
-mask, then top-k pruning, identical in training and inference (an attacker sees the
-same kind of features either way). NoPeek and CEM are training-time losses: NoPeek is
-`nopeek_loss` here, CEM lives in the `cem` package and is configured by DefenseConfig.
+DefenseConfig holds all of them. The obfuscation between the encoder and the wire
+(noise, dropout, top-k) is `splitnet.obfuscation`, shared with the noise-aware attacker.
+NoPeek and CEM are training-time losses: NoPeek is `nopeek_loss` here, CEM lives in the
+`cem` package.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 import cem
+from splitnet.obfuscation import ObfuscationConfig, finite, obfuscation_checks
 
-NOISE_KINDS = ("gaussian", "laplace")
 CEM_CHOICES = ("none", *cem.SURROGATES)
 
 
@@ -49,15 +47,12 @@ class DefenseConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         checks: list[tuple[str, bool, str]] = [
-            ("noise", _finite(self.noise) and self.noise >= 0, "a finite number >= 0"),
-            ("noise_kind", self.noise_kind in NOISE_KINDS, f"one of {NOISE_KINDS}"),
-            ("dropout", _finite(self.dropout) and 0 <= self.dropout < 1, "in [0, 1)"),
-            ("topk", _finite(self.topk) and 0 <= self.topk < 1, "in [0, 1)"),
-            ("nopeek", _finite(self.nopeek) and self.nopeek >= 0, "a finite number >= 0"),
+            *obfuscation_checks(self.noise, self.noise_kind, self.dropout, self.topk),
+            ("nopeek", finite(self.nopeek) and self.nopeek >= 0, "a finite number >= 0"),
             ("cem", self.cem in CEM_CHOICES, f"one of {CEM_CHOICES}"),
-            ("lam", _finite(self.lam) and self.lam >= 0, "a finite number >= 0"),
-            ("var_threshold", _finite(self.var_threshold) and self.var_threshold > 0, "a finite number > 0"),
-            ("cem_scale", self.cem_scale is None or (_finite(self.cem_scale) and self.cem_scale >= 0),
+            ("lam", finite(self.lam) and self.lam >= 0, "a finite number >= 0"),
+            ("var_threshold", finite(self.var_threshold) and self.var_threshold > 0, "a finite number > 0"),
+            ("cem_scale", self.cem_scale is None or (finite(self.cem_scale) and self.cem_scale >= 0),
              "None or a finite number >= 0"),
             ("cem_warmup", self.cem_warmup is None or (isinstance(self.cem_warmup, int) and self.cem_warmup >= 0),
              "None or an int >= 0"),
@@ -84,58 +79,14 @@ class DefenseConfig:
         """Whether CEM runs in this epoch (counted from 1)."""
         return self.cem != "none" and cem.is_active(self.lam, self.noise, epoch, self.warmup)
 
+    @property
+    def obfuscation(self) -> ObfuscationConfig:
+        """The settings of the chain applied before the wire (and by a noise-aware attacker)."""
+        return ObfuscationConfig(self.noise, self.noise_kind, self.dropout, self.topk)
+
     def as_dict(self) -> dict[str, Any]:
         """The fields with the CEM defaults resolved, for reports (stable keys)."""
         return {**asdict(self), "cem_scale": self.scale, "cem_warmup": self.warmup}
-
-
-def _finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-class Obfuscation(nn.Module):
-    """noise -> dropout mask (no rescale) -> top-k pruning; the same in train and eval mode.
-
-    Random draws come from `generator` when given (on its own device, then moved), so a
-    run can be replayed exactly; otherwise from torch's global RNG.
-    """
-
-    def __init__(self, config: DefenseConfig, generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.config, self.generator = config, generator
-
-    def _rand(self, like: torch.Tensor, normal: bool = False) -> torch.Tensor:
-        device = self.generator.device if self.generator is not None else like.device
-        draw = torch.randn if normal else torch.rand
-        return draw(like.shape, generator=self.generator, device=device, dtype=like.dtype).to(like.device)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        if cfg.noise > 0:
-            if cfg.noise_kind == "gaussian":
-                eps = self._rand(z, normal=True)
-            else:  # Laplace(0, 1) as the difference of two Exp(1) draws; 1 - U in (0, 1] keeps log finite
-                eps = torch.log1p(-self._rand(z)) - torch.log1p(-self._rand(z))
-            z = z + cfg.noise * eps
-        if cfg.dropout > 0:
-            z = z * (self._rand(z) >= cfg.dropout).to(z.dtype)
-        if cfg.topk > 0:
-            z = topk_prune(z, cfg.topk)
-        return z
-
-
-def topk_prune(z: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Zero the floor(ratio * n) smallest-magnitude features of each sample (n per sample).
-
-    Done through a mask, so the kept features pass their gradient unchanged.
-    """
-    flat = z.flatten(1)
-    drop = int(ratio * flat.shape[1])
-    if drop == 0:
-        return z
-    idx = flat.abs().topk(drop, dim=1, largest=False).indices
-    mask = torch.ones_like(flat).scatter_(1, idx, 0.0)
-    return (flat * mask).view_as(z)
 
 
 def nopeek_loss(x: torch.Tensor, z: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

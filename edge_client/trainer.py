@@ -29,10 +29,11 @@ from tqdm import tqdm
 
 from edge_client.cem_hook import CemHook
 from edge_client.config import EdgeConfig
-from edge_client.defense import Obfuscation, nopeek_loss
+from edge_client.defense import nopeek_loss
 from edge_client.report import percentile
 from splitnet import data, models
 from splitnet.cloud_api import Cloud, StepReply
+from splitnet.obfuscation import Obfuscation
 from splitnet.schedule import LrSchedule
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,8 @@ class EdgeTrainer:
         self.optim = models.OptimSpec(config.lr, config.momentum, config.weight_decay, schedule)
         self.optimizer = models.OptimSpec(config.lr, encoder_momentum(config.momentum, config.connection.pipeline),
                                           config.weight_decay).make(self.encoder.parameters())
-        self.obfuscation = Obfuscation(config.defense, generator=torch.Generator().manual_seed(config.seed + 1))
+        self.obfuscation = Obfuscation(config.defense.obfuscation,
+                                       generator=torch.Generator().manual_seed(config.seed + 1))
         self.cem = CemHook.create(config, self.encoder, self.optimizer, self.split)
         self.lr = config.lr  # the rate of the last step applied
         self.lr_mismatches = 0  # steps where the decoder stepped with another rate than the encoder

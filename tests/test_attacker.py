@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attacks import capture, harness
+from attacks import harness
 from attacks.cli import build_parser
 from attacks.cli import main as attacker_main
 from attacks.runner import AttackConfig, Attacker, load_encoder
@@ -21,7 +21,7 @@ from deploy.processes import start_server
 from edge_client.config import ConnectionConfig, EdgeConfig
 from edge_client.remote import RemoteCloud
 from edge_client.trainer import run
-from splitnet import data
+from splitnet import capture, data
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,14 @@ import grpc
 import pytest
 import torch
 
-from cloud_server import checkpoints
 from cloud_server import cli as cloud_cli
-from cloud_server.checkpoints import CheckpointError, Checkpointer
+from cloud_server.checkpoints import Checkpointer
 from cloud_server.config import ServerConfig
 from cloud_server.server import CloudServer
 from cloud_server.job import Job
 from deploy.processes import start_server
+from splitnet import checkpoint_file
+from splitnet.checkpoint_file import CheckpointError
 from splitnet.models import OptimSpec, SplitSpec
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
@@ -48,9 +49,9 @@ def _flip(path, at: int) -> None:
 
 def _rewrite(path, change) -> None:
     """Load the state, change it, write it back as a well-formed file (valid checksum)."""
-    state = checkpoints.read(path)
+    state = checkpoint_file.read(path)
     change(state)
-    path.write_bytes(checkpoints.encode(state))
+    path.write_bytes(checkpoint_file.encode(state))
 
 
 def _poison(state) -> None:
@@ -69,11 +70,11 @@ DAMAGE = [
     ("empty", lambda p: p.write_bytes(b""), "empty"),
     ("truncated", lambda p: p.write_bytes(p.read_bytes()[:-500]), "checksum mismatch"),
     ("one bit flipped", lambda p: _flip(p, -100), "checksum mismatch"),
-    ("no header", lambda p: torch.save(checkpoints.read(p), p), "no 'splitnet-checkpoint' header"),
+    ("no header", lambda p: torch.save(checkpoint_file.read(p), p), "no 'splitnet-checkpoint' header"),
     ("future format", lambda p: p.write_bytes(p.read_bytes().replace(b"checkpoint 1 ", b"checkpoint 9 ", 1)),
      "format version 9"),
-    ("foreign structure", lambda p: p.write_bytes(checkpoints.encode({"weights": torch.zeros(3)})), "'name'"),
-    ("not a dict", lambda p: p.write_bytes(checkpoints.encode([1, 2, 3])), "not a job's state"),
+    ("foreign structure", lambda p: p.write_bytes(checkpoint_file.encode({"weights": torch.zeros(3)})), "'name'"),
+    ("not a dict", lambda p: p.write_bytes(checkpoint_file.encode([1, 2, 3])), "not a job's state"),
     ("wrong shape", lambda p: _rewrite(p, _reshape), "does not fit the model"),
     ("NaN weight", lambda p: _rewrite(p, _poison), "decoder.0.0.weight holds NaN or Inf"),
     ("Inf optimizer state", lambda p: _rewrite(p, _inf_momentum), "momentum_buffer holds NaN or Inf"),

@@ -1,4 +1,4 @@
-"""The edge's obfuscation chain, NoPeek's distance correlation and DefenseConfig checks."""
+"""The obfuscation chain (shared by edge and attacker), NoPeek's distance correlation and DefenseConfig checks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from edge_client.defense import DefenseConfig, Obfuscation, nopeek_loss, topk_prune
+from edge_client.defense import DefenseConfig, nopeek_loss
+from splitnet.obfuscation import Obfuscation, ObfuscationConfig, topk_prune
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -19,7 +20,7 @@ def one_thread():
 
 
 def chain(generator_seed: int = 0, **fields) -> Obfuscation:
-    return Obfuscation(DefenseConfig(**fields), torch.Generator().manual_seed(generator_seed))
+    return Obfuscation(ObfuscationConfig(**fields), torch.Generator().manual_seed(generator_seed))
 
 
 def test_all_zero_is_the_identity():
@@ -134,3 +135,21 @@ def test_config_resolves_cem_defaults_and_activity():
     assert report["cem_scale"] == 0.25 and report["cem_warmup"] == 3 and report["cem"] == "slot"
     assert set(report) == set(DefenseConfig.__dataclass_fields__)
     assert DefenseConfig().as_dict()["cem_scale"] == 0.0
+
+
+def test_attacker_rebuilds_the_edge_chain_from_the_saved_defense_record():
+    # The encoder file carries DefenseConfig.as_dict(); the noise-aware attacker must get
+    # exactly the edge's obfuscation from it, and ignore the training-only settings.
+    edge = DefenseConfig(noise=0.05, noise_kind="laplace", dropout=0.2, topk=0.5, nopeek=1.0, cem="gated", lam=8.0)
+    assert ObfuscationConfig.from_settings(edge.as_dict()) == edge.obfuscation
+    z = torch.rand(6, 32)
+    seed = torch.Generator().manual_seed
+    assert torch.equal(Obfuscation(edge.obfuscation, seed(3))(z),
+                       Obfuscation(ObfuscationConfig.from_settings(edge.as_dict()), seed(3))(z))
+
+
+@pytest.mark.parametrize("field, value", [("noise", -1.0), ("noise_kind", "uniform"), ("dropout", 1.0),
+                                          ("topk", float("inf"))])
+def test_a_saved_record_out_of_range_is_refused(field, value):
+    with pytest.raises(ValueError, match=rf"ObfuscationConfig\.{field} "):
+        ObfuscationConfig.from_settings({field: value})

@@ -13,7 +13,6 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cloud_server import checkpoints
 from cloud_server.config import ServerConfig
 from cloud_server.local import LocalCloud
 from cloud_server.server import CloudServer
@@ -21,7 +20,7 @@ from cloud_server.servicer import SplitLearningServicer
 from edge_client.config import ConnectionConfig, EdgeConfig
 from edge_client.remote import CloudError, RemoteCloud
 from edge_client.trainer import run
-from splitnet import wire
+from splitnet import checkpoint_file, wire
 from splitnet.models import OptimSpec, SplitSpec, build
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
@@ -213,7 +212,7 @@ def test_graceful_shutdown_drains_in_flight_steps(tmp_path):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     stopper.join(30)
     assert not stopper.is_alive()
-    state = checkpoints.read(next(tmp_path.glob("*.ckpt")))
+    state = checkpoint_file.read(next(tmp_path.glob("*.ckpt")))
     assert state["steps_applied"] == 2 and state["client_last_step"] == {"c": 2}
 
 

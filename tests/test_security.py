@@ -18,10 +18,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from attacks import capture
 from attacks.proxy import Proxy, RawForwarder
 from cloud_server import cli as cloud_cli
-from cloud_server import checkpoints
 from cloud_server.checkpoints import Checkpointer
 from cloud_server.config import ServerConfig
 from cloud_server.server import CloudServer
@@ -30,7 +28,7 @@ from edge_client import cli as edge_cli
 from edge_client.config import ConnectionConfig, EdgeConfig
 from edge_client.remote import CloudError, RemoteCloud
 from edge_client.trainer import run
-from splitnet import codec, security, wire
+from splitnet import capture, checkpoint_file, codec, security, wire
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
@@ -305,7 +303,7 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused(tmp_path, capsys):
     ckpt, marker = tmp_path / "ckpt", tmp_path / "pwned"
     ckpt.mkdir()
     # in a well-formed file: the checksum is no defence against whoever can write the folder
-    (ckpt / "evil-00000000.ckpt").write_bytes(checkpoints.encode({"name": "evil", "decoder": {},
+    (ckpt / "evil-00000000.ckpt").write_bytes(checkpoint_file.encode({"name": "evil", "decoder": {},
                                                                   "payload": _Exploit(marker)}))
     with pytest.raises(ValueError, match="evil-00000000.ckpt: holds objects"):
         Checkpointer(str(ckpt), 10).check_all("cpu")
