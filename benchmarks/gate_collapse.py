@@ -1,4 +1,4 @@
-"""The gate-collapse hazard (CEM_SPEC section 5), measured.
+"""The gate-collapse hazard (docs/CEM.md §5.1), measured.
 
 A learnable gate trained on the very loss it gates can learn to close (soft gate -> 0
 makes rob_loss -> 0 without any compaction). This trains the same edge twice on digits,

@@ -5,7 +5,7 @@
     cem.two_phase_backward(scale * rob_loss, task_backward, encoder.parameters(),
                            surrogate.parameters(), lam * cem.lr_weight(lr), features=z)
 
-The math is CEM_SPEC.md; the choices it leaves open are stated where they are made.
+The math is docs/CEM.md; the choices it leaves open are stated where they are made.
 """
 
 from __future__ import annotations

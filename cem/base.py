@@ -2,7 +2,7 @@
 
 Subclasses implement `_loss(groups, sigma)` on a batch already grouped by class; this
 base turns the call `module(features, labels, sigma)` into that and applies the rules
-of CEM_SPEC that hold for all three surrogates, so they are written once.
+of docs/CEM.md §0.2 that hold for all three surrogates, so they are written once.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Surrogate(nn.Module):
             raise ValueError(f"labels must have shape [{z.shape[0]}], got {tuple(labels.shape)}")
         diag: Diagnostics = {"active": False, "sigma_zero": sigma <= 0, "classes_used": 0, "nonfinite": False,
                              "shutoff": False}
-        if sigma <= 0:  # no noise: nothing to hide the class spread under (CEM_SPEC "Why")
+        if sigma <= 0:  # no noise: nothing to hide the class spread under (docs/CEM.md §0.1)
             return self._zero(z), 0.0, {**diag, "nan_count": self.nan_count}
         groups = group_by_class(z, labels)
         diag["classes_used"] = len(groups)

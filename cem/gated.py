@@ -1,4 +1,4 @@
-"""Gated attention CEM (CEM_SPEC §2): one attention pooling per class, then gated penalty.
+"""Gated attention CEM (docs/CEM.md §2): one attention pooling per class, then gated penalty.
 
 All classes of the batch are processed at once: per-sample layers on the real rows,
 per-class statistics on the padded [C, M, D] layout of `cem.stats.group_by_class`.

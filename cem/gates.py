@@ -1,8 +1,8 @@
-"""The gating pieces of CEM_SPEC §2.4-2.6 and §3.4, written once for gated and slot.
+"""The gating pieces of docs/CEM.md §2.4-2.6 and §3.4, written once for gated and slot.
 
 A `GateBank` turns weighted statistics (mu, var) into the per-dimension penalty
 psi = g * h * phi and owns the class gate. Two switches guard against the hazard of
-CEM_SPEC §5 (gates trained to minimise the loss they gate can learn to close):
+docs/CEM.md §5.1 (gates trained to minimise the loss they gate can learn to close):
 - `gates=False` is the simple variant: no soft / SNR gate, phi = the hard threshold;
 - `learn_gates=False` makes the gates constants with respect to rob_loss: their
   parameters are frozen AND their inputs are detached, so neither the gate MLP nor
@@ -42,7 +42,7 @@ class GateBank(nn.Module):
     """Soft gate MLP + SNR gate + smooth threshold + class gate, with their scalars.
 
     `learnable_scalars` makes snr_thresh, snr_sharp, beta_sp, m, a, b parameters
-    (the slot surrogate, CEM_SPEC §3) rather than constants (the gated one, §2).
+    (the slot surrogate, docs/CEM.md §3.4) rather than constants (the gated one, §2.7).
     """
 
     def __init__(self, feature_dim: int, *, gates: bool = True, learn_gates: bool = True,

@@ -1,4 +1,4 @@
-"""The original GMM surrogate (CEM_SPEC §1): per-class k-means at epoch end, per-batch penalty.
+"""The original GMM surrogate (docs/CEM.md §1): per-class k-means at epoch end, per-batch penalty.
 
 The clusters are fitted on the whole training set (eval-mode features) by `refit`, and
 the per-batch term blends the batch's cluster spread with the epoch's spread s2_ck,

@@ -1,4 +1,4 @@
-"""The two-phase gradient merge of CEM_SPEC §4 and the helpers around it.
+"""The two-phase gradient merge of docs/CEM.md §4.3 and the helpers around it.
 
 Why two phases rather than `task + lambda * rob` in one backward: the encoder's share of
 the robustness gradient gets its own weight lambda * w_lr (tied to the learning rate),
@@ -45,7 +45,7 @@ def join_optimizer(optimizer: torch.optim.Optimizer, module: nn.Module, **group_
 def two_phase_backward(rob_loss: torch.Tensor, task_backward: Callable[[], None],
                        encoder_params: Iterable[nn.Parameter], surrogate_params: Iterable[nn.Parameter],
                        weight: float, features: torch.Tensor | None = None) -> dict[str, float | str]:
-    """CEM_SPEC §4 steps 1-4; the caller then steps the optimizer.
+    """docs/CEM.md §4.3 steps 1-4; the caller then steps the optimizer.
 
     rob_loss: already scaled by attention_loss_scale. task_backward: backpropagates the
     task loss into the encoder (e.g. `z_sent.backward(grad_from_cloud)`) and must not
@@ -58,7 +58,7 @@ def two_phase_backward(rob_loss: torch.Tensor, task_backward: Callable[[], None]
     backward pass, J^T g_task_z + weight * J^T g_rob_z = J^T (g_task_z + weight * g_rob_z),
     so the rob gradient is taken only down to z, and a hook adds weight * g_rob_z to the
     gradient that task_backward sends through z: one encoder backward instead of two.
-    Without it, g_rob is taken on the encoder parameters (the literal §4 recipe).
+    Without it, g_rob is taken on the encoder parameters (the literal §4.3 recipe).
 
     Returns the rob and task gradient norms (before weighting) for logging, taken at
     "features" or at the "encoder" params: their ratio shows which term steers the encoder.

@@ -1,4 +1,4 @@
-"""Slot attention + gated cross attention CEM (CEM_SPEC §3): several sub-clusters per class.
+"""Slot attention + gated cross attention CEM (docs/CEM.md §3): several sub-clusters per class.
 
 Each class of the batch is one sequence; all classes run together. Per-sample layers
 run on the real rows; set operations over a class's samples (slot competition,
@@ -7,7 +7,7 @@ mixture statistics) on the padded [C, M, D] layout, padding masked out of every 
 Slots live in a `slot_dim` space (default H = hidden_width(D), not D): a GRU of width D
 costs O(D^2) per slot and iteration, which for D = 8192 (VGG cut without bottleneck)
 would be hundreds of millions of parameters. A linear read-out maps the slots back to
-feature space for the cosine responsibilities of §3.3 (an identity when slot_dim = D).
+feature space for the cosine responsibilities of docs/CEM.md §3.3 (an identity when slot_dim = D).
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ class SlotCEM(Surrogate):
                             "beta": float(self.beta.detach()), "slot_power": float(self.slot_power.detach())}
 
     def _update_shutoff(self, gate_diag: dict[str, float]) -> tuple[bool, Diagnostics]:
-        """Early shut-off of §3.7: by call count, or while the running gate means are too high."""
+        """Early shut-off of docs/CEM.md §3.7: by call count, or while the running gate means are too high."""
         self.calls += 1
         for buf, key in ((self.snr_running, "snr_gate_mean"), (self.soft_running, "soft_gate_mean")):
             value = torch.tensor(gate_diag[key], dtype=buf.dtype)

@@ -1,7 +1,7 @@
 """Where the edge trainer meets `cem/`: when CEM runs and how its gradient is merged.
 
 CEM is active when lambda > 0, sigma > 0 and the epoch is past the surrogate's warm-up
-(CEM_SPEC section 4). Otherwise a step is a plain backward of the task loss; with it, the
+(docs/CEM.md §4.1). Otherwise a step is a plain backward of the task loss; with it, the
 two-phase merge adds lambda * w_lr * grad(rob_loss) to the encoder's gradients.
 """
 
@@ -52,7 +52,7 @@ class CemHook:
         if self.module is None or not self.defense.cem_active(epoch):
             task.backward()
             return
-        if not self._joined:  # the surrogate's parameters train from the first CEM step on (CEM_SPEC §4)
+        if not self._joined:  # the surrogate's parameters train from the first CEM step on (docs/CEM.md §4.2)
             cem.join_optimizer(self.optimizer, self.module)
             self._joined = True
         rob, intra, diag = self.module(z, y, self.defense.noise)

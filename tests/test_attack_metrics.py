@@ -1,4 +1,4 @@
-"""The reconstruction metrics follow ATTACKS_AND_METRICS.md: per image, data range 1.0, clamped."""
+"""The reconstruction metrics follow docs/ATTACKS_AND_METRICS.md §4: per image, data range 1.0, clamped."""
 
 from __future__ import annotations
 

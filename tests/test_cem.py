@@ -1,4 +1,4 @@
-"""The CEM surrogates and the two-phase merge (CEM_SPEC.md), on small synthetic batches."""
+"""The CEM surrogates and the two-phase merge (docs/CEM.md), on small synthetic batches."""
 
 from __future__ import annotations
 
