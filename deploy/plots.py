@@ -145,8 +145,8 @@ def write_report(config, rows: list[dict], out: Path, title: str = "Sweep: accur
         lines += ["## Accuracy vs leakage", "", "Top left is best: accurate and hard to invert. The dashed line "
                   "joins the settings no other setting beats on both.", "", "![](accuracy_vs_ssim.png)", "",
                   "## Communication vs leakage", "", "![](bytes_vs_ssim.png)", "",
-                  "## Reconstructions", "", "Each grid: private images (top rows) above the attack's "
-                  "reconstruction (bottom rows).", ""]
+                  "## Reconstructions", "", "In each grid the rows alternate: a row of private images "
+                  "(labelled \"private\") directly above the attack's reconstructions of them (\"recon\").", ""]
         for r in rows:
             if r.get("grid"):
                 lines += [f"### {_label(r)}", "", f"SSIM {r.get(f'{method}_ssim', float('nan')):.3f}, accuracy "

@@ -255,3 +255,26 @@ def test_attacker_passes_its_rmle_settings_on() -> None:
     assert torch.equal(attacker.reconstruct(z), expected)
     assert not torch.equal(expected, rmle(encoder, z, (1, 16, 16), iterations=7))  # the settings matter
     assert attacker.settings() == {"rmle_iterations": 7, "rmle_lr": 0.03, "rmle_tv_weight": 0.2}
+
+
+def test_grid_rows_alternate_private_and_reconstruction_and_are_labelled(tmp_path) -> None:
+    # 10 images, 4 per row: 3 private rows (the last padded) interleaved with 3 recon rows.
+    # Private tiles are dark grey, reconstructions light grey, so each row's kind is readable.
+    import numpy as np
+    from PIL import Image
+
+    side, nrow, pad = 6, 4, 2
+    truth, recon = torch.full((10, 1, side, side), 0.25), torch.full((10, 1, side, side), 0.75)
+    save_grid(truth, recon, tmp_path / "grid.png", nrow=nrow)
+    image = torch.from_numpy(np.asarray(Image.open(tmp_path / "grid.png").convert("L")).astype(np.int64))
+    grid_width = nrow * (side + pad) + pad
+    margin = image.shape[1] - grid_width
+    assert margin > 0 and image.shape[0] == 6 * (side + pad) + pad
+    for row in range(6):
+        y = pad + row * (side + pad) + side // 2
+        expected = round(0.25 * 255) if row % 2 == 0 else round(0.75 * 255)
+        first_tile = image[y, margin + pad + side // 2].item()
+        assert abs(first_tile - expected) <= 1, (row, first_tile)
+        assert image[pad + row * (side + pad): (row + 1) * (side + pad), :margin].min() < 128, f"row {row} unlabelled"
+    padded_tile = image[pad + 4 * (side + pad) + side // 2, margin + pad + 3 * (side + pad) + side // 2].item()
+    assert padded_tile == 0  # the missing 11th-12th private images are black padding, not shifted images
