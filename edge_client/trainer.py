@@ -86,7 +86,7 @@ class EdgeTrainer:
                                           config.weight_decay).make(self.encoder.parameters())
         self.obfuscation = Obfuscation(config.defense.obfuscation,
                                        generator=torch.Generator().manual_seed(config.seed + 1))
-        self.cem = CemHook.create(config, self.encoder, self.optimizer, self.split)
+        self.cem = CemHook.create(config, self.encoder, self.optimizer, self.split, len(self.loader))
         self.lr = config.lr  # the rate of the last step applied
         self.lr_mismatches = 0  # steps where the decoder stepped with another rate than the encoder
         self.client_id = config.client_id or uuid.uuid4().hex[:12]

@@ -244,3 +244,17 @@ def test_paper_schedule_scales_the_cem_milestones_to_the_run():
     assert LrSchedule.parse("paper", epochs=8).milestones == (2, 4, 6, 7)
     with pytest.raises(ValueError, match="epochs >= 8"):
         LrSchedule.parse("paper", epochs=5)
+
+
+def test_slot_shutoff_spans_a_quarter_epoch_on_any_dataset():
+    """The seeds' 100 calls are a quarter of a CIFAR-10 epoch but four of an 8-epoch digits run."""
+    from edge_client.defense import DefenseConfig
+
+    defense = DefenseConfig(noise=0.1, cem="slot", lam=8)
+    shutoff = {}
+    for batch_size in (64, 16):
+        trainer = EdgeTrainer(EdgeConfig(epochs=8, batch_size=batch_size, defense=defense, progress=False),
+                              LocalCloud())
+        shutoff[batch_size] = trainer.cem.module.early_shut_steps
+        assert shutoff[batch_size] == -(-len(trainer.loader) // 4)
+    assert shutoff == {64: 6, 16: 23}  # digits: 23 steps an epoch at batch 64, 90 at 16; never the seeds' 100
