@@ -41,8 +41,10 @@ def check_state(path: Path, state) -> None:
     for key, kind in _FIELDS.items():
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
             raise CheckpointError(path, f"'{key}' is missing or not a {kind.__name__}")
-    for part in ("decoder", "optimizer"):
-        for key, value in _tensors(state[part], part):
+    if not isinstance(state.get("client_replies", {}), dict):  # optional: absent in older checkpoints
+        raise CheckpointError(path, "'client_replies' is not a dict")
+    for part in ("decoder", "optimizer", "client_replies"):
+        for key, value in _tensors(state.get(part, {}), part):
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise CheckpointError(path, f"{key} holds NaN or Inf")
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in state["optim"].values()):

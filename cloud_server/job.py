@@ -4,15 +4,23 @@ Transport-free on purpose: the gRPC servicer drives it over the wire, and the
 single-process baseline drives it directly, so both run exactly the same math.
 
 Exactly-once: each client numbers its steps 1, 2, 3, ...; the job remembers the last
-step id it applied per client and refuses to apply one twice. A retry of the last step
-gets the cached result back (so an edge whose response was lost still gets its
-gradient), an older id is reported as a duplicate, and a gap is an error.
+step id it applied per client and refuses to apply one twice, and a gap is an error.
+
+No update lost: a reply can be lost after its step was applied (a broken stream, or a
+server killed between applying a step, or checkpointing it, and sending the reply), and
+with pipelining several can. The job therefore keeps the outcome of every applied step
+the edge has not acknowledged receiving (`TrainStep.received_step_id`), at most
+MAX_KEPT_REPLIES per client, and checkpoints them with the decoder: a re-sent step that
+was applied before gets its gradient back, so the edge applies every step the decoder
+did. Only a step the edge acknowledged, or one older than what is kept, is answered as
+a duplicate without a gradient.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -22,9 +30,15 @@ from splitnet.models import OptimSpec, SplitSpec, build, private_rng
 from splitnet.schedule import LrSchedule
 
 
+# Replies kept per client for re-sent steps: one edge acknowledges all but the steps it has in
+# flight (--pipeline K keeps K + 1 in flight); an edge that acknowledges nothing (older ones)
+# keeps this many gradients, of one batch each, in memory and in the checkpoint.
+MAX_KEPT_REPLIES = 16
+
+
 @dataclass
 class StepOutcome:
-    grad: torch.Tensor | None  # None for an old duplicate: nothing to apply on the edge
+    grad: torch.Tensor | None  # None for a duplicate whose reply is no longer kept: nothing to apply
     loss: float
     correct: int
     duplicate: bool
@@ -47,7 +61,19 @@ class NotFinite(ArithmeticError):
 @dataclass
 class _ClientState:
     last_step: int = 0
-    last_outcome: StepOutcome | None = None
+    # step id -> outcome, for applied steps the edge has not acknowledged (oldest first)
+    replies: OrderedDict[int, StepOutcome] = field(default_factory=OrderedDict)
+
+    def keep(self, step_id: int, outcome: StepOutcome, received: int) -> None:
+        self.replies[step_id] = outcome
+        self.forget(received)
+        while len(self.replies) > MAX_KEPT_REPLIES:
+            self.replies.popitem(last=False)
+
+    def forget(self, received: int) -> None:
+        """Drop the replies up to the step the edge says it has received."""
+        while self.replies and next(iter(self.replies)) <= received:
+            self.replies.popitem(last=False)
 
 
 @dataclass
@@ -93,15 +119,18 @@ class Job:
         """Seconds since the last step, inference or opened session: the server evicts a job idle too long."""
         return time.monotonic() - self.active_at
 
-    def train_step(self, client_id: str, step_id: int, features: torch.Tensor, labels: torch.Tensor) -> StepOutcome:
-        """Apply one step once: forward, backward, optimizer step; return dLoss/dfeatures."""
+    def train_step(self, client_id: str, step_id: int, features: torch.Tensor, labels: torch.Tensor,
+                   received: int = 0) -> StepOutcome:
+        """Apply one step once: forward, backward, optimizer step; return dLoss/dfeatures.
+        `received`: the highest step id whose reply the client has (its acknowledgement)."""
         with self.lock:
             self.active_at = time.monotonic()
             state = self.clients.setdefault(client_id, _ClientState())
             if step_id <= state.last_step:
-                if step_id == state.last_step and state.last_outcome is not None:
-                    cached = state.last_outcome
-                    return StepOutcome(cached.grad, cached.loss, cached.correct, True, self.steps_applied, cached.lr)
+                state.forget(received)
+                kept = state.replies.get(step_id)
+                if kept is not None:
+                    return StepOutcome(kept.grad, kept.loss, kept.correct, True, self.steps_applied, kept.lr)
                 return StepOutcome(None, 0.0, 0, True, self.steps_applied)
             if step_id != state.last_step + 1:
                 raise StepOrderError(f"step_id {step_id} skips ahead: the server expects {state.last_step + 1} "
@@ -122,7 +151,8 @@ class Job:
             self.steps_applied += 1
             outcome = StepOutcome(z.grad.detach().cpu(), float(loss.detach()),
                                   int((logits.argmax(1) == y).sum()), False, self.steps_applied, lr)
-            state.last_step, state.last_outcome = step_id, outcome
+            state.last_step = step_id
+            state.keep(step_id, outcome, received)
             return outcome
 
     def _refuse_non_finite(self, step_id: int, loss: torch.Tensor, z: torch.Tensor,
@@ -166,6 +196,9 @@ class Job:
                 "client_last_step": {c: s.last_step for c, s in self.clients.items()},
                 "client_schedule": {c: s.as_dict() for c, s in self.schedules.items()},
                 "client_owner": dict(self.owners),
+                "client_replies": {c: [{"step": step, "grad": o.grad, "loss": o.loss, "correct": o.correct,
+                                        "lr": o.lr} for step, o in s.replies.items()]
+                                   for c, s in self.clients.items() if s.replies},
                 "decoder": {k: v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()},
                 "optimizer": _clone(self.optimizer.state_dict()),
             }
@@ -176,7 +209,9 @@ class Job:
         job.decoder.load_state_dict(state["decoder"])
         job.optimizer.load_state_dict(state["optimizer"])
         job.steps_applied = state["steps_applied"]
-        job.clients = {c: _ClientState(last) for c, last in state["client_last_step"].items()}
+        replies = state.get("client_replies", {})  # absent in checkpoints written before replies were kept
+        job.clients = {c: _ClientState(last, _kept_replies(replies.get(c, []), last, tuple(job.feature_shape)))
+                       for c, last in state["client_last_step"].items()}
         # absent in checkpoints written before schedules: those clients ran at a constant rate
         job.schedules = {c: LrSchedule.from_dict(s) for c, s in state.get("client_schedule", {}).items()}
         job.durable = dict(state["client_last_step"])
@@ -189,6 +224,26 @@ class Job:
         with self.lock:
             self.durable.update(state["client_last_step"])
             self.checkpoints_written += 1
+
+
+def _kept_replies(entries: list, last_step: int, feature_shape: tuple) -> OrderedDict[int, StepOutcome]:
+    """A client's kept replies as checkpointed; ValueError if they do not fit its steps or the
+    job's features (the edge would fail on such a gradient, not the server)."""
+    replies: OrderedDict[int, StepOutcome] = OrderedDict()
+    previous = 0
+    for entry in entries[-MAX_KEPT_REPLIES:]:
+        step = entry["step"]
+        if not (isinstance(step, int) and previous < step <= last_step):
+            raise ValueError(f"kept reply of step {step!r} is out of order or after the last step {last_step}")
+        previous = step
+        grad = entry["grad"]
+        if not (isinstance(grad, torch.Tensor) and grad.is_floating_point() and grad.dim() == len(feature_shape) + 1
+                and tuple(grad.shape[1:]) == feature_shape):
+            raise ValueError(f"kept reply of step {step}: its gradient is not a float tensor of shape "
+                             f"[batch, {', '.join(map(str, feature_shape))}]")
+        replies[step] = StepOutcome(grad, float(entry["loss"]), int(entry["correct"]), False, 0,
+                                    float(entry["lr"]))
+    return replies
 
 
 def _copy_buffers(module: nn.Module) -> dict[str, torch.Tensor]:

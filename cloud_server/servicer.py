@@ -294,7 +294,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         features = self._features(request.features, job, "features")
         labels = _labels(request.labels, features.shape[0], job.spec.num_classes)
         try:
-            outcome = job.train_step(session.client_id, request.step_id, features, labels)
+            outcome = job.train_step(session.client_id, request.step_id, features, labels, request.received_step_id)
         except StepOrderError as err:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
         except NotFinite as err:
@@ -352,6 +352,25 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             if self._client_session.get(key) == session.session_id:
                 del self._client_session[key]
         return pb.CloseReply(steps_applied=session.steps_applied)
+
+    def Flush(self, request: pb.FlushRequest, context: grpc.ServicerContext) -> pb.FlushReply:
+        """Checkpoint the job now if it lacks this client's last step: the edge asks when it has
+        finished training, so that a crash between that and the next scheduled checkpoint (which
+        may never come: no more steps) does not lose the end of its run. A flush with nothing new
+        to write costs no write, so repeating it is cheap."""
+        try:
+            with self.drain.work():
+                session = self._session(request.session_id, self._caller(context))
+                job, client = session.job, session.client_id
+                if self.checkpointer.enabled and job.durable.get(client, 0) < job.last_step(client):
+                    self.checkpointer.save(job)
+        except Rejected as err:
+            context.abort(err.code, err.message)
+        except OSError as err:
+            log.error("job %r: checkpoint for Flush failed: %s", job.name, err)
+            context.abort(grpc.StatusCode.INTERNAL, f"job {_quote(job.name)}: the checkpoint could not be written "
+                                                    "(the server's log says why)")
+        return pb.FlushReply(durable_step_id=job.durable.get(client, 0))
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
         c = self.counters

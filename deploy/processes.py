@@ -67,7 +67,8 @@ def start_process(module_args: list[str], ready: str, timeout: float = 60.0,
 
 
 def start_server(*args: str, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0,
-                 env: dict | None = None) -> ServerProcess:
-    """A `cloud-server` process; with port 0 its printed address tells the port it took."""
-    return start_process(["cloud_server", "--host", host, "--port", str(port), *args],
+                 env: dict | None = None, module: str = "cloud_server") -> ServerProcess:
+    """A `cloud-server` process; with port 0 its printed address tells the port it took.
+    `module`: another entry point that runs the same server (fault-injection tests)."""
+    return start_process([module, "--host", host, "--port", str(port), *args],
                          r"cloud-server listening on (\S+:\d+)", timeout, env)

@@ -52,7 +52,7 @@ log = logging.getLogger("deploy.ray")
 # What each client entry of the report carries from its trainer's report (README keys).
 CLIENT_KEYS = ("test_accuracy", "train_loss", "epochs", "steps", "train_samples", "bytes_up", "bytes_down",
                "samples_per_second", "rtt_ms_p50", "rtt_ms_p99", "reconnects", "duplicate_steps",
-               "lr_mismatch_steps")
+               "lr_mismatch_steps", "durable")
 
 
 class EdgeClient:
@@ -88,10 +88,12 @@ class EdgeClient:
         return {**self.trainer.counters(), "train_loss": record.get("train_loss")}
 
     def finish(self, state: dict[str, torch.Tensor] | None) -> dict:
-        """Evaluate (with `state` if given) through the server's Infer, close; the trainer's report."""
+        """Wait until the server has checkpointed the last step, evaluate (with `state` if given) through
+        the server's Infer, close; the trainer's report."""
         if state is not None:
             self.trainer.load_encoder_state(state)
         try:
+            self.trainer.make_durable()
             return self.trainer.report(self.trainer.evaluate())
         finally:
             self.trainer.close()

@@ -6,7 +6,13 @@ Failure handling lives here so the trainer sees a plain `train(step_id, z, y)`:
   backoff for up to `reconnect_s`, re-opening the session with the same client id;
 - steps the server has not yet made durable stay in a replay buffer; after a restart
   from a checkpoint the server reports its last applied step and the buffered steps
-  after it are re-sent, so the decoder sees every step exactly once.
+  after it are re-sent, so the decoder sees every step exactly once;
+- steps whose reply never came are re-sent too, also those the server had applied: it
+  keeps the replies this edge has not acknowledged (`received_step_id`), in its
+  checkpoint as well, and answers with the gradient, so the encoder misses no update
+  (an older server answers a duplicate without one, which the trainer counts);
+- `flush` at the end of training waits until the server has checkpointed the last step
+  (replaying first if it restarted meanwhile), so a later crash loses nothing.
 
 The channel (TLS, mutual TLS, bearer token on every call) comes from
 `splitnet.security.open_channel`; UNAUTHENTICATED and PERMISSION_DENIED are not retried.
@@ -123,7 +129,8 @@ class RemoteCloud:
         self._stream: TrainStream | None = None
         self._unacked: OrderedDict[int, pb.TrainStep] = OrderedDict()  # sent, not yet durable on the server
         self._sent_at: dict[int, float] = {}  # sent, reply not yet received
-        self._applied_by_server: set[int] = set()
+        self._received = 0  # the highest step id whose reply came: acknowledged in every TrainStep
+        self.durable_step_id = 0  # the last step id the server said a checkpoint holds
         self.session: pb.Session | None = None
         self.bytes_up = 0
         self.bytes_down = 0
@@ -194,18 +201,46 @@ class RemoteCloud:
                 log.warning("Train step %d: %s; reconnecting", step_id, err.details())
                 self._reconnect(deadline)
 
+    def flush(self) -> int:
+        """Ask the server to checkpoint this client's last step and return the last durable step
+        id. If the server restarted meanwhile, reconnect first and wait until the replayed steps
+        are applied. A server older than Flush (UNIMPLEMENTED) or one that fails to write gets a
+        warning and the last durable step id its replies reported."""
+        deadline = time.monotonic() + self.config.reconnect_s
+        while True:
+            try:
+                reply = self._stub.Flush(pb.FlushRequest(session_id=self.session_id), timeout=self.config.deadline_s)
+                self.durable_step_id = reply.durable_step_id
+                return reply.durable_step_id
+            except grpc.RpcError as err:  # NOT_FOUND: a restarted server does not know the session
+                if err.code() not in {*_RETRYABLE, grpc.StatusCode.NOT_FOUND} or time.monotonic() > deadline:
+                    log.warning("Flush: %s: %s; the server's last reply said its checkpoint holds steps up to %d",
+                                err.code().name, err.details(), self.durable_step_id)
+                    return self.durable_step_id
+            self._replay(deadline)
+
+    def _replay(self, deadline: float) -> None:
+        """Reconnect and wait for the replies to the steps re-sent (nobody else collects them)."""
+        while True:
+            try:
+                resent = self._reconnect(deadline)
+                if resent:
+                    self._receive(resent[-1])
+                return
+            except grpc.RpcError as err:
+                if err.code() not in _RETRYABLE or time.monotonic() > deadline:
+                    raise _cloud_error(err, "Flush") from None
+
     def _send(self, request: pb.TrainStep) -> None:
         if self._stream is None:
             self._stream = TrainStream(self._stub)
         request.session_id = self.session.session_id  # type: ignore[union-attr]
+        request.received_step_id = self._received
         self._sent_at[request.step_id] = time.perf_counter()
         self._stream.send(request)
 
     def _receive(self, step_id: int) -> StepReply:
         """The reply for `step_id`, skipping replies to steps re-sent only for the server's sake."""
-        if step_id in self._applied_by_server:  # the restarted server had it already
-            self._applied_by_server.discard(step_id)
-            return StepReply(None, 0.0, 0, True)
         while True:
             if self._stream is None:
                 raise _LocalRpcError(grpc.StatusCode.UNAVAILABLE, "the Train stream is closed")
@@ -213,6 +248,8 @@ class RemoteCloud:
             request = self._unacked.get(result.step_id)
             self._count(request or pb.TrainStep(), result)
             sent = self._sent_at.pop(result.step_id, None)
+            self._received = max(self._received, result.step_id)
+            self.durable_step_id = result.durable_step_id
             for old in [s for s in self._unacked if s <= result.durable_step_id]:
                 del self._unacked[old]
             if result.step_id < step_id:  # a replay after a restart: its gradient was applied before
@@ -222,8 +259,9 @@ class RemoteCloud:
             grad = codec.decode(result.grad, "grad") if result.HasField("grad") else None
             return StepReply(grad, result.loss, result.correct, result.duplicate, result.lr)
 
-    def _reconnect(self, deadline: float) -> None:
-        """Re-open the session and re-send, in order, every buffered step the server lacks."""
+    def _reconnect(self, deadline: float) -> list[int]:
+        """Re-open the session and re-send, in order, every buffered step the server lacks and
+        every step whose reply has not come; return their ids."""
         if self._stream:
             self._stream.close()
             self._stream = None
@@ -234,24 +272,19 @@ class RemoteCloud:
                 self._opened(self._stub.OpenSession(self._spec, timeout=self.config.deadline_s, wait_for_ready=True))
                 self.reconnects += 1
                 last = self.session.last_step_id
-                # The server caches its last applied step's reply: a step in flight that it had
-                # applied is re-sent to fetch that gradient (after a restart the cache is gone and
-                # the reply comes back without one). Older in-flight steps it had are settled here.
-                pending = [s for s in self._unacked if s > last or (s == last and s in self._sent_at)]
+                # A step in flight that the server had applied is re-sent to fetch its kept reply.
+                # In flight means not received, so it is after every acknowledged step, hence kept.
+                pending = [s for s in self._unacked if s > last or s in self._sent_at]
                 after = [s for s in pending if s > last]
                 lost = list(range(last + 1, after[0] if after else last + 1))
                 if lost:
                     raise CloudError(grpc.StatusCode.DATA_LOSS,
                                      f"the server restarted without steps {lost[0]}..{lost[-1]} and they are no "
                                      "longer buffered here (was its --checkpoint-dir changed?)")
-                settled = {s for s in self._unacked if s < last and s in self._sent_at}
-                for s in settled:  # no reply will come for them: no longer in flight
-                    del self._sent_at[s]
-                self._applied_by_server |= settled
                 for step_id in pending:
                     self._send(self._unacked[step_id])
                 self.replayed_steps += len(pending)
-                return
+                return pending
             except grpc.RpcError as err:
                 if err.code() not in _RETRYABLE or time.monotonic() > deadline:
                     raise _cloud_error(err, "reconnect") from None

@@ -95,6 +95,7 @@ class EdgeTrainer:
         self.first_step_id = 0  # the step id the server had for this client when the session opened
         self.train_seconds = 0.0
         self.duplicates = 0
+        self.durable_step_id = 0  # the last step id a server checkpoint holds, as of `make_durable`
 
     @property
     def eval_batch_size(self) -> int:
@@ -110,6 +111,12 @@ class EdgeTrainer:
 
     def close(self) -> None:
         self.cloud.close()
+
+    def make_durable(self) -> None:
+        """After the last step: wait until the server has checkpointed it, so that the run is
+        over only when a crash of the server can no longer take steps back (the report says
+        `durable: false` where the server could not or would not)."""
+        self.durable_step_id = self.cloud.flush()
 
     def train_epoch(self) -> dict:
         """One pass over the training data (less if max_steps runs out); {} once `done`."""
@@ -150,7 +157,7 @@ class EdgeTrainer:
 
     def _settle(self, inflight: deque[_InFlight], keep: int, tally: dict, bar: tqdm) -> None:
         """Apply replies until at most `keep` steps are in flight; count the ones that carried a gradient
-        (a step the server had applied before comes back without loss or gradient)."""
+        (a re-sent step whose reply the server no longer keeps comes back without loss or gradient)."""
         while len(inflight) > keep:
             item = inflight.popleft()
             reply = self._apply(item)
@@ -168,7 +175,7 @@ class EdgeTrainer:
 
     def _apply(self, item: _InFlight) -> StepReply:
         reply = self.cloud.collect(item.step_id)
-        if reply.grad is None:  # the server had this step already (replayed after a restart)
+        if reply.grad is None:  # applied before, its reply no longer kept (an older server): a lost update
             self.duplicates += 1
             return reply
         self._set_lr(item.step_id, reply.lr)
@@ -261,6 +268,8 @@ class EdgeTrainer:
             "replayed_steps": cloud.replayed_steps,
             "duplicate_steps": self.duplicates,
             "last_step_id": self.step_id,
+            "durable_step_id": self.durable_step_id,
+            "durable": self.durable_step_id >= self.step_id > 0,
             "lr_mismatch_steps": self.lr_mismatches,
         }
 
@@ -303,7 +312,7 @@ class EdgeTrainer:
 
 def run(config: EdgeConfig, cloud: Cloud, splits: data.Splits | None = None,
         train_set: Dataset | None = None) -> dict:
-    """Open, train all epochs (or max_steps), evaluate, close; return the report."""
+    """Open, train all epochs (or max_steps), make them durable, evaluate, close; return the report."""
     trainer = EdgeTrainer(config, cloud, splits, train_set)
     trainer.open()
     try:
@@ -311,6 +320,7 @@ def run(config: EdgeConfig, cloud: Cloud, splits: data.Splits | None = None,
             trainer.train_epoch()
             if trainer.done:
                 break
+        trainer.make_durable()
         accuracy = trainer.evaluate()
     finally:
         trainer.close()

@@ -16,7 +16,7 @@ from splitnet.models import OptimSpec, SplitModel
 
 @dataclass
 class StepReply:
-    grad: torch.Tensor | None  # None: the server had applied this step before; nothing to apply
+    grad: torch.Tensor | None  # None: the server had applied this step before and no longer has its reply
     loss: float
     correct: int
     duplicate: bool
@@ -40,6 +40,10 @@ class Cloud(Protocol):
         """Send a training step; its reply is fetched by `collect`, in step order."""
 
     def collect(self, step_id: int) -> StepReply: ...
+
+    def flush(self) -> int:
+        """Once every reply is collected: have the cloud make the steps applied so far survive
+        a crash; return the last step id that does (0: none)."""
 
     def infer(self, batches: Iterable[torch.Tensor], codec_name: str) -> Iterator[torch.Tensor]: ...
 

@@ -13,7 +13,7 @@ from cloud_server import cli as cloud_cli
 from cloud_server.checkpoints import Checkpointer
 from cloud_server.config import ServerConfig
 from cloud_server.server import CloudServer
-from cloud_server.job import Job
+from cloud_server.job import MAX_KEPT_REPLIES, Job
 from deploy.processes import start_server
 from splitnet import checkpoint_file
 from splitnet.checkpoint_file import CheckpointError
@@ -66,6 +66,18 @@ def _reshape(state) -> None:
     state["decoder"]["0.0.weight"] = torch.zeros(64, 16, 3, 3)
 
 
+def _nan_kept_gradient(state) -> None:
+    state["client_replies"]["c"][0]["grad"].fill_(float("nan"))
+
+
+def _kept_gradient_reshaped(state) -> None:
+    state["client_replies"]["c"][0]["grad"] = torch.zeros(4, 16, 8, 8)
+
+
+def _kept_reply_ahead(state) -> None:
+    state["client_replies"]["c"][0]["step"] = 2  # the client's last step is 1
+
+
 DAMAGE = [
     ("empty", lambda p: p.write_bytes(b""), "empty"),
     ("truncated", lambda p: p.write_bytes(p.read_bytes()[:-500]), "checksum mismatch"),
@@ -78,6 +90,9 @@ DAMAGE = [
     ("wrong shape", lambda p: _rewrite(p, _reshape), "does not fit the model"),
     ("NaN weight", lambda p: _rewrite(p, _poison), "decoder.0.0.weight holds NaN or Inf"),
     ("Inf optimizer state", lambda p: _rewrite(p, _inf_momentum), "momentum_buffer holds NaN or Inf"),
+    ("NaN kept gradient", lambda p: _rewrite(p, _nan_kept_gradient), "client_replies.c.0.grad holds NaN or Inf"),
+    ("kept reply ahead", lambda p: _rewrite(p, _kept_reply_ahead), "after the last step 1"),
+    ("kept gradient reshaped", lambda p: _rewrite(p, _kept_gradient_reshaped), "shape [batch, 32, 8, 8]"),
 ]
 
 
@@ -102,6 +117,31 @@ def test_a_bad_checkpoint_is_refused_by_name_or_skipped(folder, damage, reason):
         _checked(directory)
     assert str(path) in str(err.value) and reason in str(err.value), str(err.value)
     assert sorted(_checked(directory, skip_bad=True).on_disk) == ["good"]
+
+
+def test_unacknowledged_replies_survive_a_checkpoint_and_stay_bounded(tmp_path):
+    """A step re-sent after a restart gets back the gradient the decoder computed for it before
+    the crash, unless the client acknowledged receiving it; a client that acknowledges nothing
+    (an older edge) has only its last MAX_KEPT_REPLIES kept."""
+    def features():
+        return torch.rand(4, 32, 8, 8)
+
+    labels = torch.tensor([0, 1, 2, 3])
+    job = Job("kept", SPEC, OptimSpec(0.05, 0.9))
+    grads = {s: job.train_step("c", s, features(), labels, received=max(0, s - 3)).grad for s in range(1, 6)}
+    Checkpointer(str(tmp_path), 1).save(job)
+    restored = _checked(tmp_path).load("kept", "cpu")
+    for s in (3, 4, 5):  # pipelined two ahead: replies 3..5 not yet acknowledged
+        again = restored.train_step("c", s, features(), labels, received=2)
+        assert again.duplicate and torch.equal(again.grad, grads[s]) and again.lr == pytest.approx(0.05)
+    assert restored.train_step("c", 2, features(), labels, received=2).grad is None
+    assert restored.steps_applied == 5
+
+    for s in range(6, MAX_KEPT_REPLIES + 10):
+        restored.train_step("c", s, features(), labels)
+    last = MAX_KEPT_REPLIES + 9
+    assert restored.train_step("c", last - MAX_KEPT_REPLIES, features(), labels).grad is None
+    assert restored.train_step("c", last - MAX_KEPT_REPLIES + 1, features(), labels).grad is not None
 
 
 def test_two_files_for_one_job_are_refused_with_both_names(folder):

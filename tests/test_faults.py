@@ -168,6 +168,22 @@ def test_training_through_a_lost_reply_applies_every_step_once(pipeline):
         server.stop()
 
 
+class _OlderThanFlush(SplitLearningServicer):
+    """A server from before Flush: it answers UNIMPLEMENTED, as the generated base class does."""
+
+    Flush = split_pb2_grpc.SplitLearningServicer.Flush
+
+
+def test_an_edge_finishing_against_a_server_without_flush_says_what_is_durable(tmp_path):
+    server, address = _serve(_OlderThanFlush, checkpoint_dir=str(tmp_path), checkpoint_every=5)
+    try:
+        result = run(_edge(address, "old", max_steps=7), RemoteCloud(_edge(address, "old").connection))
+        assert result["last_step_id"] == 7 and server.servicer.jobs["old"].steps_applied == 7
+        assert not result["durable"] and result["durable_step_id"] == 5  # the last scheduled checkpoint
+    finally:
+        server.stop()
+
+
 class _SlowStepTwo(SplitLearningServicer):
     """Step 2 waits inside the servicer until the test lets it finish."""
 

@@ -148,6 +148,8 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(pki, serve):
     sid = one.OpenSession(spec("owned"), timeout=10).session_id
     assert rejected(lambda: list(two.Train(iter([step(sid)]), timeout=10))).code() == grpc.StatusCode.PERMISSION_DENIED
     assert rejected(lambda: two.OpenSession(spec("owned"), timeout=10)).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert rejected(lambda: two.Flush(pb.FlushRequest(session_id=sid), timeout=10)).code() == \
+        grpc.StatusCode.PERMISSION_DENIED
     assert list(one.Train(iter([step(sid)]), timeout=10))[0].step_id == 1
 
 

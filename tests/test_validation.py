@@ -147,11 +147,15 @@ def test_non_finite_logits_are_refused(cloud):
 def test_repeated_and_old_step_ids_apply_once(cloud):
     server, stub = cloud
     sid = stub.OpenSession(spec("repeat"), timeout=10).session_id
-    steps = [step(sid, 1), step(sid, 2), step(sid, 2), step(sid, 1), step(sid, 3)]
+    acknowledging = step(sid, 3)
+    acknowledging.received_step_id = 2
+    steps = [step(sid, 1), step(sid, 2), step(sid, 2), step(sid, 1), acknowledging, step(sid, 1)]
     replies = list(stub.Train(iter(steps), timeout=10))
-    assert [(r.step_id, r.duplicate) for r in replies] == [(1, False), (2, False), (2, True), (1, True), (3, False)]
-    assert replies[2].grad == replies[1].grad  # the retry of the last step gets its gradient again
-    assert not replies[3].HasField("grad")  # an older one has nothing left to apply
+    assert [(r.step_id, r.duplicate) for r in replies] == [(1, False), (2, False), (2, True), (1, True), (3, False),
+                                                           (1, True)]
+    # a retry gets its gradient again while the client has not acknowledged receiving it ...
+    assert replies[2].grad == replies[1].grad and replies[3].grad == replies[0].grad
+    assert not replies[5].HasField("grad")  # ... and nothing once it has: it has the gradient
     assert stub.Stats(pb.StatsRequest(job="repeat"), timeout=10).jobs[0].steps_applied == 3
 
 
@@ -179,12 +183,20 @@ def test_closed_session_is_not_found_everywhere(cloud):
     assert stub.CloseSession(pb.CloseRequest(session_id=sid), timeout=10).steps_applied == 1
     for call in (lambda: list(stub.Train(iter([step(sid, 2)]), timeout=10)),
                  lambda: list(stub.Infer(iter([pb.InferRequest(session_id=sid, features=tensor())]), timeout=10)),
-                 lambda: stub.CloseSession(pb.CloseRequest(session_id=sid), timeout=10)):
+                 lambda: stub.CloseSession(pb.CloseRequest(session_id=sid), timeout=10),
+                 lambda: stub.Flush(pb.FlushRequest(session_id=sid), timeout=10)):
         err = rejected(call)
         assert err.code() == NOT_FOUND and "session_id" in err.details() and "closed" in err.details()
     # the client may open a new session and carry on from its step counter
     again = stub.OpenSession(spec("closed"), timeout=10)
     assert again.last_step_id == 1
+
+
+def test_flush_without_a_checkpoint_folder_makes_nothing_durable(cloud):
+    _, stub = cloud
+    sid = stub.OpenSession(spec("flush"), timeout=10).session_id
+    list(stub.Train(iter([step(sid, 1)]), timeout=10))
+    assert stub.Flush(pb.FlushRequest(session_id=sid), timeout=10).durable_step_id == 0
 
 
 def test_reopen_replaces_the_clients_previous_session(cloud):

@@ -97,16 +97,18 @@ class Session(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., last_step_id: _Optional[int] = ..., job_steps_applied: _Optional[int] = ..., resumed: _Optional[bool] = ...) -> None: ...
 
 class TrainStep(_message.Message):
-    __slots__ = ("session_id", "step_id", "features", "labels")
+    __slots__ = ("session_id", "step_id", "features", "labels", "received_step_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_STEP_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step_id: int
     features: Tensor
     labels: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ...) -> None: ...
+    received_step_id: int
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., received_step_id: _Optional[int] = ...) -> None: ...
 
 class TrainResult(_message.Message):
     __slots__ = ("step_id", "grad", "loss", "correct", "duplicate", "job_steps_applied", "durable_step_id", "lr")
@@ -157,6 +159,18 @@ class CloseReply(_message.Message):
     STEPS_APPLIED_FIELD_NUMBER: _ClassVar[int]
     steps_applied: int
     def __init__(self, steps_applied: _Optional[int] = ...) -> None: ...
+
+class FlushRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class FlushReply(_message.Message):
+    __slots__ = ("durable_step_id",)
+    DURABLE_STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    durable_step_id: int
+    def __init__(self, durable_step_id: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("job",)

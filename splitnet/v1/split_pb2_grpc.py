@@ -54,6 +54,11 @@ class SplitLearningStub:
                 request_serializer=splitnet_dot_v1_dot_split__pb2.CloseRequest.SerializeToString,
                 response_deserializer=splitnet_dot_v1_dot_split__pb2.CloseReply.FromString,
                 _registered_method=True)
+        self.Flush = channel.unary_unary(
+                '/splitnet.v1.SplitLearning/Flush',
+                request_serializer=splitnet_dot_v1_dot_split__pb2.FlushRequest.SerializeToString,
+                response_deserializer=splitnet_dot_v1_dot_split__pb2.FlushReply.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/splitnet.v1.SplitLearning/Stats',
                 request_serializer=splitnet_dot_v1_dot_split__pb2.StatsRequest.SerializeToString,
@@ -88,6 +93,13 @@ class SplitLearningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Flush(self, request, context):
+        """Servers older than it answer UNIMPLEMENTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -116,6 +128,11 @@ def add_SplitLearningServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=splitnet_dot_v1_dot_split__pb2.CloseRequest.FromString,
                     response_serializer=splitnet_dot_v1_dot_split__pb2.CloseReply.SerializeToString,
+            ),
+            'Flush': grpc.unary_unary_rpc_method_handler(
+                    servicer.Flush,
+                    request_deserializer=splitnet_dot_v1_dot_split__pb2.FlushRequest.FromString,
+                    response_serializer=splitnet_dot_v1_dot_split__pb2.FlushReply.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -231,6 +248,33 @@ class SplitLearning:
             '/splitnet.v1.SplitLearning/CloseSession',
             splitnet_dot_v1_dot_split__pb2.CloseRequest.SerializeToString,
             splitnet_dot_v1_dot_split__pb2.CloseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Flush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitnet.v1.SplitLearning/Flush',
+            splitnet_dot_v1_dot_split__pb2.FlushRequest.SerializeToString,
+            splitnet_dot_v1_dot_split__pb2.FlushReply.FromString,
             options,
             channel_credentials,
             insecure,
