@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from edge_client.defense import DefenseConfig, Obfuscation, nopeek_loss, topk_prune
+from edge_client.config import DefenseConfig
+from edge_client.defense import Obfuscation, nopeek_loss, topk_prune
 
 
 @pytest.fixture(autouse=True, scope="module")

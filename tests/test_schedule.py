@@ -213,7 +213,7 @@ def test_in_memory_image_tree_serves_the_same_pixels(tmp_path):
 def test_cem_pull_is_reported_and_w_lr_reaches_full_lambda_at_the_milestone(caplog):
     """The paper's regime: once the schedule drops the rate below 4.1e-4, w_lr = 0.001 / lr
     turns into 1, so the same lambda pulls 50x harder; a tiny lambda is flagged as inactive."""
-    from edge_client.defense import DefenseConfig
+    from edge_client.config import DefenseConfig
 
     def cem_run(lam: float) -> list[dict]:
         defense = DefenseConfig(noise=0.1, cem="gmm", lam=lam)  # GMM's warm-up: epoch 1 fits its first mixture
