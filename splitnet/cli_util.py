@@ -124,6 +124,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         except _Reparse:
             continue
     settings_parser = vars(args).pop("_settings_parser", None)
+    for action, values in getattr(settings_parser, "_file_lists", {}).values():
+        if getattr(args, action.dest) is action.default:  # the flag was not repeated on the command line
+            setattr(args, action.dest, values)
     if settings_parser is not None and args.print_config:
         print(settings_toml(settings_parser, args), end="")
         parser.exit(0)
@@ -151,7 +154,13 @@ def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
         action = actions.get(key.replace("_", "-"))
         if action is None:
             parser.error(f"--config {path}: unknown key {key!r}; valid keys: {', '.join(sorted(actions))}")
-        defaults[action.dest] = _file_value(parser, f"--config {path}: {key}", action, value)
+        value = _file_value(parser, f"--config {path}: {key}", action, value)
+        if isinstance(action, argparse._AppendAction):
+            # As a default, argparse would add the command line's values to the file's; `parse_args`
+            # uses the file's only where the flag is not given.
+            parser.__dict__.setdefault("_file_lists", {})[action.dest] = (action, value)
+        else:
+            defaults[action.dest] = value
         action.required = False
     parser.set_defaults(**defaults)
 

@@ -131,3 +131,13 @@ def test_print_config_round_trips_as_a_config_file(main, argv, tmp_path, capsys)
 def test_print_config_keeps_tokens_out(capsys):
     printed = _printed(cloud_cli.main, ["--auth-token", "s3cret-token-value"], capsys)
     assert "s3cret" not in printed and "# auth-token: given, not printed" in printed
+
+
+def test_a_repeatable_flag_on_the_command_line_replaces_the_files_list(tmp_path, monkeypatch):
+    monkeypatch.delenv("SPLIT_AUTH_TOKEN", raising=False)
+    first, second, third = "a" * 32, "b" * 32, "c" * 32
+    config = _toml(tmp_path, f'auth-token = ["{first}", "{second}"]\n')
+    assert cloud_cli.parse_args(["--config", config])[0].auth_tokens == (first, second)
+    assert cloud_cli.parse_args(["--auth-token", third, "--config", config])[0].auth_tokens == (third,)
+    later = _toml(tmp_path, f'auth-token = ["{third}"]\n', "later.toml")
+    assert cloud_cli.parse_args(["--config", config, "--config", later])[0].auth_tokens == (third,)
