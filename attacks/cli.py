@@ -16,9 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-from attacks.runner import LIGHT_INVERSE, RGB_INVERSE, AttackConfig
-from splitnet.cli_util import add_threads_arg, listen_address, set_threads, setup_logging
-from splitnet.data import DATASETS, DataSpec, DatasetNotFound
+from attacks.config import LIGHT_INVERSE, METHODS, RGB_INVERSE, AttackConfig
+from splitnet.cli_util import (HelpFormatter, add_config_args, add_threads_arg, listen_address, new_parser, parse_args,
+                               set_threads, setup_logging)
+from splitnet.settings import DATASETS, DataSpec
 
 log = logging.getLogger("attacks")
 
@@ -45,7 +46,8 @@ def _run(args: argparse.Namespace) -> int:
     from attacks import harness
     from attacks.runner import Attacker, load_decoder, load_encoder
     from splitnet import capture, data, models
-    from splitnet.obfuscation import Obfuscation, ObfuscationConfig
+    from splitnet.obfuscation import Obfuscation
+    from splitnet.settings import ObfuscationConfig
 
     records = [r for r in capture.read_records(args.capture) if (args.only == "all" or r.method == args.only)
                and (not args.session or r.session_id == args.session)]
@@ -120,27 +122,29 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attacker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--verbose", action="store_true")
+    p = new_parser("attacker", __doc__)
+    p.add_argument("--verbose", action="store_true", help="debug logging")
     add_threads_arg(p)
     sub = p.add_subparsers(dest="command", required=True)
 
-    px = sub.add_parser("proxy", help="transparent gRPC proxy that records features")
+    px = sub.add_parser("proxy", help="transparent gRPC proxy that records features", formatter_class=HelpFormatter)
     px.add_argument("--listen", type=listen_address, default="127.0.0.1:50052", help="HOST:PORT to accept the edge on")
     px.add_argument("--upstream", required=True, help="the real cloud-server HOST:PORT")
     px.add_argument("--capture", default="", help="record features into this folder")
-    px.add_argument("--max-message-mb", type=float, default=64.0)
+    px.add_argument("--max-message-mb", type=float, default=64.0, help="largest message relayed, MiB")
     px.add_argument("--raw", action="store_true",
                     help="relay TCP bytes and record them raw (works under TLS, where nothing is readable)")
     px.set_defaults(func=_proxy)
 
-    run = sub.add_parser("run", help="reconstruct every captured batch")
+    run = sub.add_parser("run", help="reconstruct every captured batch", formatter_class=HelpFormatter)
     run.add_argument("--capture", required=True, help="capture folder (proxy or cloud-server --tap)")
-    run.add_argument("--method", default="inversion", choices=("inversion", "rmle", "shadow"))
+    run.add_argument("--method", default="inversion", choices=METHODS,
+                     help="inversion: train an inverse network (with --encoder); rmle: optimise each image against "
+                          "its features (with --encoder); shadow: train a shadow encoder through --decoder")
     run.add_argument("--encoder", default="", help="encoder file from edge-client --save-encoder (white-box)")
     run.add_argument("--decoder", default="", help="cloud-server job checkpoint (curious cloud, shadow)")
     run.add_argument("--aux-dataset", default="digits", choices=DATASETS, help="the attacker's own data")
-    run.add_argument("--aux-data-root", default="")
+    run.add_argument("--aux-data-root", default="", help="folder holding --aux-dataset (all but digits)")
     run.add_argument("--aux-split", default="train", choices=("train", "test"),
                      help="which split is the attacker's: train against inference traffic (the private images "
                           "are the test set), test against training traffic")
@@ -158,24 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--inverse-blocks", type=int, metavar="N",
                      help=f"residual blocks of the inverse network ({defaults['blocks']})")
     a = AttackConfig()
-    run.add_argument("--shadow-epochs", type=int, default=a.shadow_epochs, metavar="N")
+    run.add_argument("--shadow-epochs", type=int, default=a.shadow_epochs, metavar="N",
+                     help="shadow attack: epochs training the shadow encoder through the cloud's decoder")
     run.add_argument("--rmle-iterations", type=int, default=a.rmle_iterations, metavar="N",
                      help="rMLE optimisation steps per captured batch (default %(default)s)")
     run.add_argument("--rmle-lr", type=float, default=a.rmle_lr, help="rMLE Adam learning rate (default %(default)s)")
     run.add_argument("--rmle-tv-weight", type=float, default=a.rmle_tv_weight, metavar="W",
                      help="rMLE total-variation weight lambda_TV (default %(default)s)")
     run.add_argument("--no-noise-aware", action="store_true", help="train on clean features (weaker attacker)")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="seeds the attacker's training")
     run.add_argument("--out", required=True, help="write reconstructions here")
+    add_config_args(run)
     run.set_defaults(func=_run)
 
-    sc = sub.add_parser("score", help="evaluation harness: align with the private images, score, draw")
+    sc = sub.add_parser("score", help="evaluation harness: align with the private images, score, draw",
+                        formatter_class=HelpFormatter)
     sc.add_argument("--recon", required=True, help="folder written by attacker run")
     sc.add_argument("--edge-report", action="append", required=True,
                     help="edge-client report(s) of the attacked sessions (repeatable)")
     sc.add_argument("--dataset", default="", help="private dataset (default: the report's)")
-    sc.add_argument("--data-root", default="")
-    sc.add_argument("--image-size", type=int, default=0)
+    sc.add_argument("--data-root", default="", help="folder holding the private dataset (all but digits)")
+    sc.add_argument("--image-size", type=int, default=0, help="side the edge loaded the images at (0: the dataset's)")
     sc.add_argument("--grid", type=int, default=16, help="images in recon.png")
     sc.add_argument("--out", required=True, help="write attack.json and recon.png here")
     sc.set_defaults(func=_score)
@@ -183,12 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     setup_logging(args.verbose)
     set_threads(args.threads)
     try:
         return args.func(args)
-    except (ValueError, OSError, DatasetNotFound) as err:  # OSError: a file not found, a port in use
+    except (ValueError, OSError) as err:  # OSError: a file or dataset not found, a port in use
         print(f"attacker {args.command}: error: {err}", file=sys.stderr)
         return 2
 

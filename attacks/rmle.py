@@ -23,9 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks._common import device_of, evaluating
-
-TV_WEIGHT = 0.05
-LR = 1e-2
+from attacks.config import RMLE_LR, TV_WEIGHT
 
 
 def total_variation(x: Tensor) -> Tensor:
@@ -36,7 +34,7 @@ def total_variation(x: Tensor) -> Tensor:
 
 
 def rmle(encoder: nn.Module, features: Tensor, image_shape: tuple[int, int, int], iterations: int = 500,
-         lr: float = LR, tv_weight: float = TV_WEIGHT, batch_size: int = 256) -> Tensor:
+         lr: float = RMLE_LR, tv_weight: float = TV_WEIGHT, batch_size: int = 256) -> Tensor:
     """Reconstruct one image per feature map, starting every pixel at 0.5."""
     device = device_of(encoder)
     with evaluating(encoder):  # eval batch norm: images do not interact, running stats stay put

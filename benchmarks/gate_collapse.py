@@ -18,10 +18,10 @@ import sys
 import torch
 
 from attacks import harness
-from attacks.runner import AttackConfig, Attacker
+from attacks.config import AttackConfig
+from attacks.runner import Attacker
 from cloud_server.local import LocalCloud
-from edge_client.config import EdgeConfig
-from edge_client.defense import DefenseConfig
+from edge_client.config import DefenseConfig, EdgeConfig
 from edge_client.trainer import EdgeTrainer
 
 GATE_KEYS = ("soft_gate_mean", "snr_gate_mean", "class_gate_mean", "rob_loss_mean", "batch_intra_mse")

@@ -10,14 +10,15 @@ import threading
 
 from cloud_server.config import ServerConfig
 from splitnet import security
-from splitnet.cli_util import add_threads_arg, port, set_threads, setup_logging
+from splitnet import cli_util
+from splitnet.cli_util import add_config_args, add_threads_arg, new_parser, port, set_threads, setup_logging
 
 log = logging.getLogger("cloud_server")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
     d = ServerConfig()
-    p = argparse.ArgumentParser(prog="cloud-server", description=__doc__)
+    p = new_parser("cloud-server", __doc__)
     p.add_argument("--host", default=d.host, help="interface to bind (default %(default)s: loopback only)")
     p.add_argument("--port", type=port, default=d.port, help="port; 0 picks a free one (default %(default)s)")
     p.add_argument("--device", default=d.device, help="torch device for the decoders: cpu, cuda, cuda:1 ...")
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--tap", dest="tap_dir", default=d.tap_dir,
                    help="curious-server mode: record every received training batch here for the attacker")
     add_threads_arg(p)
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
     g = p.add_argument_group("security (see docs/SECURITY.md)")
     g.add_argument("--tls-cert", default=d.tls_cert, help="PEM certificate chain: serve TLS (with --tls-key)")
     g.add_argument("--tls-key", default=d.tls_key, help="PEM private key of --tls-cert")
@@ -66,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                    help=f"accept calls bearing this token (repeat for several principals; default: "
                         f"${security.AUTH_ENV} if set, else no token auth). Prefer the variable: "
                         "arguments show in the process list")
-    args = p.parse_args(argv)
+    add_config_args(p)
+    args = cli_util.parse_args(p, argv)
     try:
         args.auth_tokens = security.tokens_from(args.auth_tokens or [])
     except ValueError as err:

@@ -19,7 +19,6 @@ encoder, reconstructions and `recon.png` under `points/`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -27,9 +26,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from deploy.plots import markdown_table, write_report
 from deploy.sweep import SweepConfig, aggregate, run_sweep
-from splitnet.cli_util import setup_logging
+from splitnet.cli_util import new_parser, setup_logging
 
 log = logging.getLogger("deploy.demo")
 
@@ -81,8 +79,7 @@ def _grade(lower_ssim: bool, mse_gain_pct: float, accuracy_delta: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="split-demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser("split-demo", __doc__)
     p.add_argument("--out", default="out/demo", help="output folder (default %(default)s)")
     p.add_argument("--workers", type=int, default=DEMO.workers, help="points in parallel (default %(default)s)")
     p.add_argument("--fresh", action="store_true", help="re-run points already in --out")
@@ -93,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inverse-blocks", type=int, default=None, metavar="N",
                    help="its residual blocks (default: the attacker's for digits, 2)")
     args = p.parse_args(argv)
+    from deploy.plots import markdown_table, write_report
+
     setup_logging()
     out = Path(args.out)
     if args.fresh and (out / "points").exists():

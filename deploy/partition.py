@@ -14,40 +14,12 @@ one tends to the IID split.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from deploy.ray_config import PartitionSpec
 from splitnet import data
-
-KINDS = ("iid", "dirichlet")
-
-
-@dataclass(frozen=True)
-class PartitionSpec:
-    kind: str = "iid"
-    alpha: float = 0.0  # dirichlet concentration; unused for iid
-
-    def __str__(self) -> str:
-        return self.kind if self.kind == "iid" else f"{self.kind}:{self.alpha:g}"
-
-
-def parse(text: str) -> PartitionSpec:
-    """'iid' or 'dirichlet:ALPHA' (ALPHA > 0), with an error that says what to pass."""
-    kind, _, arg = text.partition(":")
-    if kind == "iid" and not arg:
-        return PartitionSpec()
-    if kind == "dirichlet":
-        try:
-            alpha = float(arg)
-        except ValueError:
-            alpha = -1.0
-        if alpha > 0 and np.isfinite(alpha):
-            return PartitionSpec("dirichlet", alpha)
-        raise ValueError(f"partition {text!r}: dirichlet needs a concentration > 0, e.g. dirichlet:0.5")
-    raise ValueError(f"unknown partition {text!r}; use iid or dirichlet:ALPHA")
 
 
 def split(labels: torch.Tensor, count: int, spec: PartitionSpec, seed: int = 0) -> list[list[int]]:

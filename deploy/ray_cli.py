@@ -20,22 +20,17 @@ import logging
 import os
 import sys
 
-import grpc
-
-from deploy import partition
-from deploy.ray_config import MODES, Kill, RayRunConfig, ray_environment
+from deploy.ray_config import MODES, Kill, PartitionSpec, RayRunConfig, ray_environment
 from edge_client import cli as edge_cli
 from edge_client import report as report_mod
-from splitnet.cli_util import setup_logging
-from splitnet.data import DatasetNotFound
+from splitnet.cli_util import add_config_args, new_parser, parse_args, setup_logging
 from splitnet.security import AUTH_ENV
 
 log = logging.getLogger("deploy.ray")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="split-ray", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser("split-ray", __doc__)
     edge_cli.add_training_args(p)
     g = p.add_argument_group("many clients (Ray)")
     g.add_argument("--clients", type=int, default=2, help="edge clients, one Ray actor each (default %(default)s)")
@@ -53,12 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kill", default="", metavar="CLIENT@ROUND",
                    help="fault injection: ray.kill client CLIENT (0-based) in the middle of round ROUND (1-based)")
     p.add_argument("--report", default="", help="write the JSON report here")
+    add_config_args(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     if args.list_cuts:
         return edge_cli.main(["--list-cuts"])
     if args.start_server and args.address:
@@ -69,17 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--start-server starts a plain loopback server: for TLS, start cloud-server --tls-cert/--tls-key "
                 "yourself and pass --server")
     try:
-        config = RayRunConfig(edge, args.clients, args.mode, partition.parse(args.partition), args.threads,
+        config = RayRunConfig(edge, args.clients, args.mode, PartitionSpec.parse(args.partition), args.threads,
                               args.cpus_per_client, Kill.parse(args.kill) if args.kill else None)
     except ValueError as err:
         p.error(str(err))
     setup_logging(args.verbose)
     env = ray_environment(local=not args.address)
     os.environ.update(env)  # before Ray is imported: it reads some of them only then
+    import grpc
     import ray
 
     from deploy.processes import start_server
     from deploy.ray_clients import run_clients
+    from splitnet.data import DatasetNotFound
 
     # The clients' token, if any, is the one the server accepts (through the environment,
     # not its command line, which any local user can read).

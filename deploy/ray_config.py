@@ -7,16 +7,43 @@ know them (and parse their flags) before Ray is imported.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
-from deploy.partition import PartitionSpec
 from edge_client.config import EdgeConfig
 
 MODES = ("sequential", "parallel", "splitfed")
 # Passed on to every actor. Not SPLIT_AUTH_TOKEN: the edge CLI resolves it into
 # ConnectionConfig.auth_token, which reaches the actors inside their config.
 FORWARDED_ENV = ("SPLIT_LOG_LEVEL",)
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """How the training set is shared out among the clients (`deploy.partition` does it)."""
+
+    kind: str = "iid"
+    alpha: float = 0.0  # dirichlet concentration; unused for iid
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "iid" else f"{self.kind}:{self.alpha:g}"
+
+    @classmethod
+    def parse(cls, text: str) -> "PartitionSpec":
+        """'iid' or 'dirichlet:ALPHA' (ALPHA > 0), with an error that says what to pass."""
+        kind, _, arg = text.partition(":")
+        if kind == "iid" and not arg:
+            return cls()
+        if kind == "dirichlet":
+            try:
+                alpha = float(arg)
+            except ValueError:
+                alpha = -1.0
+            if alpha > 0 and math.isfinite(alpha):
+                return cls("dirichlet", alpha)
+            raise ValueError(f"partition {text!r}: dirichlet needs a concentration > 0, e.g. dirichlet:0.5")
+        raise ValueError(f"unknown partition {text!r}; use iid or dirichlet:ALPHA")
 
 
 @dataclass(frozen=True)

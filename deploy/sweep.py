@@ -42,7 +42,6 @@ attacker's `run.json` as `<method>_attacker`: the resolved settings that produce
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -81,7 +80,7 @@ class Point:
 
 
 # [attack] settings -> `attacker run` flags. Unset ones are left to the attacker, which
-# resolves them by the data (attacks.runner.default_inverse) and records them in run.json.
+# resolves them by the data (attacks.config.default_inverse) and records them in run.json.
 ATTACK_FLAGS = {"epochs": "--inverse-epochs", "blocks": "--inverse-blocks", "width": "--inverse-width",
                 "rmle_iterations": "--rmle-iterations", "rmle_lr": "--rmle-lr",
                 "rmle_tv_weight": "--rmle-tv-weight", "aux_dataset": "--aux-dataset",
@@ -313,17 +312,17 @@ def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deploy.plots import write_report
-    from splitnet.cli_util import setup_logging
+    from splitnet.cli_util import new_parser, setup_logging
 
-    p = argparse.ArgumentParser(prog="split-sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser("split-sweep", __doc__)
     p.add_argument("--config", required=True, help="sweep TOML")
     p.add_argument("--out", required=True, help="output folder (re-run with the same one to resume)")
     p.add_argument("--workers", type=int, default=0, help="points in parallel (default: the config's)")
     p.add_argument("--data-root", default="",
                    help="the edge's dataset folder (default: the config's [model] data_root)")
     args = p.parse_args(argv)
+    from deploy.plots import write_report
+
     setup_logging()
     try:
         config = SweepConfig.from_dict(tomllib.loads(Path(args.config).read_text()))

@@ -6,12 +6,11 @@ import argparse
 import logging
 import sys
 
-from edge_client.config import ConnectionConfig, EdgeConfig
-from edge_client.defense import DefenseConfig, InvalidDefense
-from splitnet import codec, models, security
-from splitnet.cli_util import add_threads_arg, set_threads, setup_logging
-from splitnet.data import DATASETS, DataSpec, DatasetNotFound
+from edge_client.config import CEM_CHOICES, ConnectionConfig, DefenseConfig, EdgeConfig, InvalidDefense
+from splitnet import security
+from splitnet.cli_util import add_config_args, add_threads_arg, new_parser, parse_args, set_threads, setup_logging
 from splitnet.schedule import LrSchedule
+from splitnet.settings import ARCHS, CODECS, DATASETS, NOISE_KINDS, DataSpec
 from splitnet.wire import parse_address
 
 log = logging.getLogger("edge_client")
@@ -40,11 +39,11 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help=f"bearer token for the server (default: ${security.AUTH_ENV}); prefer the variable: "
                         "arguments show in the process list")
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default="digits", choices=DATASETS)
+    g.add_argument("--dataset", default="digits", choices=DATASETS, help="the private data set")
     g.add_argument("--data-root", default="", help="folder holding the dataset (all but digits)")
     g.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
     g.add_argument("--image-size", type=int, default=0, help="digits / imagefolder side in pixels")
-    g.add_argument("--arch", default=e.arch, choices=sorted(models.ARCHS))
+    g.add_argument("--arch", default=e.arch, choices=ARCHS, help="model architecture")
     g.add_argument("--cut", default=e.cut, help="cut point (default: the arch's); see --list-cuts")
     g.add_argument("--list-cuts", action="store_true", help="print each arch's cut points and exit")
     g.add_argument("--bottleneck", type=int, default=e.bottleneck, metavar="C",
@@ -53,8 +52,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="channel multiplier of the architecture, e.g. 0.25 for vgg11_bn on a CPU "
                         "(default %(default)s: full width)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=e.epochs)
-    g.add_argument("--batch-size", type=int, default=e.batch_size)
+    g.add_argument("--epochs", type=int, default=e.epochs, help="passes over the training set")
+    g.add_argument("--batch-size", type=int, default=e.batch_size, help="samples per training step")
     g.add_argument("--lr", type=float, default=e.lr, help="base learning rate (default %(default)s)")
     g.add_argument("--lr-schedule", default=e.lr_schedule, metavar="SCHEDULE",
                    help="constant | cosine | multistep:E1,E2,...:GAMMA | paper (the CEM paper's multistep "
@@ -66,33 +65,35 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--augment", default=e.augment, choices=("auto", "on", "off"),
                    help="random crop (padding 4) + horizontal flip of training images, seeded so the attack "
                         "harness can replay them (auto: on for RGB sets, off for digits)")
-    g.add_argument("--momentum", type=float, default=e.momentum)
-    g.add_argument("--weight-decay", type=float, default=e.weight_decay)
+    g.add_argument("--momentum", type=float, default=e.momentum, help="SGD momentum (encoder and decoder)")
+    g.add_argument("--weight-decay", type=float, default=e.weight_decay, help="SGD weight decay (encoder and decoder)")
     g.add_argument("--max-steps", type=int, default=0, help="stop after N training steps (0: all epochs)")
-    g.add_argument("--codec", default=e.codec, choices=codec.CODECS, help="features on the wire")
-    g.add_argument("--grad-codec", default=e.grad_codec, choices=codec.CODECS, help="gradients on the wire")
-    g.add_argument("--seed", type=int, default=e.seed)
+    g.add_argument("--codec", default=e.codec, choices=CODECS, help="features on the wire")
+    g.add_argument("--grad-codec", default=e.grad_codec, choices=CODECS, help="gradients on the wire")
+    g.add_argument("--seed", type=int, default=e.seed, help="seeds weights, shuffling, augmentation and defense noise")
     g.add_argument("--job", default=e.job, help="training job name; clients of one job share a decoder")
-    g.add_argument("--device", default=e.device)
+    g.add_argument("--device", default=e.device, help="torch device of the encoder: cpu, cuda, cuda:1 ...")
     d = DefenseConfig()
     g = p.add_argument_group("defense")
     g.add_argument("--noise", type=float, default=d.noise, metavar="SIGMA", help="obfuscation noise std")
-    g.add_argument("--noise-kind", default=d.noise_kind, choices=("gaussian", "laplace"))
+    g.add_argument("--noise-kind", default=d.noise_kind, choices=NOISE_KINDS, help="distribution of --noise")
     g.add_argument("--dropout", type=float, default=d.dropout, metavar="P", help="Bernoulli mask, no rescale")
     g.add_argument("--topk", type=float, default=d.topk, metavar="R", help="zero the smallest fraction R")
     g.add_argument("--nopeek", type=float, default=d.nopeek, metavar="W", help="weight of dCor(x, z)")
-    g.add_argument("--cem", default=d.cem, choices=("none", "gmm", "gated", "slot"))
+    g.add_argument("--cem", default=d.cem, choices=CEM_CHOICES, help="conditional-entropy surrogate (none: no CEM)")
     g.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="CEM weight")
-    g.add_argument("--var-threshold", type=float, default=d.var_threshold)
+    g.add_argument("--var-threshold", type=float, default=d.var_threshold, help="CEM variance threshold")
     g.add_argument("--cem-scale", type=float, default=None, help="rob_loss scale (default: the surrogate's)")
     g.add_argument("--cem-warmup", type=int, default=None, help="epochs without CEM (default: the surrogate's)")
     g.add_argument("--freeze-gates", action="store_true", help="CEM gates do not learn from rob_loss")
     add_threads_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
 
 
 def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> EdgeConfig:
+    from splitnet import models
+
     try:
         parse_address(args.server)
         tokens = security.tokens_from([args.auth_token] if args.auth_token else [])
@@ -146,14 +147,17 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="edge-client", description=__doc__)
+    p = new_parser("edge-client", __doc__)
     add_training_args(p)
     p.add_argument("--client-id", default="", help="stable id to re-join a job after a restart (default: random)")
     p.add_argument("--report", default="", help="write the JSON report here")
     p.add_argument("--save-encoder", default="", help="write the trained encoder (and its defense settings) here")
-    args = p.parse_args(argv)
+    add_config_args(p)
+    args = parse_args(p, argv)
     if args.list_cuts:
-        for arch in sorted(models.ARCHS):
+        from splitnet import models
+
+        for arch in ARCHS:
             print(f"{arch}: {' '.join(models.cut_points(arch))}")
         return 0
     config = config_from_args(args, p)
@@ -162,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     from edge_client import report as report_mod
     from edge_client.remote import CloudError, RemoteCloud
     from edge_client.trainer import run
+    from splitnet.data import DatasetNotFound
 
     try:
         result = run(config, RemoteCloud(config.connection))

@@ -1,14 +1,98 @@
-"""Edge settings; the CLI maps its flags onto these fields (and `defense` onto DefenseConfig)."""
+"""Edge settings; the CLI maps its flags onto these fields (and `defense` onto DefenseConfig).
+
+Free of torch (the `cem` package is imported where its defaults are read), so that the
+command lines can build their parsers and show these defaults without importing it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from edge_client.defense import DefenseConfig
-from splitnet.data import DataSpec
+from splitnet.settings import DataSpec, ObfuscationConfig, finite, obfuscation_checks
+from splitnet.wire import DEFAULT_MAX_MESSAGE_MB
 
 DEFAULT_SCHEDULE = "cosine"
-from splitnet.wire import DEFAULT_MAX_MESSAGE_MB
+CEM_CHOICES = ("none", "gmm", "gated", "slot")  # "none" and cem.SURROGATES' names
+
+
+class InvalidDefense(ValueError):
+    """A DefenseConfig field out of range; `field` lets a command line name its own flag."""
+
+    def __init__(self, field: str, expected: str, value) -> None:
+        super().__init__(f"DefenseConfig.{field} must be {expected}, got {value!r}")
+        self.field, self.expected, self.value = field, expected, value
+
+
+@dataclass(frozen=True)
+class DefenseConfig:
+    noise: float = 0.0  # sigma: Gaussian std, or Laplace scale b
+    noise_kind: str = "gaussian"
+    dropout: float = 0.0  # p: share of features zeroed, no 1/(1-p) rescale
+    topk: float = 0.0  # r: share of the smallest |features| zeroed per sample
+    nopeek: float = 0.0  # w: weight of dCor(x, z) in the task loss
+    cem: str = "none"
+    lam: float = 0.0  # lambda: weight of the CEM gradient on the encoder
+    var_threshold: float = 0.125
+    cem_scale: float | None = None  # attention_loss_scale; None: cem.DEFAULTS
+    cem_warmup: int | None = None  # epochs without CEM; None: cem.DEFAULTS
+    learn_gates: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        checks: list[tuple[str, bool, str]] = [
+            *obfuscation_checks(self.noise, self.noise_kind, self.dropout, self.topk),
+            ("nopeek", finite(self.nopeek) and self.nopeek >= 0, "a finite number >= 0"),
+            ("cem", self.cem in CEM_CHOICES, f"one of {CEM_CHOICES}"),
+            ("lam", finite(self.lam) and self.lam >= 0, "a finite number >= 0"),
+            ("var_threshold", finite(self.var_threshold) and self.var_threshold > 0, "a finite number > 0"),
+            ("cem_scale", self.cem_scale is None or (finite(self.cem_scale) and self.cem_scale >= 0),
+             "None or a finite number >= 0"),
+            ("cem_warmup", self.cem_warmup is None or (isinstance(self.cem_warmup, int) and self.cem_warmup >= 0),
+             "None or an int >= 0"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise InvalidDefense(name, expected, getattr(self, name))
+
+    @property
+    def scale(self) -> float:
+        """attention_loss_scale in use (0 without CEM)."""
+        if self.cem == "none":
+            return 0.0
+        import cem
+
+        return float(self.cem_scale if self.cem_scale is not None else cem.DEFAULTS[self.cem]["scale"])
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up epochs in use (0 without CEM)."""
+        if self.cem == "none":
+            return 0
+        import cem
+
+        return int(self.cem_warmup if self.cem_warmup is not None else cem.DEFAULTS[self.cem]["warmup"])
+
+    def cem_active(self, epoch: int) -> bool:
+        """Whether CEM runs in this epoch (counted from 1)."""
+        if self.cem == "none":
+            return False
+        import cem
+
+        return cem.is_active(self.lam, self.noise, epoch, self.warmup)
+
+    @property
+    def obfuscation(self) -> ObfuscationConfig:
+        """The settings of the chain applied before the wire (and by a noise-aware attacker)."""
+        return ObfuscationConfig(self.noise, self.noise_kind, self.dropout, self.topk)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields with the CEM defaults resolved, for reports (stable keys)."""
+        return {**asdict(self), "cem_scale": self.scale, "cem_warmup": self.warmup}
+
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,27 @@
-"""Pieces both command lines share: logging set-up and turning errors into one-line exits."""
+"""Pieces every command line shares: its parser, `--config` files, logging, threads.
+
+Imports nothing heavy (no torch, no Ray): a parser is built from this and the light
+config modules, and each command imports its machinery only after parsing, so `--help`,
+`--version` and a usage error answer at once instead of after seconds of imports.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
 
 from splitnet import wire
+
+DISTRIBUTION = "splitnet-under-attack"
+# Settings --print-config names but does not print: the output is meant to be saved and shared.
+SECRET_FLAGS = ("--auth-token",)
+_NOT_SETTINGS = ("help", "version", "config", "print_config")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -47,3 +62,161 @@ def listen_address(text: str) -> str:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps each description's own line breaks and shows every flag's default.
+
+    A help text that already speaks of its default (say "default: the arch's") keeps its
+    own words; an off switch (False), an unset value (None) or an empty one ("") says nothing.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default is None or action.default is False
+                or action.default in ("", argparse.SUPPRESS)):
+            return action.help
+        return f"{text} (default %(default)s)"
+
+
+def new_parser(prog: str, description: str | None, **kwargs) -> argparse.ArgumentParser:
+    """The parser every console script starts from: its formatter and `--version`."""
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter, **kwargs)
+    p.add_argument("--version", action="version", version=f"%(prog)s {version(DISTRIBUTION)}")
+    return p
+
+
+class _Reparse(Exception):
+    """Raised by --config once its file is applied: parsing starts over so the command line wins."""
+
+
+class _ConfigFile(argparse.Action):
+    def __call__(self, parser, namespace, path, option_string=None) -> None:
+        applied = parser.__dict__.setdefault("_configs_applied", set())
+        if path not in applied:
+            apply_config_file(parser, path)
+            applied.add(path)
+            raise _Reparse
+        setattr(namespace, self.dest, path)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """`--config FILE.toml` and `--print-config` for `parser`'s own flags (see `parse_args`)."""
+    parser.add_argument("--config", action=_ConfigFile, metavar="FILE.toml",
+                        help="take settings from this TOML file: keys are this command's flag names (dashes or "
+                             "underscores), e.g. epochs = 3; flags on the command line win")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved settings as TOML (a file --config reads back) and exit")
+    parser.set_defaults(_settings_parser=parser)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args`, with the file of a `--config` (on the parser or a subcommand) applied.
+
+    The file's values become the parser's defaults and the command line is parsed again,
+    so a flag given there overrides the file. With `--print-config` the resolved settings
+    are printed and the process exits 0.
+    """
+    while True:  # once more per file applied (several --config: the later one wins)
+        try:
+            args = parser.parse_args(argv)
+            break
+        except _Reparse:
+            continue
+    settings_parser = vars(args).pop("_settings_parser", None)
+    for action, values in getattr(settings_parser, "_file_lists", {}).values():
+        if getattr(args, action.dest) is action.default:  # the flag was not repeated on the command line
+            setattr(args, action.dest, values)
+    if settings_parser is not None and args.print_config:
+        print(settings_toml(settings_parser, args), end="")
+        parser.exit(0)
+    return args
+
+
+def _settings(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Flag name without dashes -> its action, for every flag that holds a setting (aliases too)."""
+    return {flag[2:]: action for action in parser._actions if action.dest not in _NOT_SETTINGS
+            for flag in action.option_strings if flag.startswith("--")}
+
+
+def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
+    """Make the settings in TOML file `path` the defaults of `parser`, each converted and
+    checked as its flag's own value would be; a bad file or value is a usage error naming it."""
+    try:
+        table = tomllib.loads(Path(path).read_text())
+    except OSError as err:
+        parser.error(f"--config {path}: {err.strerror or err}")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        parser.error(f"--config {path}: not a TOML file: {err}")
+    actions = _settings(parser)
+    defaults = {}
+    for key, value in table.items():
+        action = actions.get(key.replace("_", "-"))
+        if action is None:
+            parser.error(f"--config {path}: unknown key {key!r}; valid keys: {', '.join(sorted(actions))}")
+        value = _file_value(parser, f"--config {path}: {key}", action, value)
+        if isinstance(action, argparse._AppendAction):
+            # As a default, argparse would add the command line's values to the file's; `parse_args`
+            # uses the file's only where the flag is not given.
+            parser.__dict__.setdefault("_file_lists", {})[action.dest] = (action, value)
+        else:
+            defaults[action.dest] = value
+        action.required = False
+    parser.set_defaults(**defaults)
+
+
+def _file_value(parser: argparse.ArgumentParser, where: str, action: argparse.Action, value):
+    if action.nargs == 0:  # an on/off flag (store_true)
+        if not isinstance(value, bool):
+            parser.error(f"{where}: expected true or false, got {value!r}")
+        return action.const if value else action.default
+    repeated = isinstance(action, argparse._AppendAction)
+    if repeated != isinstance(value, list):
+        parser.error(f"{where}: expected {'a list of values' if repeated else 'one value'}, got {value!r}")
+    converted = [_converted(parser, where, action, item) for item in (value if repeated else [value])]
+    return converted if repeated else converted[0]
+
+
+def _converted(parser: argparse.ArgumentParser, where: str, action: argparse.Action, value):
+    """`value` through the flag's own argparse type and choices, as if typed after it."""
+    if isinstance(value, (bool, dict, list)):
+        parser.error(f"{where}: expected a value as its flag takes one, got {value!r}")
+    text = str(value)
+    try:
+        result = action.type(text) if action.type else text
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"{where}: {err}")
+    except (TypeError, ValueError):
+        parser.error(f"{where}: invalid {getattr(action.type, '__name__', 'value')} value: {value!r}")
+    if action.choices is not None and result not in action.choices:
+        parser.error(f"{where}: invalid choice {value!r} (choose from {', '.join(map(str, action.choices))})")
+    return result
+
+
+def settings_toml(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """`parser`'s settings in `args` as TOML, one key per flag (its first long name)."""
+    lines, seen = [], set()
+    for key, action in _settings(parser).items():
+        if action.dest in seen:
+            continue
+        seen.add(action.dest)
+        value = getattr(args, action.dest)
+        if value is None:
+            lines.append(f"# {key}: not set")
+        elif value and f"--{key}" in SECRET_FLAGS:
+            lines.append(f"# {key}: given, not printed")
+        else:  # an int default of a float flag (64 MiB) prints as what the flag reads back: 64.0
+            lines.append(f"{key} = {_toml_value(float(value) if action.type is float else value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a TOML basic string

@@ -12,9 +12,8 @@ import math
 
 import torch
 
+from splitnet.settings import CODECS
 from splitnet.v1 import split_pb2 as pb
-
-CODECS = ("fp32", "fp16", "bf16", "int8")
 
 _WIRE_DTYPE = {"fp32": pb.FLOAT32, "fp16": pb.FLOAT16, "bf16": pb.BFLOAT16, "int8": pb.INT8}
 _TORCH_DTYPE = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16,

@@ -18,22 +18,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from splitnet import compat  # noqa: F401  (must precede torchvision)
-
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
+from splitnet.settings import DATASETS, DataSpec
 
 
 class DatasetNotFound(FileNotFoundError):
     """A dataset folder is missing; the message says which flag fixes it."""
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    name: str = "digits"
-    data_root: str = ""
-    download: bool = False
-    image_size: int = 0  # digits: side after upsampling (default 16); imagefolder: resize side (default 32)
-    test_fraction: float = 0.2  # for sets without an official test split
-    split_seed: int = 0
 
 
 @dataclass

@@ -16,7 +16,8 @@ import torch
 from attacks import harness
 from attacks.cli import build_parser
 from attacks.cli import main as attacker_main
-from attacks.runner import AttackConfig, Attacker, load_encoder
+from attacks.config import AttackConfig
+from attacks.runner import Attacker, load_encoder
 from deploy.processes import start_server
 from edge_client.config import ConnectionConfig, EdgeConfig
 from edge_client.remote import RemoteCloud

@@ -18,9 +18,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from attacks import (InversionDecoder, reconstruct, rmle, save_grid, score, shadow_attack, total_variation,
-                     train_inversion, train_shadow_encoder)
-from attacks.runner import AttackConfig, Attacker
+from attacks.config import AttackConfig
+from attacks.grid import save_grid
+from attacks.inversion import reconstruct, train_inversion
+from attacks.inversion_models import InversionDecoder
+from attacks.metrics import score
+from attacks.rmle import rmle, total_variation
+from attacks.runner import Attacker
+from attacks.shadow import shadow_attack, train_shadow_encoder
 from splitnet.data import Splits, load, DataSpec
 from splitnet.models import SplitModel, SplitSpec, build, cut_points
 

@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from edge_client.defense import DefenseConfig, nopeek_loss
-from splitnet.obfuscation import Obfuscation, ObfuscationConfig, topk_prune
+from edge_client.config import DefenseConfig
+from edge_client.defense import nopeek_loss
+from splitnet.obfuscation import Obfuscation, topk_prune
+from splitnet.settings import ObfuscationConfig
 
 
 @pytest.fixture(autouse=True, scope="module")

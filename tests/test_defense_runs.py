@@ -12,7 +12,7 @@ from PIL import Image
 
 from cloud_server.local import LocalCloud
 from edge_client.config import EdgeConfig
-from edge_client.defense import DefenseConfig
+from edge_client.config import DefenseConfig
 from edge_client.trainer import run
 from splitnet import data
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from deploy.ray_config import Kill, RayRunConfig, ray_environment
+from deploy.ray_config import Kill, PartitionSpec, RayRunConfig, ray_environment
 
 RAY_ENV = {**ray_environment(local=True), "RAY_AUTH_MODE": "disabled"}  # no token written to ~/.ray
 os.environ.update(RAY_ENV)
@@ -176,29 +176,29 @@ def test_dirichlet_partition_is_a_skewed_cover():
     labels = data.load(data.DataSpec()).train.tensors[1]
     skews = {}
     for alpha in (100.0, 1.0, 0.1):
-        parts = partition.split(labels, 5, partition.PartitionSpec("dirichlet", alpha), seed=3)
+        parts = partition.split(labels, 5, PartitionSpec("dirichlet", alpha), seed=3)
         flat = [i for p in parts for i in p]
         assert sorted(flat) == list(range(len(labels)))  # disjoint, and covers every sample
         assert all(parts)
-        assert parts == partition.split(labels, 5, partition.PartitionSpec("dirichlet", alpha), seed=3)
+        assert parts == partition.split(labels, 5, PartitionSpec("dirichlet", alpha), seed=3)
         skews[alpha] = partition.label_skew(labels, parts)
     assert skews[100.0] < skews[1.0] < skews[0.1]
-    iid = partition.split(labels, 5, partition.parse("iid"))
+    iid = partition.split(labels, 5, PartitionSpec.parse("iid"))
     assert partition.label_skew(labels, iid) < 0.1 < skews[0.1]
-    tiny = partition.split(labels, 40, partition.PartitionSpec("dirichlet", 0.01))
+    tiny = partition.split(labels, 40, PartitionSpec("dirichlet", 0.01))
     assert all(tiny) and sorted(i for p in tiny for i in p) == list(range(len(labels)))
 
 
 def test_iid_partition_matches_single_client_shards():
     labels = torch.arange(10) % 3
-    parts = partition.split(labels, 3, partition.parse("iid"), seed=1)
+    parts = partition.split(labels, 3, PartitionSpec.parse("iid"), seed=1)
     assert parts == [data.shard(TensorDataset(labels), i, 3, seed=1).indices for i in range(3)]
 
 
 @pytest.mark.parametrize("text", ["dirichlet", "dirichlet:0", "dirichlet:-1", "dirichlet:x", "zipf:1", "iid:2"])
 def test_partition_parse_errors(text):
     with pytest.raises(ValueError):
-        partition.parse(text)
+        PartitionSpec.parse(text)
 
 
 def test_fedavg_weights_by_shard_size_and_adds_batch_counts():

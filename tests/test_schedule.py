@@ -213,7 +213,7 @@ def test_in_memory_image_tree_serves_the_same_pixels(tmp_path):
 def test_cem_pull_is_reported_and_w_lr_reaches_full_lambda_at_the_milestone(caplog):
     """The paper's regime: once the schedule drops the rate below 4.1e-4, w_lr = 0.001 / lr
     turns into 1, so the same lambda pulls 50x harder; a tiny lambda is flagged as inactive."""
-    from edge_client.defense import DefenseConfig
+    from edge_client.config import DefenseConfig
 
     def cem_run(lam: float) -> list[dict]:
         defense = DefenseConfig(noise=0.1, cem="gmm", lam=lam)  # GMM's warm-up: epoch 1 fits its first mixture
@@ -248,7 +248,7 @@ def test_paper_schedule_scales_the_cem_milestones_to_the_run():
 
 def test_slot_shutoff_spans_a_quarter_epoch_on_any_dataset():
     """The seeds' 100 calls are a quarter of a CIFAR-10 epoch but four of an 8-epoch digits run."""
-    from edge_client.defense import DefenseConfig
+    from edge_client.config import DefenseConfig
 
     defense = DefenseConfig(noise=0.1, cem="slot", lam=8)
     shutoff = {}
