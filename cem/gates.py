@@ -41,8 +41,8 @@ def _scalar(value: float, learnable: bool) -> nn.Parameter:
 class GateBank(nn.Module):
     """Soft gate MLP + SNR gate + smooth threshold + class gate, with their scalars.
 
-    `learnable_scalars` makes snr_thresh, snr_sharp, beta_sp, m, a, b parameters
-    (the slot surrogate, docs/CEM.md §3.4) rather than constants (the gated one, §2.7).
+    `learnable_scalars` makes snr_thresh, snr_sharp, beta_sp, m parameters (the slot
+    surrogate, docs/CEM.md §3.4) rather than constants (the gated one, §2.7).
     """
 
     def __init__(self, feature_dim: int, *, gates: bool = True, learn_gates: bool = True,
@@ -57,7 +57,11 @@ class GateBank(nn.Module):
         learn = learnable_scalars and learn_gates
         self.snr_thresh, self.snr_sharp = _scalar(snr_thresh, learn), _scalar(snr_sharp, learn)
         self.beta_sp, self.margin = _scalar(beta_sp, learn), _scalar(margin, learn)
-        self.class_a, self.class_b = _scalar(class_gate_a, learn), _scalar(class_gate_b, learn)
+        # The class gate multiplies the whole per-class loss, so rob_loss alone would train a
+        # learnable a, b to close it: measured on digits (slot, gates off), G_c fell from 0.62
+        # to 0.001 within two epochs and CEM stopped pulling. It down-weights classes barely in
+        # the batch by design, so it stays a constant (docs/CEM.md §2.6).
+        self.class_a, self.class_b = _scalar(class_gate_a, False), _scalar(class_gate_b, False)
         if not learn_gates and self.soft is not None:
             self.soft.requires_grad_(False)
 

@@ -47,7 +47,9 @@ class CemHook:
         d = config.defense
         module = None
         if d.cem != "none":
-            own = {"early_shut_steps": math.ceil(SLOT_SHUTOFF_EPOCHS * steps_per_epoch)} if d.cem == "slot" else {}
+            own: dict = {} if d.gates is None else {"gates": d.gates}
+            if d.cem == "slot":
+                own["early_shut_steps"] = math.ceil(SLOT_SHUTOFF_EPOCHS * steps_per_epoch)
             module = cem.build(d.cem, math.prod(split.feature_shape), num_classes=split.spec.num_classes,
                                var_threshold=d.var_threshold, learn_gates=d.learn_gates,
                                bounded=split.spec.bottleneck > 0, **own).to(config.device)

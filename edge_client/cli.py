@@ -85,6 +85,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--var-threshold", type=float, default=d.var_threshold, help="CEM variance threshold")
     g.add_argument("--cem-scale", type=float, default=None, help="rob_loss scale (default: the surrogate's)")
     g.add_argument("--cem-warmup", type=int, default=None, help="epochs without CEM (default: the surrogate's)")
+    g.add_argument("--cem-gates", choices=("on", "off"), default=None,
+                   help="gated / slot: per-dimension soft and SNR gates (default: the surrogate's, off; "
+                        "docs/CEM.md §4.1)")
     g.add_argument("--freeze-gates", action="store_true", help="CEM gates do not learn from rob_loss")
     add_threads_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -107,6 +110,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
         defense = DefenseConfig(noise=args.noise, noise_kind=args.noise_kind, dropout=args.dropout, topk=args.topk,
                                 nopeek=args.nopeek, cem=args.cem, lam=args.lam, var_threshold=args.var_threshold,
                                 cem_scale=args.cem_scale, cem_warmup=args.cem_warmup,
+                                cem_gates=None if args.cem_gates is None else args.cem_gates == "on",
                                 learn_gates=not args.freeze_gates)
     except InvalidDefense as err:
         p.error(f"{_DEFENSE_FLAGS.get(err.field, '--' + err.field.replace('_', '-'))} must be {err.expected}, "

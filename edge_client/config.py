@@ -36,6 +36,7 @@ class DefenseConfig:
     var_threshold: float = 0.125
     cem_scale: float | None = None  # attention_loss_scale; None: cem.DEFAULTS
     cem_warmup: int | None = None  # epochs without CEM; None: cem.DEFAULTS
+    cem_gates: bool | None = None  # gated / slot: soft and SNR gates on; None: cem.DEFAULTS
     learn_gates: bool = True
 
     def __post_init__(self) -> None:
@@ -76,6 +77,15 @@ class DefenseConfig:
 
         return int(self.cem_warmup if self.cem_warmup is not None else cem.DEFAULTS[self.cem]["warmup"])
 
+    @property
+    def gates(self) -> bool | None:
+        """Whether the gated / slot surrogate runs its soft and SNR gates (None for the others)."""
+        if self.cem not in ("gated", "slot"):
+            return None
+        import cem
+
+        return bool(self.cem_gates if self.cem_gates is not None else cem.DEFAULTS[self.cem]["gates"])
+
     def cem_active(self, epoch: int) -> bool:
         """Whether CEM runs in this epoch (counted from 1)."""
         if self.cem == "none":
@@ -91,7 +101,7 @@ class DefenseConfig:
 
     def as_dict(self) -> dict[str, Any]:
         """The fields with the CEM defaults resolved, for reports (stable keys)."""
-        return {**asdict(self), "cem_scale": self.scale, "cem_warmup": self.warmup}
+        return {**asdict(self), "cem_scale": self.scale, "cem_warmup": self.warmup, "cem_gates": self.gates}
 
 
 

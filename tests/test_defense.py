@@ -129,14 +129,17 @@ def test_config_validation_names_the_field(field, value):
 
 def test_config_resolves_cem_defaults_and_activity():
     cfg = DefenseConfig(noise=0.1, cem="slot", lam=16.0)
-    assert cfg.scale == 0.25 and cfg.warmup == 3
+    assert cfg.scale == 1.0 and cfg.warmup == 3 and cfg.gates is False
     assert not cfg.cem_active(3) and cfg.cem_active(4)
     assert DefenseConfig(noise=0.1, cem="gated", lam=16.0, cem_scale=0.5, cem_warmup=0).cem_active(1)
     assert not DefenseConfig(cem="gmm", lam=16.0).cem_active(5)  # no noise: CEM has nothing to work with
     report = cfg.as_dict()
-    assert report["cem_scale"] == 0.25 and report["cem_warmup"] == 3 and report["cem"] == "slot"
+    assert report["cem_scale"] == 1.0 and report["cem_warmup"] == 3 and report["cem"] == "slot"
+    assert report["cem_gates"] is False
     assert set(report) == set(DefenseConfig.__dataclass_fields__)
-    assert DefenseConfig().as_dict()["cem_scale"] == 0.0
+    assert DefenseConfig().as_dict()["cem_scale"] == 0.0 and DefenseConfig().as_dict()["cem_gates"] is None
+    assert DefenseConfig(noise=0.1, cem="gated", lam=8.0, cem_gates=True).gates is True
+    assert DefenseConfig(noise=0.1, cem="gmm", lam=8.0, cem_gates=True).gates is None  # GMM has no gates
 
 
 def test_attacker_rebuilds_the_edge_chain_from_the_saved_defense_record():
