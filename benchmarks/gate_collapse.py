@@ -24,7 +24,8 @@ from cloud_server.local import LocalCloud
 from edge_client.config import DefenseConfig, EdgeConfig
 from edge_client.trainer import EdgeTrainer
 
-GATE_KEYS = ("soft_gate_mean", "snr_gate_mean", "class_gate_mean", "rob_loss_mean", "batch_intra_mse")
+GATE_KEYS = ("soft_gate_mean", "snr_gate_mean", "class_gate_mean", "attn_max_mean", "slot_weight_max", "rob_loss_mean",
+             "batch_intra_mse")
 
 
 def study(defense: DefenseConfig, epochs: int, attack_epochs: int, seed: int) -> dict:
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     base = DefenseConfig(noise=args.noise)
-    cem = DefenseConfig(noise=args.noise, cem=args.cem, lam=args.lam, cem_warmup=args.warmup)
+    # the gates are what this measures, so they are on whatever the surrogate's default
+    cem = DefenseConfig(noise=args.noise, cem=args.cem, lam=args.lam, cem_warmup=args.warmup, cem_gates=True)
     variants = {"noise_only": base, "learnable_gates": cem,
                 "frozen_gates": DefenseConfig(**{**cem.__dict__, "learn_gates": False})}
     result = {"settings": vars(args),
