@@ -33,25 +33,14 @@ class Splits:
     input_shape: tuple[int, int, int]
 
 
-# Imported only when a dataset is loaded: an edge device's plain install lacks them (the `data` extra).
-_DATA_EXTRA = ("sklearn", "torchvision")
-
-
 def load(spec: DataSpec) -> Splits:
     if spec.name not in DATASETS:
         raise ValueError(f"unknown dataset {spec.name!r}; choose one of {list(DATASETS)}")
-    try:
-        if spec.name == "digits":
-            return _digits(spec)
-        if spec.name == "imagefolder":
-            return _imagefolder(spec)
-        return _torchvision_set(spec)
-    except ModuleNotFoundError as err:
-        missing = (err.name or "").split(".")[0]
-        if missing not in _DATA_EXTRA:
-            raise
-        raise DatasetNotFound(f"dataset {spec.name!r} needs {missing}, which a plain install leaves out: "
-                              "pip install 'splitnet-under-attack[data]'") from None
+    if spec.name == "digits":
+        return _digits(spec)
+    if spec.name == "imagefolder":
+        return _imagefolder(spec)
+    return _torchvision_set(spec)
 
 
 def _digits(spec: DataSpec) -> Splits:

@@ -21,6 +21,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from splitnet.cli_util import EXTRA_OF_MODULE
+
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 NAME = canonicalize_name(PROJECT["name"])
@@ -146,13 +148,25 @@ def test_each_role_loads_with_its_own_install(package):
     assert not missing, f"imported at load time, but not in the install of {package}: {missing}"
 
 
-@pytest.mark.parametrize("dataset,module", [("digits", "sklearn"), ("cifar10", "torchvision")])
-def test_a_dataset_without_the_data_extra_names_it(monkeypatch, dataset, module):
-    """An edge device's plain install has no scikit-learn or torchvision: loading a dataset says
-    which extra brings them (the CLIs print it as a one-line error), not a bare ImportError."""
-    from splitnet import data
 
+def test_every_module_an_extra_brings_is_named_after_that_extra():
+    distributions = importlib.metadata.packages_distributions()
+    for module, extra in EXTRA_OF_MODULE.items():
+        dists = {canonicalize_name(d) for d in distributions[module]}
+        assert dists & names(closure({extra})) and not dists & names(CORE), (module, extra, dists)
+
+
+@pytest.mark.parametrize("main,argv,module,extra", [
+    ("cloud_server.cli", ["--port", "0"], "grpc_health", "cloud"),
+    ("edge_client.cli", ["--server", "127.0.0.1:9", "--epochs", "1"], "sklearn", "data"),
+])
+def test_a_command_missing_its_extra_names_it(monkeypatch, capsys, main, argv, module, extra):
+    """On a plain install (an edge device's), `cloud-server` lacks the health service and
+    `edge-client`'s bundled digits lack scikit-learn: each says which extra to add."""
     for name in [m for m in sys.modules if m.split(".")[0] == module] or [module]:
         monkeypatch.setitem(sys.modules, name, None)  # `import` then fails as where the package is absent
-    with pytest.raises(data.DatasetNotFound, match=re.escape(f"needs {module}") + r".*\[data\]"):
-        data.load(data.DataSpec(dataset, data_root="/nonexistent", download=True))
+    monkeypatch.delitem(sys.modules, "cloud_server.server", raising=False)  # imported afresh: it meets the gap
+    assert importlib.import_module(main).main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {module} is not installed; it comes with the {extra!r} extra" in err
+    assert f"pip install '{PROJECT['name']}[{extra}]'" in err and "Traceback" not in err
