@@ -9,12 +9,14 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     RAY_USAGE_STATS_ENABLED=0
 
-# torch first, pinned exactly, from PyTorch's CPU index with its matching torchvision: left to
-# the resolver, the project's dependencies pull a newer torch plus several GB of CUDA packages,
-# and the default torchvision wheel's operators do not load against a CPU torch.
-RUN pip install torch==2.13.0 torchvision==0.28.0 --index-url https://download.pytorch.org/whl/cpu
-
+# As `make setup` does: torch and its matching torchvision first, alone, from PyTorch's CPU
+# index (left to the resolver, the project's dependencies pull a CUDA torch of several GB, and
+# the default torchvision wheel's operators do not load against a CPU torch); then the project
+# with every role, all versions exact from constraints.txt.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 WORKDIR /opt/splitnet
+COPY constraints.txt ./
+RUN pip install -c constraints.txt --no-deps --index-url ${TORCH_INDEX} torch torchvision
 COPY pyproject.toml README.md ./
 COPY proto proto
 COPY splitnet splitnet
@@ -23,7 +25,7 @@ COPY cloud_server cloud_server
 COPY cem cem
 COPY attacks attacks
 COPY deploy deploy
-RUN pip install . && useradd --create-home --uid 1000 split
+RUN pip install -c constraints.txt ".[all]" && useradd --create-home --uid 1000 split
 
 USER split
 WORKDIR /home/split

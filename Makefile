@@ -4,19 +4,36 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out/demo
+# Where torch and torchvision come from: PyTorch's CPU index, or e.g. .../whl/cu128 for CUDA.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# What `make setup` installs besides the core: every role and the test tools.
+EXTRAS ?= all,test
+PIP := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: demo test setup proto bench clean
+.PHONY: demo test setup constraints proto bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, pinned: a plain resolver run would pull a CUDA build (several GB) on Linux.
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
-	$(BIN)/pip install --disable-pip-version-check -q -e ".[dev]"
+# torch and torchvision first, alone (--no-deps) from TORCH_INDEX: from the default index pip
+# pulls a CUDA build (several GB) on Linux. Their dependencies, and everything else, come from
+# the default index in the second step. The pip configuration's find-links still apply, so a
+# machine whose local wheel cache holds the pinned CPU torch installs it even where
+# TORCH_INDEX cannot be reached. constraints.txt makes every version exact.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) install -c constraints.txt --no-deps --index-url $(TORCH_INDEX) torch torchvision
+	$(PIP) install -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PIP) check
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# After a deliberate upgrade in the venv: rewrite constraints.txt from it (header kept, no
+# local version labels, so the pins fit every TORCH_INDEX).
+constraints: $(STAMP)
+	{ grep '^#' constraints.txt; $(PIP) freeze --exclude-editable | sed -E 's/^(torch(vision)?==[^+]+)\+.*/\1/'; } \
+		> constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/split-demo --out $(OUT)

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from attacks.config import LIGHT_INVERSE, METHODS, RGB_INVERSE, AttackConfig
-from splitnet.cli_util import (HelpFormatter, add_config_args, add_threads_arg, listen_address, new_parser, parse_args,
-                               set_threads, setup_logging)
+from splitnet.cli_util import (HelpFormatter, add_config_args, add_threads_arg, listen_address, names_missing_extra,
+                               new_parser, parse_args, set_threads, setup_logging)
 from splitnet.settings import DATASETS, DataSpec
 
 log = logging.getLogger("attacks")
@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@names_missing_extra("attacker")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     setup_logging(args.verbose)

@@ -11,7 +11,8 @@ import threading
 from cloud_server.config import ServerConfig
 from splitnet import security
 from splitnet import cli_util
-from splitnet.cli_util import add_config_args, add_threads_arg, new_parser, port, set_threads, setup_logging
+from splitnet.cli_util import (add_config_args, add_threads_arg, names_missing_extra, new_parser, port, set_threads,
+                               setup_logging)
 
 log = logging.getLogger("cloud_server")
 
@@ -81,6 +82,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     return ServerConfig(**fields), args
 
 
+@names_missing_extra("cloud-server")
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
     setup_logging(args.verbose)

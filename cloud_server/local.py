@@ -1,38 +1,57 @@
 """The cloud in the edge's own process: the single-process baseline.
 
-It drives the same `Job` the server does, minus gRPC and the codec, so a comparison
-with `RemoteCloud` measures transport and nothing else.
+It drives the same `Job` the server does and passes every tensor through the same
+messages and codec the wire carries (features in the step's codec, gradients in the
+session's grad codec, logits as fp32, the loss as a float32), minus gRPC. So an in-process
+int8 run is an int8 run, step for step what it would be against `cloud-server`, and a
+comparison with `RemoteCloud` measures transport and nothing else. The byte counts are the
+sizes of those messages, as `RemoteCloud` counts its own.
 """
 
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 import torch
 
 from cloud_server.job import Job
+from cloud_server.servicer import prediction, train_result
+from splitnet import codec
 from splitnet.cloud_api import StepReply
 from splitnet.models import OptimSpec, SplitModel
+from splitnet.v1 import split_pb2 as pb
 
 
 class LocalCloud:
-    bytes_up = bytes_down = reconnects = replayed_steps = 0
+    reconnects = replayed_steps = 0
     session_id = "local"
     session_ids = ("local",)
 
     def __init__(self) -> None:
         self.job: Job | None = None
         self.rtt_ms: list[float] = []
+        self.bytes_up = self.bytes_down = 0
         self._replies: dict[int, StepReply] = {}
 
     def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str, seed: int) -> int:
+        self.grad_codec = codec.check_codec(grad_codec, "grad_codec")
         self.job = Job(job, split.spec, optim, seed=seed)
         self.job.set_schedule(client_id, optim.schedule)
         self._client = client_id
         return 0
 
     def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> None:
-        # received=step_id: the reply never crosses a network here, so the job need keep none for a re-send
-        out = self.job.train_step(self._client, step_id, features, labels, step_id)  # type: ignore[union-attr]
-        self._replies[step_id] = StepReply(out.grad, out.loss, out.correct, out.duplicate, out.lr)
+        # received_step_id=step_id: the reply never crosses a network here, so the job need keep none
+        # for a re-send; and with no checkpoint the last applied step is the durable one, as a server
+        # without --checkpoint-dir reports.
+        request = pb.TrainStep(session_id=self.session_id, step_id=step_id,
+                               features=codec.encode(features, codec_name), labels=labels.tolist(),
+                               received_step_id=step_id)
+        out = self.job.train_step(self._client, step_id, codec.decode(request.features, "features"),  # type: ignore[union-attr]
+                                  labels, request.received_step_id)
+        result = train_result(step_id, out, step_id, self.grad_codec)
+        self._count(request, result)
+        self._replies[step_id] = StepReply.from_wire(result)
 
     def collect(self, step_id: int) -> StepReply:
         return self._replies.pop(step_id)
@@ -40,9 +59,17 @@ class LocalCloud:
     def flush(self) -> int:
         return 0  # nothing of an in-process job outlives the process
 
-    def infer(self, batches, codec_name: str):
-        for features in batches:
-            yield self.job.infer(features)  # type: ignore[union-attr]
+    def infer(self, batches: Iterable[torch.Tensor], codec_name: str) -> Iterator[torch.Tensor]:
+        for i, features in enumerate(batches):
+            request = pb.InferRequest(session_id=self.session_id, request_id=i,
+                                      features=codec.encode(features, codec_name))
+            reply = prediction(i, self.job.infer(codec.decode(request.features, "features")))  # type: ignore[union-attr]
+            self._count(request, reply)
+            yield codec.decode(reply.logits, "logits")
 
     def close(self) -> None:
         pass
+
+    def _count(self, up, down) -> None:
+        self.bytes_up += up.ByteSize()
+        self.bytes_down += down.ByteSize()

@@ -29,7 +29,7 @@ import torch
 from cloud_server import memory
 from cloud_server.checkpoints import Checkpointer
 from cloud_server.config import ServerConfig
-from cloud_server.job import Job, NotFinite, StepOrderError
+from cloud_server.job import Job, NotFinite, StepOrderError, StepOutcome
 from cloud_server.keyed_lock import KeyedLocks
 from cloud_server.memory import OverBudget
 from cloud_server.streams import StreamSlots, StreamsExhausted, within_idle
@@ -309,11 +309,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                               list(request.labels))
             self.checkpointer.maybe_save(job)
         durable = job.durable.get(session.client_id, 0) if self.checkpointer.enabled else request.step_id
-        result = pb.TrainResult(step_id=request.step_id, loss=outcome.loss, correct=outcome.correct,
-                                duplicate=outcome.duplicate, job_steps_applied=outcome.job_steps_applied,
-                                durable_step_id=durable, lr=outcome.lr)
-        if outcome.grad is not None:
-            result.grad.CopyFrom(codec.encode(outcome.grad, session.grad_codec))
+        result = train_result(request.step_id, outcome, durable, session.grad_codec)
         self.counters.add(steps_applied=0 if outcome.duplicate else 1, steps_duplicate=int(outcome.duplicate),
                           bytes_in=size, bytes_out=result.ByteSize())
         return result
@@ -337,7 +333,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                 context.abort(err.code, err.message)
             if self.observer:
                 self.observer("Infer", session, request.request_id, features, request.features.dtype, [])
-            reply = pb.Prediction(request_id=request.request_id, logits=codec.encode(logits, "fp32"))
+            reply = prediction(request.request_id, logits)
             self.counters.add(infer_batches=1, bytes_in=size, bytes_out=reply.ByteSize())
             yield reply
 
@@ -456,6 +452,21 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
 def _quote(text: str, limit: int = 64) -> str:
     """A peer-supplied string for an error message, cut short: status details must stay small."""
     return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def train_result(step_id: int, outcome: StepOutcome, durable: int, grad_codec: str) -> pb.TrainResult:
+    """The reply to a training step; `cloud_server.local.LocalCloud` builds the same one."""
+    result = pb.TrainResult(step_id=step_id, loss=outcome.loss, correct=outcome.correct,
+                            duplicate=outcome.duplicate, job_steps_applied=outcome.job_steps_applied,
+                            durable_step_id=durable, lr=outcome.lr)
+    if outcome.grad is not None:
+        result.grad.CopyFrom(codec.encode(outcome.grad, grad_codec))
+    return result
+
+
+def prediction(request_id: int, logits: torch.Tensor) -> pb.Prediction:
+    """The reply to an inference request: logits always travel as fp32, whatever the features' codec."""
+    return pb.Prediction(request_id=request_id, logits=codec.encode(logits, "fp32"))
 
 
 def _labels(values, batch: int, num_classes: int) -> torch.Tensor:

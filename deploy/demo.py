@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from deploy.sweep import SweepConfig, aggregate, run_sweep
-from splitnet.cli_util import new_parser, setup_logging
+from splitnet.cli_util import names_missing_extra, new_parser, setup_logging
 
 log = logging.getLogger("deploy.demo")
 
@@ -78,6 +78,7 @@ def _grade(lower_ssim: bool, mse_gain_pct: float, accuracy_delta: float) -> str:
     return "CEM helps at matched accuracy."
 
 
+@names_missing_extra("split-demo")
 def main(argv: list[str] | None = None) -> int:
     p = new_parser("split-demo", __doc__)
     p.add_argument("--out", default="out/demo", help="output folder (default %(default)s)")

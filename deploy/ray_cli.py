@@ -23,7 +23,7 @@ import sys
 from deploy.ray_config import MODES, Kill, PartitionSpec, RayRunConfig, ray_environment
 from edge_client import cli as edge_cli
 from edge_client import report as report_mod
-from splitnet.cli_util import add_config_args, new_parser, parse_args, setup_logging
+from splitnet.cli_util import add_config_args, names_missing_extra, new_parser, parse_args, setup_logging
 from splitnet.security import AUTH_ENV
 
 log = logging.getLogger("deploy.ray")
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@names_missing_extra("split-ray")
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = parse_args(p, argv)

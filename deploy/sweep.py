@@ -57,6 +57,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from deploy.processes import ServerProcess, start_process, start_server
+from splitnet.cli_util import names_missing_extra, new_parser, setup_logging
 
 log = logging.getLogger("deploy.sweep")
 
@@ -311,9 +312,8 @@ def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Pa
     bar.close()
 
 
+@names_missing_extra("split-sweep")
 def main(argv: list[str] | None = None) -> int:
-    from splitnet.cli_util import new_parser, setup_logging
-
     p = new_parser("split-sweep", __doc__)
     p.add_argument("--config", required=True, help="sweep TOML")
     p.add_argument("--out", required=True, help="output folder (re-run with the same one to resume)")

@@ -8,7 +8,8 @@ import sys
 
 from edge_client.config import CEM_CHOICES, ConnectionConfig, DefenseConfig, EdgeConfig, InvalidDefense
 from splitnet import security
-from splitnet.cli_util import add_config_args, add_threads_arg, new_parser, parse_args, set_threads, setup_logging
+from splitnet.cli_util import (add_config_args, add_threads_arg, names_missing_extra, new_parser, parse_args,
+                               set_threads, setup_logging)
 from splitnet.schedule import LrSchedule
 from splitnet.settings import ARCHS, CODECS, DATASETS, NOISE_KINDS, DataSpec
 from splitnet.wire import parse_address
@@ -150,6 +151,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
         progress=not args.no_progress)
 
 
+@names_missing_extra("edge-client")
 def main(argv: list[str] | None = None) -> int:
     p = new_parser("edge-client", __doc__)
     add_training_args(p)

@@ -256,8 +256,7 @@ class RemoteCloud:
                 continue
             if sent is not None:
                 self.rtt_ms.append((time.perf_counter() - sent) * 1e3)
-            grad = codec.decode(result.grad, "grad") if result.HasField("grad") else None
-            return StepReply(grad, result.loss, result.correct, result.duplicate, result.lr)
+            return StepReply.from_wire(result)
 
     def _reconnect(self, deadline: float) -> list[int]:
         """Re-open the session and re-send, in order, every buffered step the server lacks and

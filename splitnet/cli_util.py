@@ -8,10 +8,12 @@ config modules, and each command imports its machinery only after parsing, so `-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
 import os
+import sys
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
@@ -22,6 +24,30 @@ DISTRIBUTION = "splitnet-under-attack"
 # Settings --print-config names but does not print: the output is meant to be saved and shared.
 SECRET_FLAGS = ("--auth-token",)
 _NOT_SETTINGS = ("help", "version", "config", "print_config")
+# Modules that only an extra of pyproject.toml installs, by top-level name: a plain install is
+# an edge device's, and a command that reaches one of them says which extra to add.
+EXTRA_OF_MODULE = {"grpc_health": "cloud", "grpc_reflection": "cloud", "sklearn": "data", "torchvision": "data",
+                   "torchmetrics": "attack", "PIL": "attack", "ray": "sim", "matplotlib": "plot"}
+
+
+def names_missing_extra(prog: str):
+    """Decorate a command's `main` so that a module its install lacks is a one-line error naming
+    the extra that brings it (exit 2), not a traceback; any other import error stays one."""
+    def decorate(main):
+        @functools.wraps(main)
+        def wrapped(argv: list[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except ModuleNotFoundError as err:
+                module = (err.name or "").split(".")[0]
+                if module not in EXTRA_OF_MODULE:
+                    raise
+                extra = EXTRA_OF_MODULE[module]
+                print(f"{prog}: error: {module} is not installed; it comes with the {extra!r} extra: "
+                      f"pip install '{DISTRIBUTION}[{extra}]'", file=sys.stderr)
+                return 2
+        return wrapped
+    return decorate
 
 
 def setup_logging(verbose: bool = False) -> None:

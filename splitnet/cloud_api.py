@@ -11,7 +11,9 @@ from typing import Iterable, Iterator, Protocol, Sequence
 
 import torch
 
+from splitnet import codec
 from splitnet.models import OptimSpec, SplitModel
+from splitnet.v1 import split_pb2 as pb
 
 
 @dataclass
@@ -21,6 +23,13 @@ class StepReply:
     correct: int
     duplicate: bool
     lr: float = 0.0  # the rate the decoder stepped with (0 when it did not step)
+
+    @classmethod
+    def from_wire(cls, result: pb.TrainResult) -> "StepReply":
+        """What an edge takes from a `TrainResult`. `LocalCloud` reads its replies through this
+        too, so an in-process run sees the same float32 loss and codec-rounded gradient."""
+        grad = codec.decode(result.grad, "grad") if result.HasField("grad") else None
+        return cls(grad, result.loss, result.correct, result.duplicate, result.lr)
 
 
 class Cloud(Protocol):

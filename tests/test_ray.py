@@ -248,7 +248,10 @@ def test_cluster_yaml_is_valid_for_the_launcher():
     validate_config(config)
     assert config["provider"]["type"] == "local"
     install = " ".join(config["setup_commands"])
-    assert install.index("torch==2.13.0") < install.index("-e ~/splitnet")  # torch pinned, first
+    # torch first, from the CPU index; both steps take their exact versions from constraints.txt
+    assert install.index("--index-url https://download.pytorch.org/whl/cpu torch torchvision") \
+        < install.index("-e ~/splitnet'[all]'")
+    assert install.count("-c ~/splitnet/constraints.txt") == 2
 
 
 def test_run_config_checks():
