@@ -28,22 +28,25 @@ GATE_KEYS = ("soft_gate_mean", "snr_gate_mean", "class_gate_mean", "attn_max_mea
              "batch_intra_mse")
 
 
-def study(defense: DefenseConfig, epochs: int, attack_epochs: int, seed: int) -> dict:
-    trainer = EdgeTrainer(EdgeConfig(epochs=epochs, bottleneck=8, defense=defense, seed=seed, progress=False),
-                          LocalCloud())
+def study(defense: DefenseConfig, epochs: int, attack_epochs: int, seed: int, lr_schedule: str = "cosine",
+          attack_width: int | None = None) -> dict:
+    """Train one edge in-process on digits (cnn, bottleneck 8), then attack its inference features."""
+    trainer = EdgeTrainer(EdgeConfig(epochs=epochs, bottleneck=8, defense=defense, seed=seed, lr_schedule=lr_schedule,
+                                     progress=False), LocalCloud())
     trainer.open()
     for _ in range(epochs):
         trainer.train_epoch()
     accuracy = trainer.evaluate()
     report = trainer.report(accuracy)
-    attacker = Attacker(AttackConfig("inversion", epochs=attack_epochs, seed=seed, progress=False), trainer.split.spec,
-                        trainer.splits.train, encoder=trainer.encoder, obfuscate=trainer.obfuscation).fit()
+    attack = AttackConfig("inversion", epochs=attack_epochs, width=attack_width, seed=seed, progress=False)
+    attacker = Attacker(attack, trainer.split.spec, trainer.splits.train, encoder=trainer.encoder,
+                        obfuscate=trainer.obfuscation).fit()
     truth = torch.cat(harness.private_requests(trainer.splits.test, trainer.eval_batch_size))
     scores = harness.score(attacker.reconstruct(torch.cat([trainer.encode(x) for x in truth.split(256)])), truth,
                            "inversion")
-    return {"test_accuracy": accuracy, "intra_mse": report["intra_mse"],
+    return {"test_accuracy": accuracy, "intra_mse": report["intra_mse"], "defense": report["defense"],
             **{f"attack_{k}": scores[k] for k in ("mse", "ssim", "psnr")},
-            "per_epoch": [{k: h[k] for k in ("epoch", *GATE_KEYS) if k in h} for h in report["history"]]}
+            "per_epoch": [{k: h[k] for k in ("epoch", *GATE_KEYS, "cem_pull", "cem_w_lr") if k in h} for h in report["history"]]}
 
 
 def main(argv: list[str] | None = None) -> int:
