@@ -29,8 +29,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--deadline", type=float, default=c.deadline_s, help="seconds per call / step (default %(default)s)")
     g.add_argument("--pipeline", type=int, default=c.pipeline, metavar="K",
                    help="send up to K steps ahead of the last gradient (bounded staleness; 0: lock-step)")
+    g.add_argument("--connect-seconds", type=float, default=c.connect_s,
+                   help="try the first connection this long, then fail naming the address (default %(default)s)")
     g.add_argument("--reconnect-seconds", type=float, default=c.reconnect_s,
-                   help="keep retrying an unavailable server this long (default %(default)s)")
+                   help="keep retrying a server that went away mid-run this long (default %(default)s)")
     g.add_argument("--tls-ca", default=c.tls_ca, help="PEM CA to verify the server: connect with TLS")
     g.add_argument("--tls-cert", default=c.tls_cert, help="PEM client certificate for mutual TLS (with --tls-key)")
     g.add_argument("--tls-key", default=c.tls_key, help="PEM private key of --tls-cert")
@@ -104,7 +106,8 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
         # Built once here so that a missing or bad PEM file fails now, naming its flag.
         security.channel_credentials(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
         connection = ConnectionConfig(server=args.server, max_message_mb=args.max_message_mb,
-                                      deadline_s=args.deadline, reconnect_s=args.reconnect_seconds,
+                                      deadline_s=args.deadline, connect_s=args.connect_seconds,
+                                      reconnect_s=args.reconnect_seconds,
                                       pipeline=args.pipeline, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
                                       tls_key=args.tls_key, tls_server_name=args.tls_server_name,
                                       auth_token=tokens[0] if tokens else "")

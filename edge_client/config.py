@@ -110,7 +110,8 @@ class ConnectionConfig:
     server: str = "127.0.0.1:50051"
     max_message_mb: float = DEFAULT_MAX_MESSAGE_MB
     deadline_s: float = 30.0  # per call / per training step
-    reconnect_s: float = 60.0  # how long to keep retrying an unavailable server
+    connect_s: float = 20.0  # how long the first connection is tried (a wrong --server fails after this)
+    reconnect_s: float = 60.0  # how long to keep retrying a server that went away mid-run
     pipeline: int = 0  # steps sent ahead of the last gradient received (0: lock-step)
     tls_ca: str = ""  # PEM CA that signed the server's certificate; any TLS field on: the channel uses TLS
     tls_cert: str = ""  # PEM client certificate, for a server that requires mutual TLS

@@ -160,7 +160,8 @@ class RemoteCloud:
                                     lr_schedule=wire.schedule_message(optim.schedule), width=spec.width)
         # wait_for_ready=False: a try fails at once with gRPC's reason (refused, closed, TLS
         # handshake), which `_unreachable` turns into advice; _with_retry still waits for a
-        # server that comes up late.
+        # server that comes up late, for --connect-seconds (not --reconnect-seconds: a wrong
+        # address should not cost a minute before the user hears of it).
         self._opened(self._with_retry(lambda: self._stub.OpenSession(self._spec, timeout=self.config.deadline_s,
                                                                     wait_for_ready=False), "OpenSession"))
         self._count(self._spec, self.session)
@@ -314,7 +315,7 @@ class RemoteCloud:
     # -- helpers
 
     def _with_retry(self, call, what: str):
-        deadline = time.monotonic() + self.config.reconnect_s
+        deadline = time.monotonic() + self.config.connect_s
         backoff = 0.2
         warned = False
         while True:
@@ -326,8 +327,8 @@ class RemoteCloud:
                 if time.monotonic() > deadline:
                     raise _cloud_error(err, what, self._unreachable(err)) from None
                 if not warned:
-                    log.warning("%s; retrying for %g s (--reconnect-seconds)", self._unreachable(err),
-                                self.config.reconnect_s)
+                    log.warning("%s; retrying for %g s (--connect-seconds)", self._unreachable(err),
+                                self.config.connect_s)
                     warned = True
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

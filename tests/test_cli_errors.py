@@ -86,7 +86,10 @@ def test_out_of_range_ports_are_refused_by_argparse(main, argv, flag, capsys):
     assert time.monotonic() - started < 5  # refused before anything is served
 
 
-EDGE = ["--epochs", "1", "--max-steps", "1", "--no-progress", "--deadline", "2", "--reconnect-seconds", "1"]
+# a long --reconnect-seconds: the first connection must give up after --connect-seconds, which
+# is what a user with a wrong --server waits for (it used to be the mid-run reconnect window)
+EDGE = ["--epochs", "1", "--max-steps", "1", "--no-progress", "--deadline", "2", "--connect-seconds", "1",
+        "--reconnect-seconds", "600"]
 
 
 def test_an_edge_pointed_at_nothing_says_so_in_bounded_time(capsys):
