@@ -50,6 +50,10 @@ class StepOrderError(ValueError):
     """A step id skipped ahead: steps of one client must arrive in order."""
 
 
+class Retired(RuntimeError):
+    """The job left memory (evicted after its checkpoint) while this caller still held it."""
+
+
 class NotFinite(ArithmeticError):
     """The loss, a gradient or the logits came out NaN or Inf, so the job refused to use them.
 
@@ -93,6 +97,7 @@ class Job:
     schedules: dict[str, LrSchedule] = field(default_factory=dict)
     checkpoints_written: int = 0
     restored: bool = False  # built from a checkpoint (the session's `resumed`)
+    retired: bool = False  # evicted: a step that still reaches this object must not be applied
     active_at: float = field(default_factory=time.monotonic, repr=False)  # last step, inference or session
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -115,6 +120,13 @@ class Job:
             self.schedules[client_id] = schedule
             self.active_at = time.monotonic()
 
+    def retire(self) -> None:
+        """From now on every step is refused. Called before the eviction checkpoint, under the
+        job's lock, so a step still in flight either lands before the checkpoint (and is in
+        it) or is refused (and the edge replays it to the reloaded job): none is lost."""
+        with self.lock:
+            self.retired = True
+
     def idle_for(self) -> float:
         """Seconds since the last step, inference or opened session: the server evicts a job idle too long."""
         return time.monotonic() - self.active_at
@@ -124,6 +136,8 @@ class Job:
         """Apply one step once: forward, backward, optimizer step; return dLoss/dfeatures.
         `received`: the highest step id whose reply the client has (its acknowledgement)."""
         with self.lock:
+            if self.retired:
+                raise Retired(f"job {self.name!r} was moved out of memory (idle); re-open the session to load it")
             self.active_at = time.monotonic()
             state = self.clients.setdefault(client_id, _ClientState())
             if step_id <= state.last_step:

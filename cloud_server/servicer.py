@@ -29,7 +29,7 @@ import torch
 from cloud_server import memory
 from cloud_server.checkpoints import Checkpointer
 from cloud_server.config import ServerConfig
-from cloud_server.job import Job, NotFinite, StepOrderError, StepOutcome
+from cloud_server.job import Job, NotFinite, Retired, StepOrderError, StepOutcome
 from cloud_server.keyed_lock import KeyedLocks
 from cloud_server.memory import OverBudget
 from cloud_server.streams import StreamSlots, StreamsExhausted, within_idle
@@ -261,6 +261,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                     if job is None or not self._is_idle(job):
                         continue
                     del self.jobs[name]
+                job.retire()
                 self.checkpointer.save(job)
                 self.budget.release(name)
             evicted.append(name)
@@ -297,6 +298,8 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             outcome = job.train_step(session.client_id, request.step_id, features, labels, request.received_step_id)
         except StepOrderError as err:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
+        except Retired as err:  # retryable: the edge re-opens its session, which reloads the job
+            raise Rejected(grpc.StatusCode.UNAVAILABLE, str(err)) from None
         except NotFinite as err:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"features: {err}") from None
         except ValueError as err:  # e.g. batch norm cannot train on one sample per channel

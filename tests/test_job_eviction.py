@@ -69,6 +69,29 @@ def test_an_idle_job_is_evicted_and_reloaded_where_it_was(cloud):
     assert not reply.duplicate and reply.job_steps_applied == 4
 
 
+def test_a_step_that_reaches_an_evicted_job_is_refused_then_replayed_not_lost(cloud):
+    """The narrow race: a Train call looked its session up just before the client closed it,
+    and its step reaches the job after eviction took it out of memory. Applied to that
+    object it would be lost (the checkpoint is already written); it is refused as
+    UNAVAILABLE instead, which the edge answers by re-opening and replaying it."""
+    server, stub = cloud
+    sid = stub.OpenSession(spec("race"), timeout=10).session_id
+    list(stub.Train(iter([step(sid, i) for i in (1, 2)]), timeout=30))
+    session = server.servicer.sessions[sid]
+    stub.CloseSession(pb.CloseRequest(session_id=sid), timeout=10)
+    assert _wait_until(lambda: "race" not in server.servicer.jobs)
+    server.servicer.sessions[sid] = session  # the lookup that happened before the close
+    err = rejected(lambda: list(stub.Train(iter([step(sid, 3)]), timeout=30)))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "re-open" in err.details()
+    assert session.job.steps_applied == 2  # the evicted object did not take the step
+    del server.servicer.sessions[sid]
+
+    again = stub.OpenSession(spec("race"), timeout=10)
+    assert again.resumed and again.last_step_id == 2  # reloaded from the eviction checkpoint
+    reply = list(stub.Train(iter([step(again.session_id, 3)]), timeout=30))[0]
+    assert not reply.duplicate and reply.job_steps_applied == 3
+
+
 def test_a_job_with_an_open_session_stays(cloud):
     server, stub = cloud
     sid = stub.OpenSession(spec("held"), timeout=10).session_id
