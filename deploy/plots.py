@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -56,13 +57,64 @@ def _legends(ax, colors: dict[str, tuple], markers: dict[str, str], extra: list 
 
 
 def _points(ax, rows: list[dict], xs: list[float], ys: list[float], xkey: str | None, ykey: str | None,
-            labelled: set[int], colors: dict[str, tuple], markers: dict[str, str]) -> None:
-    """One point per row with its spread over seeds as error bars, styled by `_styles`."""
-    for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
+            labelled: set[int], colors: dict[str, tuple], markers: dict[str, str]) -> list[tuple[str, float, float]]:
+    """One point per row with its spread over seeds as error bars, styled by `_styles`; returns
+    the labels to place once the axes are final (`_place_labels`)."""
+    for r, x, y in zip(rows, xs, ys):
         ax.errorbar(x, y, xerr=r.get(f"{xkey}_std", 0) if xkey else None, yerr=r.get(f"{ykey}_std", 0) if ykey else None,
                     fmt=markers[_variant(r)], color=colors[r["defense"]], capsize=3, alpha=0.85)
-        if i in labelled:
-            ax.annotate(_label(r), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    return [(_label(rows[i]), xs[i], ys[i]) for i in sorted(labelled)]
+
+
+def _place_labels(ax, labels: list[tuple[str, float, float]], gap_px: float = 2.0) -> list:
+    """Annotate each point so that no two labels overlap and none leaves the axes (where the
+    legends sit): a label goes up-right of its point, or up-left, down-right, down-left if
+    that stays inside; one that would cover an earlier label moves away from its point past
+    it, with a thin leader line back (close points of a sweep otherwise print on top of each
+    other). Lowest points first. Returns the annotations."""
+    fig = ax.figure
+    fig.canvas.draw()  # final limits and scales: the boxes below are measured in pixels
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    step = 72.0 / fig.dpi  # pixels -> points
+    placed, boxes = [], []
+
+    def fits(box) -> bool:
+        return (box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1
+                and not any(box.overlaps(other) for other in boxes))
+
+    for text, x, y in sorted(labels, key=lambda t: ax.transData.transform((t[1], t[2]))[1]):
+        best = None
+        for dx, dy in ((1, 1), (-1, 1), (1, -1), (-1, -1)):
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(5 * dx, 5 * dy), fontsize=8,
+                               ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top")
+            box, shift = note.get_window_extent(renderer), 0.0
+            while not fits(box) and box.y0 >= frame.y0 and box.y1 <= frame.y1 and shift < frame.height:
+                shift += (box.height + gap_px) * step
+                note.set_position((5 * dx, (5 + shift) * dy))
+                box = note.get_window_extent(renderer)
+            if fits(box) and (best is None or shift < best[1]):
+                if best is not None:
+                    best[0].remove()
+                best = (note, shift, dx, dy)
+            else:
+                note.remove()
+            if best is not None and best[1] == 0:
+                break
+        if best is None:  # nowhere inside: up-right of the point, as before
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        elif best[1] > 0:  # moved off its point: a leader line says whose label it is
+            note, shift, dx, dy = best
+            note.remove()
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(5 * dx, (5 + shift) * dy),
+                               fontsize=8, ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top",
+                               arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.4", "shrinkA": 0, "shrinkB": 2})
+        else:
+            note = best[0]
+        placed.append(note)
+        note.update_positions(renderer)
+        boxes.append(Text.get_window_extent(note, renderer))  # the text alone, not its leader line
+    return placed
 
 
 def _save(fig, path: Path) -> None:
@@ -78,7 +130,7 @@ def accuracy_vs_leakage(rows: list[dict], method: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     labelled = set(range(len(usable))) if len(usable) <= LABEL_ALL_UP_TO else set(front)
     styles = _styles(usable)
-    _points(ax, usable, [x for x, _ in pts], [y for _, y in pts], key, "test_accuracy", labelled, *styles)
+    labels = _points(ax, usable, [x for x, _ in pts], [y for _, y in pts], key, "test_accuracy", labelled, *styles)
     extra = []
     if front:
         (line,) = ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1)
@@ -88,6 +140,7 @@ def accuracy_vs_leakage(rows: list[dict], method: str, path: Path) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title("Accuracy vs leakage")
     ax.grid(alpha=0.3)
+    _place_labels(ax, labels)
     _save(fig, path)
 
 
@@ -97,14 +150,15 @@ def bytes_vs_leakage(rows: list[dict], method: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     labelled = set(range(len(usable))) if len(usable) <= LABEL_ALL_UP_TO else set()
     styles = _styles(usable)
-    _points(ax, usable, [r["bytes_up_per_sample"] for r in usable], [r[key] for r in usable], None, key, labelled,
-            *styles)
+    labels = _points(ax, usable, [r["bytes_up_per_sample"] for r in usable], [r[key] for r in usable], None, key,
+                     labelled, *styles)
     _legends(ax, *styles)
     ax.set_xscale("log")
     ax.set_xlabel("bytes up per training sample (log)")
     ax.set_ylabel(f"{method} attack SSIM")
     ax.set_title("Communication vs leakage")
     ax.grid(alpha=0.3, which="both")
+    _place_labels(ax, labels)
     _save(fig, path)
 
 

@@ -196,3 +196,27 @@ def test_demo_attacker_flags_reach_the_attacker_and_the_report(tmp_path, monkeyp
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["attacker"] == {"blocks": 1, "width": 8, "epochs": 1}
     assert "1 residual blocks, width 8, 1 epochs" in (tmp_path / "report.md").read_text()
+
+
+def test_plot_labels_of_close_points_neither_overlap_nor_leave_the_axes():
+    """The demo's six points once printed two labels on top of each other; points near the
+    right edge ran their labels into the legends outside the axes."""
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from deploy.plots import _place_labels
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    close = [(0.950 + 1e-4 * i, 0.980 + 1e-4 * i) for i in range(6)]  # more than the four corners of a point
+    points = [*close, (0.965, 0.995), (0.966, 0.989), (0.937, 0.972)]
+    ax.plot(*zip(*points), "o")
+    notes = _place_labels(ax, [(f"noise+cem / int8 #{i}", x, y) for i, (x, y) in enumerate(points)])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    boxes = [Text.get_window_extent(n, renderer) for n in notes]  # the texts, not their leader lines
+    assert len(boxes) == len(points)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
+    assert any(n.arrow_patch is not None for n in notes)  # a label moved off its point has a leader line
+    plt.close(fig)
