@@ -30,7 +30,8 @@ def _label(row: dict) -> str:
 
 
 def _variant(row: dict) -> str:
-    return row["codec"] + (f" / {row['cut']}" if row.get("cut") else "")
+    """What tells apart points of one defense: codec, cut and the values of any other [grid] axes."""
+    return row["codec"] + (f" / {row['cut']}" if row.get("cut") else "") + (f" / {row['axes']}" if row.get("axes") else "")
 
 
 def _styles(rows: list[dict]) -> tuple[dict[str, tuple], dict[str, str]]:
@@ -51,7 +52,7 @@ def _legends(ax, colors: dict[str, tuple], markers: dict[str, str], extra: list 
                       loc="upper left", bbox_to_anchor=(1.02, 1.0))
     ax.add_artist(first)
     handles = [handle("gray", m) for m in markers.values()] + [h for h, _ in extra or []]
-    ax.legend(handles, list(markers) + [label for _, label in extra or []], title="codec / cut", fontsize=8,
+    ax.legend(handles, list(markers) + [label for _, label in extra or []], title="codec / cut / axes", fontsize=8,
               loc="lower left", bbox_to_anchor=(1.02, 0.0))
 
 
@@ -130,6 +131,8 @@ def write_report(config, rows: list[dict], out: Path, title: str = "Sweep: accur
     method = config.attacks[0] if config.attacks else None
     columns = [("defense", "{}"), ("codec", "{}"), ("cut", "{}"), ("bottleneck", "{}"), ("test_accuracy", "{:.3f}"),
                ("bytes_up_per_sample", "{:.0f}"), ("rtt_ms_p50", "{:.1f}"), ("intra_mse", "{:.4f}")]
+    if any(r.get("axes") for r in rows):
+        columns.insert(4, ("axes", "{}"))
     for m in config.attacks:
         columns += [(f"{m}_ssim", "{:.3f}"), (f"{m}_psnr", "{:.1f}"), (f"{m}_mse", "{:.4f}")]
     lines = [f"# {title}", ""]
