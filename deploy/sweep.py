@@ -18,13 +18,13 @@ Config (TOML):
     cuts = ["block1", {cut = "block2", bottleneck = 4}]  # a table: a cut with its own bottleneck
     codecs = ["fp32", "int8"]
     seeds = [0, 1]
-    noise = [0.05, 0.1]     # any other edge-client setting is an axis by its flag name:
-    lambda = [8, 16]        #   lambda, lr_schedule, epochs, bottleneck, width ...
-    attack.width = [32, 64] # and any [attack] setting below, as attack.NAME
+    noise = [0.05, 0.1]     # any other edge-client setting is an axis by its flag name (lambda,
+                            #   lr_schedule, epochs, bottleneck, width ...), and any [attack]
+    attack.aux_limit = [1000, 5000]  # setting as attack.NAME
     [defenses]              # name -> edge-client settings; an axis of its own, combined with the
     none = {}               # others (an axis may not set what a defense sets)
-    noise = {noise = 0.1}
-    cem_gated = {noise = 0.1, cem = "gated", lambda = 16, cem_warmup = 2}
+    dropout = {dropout = 0.2}
+    cem_gated = {cem = "gated", lambda = 16, cem_warmup = 2}
     [attack]
     methods = ["inversion"] # inversion | rmle (shadow needs the cloud's decoder, which a sweep does not pass)
     epochs = 15             # inverse network: training epochs,
@@ -38,7 +38,8 @@ Config (TOML):
     workers = 1
     timeout_s = 1800        # the longest any one process of a point may run (training, attack, scoring)
 
-Precedence: [model] < the defense's table < the axes (a cut's own bottleneck is an axis value).
+Precedence: [model] < the defense's table < the axes (a cut's own bottleneck is an axis value),
+and [attack] < its attack.NAME axes.
 An unknown key anywhere is an error naming its place and the valid keys; the sweep sets
 `server` and `job` itself, and `cuts` / `codecs` / `seeds` are the axes of cut, codec and seed.
 
@@ -323,23 +324,23 @@ class SweepConfig:
                    **{key: convert(run[key]) for key, convert in RUN_KEYS.items() if key in run})
 
     def points(self) -> list[Point]:
-        """Every combination of the axes and the defenses, resolved into its settings."""
+        """Every combination of the axes and the defenses, resolved into its settings; seeds
+        vary fastest, so the seeds of one setting run one after another."""
         axes = [[{"cut": c, **({} if b is None else {"bottleneck": b})} for c, b in self.cuts],
                 [{"codec": c} for c in self.codecs], *([{name: v} for v in values] for name, values in self.axes),
-                [{"seed": s} for s in self.seeds]]
-        attack_axes = [[{key: v} for v in values] for key, values in self.attack_axes]
+                *([{f"attack.{key}": v} for v in values] for key, values in self.attack_axes)]
         points = []
         for combo in itertools.product(*(axis for axis in axes if axis)):
-            chosen = {k: v for value in combo for k, v in value.items()}
-            for attack_combo in itertools.product(*attack_axes):
-                attack_chosen = {k: v for value in attack_combo for k, v in value.items()}
-                for name, defense in self.defenses.items():
-                    merged = {**self.model, **defense, **chosen}
+            for name, defense in self.defenses.items():
+                for seed in [{"seed": s} for s in self.seeds] or [{}]:
+                    chosen = {k: v for value in (*combo, seed) for k, v in value.items()}
+                    edge_chosen = {k: v for k, v in chosen.items() if not k.startswith("attack.")}
+                    attack_chosen = {k.removeprefix("attack."): v for k, v in chosen.items() if k not in edge_chosen}
+                    merged = {**self.model, **defense, **edge_chosen}
                     edge = {k: v for k, v in merged.items() if v != _edge_action(k).default}
                     attack = _attacker_settings(edge, {**self.attack, **attack_chosen})
                     points.append(Point(name, tuple(sorted(edge.items())), tuple(sorted(attack.items())),
-                                        self.attacks, self.attack_args,
-                                        (*chosen.items(), *((f"attack.{k}", v) for k, v in attack_chosen.items()))))
+                                        self.attacks, self.attack_args, tuple(chosen.items())))
         keys = [p.key for p in points]
         twice = sorted({k for k in keys if keys.count(k) > 1})
         if twice:
@@ -425,7 +426,8 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
     edge = json.loads((out / "edge.json").read_text())
     row: dict = {"key": point.key, "group": point.identity(seed=False), "cut": edge["cut"],
                  "bottleneck": edge["bottleneck"], "codec": point.setting("codec"), "defense": point.defense,
-                 "seed": point.setting("seed"), "axes": {k: v for k, v in point.axes if k not in ("cut", "codec", "seed")},
+                 "seed": point.setting("seed"),
+                 "axes": {k: v for k, v in point.axes if k not in ("cut", "codec", "seed")},
                  **{k: edge.get(k) for k in METRICS}, "defense_settings": edge["defense"], "settings": edge_settings,
                  "attack_settings": dict(point.attack)}
     attack_flags = [flag for key, value in point.attack for flag in (ATTACK_FLAGS[key], str(value))]

@@ -5,6 +5,7 @@ import csv
 import json
 import subprocess
 import sys
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -103,6 +104,17 @@ def test_every_misspelt_or_misplaced_key_is_an_error_naming_it(config, named):
     with pytest.raises(ValueError) as err:
         SweepConfig.from_dict(config).points()
     assert named in str(err.value)
+
+
+def test_the_documented_config_loads():
+    import textwrap
+
+    from deploy import sweep
+
+    doc = sweep.__doc__
+    text = textwrap.dedent(doc[doc.index("    [model]"):doc.index("\nPrecedence")])
+    config = SweepConfig.from_dict(tomllib.loads(text))
+    assert len(config.points()) == 2 * 2 * 2 * 2 * 2 * 3  # cuts, codecs, noise, aux_limit, seeds; defenses
 
 
 def test_a_point_is_named_by_its_resolved_settings():
