@@ -31,7 +31,7 @@ def _label(row: dict) -> str:
 
 def _variant(row: dict) -> str:
     """What tells apart points of one defense: codec, cut and the values of any other [grid] axes."""
-    return row["codec"] + (f" / {row['cut']}" if row.get("cut") else "") + (f" / {row['axes']}" if row.get("axes") else "")
+    return " / ".join([row["codec"], *(row[k] for k in ("cut", "axes") if row.get(k))])
 
 
 def _styles(rows: list[dict]) -> tuple[dict[str, tuple], dict[str, str]]:
@@ -52,8 +52,8 @@ def _legends(ax, colors: dict[str, tuple], markers: dict[str, str], extra: list 
                       loc="upper left", bbox_to_anchor=(1.02, 1.0))
     ax.add_artist(first)
     handles = [handle("gray", m) for m in markers.values()] + [h for h, _ in extra or []]
-    ax.legend(handles, list(markers) + [label for _, label in extra or []], title="codec / cut / axes", fontsize=8,
-              loc="lower left", bbox_to_anchor=(1.02, 0.0))
+    ax.legend(handles, list(markers) + [label for _, label in extra or []], title="codec / cut / axes",
+              fontsize=8, loc="lower left", bbox_to_anchor=(1.02, 0.0))
 
 
 def _points(ax, rows: list[dict], xs: list[float], ys: list[float], xkey: str | None, ykey: str | None,

@@ -449,15 +449,15 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
 
 
 def attempt(config: SweepConfig, point: Point, proxy: str, capture: str, out: Path) -> dict:
-    """`run_point`, whose failure comes back as {"failed": error, "log": path} instead of raising:
+    """`run_point`, whose failure comes back as {"error": message, "log": path} instead of raising:
     a sweep that keeps going records it, and a Ray task's failure needs no unwrapping."""
     try:
         return run_point(config, point, proxy, capture, out)
     except PointFailed as err:
-        return {"failed": str(err), "log": str(err.log_path)}
+        return {"error": str(err), "log": str(err.log_path)}
     except Exception as err:  # a missing or unreadable output of a process that said it succeeded
         log.exception("point %s", point.key)
-        return {"failed": f"{type(err).__name__}: {err}", "log": str(out)}
+        return {"error": f"{type(err).__name__}: {err}", "log": str(out)}
 
 
 def aggregate(config: SweepConfig, rows: list[dict]) -> list[dict]:
@@ -514,11 +514,11 @@ class Services:
 
 
 class SweepFailed(RuntimeError):
-    """Points that failed (key -> {"failed": error, "log": path}), and the rows of those that finished."""
+    """Points that failed (key -> {"error": message, "log": path}), and the rows of those that finished."""
 
     def __init__(self, failures: dict[str, dict], rows: list[dict]) -> None:
         super().__init__(f"{len(failures)} point(s) failed: " + "; ".join(
-            f"{key}: {f['failed']} (log: {f['log']})" for key, f in failures.items()))
+            f"{key}: {f['error']} (log: {f['log']})" for key, f in failures.items()))
         self.failures, self.rows = failures, rows
 
 
@@ -557,9 +557,9 @@ def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Pa
     def finished(point: Point, result: dict) -> bool:
         """Log the point's end; whether the sweep goes on."""
         bar.update(1)
-        if "failed" in result:
+        if "error" in result:
             failures[point.key] = result
-            log.error("point %s failed: %s (log: %s)", point.key, result["failed"], result["log"])
+            log.error("point %s failed: %s (log: %s)", point.key, result["error"], result["log"])
             return keep_going
         log.info("point %s done (%.0f s elapsed)", point.key, time.monotonic() - start)
         return True
@@ -625,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
             write_report(config, write_results(config, err.rows, out), out)
         print(f"split-sweep: {len(err.failures)} point(s) failed (listed in {out / 'failed.json'}):", file=sys.stderr)
         for key, failure in err.failures.items():
-            print(f"  {key}: {failure['failed']}\n    log: {failure['log']}", file=sys.stderr)
+            print(f"  {key}: {failure['error']}\n    log: {failure['log']}", file=sys.stderr)
         return 1
     table = write_results(config, rows, out)
     write_report(config, table, out)
@@ -634,4 +634,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As deploy.sweep, not __main__: Ray ships what a task needs from __main__ by value, and a
+    # cached function (the parsers) cannot travel so; a module's names travel by reference.
+    from deploy.sweep import main as module_main
+
+    sys.exit(module_main())

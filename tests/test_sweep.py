@@ -265,7 +265,7 @@ def test_a_failing_point_is_named_and_with_keep_going_does_not_stop_the_others(t
     going = subprocess.run(cmd + ["--keep-going"], capture_output=True, text=True, timeout=300)
     assert going.returncode == 1, going.stderr[-3000:]
     failed = json.loads((out / "failed.json").read_text())
-    assert list(failed) == [bad] and "unknown cut 'nope' for arch 'cnn'" in failed[bad]["failed"]
+    assert list(failed) == [bad] and "unknown cut 'nope' for arch 'cnn'" in failed[bad]["error"]
     assert "unknown cut 'nope'" in Path(failed[bad]["log"]).read_text() and f"log: {failed[bad]['log']}" in going.stderr
     (done,) = out.glob("points/*/result.json")
     assert done.parent.name.startswith("block1__")
