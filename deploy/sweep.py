@@ -42,6 +42,8 @@ Precedence: [model] < the defense's table < the axes (a cut's own bottleneck is 
 and [attack] < its attack.NAME axes.
 An unknown key anywhere is an error naming its place and the valid keys; the sweep sets
 `server` and `job` itself, and `cuts` / `codecs` / `seeds` are the axes of cut, codec and seed.
+Every point's settings then pass edge-client's own checks (a cut of the arch, a CEM weight
+for CEM ...) before the first point runs.
 
 A point's folder, `points/<cut>[-b<bottleneck>]__<codec>__<defense>[__<axis>=<value>...]__s<seed>__<hash>`,
 is named by its resolved settings: a readable prefix, then a hash of everything that shapes
@@ -124,8 +126,10 @@ def _edge_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="edge-client", add_help=False)
     add_training_args(parser)
-    for name in SWEEP_OWNED:  # not a sweep key, nor listed as one
-        parser._remove_action(parser._option_string_actions.pop("--" + name.replace("_", "-")))
+    for name in SWEEP_OWNED:  # not a sweep key, nor listed as one; its default stays for `check_points`
+        action = parser._option_string_actions.pop("--" + name.replace("_", "-"))
+        parser._remove_action(action)
+        parser.set_defaults(**{action.dest: action.default})
     return _strict(parser)
 
 
@@ -356,6 +360,20 @@ class SweepConfig:
         return _attacker_settings(self.model, self.attack)
 
 
+def check_points(points: list[Point]) -> None:
+    """Each point's settings through edge-client's own checks (a cut of its arch, a CEM weight for
+    CEM, a schedule it can parse ...): a point edge-client would refuse fails as the sweep starts,
+    not after the points before it have run for hours."""
+    from edge_client.cli import config_from_args
+
+    parser = _edge_parser()
+    for point in points:
+        try:
+            config_from_args(parser.parse_args(_flags(dict(point.edge))), parser)
+        except ValueError as err:
+            raise ValueError(f"point {point.key}: edge-client would refuse its settings: {err}") from None
+
+
 def _flags(settings: dict) -> list[str]:
     """{"noise": 0.1, "freeze_gates": True} -> ["--noise", "0.1", "--freeze-gates"]"""
     out: list[str] = []
@@ -527,8 +545,9 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, keep_going:
 
     A failure stops the sweep, or with `keep_going` is recorded while the other points run;
     either way the failures go to `failed.json` and `SweepFailed` is raised, naming them."""
-    out.mkdir(parents=True, exist_ok=True)
     points = config.points()
+    check_points(points)
+    out.mkdir(parents=True, exist_ok=True)
     todo = [p for p in points if not (out / "points" / p.key / "result.json").exists()]
     log.info("%d points, %d already done", len(points), len(points) - len(todo))
     failures: dict[str, dict] = {}
@@ -614,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers:
             config = replace(config, workers=args.workers)
         config = with_absolute_roots(config, args.data_root)
-        config.points()  # a grid with a point twice is an error in the config, before anything runs
+        check_points(config.points())  # a point twice, or one edge-client refuses: a config error, before anything runs
     except (OSError, tomllib.TOMLDecodeError, ValueError) as err:
         p.error(f"--config {args.config}: {err}")
     out = Path(args.out)

@@ -76,6 +76,7 @@ def test_two_point_sweep_writes_results_and_resumes(tmp_path):
     ("[gird]\ncuts = []\n", "unknown sweep config section(s) ['gird']"),
     ("[model]\nepoch = 1\n", "[model]: unknown key 'epoch'; valid keys: "),
     ("[grid]\ncodec = ['int8']\n", "[grid] codec: the codec axis is named codecs"),
+    ("[grid]\ncuts = ['block1', 'nope']\n", "edge-client would refuse its settings: unknown cut 'nope' for arch 'cnn'"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, text, named):
     (tmp_path / "bad.toml").write_text(text)
@@ -117,6 +118,20 @@ def test_the_documented_config_loads():
     assert len(config.points()) == 2 * 2 * 2 * 2 * 2 * 3  # cuts, codecs, noise, aux_limit, seeds; defenses
 
 
+@pytest.mark.parametrize("config, named", [
+    ({"model": {"arch": "cnn"}, "grid": {"cuts": ["block1", "pool2"]}}, "unknown cut 'pool2' for arch 'cnn'"),
+    ({"grid": {"lambda": [0, 8]}, "defenses": {"gmm": {"noise": 0.1, "cem": "gmm"}}},
+     "default__fp32__gmm__lambda=0.0__s0__"),
+    ({"model": {"lr_schedule": "zigzag"}}, "--lr-schedule kind: 'zigzag'"),
+])
+def test_a_point_edge_client_would_refuse_is_an_error_before_anything_runs(config, named):
+    from deploy.sweep import check_points
+
+    with pytest.raises(ValueError, match="edge-client would refuse its settings") as err:
+        check_points(SweepConfig.from_dict(config).points())
+    assert named in str(err.value)
+
+
 def test_a_point_is_named_by_its_resolved_settings():
     base = {"model": {"epochs": 2}, "grid": {"codecs": ["fp32", "int8"], "lambda": [8, 16], "seeds": [0, 1],
                                             "attack": {"width": [8]}},
@@ -125,7 +140,8 @@ def test_a_point_is_named_by_its_resolved_settings():
     assert len(points) == 8 and points[0].key.startswith("default__fp32__gmm__lambda=8.0__attack.width=8__s0__")
     # What runs: the settings that differ from edge-client's defaults (fp32 and seed 0 are its own).
     assert dict(points[0].edge) == {"epochs": 2, "noise": 0.1, "cem": "gmm", "lambda": 8.0}
-    assert dict(points[-1].edge) == {"epochs": 2, "noise": 0.1, "cem": "gmm", "lambda": 16.0, "codec": "int8", "seed": 1}
+    assert dict(points[-1].edge) == {"epochs": 2, "noise": 0.1, "cem": "gmm", "lambda": 16.0, "codec": "int8",
+                                     "seed": 1}
     keys = [p.key for p in points]
 
     def keys_after(**change) -> list[str]:
@@ -250,27 +266,29 @@ rmle_tv_weight = 0.1
 
 
 def test_a_failing_point_is_named_and_with_keep_going_does_not_stop_the_others(tmp_path):
-    """The first point's cut does not exist, which only edge-client finds out."""
-    (tmp_path / "sweep.toml").write_text(CONFIG.replace("[grid]", '[grid]\ncuts = ["nope", "block1"]')
-                                         .replace("noise = {noise = 0.3}\n", ""))
+    """The first point's data is not there, which only its edge-client process finds out."""
+    missing = tmp_path / "missing"
+    (tmp_path / "sweep.toml").write_text(CONFIG.replace(
+        "none = {}", f'broken = {{dataset = "imagefolder", data_root = "{missing}"}}\nnone = {{}}')
+        .replace("noise = {noise = 0.3}\n", ""))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "deploy.sweep", "--config", str(tmp_path / "sweep.toml"), "--out", str(out)]
 
     stopped = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert stopped.returncode == 1
     (bad,) = json.loads((out / "failed.json").read_text())
-    assert bad.startswith("nope__fp32__none__s0__") and f"  {bad}: edge-client exited 2: " in stopped.stderr
-    assert not list(out.glob("points/*/result.json"))  # it stopped there: block1 never ran
+    assert bad.startswith("default__fp32__broken__s0__") and f"  {bad}: edge-client exited 2: " in stopped.stderr
+    assert not list(out.glob("points/*/result.json"))  # it stopped there: none never ran
 
     going = subprocess.run(cmd + ["--keep-going"], capture_output=True, text=True, timeout=300)
     assert going.returncode == 1, going.stderr[-3000:]
     failed = json.loads((out / "failed.json").read_text())
-    assert list(failed) == [bad] and "unknown cut 'nope' for arch 'cnn'" in failed[bad]["error"]
-    assert "unknown cut 'nope'" in Path(failed[bad]["log"]).read_text() and f"log: {failed[bad]['log']}" in going.stderr
+    assert list(failed) == [bad] and str(missing) in failed[bad]["error"]
+    assert str(missing) in Path(failed[bad]["log"]).read_text() and f"log: {failed[bad]['log']}" in going.stderr
     (done,) = out.glob("points/*/result.json")
-    assert done.parent.name.startswith("block1__")
+    assert done.parent.name.startswith("default__fp32__none__s0__")
     rows = list(csv.DictReader(open(out / "results.csv")))  # the finished point is reported
-    assert [r["cut"] for r in rows] == ["block1"] and rows[0]["inversion_ssim"] != ""
+    assert [r["defense"] for r in rows] == ["none"] and rows[0]["inversion_ssim"] != ""
 
 
 def test_attack_table_and_per_cut_bottleneck_parse():
