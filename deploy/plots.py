@@ -31,7 +31,8 @@ def _label(row: dict) -> str:
 
 
 def _variant(row: dict) -> str:
-    return row["codec"] + (f" / {row['cut']}" if row.get("cut") else "")
+    """What tells apart points of one defense: codec, cut and the values of any other [grid] axes."""
+    return " / ".join([row["codec"], *(row[k] for k in ("cut", "axes") if row.get(k))])
 
 
 def _styles(rows: list[dict]) -> tuple[dict[str, tuple], dict[str, str]]:
@@ -52,8 +53,8 @@ def _legends(ax, colors: dict[str, tuple], markers: dict[str, str], extra: list 
                       loc="upper left", bbox_to_anchor=(1.02, 1.0))
     ax.add_artist(first)
     handles = [handle("gray", m) for m in markers.values()] + [h for h, _ in extra or []]
-    ax.legend(handles, list(markers) + [label for _, label in extra or []], title="codec / cut", fontsize=8,
-              loc="lower left", bbox_to_anchor=(1.02, 0.0))
+    ax.legend(handles, list(markers) + [label for _, label in extra or []], title="codec / cut / axes",
+              fontsize=8, loc="lower left", bbox_to_anchor=(1.02, 0.0))
 
 
 def _points(ax, rows: list[dict], xs: list[float], ys: list[float], xkey: str | None, ykey: str | None,
@@ -184,6 +185,8 @@ def write_report(config, rows: list[dict], out: Path, title: str = "Sweep: accur
     method = config.attacks[0] if config.attacks else None
     columns = [("defense", "{}"), ("codec", "{}"), ("cut", "{}"), ("bottleneck", "{}"), ("test_accuracy", "{:.3f}"),
                ("bytes_up_per_sample", "{:.0f}"), ("rtt_ms_p50", "{:.1f}"), ("intra_mse", "{:.4f}")]
+    if any(r.get("axes") for r in rows):
+        columns.insert(4, ("axes", "{}"))
     for m in config.attacks:
         columns += [(f"{m}_ssim", "{:.3f}"), (f"{m}_psnr", "{:.1f}"), (f"{m}_mse", "{:.4f}")]
     lines = [f"# {title}", ""]

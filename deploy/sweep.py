@@ -3,26 +3,28 @@
 Every point runs through real processes on loopback: one `cloud-server`, one
 `attacker proxy` in front of it (the eavesdropper, recording everything), and per
 point an `edge-client` process followed by `attacker run` / `attacker score`
-processes for each attack method. Finished points keep their `result.json` and are not
-re-run, so a sweep resumes where it stopped. With `workers > 1` points run in parallel
-as Ray tasks (each point is a few single-threaded processes).
+processes for each attack method. With `workers > 1` points run in parallel as Ray
+tasks (each point is a few single-threaded processes).
 
 Config (TOML):
 
-    [model]                 # edge-client settings shared by every point (underscores become dashes)
-    dataset = "digits"      # also what the attacker learns from and the scorer rebuilds, with
-    data_root = ""          # data_root and image_size (a relative data_root is taken from the
-    arch = "cnn"            # folder split-sweep runs in; `--data-root DIR` overrides it)
-    bottleneck = 8
+    [model]                 # edge-client settings shared by every point: any `edge-client` flag
+    dataset = "digits"      # by name (dashes or underscores), checked as the flag checks it. The
+    data_root = ""          # dataset, data_root and image_size are also what the attacker learns
+    arch = "cnn"            # from and the scorer rebuilds (a relative data_root is taken from the
+    bottleneck = 8          # folder split-sweep runs in; `--data-root DIR` overrides it)
     epochs = 8
-    [grid]
+    [grid]                  # axes: every point is one combination of their values (cartesian product)
     cuts = ["block1", {cut = "block2", bottleneck = 4}]  # a table: a cut with its own bottleneck
     codecs = ["fp32", "int8"]
     seeds = [0, 1]
-    [defenses]              # name -> edge-client defense flags (underscores become dashes)
-    none = {}
-    noise = {noise = 0.1}
-    cem_gated = {noise = 0.1, cem = "gated", lambda = 16, cem_warmup = 2}
+    noise = [0.05, 0.1]     # any other edge-client setting is an axis by its flag name (lambda,
+                            #   lr_schedule, epochs, bottleneck, width ...), and any [attack]
+    attack.aux_limit = [1000, 5000]  # setting as attack.NAME
+    [defenses]              # name -> edge-client settings; an axis of its own, combined with the
+    none = {}               # others (an axis may not set what a defense sets)
+    dropout = {dropout = 0.2}
+    cem_gated = {cem = "gated", lambda = 16, cem_warmup = 2}
     [attack]
     methods = ["inversion"] # inversion | rmle (shadow needs the cloud's decoder, which a sweep does not pass)
     epochs = 15             # inverse network: training epochs,
@@ -36,18 +38,45 @@ Config (TOML):
     workers = 1
     timeout_s = 1800        # the longest any one process of a point may run (training, attack, scoring)
 
-Every point's `result.json` (and `results.json`'s `points`) holds, per method, the
-attacker's `run.json` as `<method>_attacker`: the resolved settings that produced its scores.
+Precedence: [model] < the defense's table < the axes (a cut's own bottleneck is an axis value),
+and [attack] < its attack.NAME axes.
+An unknown key anywhere is an error naming its place and the valid keys; the sweep sets
+`server` and `job` itself, and `cuts` / `codecs` / `seeds` are the axes of cut, codec and seed.
+Every point's settings then pass edge-client's own checks (a cut of the arch, a CEM weight
+for CEM ...) before the first point runs.
+
+A point's folder, `points/<cut>[-b<bottleneck>]__<codec>__<defense>[__<axis>=<value>...]__s<seed>__<hash>`,
+is named by its resolved settings: a readable prefix, then a hash of everything that shapes
+its result (the edge-client settings that differ from edge-client's defaults, the attacker's
+settings, methods and args). A finished point keeps `result.json` (written atomically, the
+last thing a point writes), so re-running a sweep skips exactly the points whose settings did
+not change and runs the others. A failed point's processes left their output in
+`<process>.log` in its folder; `--keep-going` runs the other points anyway, records each
+failure (error, log) in `failed.json` and exits 1 naming them, as a sweep without it does
+at its first failure.
+
+Every point's `result.json` (and `results.json`'s `points`) holds its resolved `settings`
+and, per method, the attacker's `run.json` as `<method>_attacker`: the resolved settings
+that produced its scores. `results.csv` / `results.json`'s `rows` average over seeds every
+group of points alike in all else.
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
+import functools
+import hashlib
+import io
+import itertools
 import json
 import logging
 import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import uuid
@@ -57,7 +86,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from deploy.processes import ServerProcess, start_process, start_server
-from splitnet.cli_util import names_missing_extra, new_parser, setup_logging
+from splitnet.cli_util import config_setting, names_missing_extra, new_parser, setup_logging
 
 log = logging.getLogger("deploy.sweep")
 
@@ -65,87 +94,284 @@ METRICS = ("test_accuracy", "bytes_up_per_sample", "bytes_down_per_sample", "rtt
            "intra_mse", "cem_pull")  # cem_pull: the last epoch's lambda * w_lr * |g_rob| / |g_task| (CEM rows)
 ATTACK_METRICS = ("mse", "ssim", "psnr")
 
-
-@dataclass(frozen=True)
-class Point:
-    cut: str
-    codec: str
-    defense: str
-    seed: int
-    bottleneck: int | None = None  # None: the [model] table's
-
-    @property
-    def key(self) -> str:
-        cut = (self.cut or "default") + ("" if self.bottleneck is None else f"-b{self.bottleneck}")
-        return f"{cut}__{self.codec}__{self.defense}__s{self.seed}"
-
-
 # [attack] settings -> `attacker run` flags. Unset ones are left to the attacker, which
 # resolves them by the data (attacks.config.default_inverse) and records them in run.json.
 ATTACK_FLAGS = {"epochs": "--inverse-epochs", "blocks": "--inverse-blocks", "width": "--inverse-width",
                 "rmle_iterations": "--rmle-iterations", "rmle_lr": "--rmle-lr",
                 "rmle_tv_weight": "--rmle-tv-weight", "aux_dataset": "--aux-dataset",
                 "aux_data_root": "--aux-data-root", "aux_limit": "--aux-limit"}
+SECTIONS = ("model", "grid", "defenses", "attack", "run")
+RUN_KEYS = {"workers": int, "timeout_s": float}
+# edge-client settings the sweep sets itself, and why
+SWEEP_OWNED = {"server": "every point trains through the sweep's own proxy and cloud-server",
+               "job": "every point is a job of its own", "list_cuts": "it prints the cuts instead of training"}
+# [grid] axes with a name of their own -> the edge-client setting they vary
+NAMED_AXES = {"cuts": "cut", "codecs": "codec", "seeds": "seed"}
+
+
+def _raise(message: str):
+    raise ValueError(message)
+
+
+def _strict(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`parser`, whose usage errors raise ValueError: a sweep reports a bad config, it does not exit mid-parse."""
+    parser.error = _raise  # type: ignore[method-assign]
+    return parser
+
+
+@functools.cache
+def _edge_parser() -> argparse.ArgumentParser:
+    """edge-client's own flags (the parser is built without importing torch): the valid sweep keys."""
+    from edge_client.cli import add_training_args
+
+    parser = argparse.ArgumentParser(prog="edge-client", add_help=False)
+    add_training_args(parser)
+    for name in SWEEP_OWNED:  # not a sweep key, nor listed as one; its default stays for `check_points`
+        action = parser._option_string_actions.pop("--" + name.replace("_", "-"))
+        parser._remove_action(action)
+        parser.set_defaults(**{action.dest: action.default})
+    return _strict(parser)
+
+
+@functools.cache
+def _attacker_parser() -> argparse.ArgumentParser:
+    """`attacker run`'s own flags, which check the [attack] values as they will be read."""
+    from attacks.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return _strict(subcommands.choices["run"])
+
+
+def _edge_action(key: str) -> argparse.Action:
+    return _edge_parser()._option_string_actions["--" + key.replace("_", "-")]
+
+
+def _edge_setting(where: str, key: str, value) -> tuple[str, object]:
+    """TOML `key = value` as edge-client's flag reads it, (the flag's name with underscores, the value):
+    a value edge-client would refuse fails as the config loads, not hours into the sweep."""
+    owned = key.replace("-", "_")
+    if owned in SWEEP_OWNED:
+        raise ValueError(f"{where}: {key!r} is set by the sweep for every point ({SWEEP_OWNED[owned]}); remove it")
+    action, value = config_setting(_edge_parser(), where, key, value)
+    return next(f for f in action.option_strings if f.startswith("--"))[2:].replace("-", "_"), value
+
+
+def _edge_settings(where: str, table: dict) -> dict:
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected a table of edge-client settings, got {table!r}")
+    return dict(_edge_setting(where, key, value) for key, value in table.items())
+
+
+def _attack_setting(where: str, key: str, value):
+    if key not in ATTACK_FLAGS:
+        table = ["methods", "args"] if where == "[attack]" else []
+        raise ValueError(f"{where}: unknown key {key!r}; valid keys: {', '.join(table + sorted(ATTACK_FLAGS))}")
+    return config_setting(_attacker_parser(), where, ATTACK_FLAGS[key][2:], value)[1]
 
 
 def _cut(entry: str | dict) -> tuple[str, int | None]:
     """A [grid] cuts entry: "conv1", or {cut = "pool2", bottleneck = 8} for a cut with its own bottleneck."""
+    if isinstance(entry, (list, tuple)):  # as SweepConfig holds it
+        entry = {"cut": entry[0], "bottleneck": entry[1]}
     if isinstance(entry, str):
-        return entry, None
+        return _edge_setting("[grid] cuts", "cut", entry)[1], None
     unknown = set(entry) - {"cut", "bottleneck"}
     if "cut" not in entry or unknown:
-        raise ValueError(f"a cuts entry is a cut name or {{cut = NAME, bottleneck = C}}, got {entry}")
-    return str(entry["cut"]), None if entry.get("bottleneck") is None else int(entry["bottleneck"])
+        raise ValueError(f"[grid] cuts: a cuts entry is a cut name or {{cut = NAME, bottleneck = C}}, got {entry}")
+    bottleneck = entry.get("bottleneck")
+    return (_edge_setting("[grid] cuts", "cut", entry["cut"])[1],
+            None if bottleneck is None else _edge_setting("[grid] cuts", "bottleneck", bottleneck)[1])
+
+
+def _values(where: str, values) -> list:
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"{where}: an axis is a non-empty list of values, got {values!r}")
+    return list(values)
+
+
+def _scorer_data(edge: dict) -> dict:
+    """The edge's dataset settings, which the scorer needs to rebuild the private images."""
+    return {"dataset": edge.get("dataset") or "digits",
+            **{k: edge[k] for k in ("data_root", "image_size") if edge.get(k)}}
+
+
+def _attacker_settings(edge: dict, attack: dict) -> dict:
+    """`attacker run` settings: `attack`'s, with auxiliary data of the edge's own dataset unless
+    it names other: attacking an RGB edge with digits fails on the channel count, and an attacker
+    that never saw the edge's kind of images understates the leak."""
+    data = _scorer_data(edge)
+    aux = attack.get("aux_dataset", data["dataset"])
+    root = data.get("data_root", "") if aux == data["dataset"] else ""
+    return {"aux_dataset": aux, **({"aux_data_root": root} if root else {}), **attack}
+
+
+def _label(value) -> str:
+    """An axis value as it reads in a folder name: short, and no character a shell or a file system minds."""
+    return re.sub(r"[^\w.+@=-]", "_", str(value))[:24]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One combination of the grid, fully resolved: what runs is what names it."""
+
+    defense: str
+    edge: tuple[tuple[str, object], ...]  # edge-client settings that differ from its defaults, sorted
+    attack: tuple[tuple[str, object], ...]  # `attacker run` settings ([attack] keys), sorted
+    methods: tuple[str, ...]
+    attack_args: tuple[str, ...]
+    axes: tuple[tuple[str, object], ...] = ()  # this point's value of each [grid] axis (attack.NAME: the attacker's)
+
+    def setting(self, name: str):
+        """An edge-client setting of this point, its default where the point does not set it."""
+        return dict(self.edge).get(name, _edge_action(name).default)
+
+    def identity(self, seed: bool = True) -> str:
+        """A hash of everything that shapes the point's result (with `seed=False`: its group over seeds)."""
+        edge = {k: v for k, v in self.edge if seed or k != "seed"}
+        text = json.dumps({"edge": edge, "attack": dict(self.attack), "methods": list(self.methods),
+                           "attack_args": list(self.attack_args)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+    @property
+    def key(self) -> str:
+        axes = dict(self.axes)
+        cut = (self.setting("cut") or "default") + (f"-b{axes['bottleneck']}" if "bottleneck" in axes else "")
+        others = [f"{name}={_label(value)}" for name, value in self.axes
+                  if name not in ("cut", "bottleneck", "codec", "seed")]
+        return "__".join([cut, self.setting("codec"), _label(self.defense), *others, f"s{self.setting('seed')}",
+                          self.identity()])
 
 
 @dataclass(frozen=True)
 class SweepConfig:
+    """A sweep's settings, each checked and converted as the flag it becomes (see the module docstring)."""
+
     model: dict = field(default_factory=lambda: {"dataset": "digits"})
-    cuts: tuple[tuple[str, int | None], ...] = (("", None),)  # (cut, bottleneck or None: the model's)
-    codecs: tuple[str, ...] = ("fp32",)
-    seeds: tuple[int, ...] = (0,)
+    cuts: tuple[tuple[str, int | None], ...] = ()  # (cut, bottleneck or None: the model's); empty: not an axis
+    codecs: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = ()
+    axes: tuple[tuple[str, tuple], ...] = ()  # the other edge-client axes: (setting, its values)
     defenses: dict = field(default_factory=lambda: {"none": {}})
     attacks: tuple[str, ...] = ("inversion",)
     attack: dict = field(default_factory=dict)  # ATTACK_FLAGS keys -> values
+    attack_axes: tuple[tuple[str, tuple], ...] = ()  # ATTACK_FLAGS keys -> their values
     attack_args: tuple[str, ...] = ()
     workers: int = 1
     timeout_s: float = 1800.0  # per process (edge-client, attacker run, attacker score) of a point
 
     def __post_init__(self) -> None:
-        unknown = set(self.attack) - set(ATTACK_FLAGS)
+        def set_(name, value):
+            object.__setattr__(self, name, value)
+
+        set_("model", _edge_settings("[model]", self.model))
+        if not isinstance(self.defenses, dict) or not self.defenses:
+            raise ValueError(f"[defenses]: expected a table of name = {{settings}}, got {self.defenses!r}")
+        set_("defenses", {name: _edge_settings(f"[defenses.{name}]", table) for name, table in self.defenses.items()})
+        set_("cuts", tuple(_cut(c) for c in self.cuts))
+        set_("codecs", tuple(_edge_setting("[grid] codecs", "codec", c)[1] for c in self.codecs))
+        set_("seeds", tuple(_edge_setting("[grid] seeds", "seed", s)[1] for s in self.seeds))
+        axes = []
+        for key, values in self.axes:
+            flags = _edge_parser()._option_string_actions
+            if key.replace("-", "_") not in SWEEP_OWNED and "--" + key.replace("_", "-") not in flags:
+                raise ValueError(f"[grid]: unknown axis {key!r}; valid axes: {', '.join(NAMED_AXES)}, attack.NAME "
+                                 "(an [attack] setting) and any edge-client setting: "
+                                 + ", ".join(sorted(flag[2:] for flag in flags)))
+            name = _edge_setting("[grid]", key, _values(f"[grid] {key}", values)[0])[0]
+            plural = next((p for p, n in NAMED_AXES.items() if n == name), None)
+            if plural:
+                raise ValueError(f"[grid] {key}: the {name} axis is named {plural}: {plural} = [...]")
+            axes.append((name, tuple(_edge_setting("[grid]", key, v)[1] for v in values)))
+        set_("axes", tuple(axes))
+        names = [name for name, _ in axes]
+        if len(set(names)) < len(names):
+            raise ValueError(f"[grid]: an axis is given twice (as two spellings of one flag): {names}")
+        if "bottleneck" in names and any(b is not None for _, b in self.cuts):
+            raise ValueError("[grid]: bottleneck is an axis and a cuts entry sets one too; keep one of them")
+        varied = {*names, *(name for plural, name in NAMED_AXES.items() if getattr(self, plural)),
+                  *(["bottleneck"] if any(b is not None for _, b in self.cuts) else [])}
+        for defense, table in self.defenses.items():
+            both = sorted(set(table) & varied)
+            if both:
+                raise ValueError(f"[defenses.{defense}] and [grid] both set {both}: a point would not say which "
+                                 "counts; keep each setting in one of them")
+        set_("attack", {key: _attack_setting("[attack]", key, v) for key, v in self.attack.items()})
+        set_("attack_axes", tuple((key, tuple(_attack_setting("[grid] attack", key, v)
+                                              for v in _values(f"[grid] attack.{key}", values)))
+                                  for key, values in self.attack_axes))
+        from attacks.config import METHODS
+
+        unknown = [m for m in self.attacks if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown [attack] key(s) {sorted(unknown)}; known: methods, args, {sorted(ATTACK_FLAGS)}")
+            raise ValueError(f"[attack] methods: unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+        set_("attacks", tuple(self.attacks))
+        set_("attack_args", tuple(str(a) for a in self.attack_args))
 
     @classmethod
     def from_dict(cls, d: dict) -> "SweepConfig":
-        grid, attack, run = d.get("grid", {}), dict(d.get("attack", {})), d.get("run", {})
-        unknown = set(d) - {"model", "grid", "defenses", "attack", "run"}
+        unknown = sorted(set(d) - set(SECTIONS))
         if unknown:
-            raise ValueError(f"unknown sweep config section(s) {sorted(unknown)}")
-        methods, args = attack.pop("methods", ["inversion"]), attack.pop("args", [])
-        return cls(model=d.get("model", {}), cuts=tuple(_cut(c) for c in grid.get("cuts", [""])),
-                   codecs=tuple(grid.get("codecs", ["fp32"])), seeds=tuple(grid.get("seeds", [0])),
-                   defenses=d.get("defenses", {"none": {}}), attacks=tuple(methods), attack=attack,
-                   attack_args=tuple(args), workers=int(run.get("workers", 1)),
-                   timeout_s=float(run.get("timeout_s", 1800)))
+            raise ValueError(f"unknown sweep config section(s) {unknown}; valid sections: {', '.join(SECTIONS)}")
+        grid, attack, run = dict(d.get("grid", {})), dict(d.get("attack", {})), dict(d.get("run", {}))
+        bad = sorted(set(run) - set(RUN_KEYS))
+        if bad:
+            raise ValueError(f"[run]: unknown key(s) {bad}; valid keys: {', '.join(RUN_KEYS)}")
+        attack_grid = grid.pop("attack", {})
+        if not isinstance(attack_grid, dict):
+            raise ValueError(f"[grid] attack: expected attack.NAME = [values], got {attack_grid!r}")
+        named = {plural: _values(f"[grid] {plural}", grid.pop(plural)) for plural in NAMED_AXES if plural in grid}
+        return cls(model=d.get("model", {}), cuts=tuple(_cut(c) for c in named.get("cuts", [])),
+                   codecs=tuple(named.get("codecs", [])), seeds=tuple(named.get("seeds", [])),
+                   axes=tuple(grid.items()), defenses=d.get("defenses", {"none": {}}),
+                   attacks=tuple(attack.pop("methods", ["inversion"])), attack_args=tuple(attack.pop("args", [])),
+                   attack=attack, attack_axes=tuple(attack_grid.items()),
+                   **{key: convert(run[key]) for key, convert in RUN_KEYS.items() if key in run})
 
     def points(self) -> list[Point]:
-        return [Point(cut, codec, name, seed, bottleneck) for cut, bottleneck in self.cuts for codec in self.codecs
-                for name in self.defenses for seed in self.seeds]
+        """Every combination of the axes and the defenses, resolved into its settings; seeds
+        vary fastest, so the seeds of one setting run one after another."""
+        axes = [[{"cut": c, **({} if b is None else {"bottleneck": b})} for c, b in self.cuts],
+                [{"codec": c} for c in self.codecs], *([{name: v} for v in values] for name, values in self.axes),
+                *([{f"attack.{key}": v} for v in values] for key, values in self.attack_axes)]
+        points = []
+        for combo in itertools.product(*(axis for axis in axes if axis)):
+            for name, defense in self.defenses.items():
+                for seed in [{"seed": s} for s in self.seeds] or [{}]:
+                    chosen = {k: v for value in (*combo, seed) for k, v in value.items()}
+                    edge_chosen = {k: v for k, v in chosen.items() if not k.startswith("attack.")}
+                    attack_chosen = {k.removeprefix("attack."): v for k, v in chosen.items() if k not in edge_chosen}
+                    merged = {**self.model, **defense, **edge_chosen}
+                    edge = {k: v for k, v in merged.items() if v != _edge_action(k).default}
+                    attack = _attacker_settings(edge, {**self.attack, **attack_chosen})
+                    points.append(Point(name, tuple(sorted(edge.items())), tuple(sorted(attack.items())),
+                                        self.attacks, self.attack_args, tuple(chosen.items())))
+        keys = [p.key for p in points]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"[grid]: these points come out twice (a value listed twice?): {twice}")
+        return points
 
     def scorer_data(self) -> dict:
-        """The edge's dataset settings, which the scorer needs to rebuild the private images."""
-        return {"dataset": self.model.get("dataset", "digits"),
-                **{k: self.model[k] for k in ("data_root", "image_size") if self.model.get(k)}}
+        """The [model] table's dataset settings (see `_scorer_data`)."""
+        return _scorer_data(self.model)
 
     def attacker_settings(self) -> dict:
-        """`attacker run` settings: the [attack] table's, with auxiliary data of the edge's own
-        dataset unless the table names other: attacking an RGB edge with digits fails on the
-        channel count, and an attacker that never saw the edge's kind of images understates the leak."""
-        edge = self.scorer_data()
-        aux = self.attack.get("aux_dataset", edge["dataset"])
-        root = edge.get("data_root", "") if aux == edge["dataset"] else ""
-        return {"aux_dataset": aux, **({"aux_data_root": root} if root else {}), **self.attack}
+        """The [attack] table's attacker settings on the [model] table's data (see `_attacker_settings`)."""
+        return _attacker_settings(self.model, self.attack)
+
+
+def check_points(points: list[Point]) -> None:
+    """Each point's settings through edge-client's own checks (a cut of its arch, a CEM weight for
+    CEM, a schedule it can parse ...): a point edge-client would refuse fails as the sweep starts,
+    not after the points before it have run for hours."""
+    from edge_client.cli import config_from_args
+
+    parser = _edge_parser()
+    for point in points:
+        try:
+            config_from_args(parser.parse_args(_flags(dict(point.edge))), parser)
+        except ValueError as err:
+            raise ValueError(f"point {point.key}: edge-client would refuse its settings: {err}") from None
 
 
 def _flags(settings: dict) -> list[str]:
@@ -160,11 +386,37 @@ def _flags(settings: dict) -> list[str]:
     return out
 
 
-def _python(*args: str, timeout: float) -> None:
-    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in its folder: a reader (or a resumed sweep)
+    sees the old file or the new one, never half of one, whenever the writer is killed."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class PointFailed(RuntimeError):
+    def __init__(self, message: str, log_path: Path) -> None:
+        super().__init__(message)
+        self.log_path = log_path
+
+
+def _python(log_path: Path, *args: str, timeout: float) -> None:
+    """`python -m *args`, its output into `log_path`; a failure names the process and its last words."""
+    name = f"attacker {args[1]}" if args[0] == "attacks" else args[0].replace("_", "-")
+    with open(log_path, "w") as out:
+        try:
+            done = subprocess.run([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT, text=True,
+                                  timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except subprocess.TimeoutExpired:
+            raise PointFailed(f"{name} ran past the point's timeout_s of {timeout:g} s", log_path) from None
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:2])} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+        raise PointFailed(f"{name} exited {done.returncode}: {lines[-1] if lines else '(no output)'}", log_path)
 
 
 def with_absolute_roots(config: SweepConfig, data_root: str = "") -> SweepConfig:
@@ -185,65 +437,77 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
     # A fresh job (a fresh decoder) per attempt: a retried point must not train against the
     # decoder an interrupted attempt left half-trained on the long-lived server.
     job = f"sweep-{point.key}-{uuid.uuid4().hex[:6]}"
-    edge_args = ["edge_client", "--server", proxy, "--job", job, "--codec", point.codec,
-                 "--seed", str(point.seed), "--report", str(out / "edge.json"), "--save-encoder",
-                 str(out / "encoder.pt"), "--no-progress", *_flags(config.model),
-                 *_flags(config.defenses[point.defense])]
-    if point.cut:
-        edge_args += ["--cut", point.cut]
-    if point.bottleneck is not None:  # after the [model] flags: the last one counts
-        edge_args += ["--bottleneck", str(point.bottleneck)]
-    _python(*edge_args, timeout=config.timeout_s)
+    edge_settings = dict(point.edge)
+    _python(out / "edge-client.log", "edge_client", "--server", proxy, "--job", job, "--report", str(out / "edge.json"),
+            "--save-encoder", str(out / "encoder.pt"), "--no-progress", *_flags(edge_settings),
+            timeout=config.timeout_s)
     edge = json.loads((out / "edge.json").read_text())
-    row: dict = {"key": point.key, "cut": edge["cut"], "bottleneck": edge["bottleneck"], "codec": point.codec,
-                 "defense": point.defense, "seed": point.seed, **{k: edge.get(k) for k in METRICS},
-                 "defense_settings": edge["defense"]}
-    attack_flags = [flag for key, value in config.attacker_settings().items()
-                    for flag in (ATTACK_FLAGS[key], str(value))]
-    for method in config.attacks:
+    row: dict = {"key": point.key, "group": point.identity(seed=False), "cut": edge["cut"],
+                 "bottleneck": edge["bottleneck"], "codec": point.setting("codec"), "defense": point.defense,
+                 "seed": point.setting("seed"),
+                 "axes": {k: v for k, v in point.axes if k not in ("cut", "codec", "seed")},
+                 **{k: edge.get(k) for k in METRICS}, "defense_settings": edge["defense"], "settings": edge_settings,
+                 "attack_settings": dict(point.attack)}
+    attack_flags = [flag for key, value in point.attack for flag in (ATTACK_FLAGS[key], str(value))]
+    for method in point.methods:
         recon, scored = out / f"recon-{method}", out / f"attack-{method}"
-        _python("attacks", "run", "--capture", capture, "--session", edge["session_id"], "--method", method,
-                "--encoder", str(out / "encoder.pt"), "--seed", str(point.seed), "--out", str(recon), *attack_flags,
-                *config.attack_args, timeout=config.timeout_s)
-        _python("attacks", "score", "--recon", str(recon), "--edge-report", str(out / "edge.json"), "--out",
-                str(scored), *_flags(config.scorer_data()), timeout=config.timeout_s)
+        _python(out / f"attacker-run-{method}.log", "attacks", "run", "--capture", capture, "--session",
+                edge["session_id"], "--method", method, "--encoder", str(out / "encoder.pt"), "--seed",
+                str(point.setting("seed")), "--out", str(recon), *attack_flags, *point.attack_args,
+                timeout=config.timeout_s)
+        _python(out / f"attacker-score-{method}.log", "attacks", "score", "--recon", str(recon), "--edge-report",
+                str(out / "edge.json"), "--out", str(scored), *_flags(_scorer_data(edge_settings)),
+                timeout=config.timeout_s)
         scores = json.loads((scored / "attack.json").read_text())
         row.update({f"{method}_{m}": scores[m] for m in ATTACK_METRICS})
         row[f"{method}_attacker"] = json.loads((recon / "run.json").read_text())  # what produced the scores
         row[f"{method}_grid"] = str((scored / "recon.png").relative_to(out.parent.parent))
-    (out / "result.json").write_text(json.dumps(row, indent=2) + "\n")
+    write_atomic(out / "result.json", json.dumps(row, indent=2) + "\n")
     return row
 
 
+def attempt(config: SweepConfig, point: Point, proxy: str, capture: str, out: Path) -> dict:
+    """`run_point`, whose failure comes back as {"error": message, "log": path} instead of raising:
+    a sweep that keeps going records it, and a Ray task's failure needs no unwrapping."""
+    try:
+        return run_point(config, point, proxy, capture, out)
+    except PointFailed as err:
+        return {"error": str(err), "log": str(err.log_path)}
+    except Exception as err:  # a missing or unreadable output of a process that said it succeeded
+        log.exception("point %s", point.key)
+        return {"error": f"{type(err).__name__}: {err}", "log": str(out)}
+
+
 def aggregate(config: SweepConfig, rows: list[dict]) -> list[dict]:
-    """Mean and std over seeds of every numeric metric, one row per (cut, codec, defense)."""
+    """Mean and std over seeds of every numeric metric, one row per group of points alike in all but the seed."""
     numeric = list(METRICS) + [f"{m}_{k}" for m in config.attacks for k in ATTACK_METRICS]
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[str, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["cut"], row.get("bottleneck"), row["codec"], row["defense"]), []).append(row)
+        groups.setdefault(row["group"], []).append(row)
     out = []
-    for (cut, bottleneck, codec, defense), members in groups.items():
-        agg: dict = {"cut": cut, "bottleneck": bottleneck, "codec": codec, "defense": defense, "seeds": len(members)}
+    for members in groups.values():
+        first = members[0]
+        agg: dict = {k: first[k] for k in ("cut", "bottleneck", "codec", "defense")}
+        axes = {k: v for k, v in first.get("axes", {}).items() if k != "bottleneck"}
+        agg.update({**axes, "axes": " ".join(f"{k}={v}" for k, v in axes.items()), "seeds": len(members)})
         for key in numeric:
             values = [m[key] for m in members if m.get(key) is not None]
             if values:
                 agg[key] = statistics.fmean(values)
                 agg[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        agg["grid"] = members[0].get(f"{config.attacks[0]}_grid") if config.attacks else None
+        agg["grid"] = first.get(f"{config.attacks[0]}_grid") if config.attacks else None
         out.append(agg)
     return out
 
 
 def write_results(config: SweepConfig, rows: list[dict], out: Path) -> list[dict]:
-    import csv
-
     table = aggregate(config, rows)
-    (out / "results.json").write_text(json.dumps({"rows": table, "points": rows}, indent=2) + "\n")
-    keys = list(dict.fromkeys(k for r in table for k in r))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(table)
+    write_atomic(out / "results.json", json.dumps({"rows": table, "points": rows}, indent=2) + "\n")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in table for k in r)))
+    writer.writeheader()
+    writer.writerows(table)
+    write_atomic(out / "results.csv", text.getvalue())
     return table
 
 
@@ -267,29 +531,63 @@ class Services:
         self.server.stop()
 
 
-def run_sweep(config: SweepConfig, out: Path, progress: bool = True) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
+class SweepFailed(RuntimeError):
+    """Points that failed (key -> {"error": message, "log": path}), and the rows of those that finished."""
+
+    def __init__(self, failures: dict[str, dict], rows: list[dict]) -> None:
+        super().__init__(f"{len(failures)} point(s) failed: " + "; ".join(
+            f"{key}: {f['error']} (log: {f['log']})" for key, f in failures.items()))
+        self.failures, self.rows = failures, rows
+
+
+def run_sweep(config: SweepConfig, out: Path, progress: bool = True, keep_going: bool = False) -> list[dict]:
+    """Run the points without a `result.json` and return every point's row, in grid order.
+
+    A failure stops the sweep, or with `keep_going` is recorded while the other points run;
+    either way the failures go to `failed.json` and `SweepFailed` is raised, naming them."""
     points = config.points()
+    check_points(points)
+    out.mkdir(parents=True, exist_ok=True)
     todo = [p for p in points if not (out / "points" / p.key / "result.json").exists()]
     log.info("%d points, %d already done", len(points), len(points) - len(todo))
+    failures: dict[str, dict] = {}
     if todo:
         services = Services(out, jobs=4 * len(todo))  # Ray re-runs a task whose worker died up to 3 times
         try:
-            _run_all(config, todo, services, out, progress)
+            failures = _run_all(config, todo, services, out, progress, keep_going)
         finally:
             services.stop()
-    rows = [json.loads((out / "points" / p.key / "result.json").read_text()) for p in points]
+    rows = [json.loads((out / "points" / p.key / "result.json").read_text()) for p in points
+            if (out / "points" / p.key / "result.json").exists()]
+    if failures:
+        write_atomic(out / "failed.json", json.dumps(failures, indent=2) + "\n")
+        raise SweepFailed(failures, rows)
+    (out / "failed.json").unlink(missing_ok=True)  # an earlier run's failures, now done
     return rows
 
 
-def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Path, progress: bool) -> None:
+def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Path, progress: bool,
+             keep_going: bool) -> dict[str, dict]:
+    """Run `todo`; returns the failures."""
     bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress)
     start = time.monotonic()
+    failures: dict[str, dict] = {}
+
+    def finished(point: Point, result: dict) -> bool:
+        """Log the point's end; whether the sweep goes on."""
+        bar.update(1)
+        if "error" in result:
+            failures[point.key] = result
+            log.error("point %s failed: %s (log: %s)", point.key, result["error"], result["log"])
+            return keep_going
+        log.info("point %s done (%.0f s elapsed)", point.key, time.monotonic() - start)
+        return True
+
     if config.workers <= 1:
         for point in todo:
-            run_point(config, point, services.proxy.address, services.capture, out / "points" / point.key)
-            bar.update(1)
-            log.info("point %s done (%.0f s elapsed)", point.key, time.monotonic() - start)
+            if not finished(point, attempt(config, point, services.proxy.address, services.capture,
+                                           out / "points" / point.key)):
+                break
     else:
         from deploy.ray_config import ray_environment
 
@@ -299,17 +597,19 @@ def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Pa
 
         ray.init(num_cpus=config.workers, include_dashboard=False, runtime_env={"env_vars": env})
         try:
-            task = ray.remote(num_cpus=1)(run_point)
+            task = ray.remote(num_cpus=1)(attempt)
             pending = {task.remote(config, p, services.proxy.address, services.capture, out / "points" / p.key): p
                        for p in todo}
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
-                ray.get(done[0])
-                log.info("point %s done (%.0f s elapsed)", pending.pop(done[0]).key, time.monotonic() - start)
-                bar.update(1)
+                if not finished(pending.pop(done[0]), ray.get(done[0])):
+                    for ref in pending:
+                        ray.cancel(ref, force=True)
+                    break
         finally:
             ray.shutdown()
     bar.close()
+    return failures
 
 
 @names_missing_extra("split-sweep")
@@ -320,19 +620,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0, help="points in parallel (default: the config's)")
     p.add_argument("--data-root", default="",
                    help="the edge's dataset folder (default: the config's [model] data_root)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="run every point even when some fail; the failures go to OUT/failed.json and the exit "
+                        "status is 1 (without it the sweep stops at the first failure)")
     args = p.parse_args(argv)
     from deploy.plots import write_report
 
     setup_logging()
     try:
         config = SweepConfig.from_dict(tomllib.loads(Path(args.config).read_text()))
+        if args.workers:
+            config = replace(config, workers=args.workers)
+        config = with_absolute_roots(config, args.data_root)
+        check_points(config.points())  # a point twice, or one edge-client refuses: a config error, before anything runs
     except (OSError, tomllib.TOMLDecodeError, ValueError) as err:
         p.error(f"--config {args.config}: {err}")
-    if args.workers:
-        config = replace(config, workers=args.workers)
-    config = with_absolute_roots(config, args.data_root)
     out = Path(args.out)
-    rows = run_sweep(config, out)
+    try:
+        rows = run_sweep(config, out, keep_going=args.keep_going)
+    except SweepFailed as err:
+        if args.keep_going and err.rows:  # the points that finished, reported as such
+            write_report(config, write_results(config, err.rows, out), out)
+        print(f"split-sweep: {len(err.failures)} point(s) failed (listed in {out / 'failed.json'}):", file=sys.stderr)
+        for key, failure in err.failures.items():
+            print(f"  {key}: {failure['error']}\n    log: {failure['log']}", file=sys.stderr)
+        return 1
     table = write_results(config, rows, out)
     write_report(config, table, out)
     print(f"{len(rows)} points; results in {out / 'results.csv'}, report in {out / 'report.md'}")
@@ -340,4 +652,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # As deploy.sweep, not __main__: Ray ships what a task needs from __main__ by value, and a
+    # cached function (the parsers) cannot travel so; a module's names travel by reference.
+    from deploy.sweep import main as module_main
+
+    sys.exit(module_main())

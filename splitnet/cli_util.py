@@ -174,13 +174,9 @@ def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
         parser.error(f"--config {path}: {err.strerror or err}")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         parser.error(f"--config {path}: not a TOML file: {err}")
-    actions = _settings(parser)
     defaults = {}
     for key, value in table.items():
-        action = actions.get(key.replace("_", "-"))
-        if action is None:
-            parser.error(f"--config {path}: unknown key {key!r}; valid keys: {', '.join(sorted(actions))}")
-        value = _file_value(parser, f"--config {path}: {key}", action, value)
+        action, value = config_setting(parser, f"--config {path}", key, value)
         if isinstance(action, argparse._AppendAction):
             # As a default, argparse would add the command line's values to the file's; `parse_args`
             # uses the file's only where the flag is not given.
@@ -189,6 +185,16 @@ def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
             defaults[action.dest] = value
         action.required = False
     parser.set_defaults(**defaults)
+
+
+def config_setting(parser: argparse.ArgumentParser, where: str, key: str, value) -> tuple[argparse.Action, object]:
+    """The flag of file key `key` (its name, dashes or underscores) and `value` converted and checked
+    as that flag's own value would be; an unknown key or a bad value is `parser.error` naming `where`."""
+    actions = _settings(parser)
+    action = actions.get(key.replace("_", "-"))
+    if action is None:
+        parser.error(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(actions))}")
+    return action, _file_value(parser, f"{where}: {key}", action, value)
 
 
 def _file_value(parser: argparse.ArgumentParser, where: str, action: argparse.Action, value):

@@ -1,11 +1,13 @@
-"""A two-point sweep through real processes, its outputs, and resuming it."""
+"""Sweeps through real processes: outputs, resuming exactly the unchanged points, failures, RGB data;
+and the config parsed into settings that name a point and refuse a key they do not know."""
 
 import csv
 import json
 import subprocess
 import sys
-
+import tomllib
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -56,22 +58,120 @@ def test_two_point_sweep_writes_results_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 already done" in again.stderr
     assert {p: p.stat().st_mtime_ns for p in out.glob("points/*/result.json")} == stamps
+    assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporary file behind
+
+    # One setting changed: exactly its point runs again, in a folder of its own; the other resumes.
+    (tmp_path / "sweep.toml").write_text(CONFIG.replace("noise = {noise = 0.3}", "noise = {noise = 0.2}"))
+    changed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "2 points, 1 already done" in changed.stderr
+    now = {p: p.stat().st_mtime_ns for p in out.glob("points/*/result.json")}
+    (new,) = set(now) - set(stamps)
+    assert {p: now[p] for p in stamps} == stamps and "__noise__" in new.parent.name
+    by_defense = {r["defense"]: r for r in json.loads((out / "results.json").read_text())["points"]}
+    assert by_defense["noise"]["defense_settings"]["noise"] == 0.2 and by_defense["noise"]["key"] == new.parent.name
 
 
-def test_bad_config_is_a_clear_error(tmp_path):
-    (tmp_path / "bad.toml").write_text("[gird]\ncuts = []\n")
+@pytest.mark.parametrize("text, named", [
+    ("[gird]\ncuts = []\n", "unknown sweep config section(s) ['gird']"),
+    ("[model]\nepoch = 1\n", "[model]: unknown key 'epoch'; valid keys: "),
+    ("[grid]\ncodec = ['int8']\n", "[grid] codec: the codec axis is named codecs"),
+    ("[grid]\ncuts = ['block1', 'nope']\n", "edge-client would refuse its settings: unknown cut 'nope' for arch 'cnn'"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, text, named):
+    (tmp_path / "bad.toml").write_text(text)
     done = subprocess.run([sys.executable, "-m", "deploy.sweep", "--config", str(tmp_path / "bad.toml"), "--out",
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "gird" in done.stderr
+    assert done.returncode == 2 and named in done.stderr, done.stderr
+    assert not (tmp_path / "o").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("config, named", [
+    ({"model": {"epoch": 1}}, "[model]: unknown key 'epoch'; valid keys: arch, "),
+    ({"defenses": {"cem": {"lamda": 8}}}, "[defenses.cem]: unknown key 'lamda'"),
+    ({"grid": {"seed": [0, 1]}}, "[grid] seed: the seed axis is named seeds: seeds = [...]"),
+    ({"grid": {"noize": [0.1]}}, "[grid]: unknown axis 'noize'; valid axes: cuts, codecs, seeds, attack.NAME"),
+    ({"grid": {"attack": {"widht": [8]}}}, "[grid] attack: unknown key 'widht'; valid keys: aux_data_root"),
+    ({"attack": {"method": ["rmle"]}}, "[attack]: unknown key 'method'; valid keys: methods, args, "),
+    ({"attack": {"methods": ["rmel"]}}, "unknown method(s) ['rmel']; valid: inversion, rmle, shadow"),
+    ({"run": {"worker": 2}}, "[run]: unknown key(s) ['worker']; valid keys: workers, timeout_s"),
+    ({"model": {"job": "x"}}, "[model]: 'job' is set by the sweep for every point"),
+    ({"model": {"epochs": "many"}}, "[model]: epochs: invalid int value: 'many'"),
+    ({"grid": {"noise": 0.1}}, "[grid] noise: an axis is a non-empty list of values"),
+    ({"grid": {"noise": [0.1]}, "defenses": {"n": {"noise": 0.2}}}, "[defenses.n] and [grid] both set ['noise']"),
+    ({"grid": {"seeds": [0, 0]}}, "come out twice"),
+])
+def test_every_misspelt_or_misplaced_key_is_an_error_naming_it(config, named):
+    with pytest.raises(ValueError) as err:
+        SweepConfig.from_dict(config).points()
+    assert named in str(err.value)
+
+
+def test_the_documented_config_loads():
+    import textwrap
+
+    from deploy import sweep
+
+    doc = sweep.__doc__
+    text = textwrap.dedent(doc[doc.index("    [model]"):doc.index("\nPrecedence")])
+    config = SweepConfig.from_dict(tomllib.loads(text))
+    assert len(config.points()) == 2 * 2 * 2 * 2 * 2 * 3  # cuts, codecs, noise, aux_limit, seeds; defenses
+
+
+@pytest.mark.parametrize("config, named", [
+    ({"model": {"arch": "cnn"}, "grid": {"cuts": ["block1", "pool2"]}}, "unknown cut 'pool2' for arch 'cnn'"),
+    ({"grid": {"lambda": [0, 8]}, "defenses": {"gmm": {"noise": 0.1, "cem": "gmm"}}},
+     "default__fp32__gmm__lambda=0.0__s0__"),
+    ({"model": {"lr_schedule": "zigzag"}}, "--lr-schedule kind: 'zigzag'"),
+])
+def test_a_point_edge_client_would_refuse_is_an_error_before_anything_runs(config, named):
+    from deploy.sweep import check_points
+
+    with pytest.raises(ValueError, match="edge-client would refuse its settings") as err:
+        check_points(SweepConfig.from_dict(config).points())
+    assert named in str(err.value)
+
+
+def test_a_point_is_named_by_its_resolved_settings():
+    base = {"model": {"epochs": 2}, "grid": {"codecs": ["fp32", "int8"], "lambda": [8, 16], "seeds": [0, 1],
+                                            "attack": {"width": [8]}},
+            "defenses": {"gmm": {"noise": 0.1, "cem": "gmm"}}}
+    points = SweepConfig.from_dict(base).points()
+    assert len(points) == 8 and points[0].key.startswith("default__fp32__gmm__lambda=8.0__attack.width=8__s0__")
+    # What runs: the settings that differ from edge-client's defaults (fp32 and seed 0 are its own).
+    assert dict(points[0].edge) == {"epochs": 2, "noise": 0.1, "cem": "gmm", "lambda": 8.0}
+    assert dict(points[-1].edge) == {"epochs": 2, "noise": 0.1, "cem": "gmm", "lambda": 16.0, "codec": "int8",
+                                     "seed": 1}
+    keys = [p.key for p in points]
+
+    def keys_after(**change) -> list[str]:
+        config = json.loads(json.dumps(base))
+        for section, table in change.items():
+            config.setdefault(section, {}).update(table)
+        return [p.key for p in SweepConfig.from_dict(config).points()]
+
+    # Unchanged settings, however spelt (a value at its default, an int for a float, dashes): the same points.
+    assert keys_after(model={"epochs": 2, "noise-kind": "gaussian"}, attack={}) == keys
+    assert keys_after(grid={"lambda": [8.0, 16]}) == keys
+    # A changed [model] setting, defense value or attack setting: every point it reaches is a new one.
+    assert not set(keys_after(model={"epochs": 3})) & set(keys)
+    assert not set(keys_after(defenses={"gmm": {"noise": 0.2, "cem": "gmm"}})) & set(keys)
+    assert not set(keys_after(attack={"epochs": 1})) & set(keys)
+    # A changed axis value: the points with that value are new, the others stay.
+    assert set(keys_after(grid={"lambda": [8, 32]})) & set(keys) == {k for k in keys if "lambda=8.0" in k}
+    # Seeds of one setting share its group, which the aggregate averages over.
+    assert len({p.identity(seed=False) for p in points}) == 4
 
 
 def test_pareto_front_and_grid_expansion():
     # (ssim, accuracy): the third point is dominated by the first
     assert pareto_front([(0.2, 0.9), (0.5, 0.99), (0.3, 0.85), (0.1, 0.5)]) == [3, 0, 1]
     config = SweepConfig.from_dict({"grid": {"cuts": ["conv1", "block1"], "codecs": ["fp32", "int8"],
-                                             "seeds": [0, 1]}, "defenses": {"a": {}, "b": {"noise": 0.1}}})
+                                             "seeds": [0, 1], "lr_schedule": ["constant", "paper"]},
+                                    "defenses": {"a": {}, "b": {"noise": 0.1}}})
     points = config.points()
-    assert len(points) == 16 and len({p.key for p in points}) == 16
+    assert len(points) == 32 and len({p.key for p in points}) == 32
+    assert {p.setting("lr_schedule") for p in points} == {"constant", "paper"}
 
 
 def test_table_shows_the_spread_over_seeds_even_when_it_is_zero():
@@ -89,7 +189,7 @@ def test_flags_mapping():
         SweepConfig.from_dict({"oops": {}})
 
 
-def _rgb_imagefolder(root, per_class: int = 20, side: int = 16) -> None:
+def _rgb_imagefolder(root, per_class: int = 12, side: int = 16) -> None:
     """A tiny RGB ImageFolder tree: per split and class, smooth colour patterns with some noise."""
     import numpy as np
     from PIL import Image
@@ -97,19 +197,22 @@ def _rgb_imagefolder(root, per_class: int = 20, side: int = 16) -> None:
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 1, side)
     for split in ("train", "test"):
-        for c, name in enumerate(("red", "blue")):
+        for c, name in enumerate(("red", "green", "blue")):
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(per_class):
                 base = np.stack([np.outer(ramp, ramp), np.add.outer(ramp, ramp) / 2, np.outer(1 - ramp, ramp)], -1)
-                base[..., 2 * c] += 0.5  # the class is a colour cast
+                base[..., c] += 0.5  # the class is a colour cast
                 image = np.clip(base * rng.uniform(0.5, 1.0) + rng.normal(0, 0.1, base.shape), 0, 1)
                 Image.fromarray((image * 255).astype(np.uint8)).save(folder / f"{i}.png")
 
 
 def test_sweep_attacks_and_scores_an_rgb_imagefolder_with_its_own_data(tmp_path):
     """The attacker learns from, and the scorer rebuilds, the edge's dataset (here 3 channels), not
-    digits; the [attack] table's inverse-network and rMLE settings reach the attacker and its record."""
+    digits; the [attack] table's and the attack axis's settings reach the attacker and its record;
+    the grid's values name the point."""
+    import numpy as np
+
     data = tmp_path / "images"
     _rgb_imagefolder(data)
     (tmp_path / "sweep.toml").write_text(f"""
@@ -123,6 +226,8 @@ batch_size = 8
 
 [grid]
 cuts = [{{cut = "block1", bottleneck = 4}}]  # the point's own bottleneck wins over [model]'s
+noise = [0.1]
+attack.width = [8]
 
 [defenses]
 none = {{}}
@@ -131,7 +236,6 @@ none = {{}}
 methods = ["inversion", "rmle"]
 epochs = 1
 blocks = 1
-width = 8
 rmle_iterations = 3
 rmle_tv_weight = 0.1
 """)
@@ -140,24 +244,59 @@ rmle_tv_weight = 0.1
                            str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (point,) = json.loads((out / "results.json").read_text())["points"]
-    assert point["key"].startswith("block1-b4__") and point["bottleneck"] == 4
+    assert point["key"].startswith("block1-b4__fp32__none__noise=0.1__attack.width=8__s0__")
+    assert point["bottleneck"] == 4 and point["defense_settings"]["noise"] == 0.1
+    assert point["settings"] == {"dataset": "imagefolder", "data_root": str(data), "image_size": 16, "bottleneck": 4,
+                                 "epochs": 1, "batch_size": 8, "cut": "block1", "noise": 0.1}
     inversion, rmle = point["inversion_attacker"], point["rmle_attacker"]
     assert inversion["aux_dataset"] == rmle["aux_dataset"] == "imagefolder"
-    assert inversion["aux_data_root"] == str(data) and inversion["aux_images"] == 40
+    assert inversion["aux_data_root"] == str(data) and inversion["aux_images"] == 36
     assert (inversion["inverse_blocks"], inversion["inverse_width"], inversion["inverse_epochs"]) == (1, 8, 1)
     assert len(inversion["inverse_loss_history"]) == 1
     assert (rmle["rmle_iterations"], rmle["rmle_tv_weight"]) == (3, 0.1)
+    folder = out / "points" / point["key"]
     for method in ("inversion", "rmle"):
-        scores = json.loads((out / "points" / point["key"] / f"attack-{method}" / "attack.json").read_text())
-        assert scores["n_images"] == 40 and 0 < scores["ssim"] <= 1
+        # The scorer compares shapes: scores exist only if it rebuilt the same 3-channel images.
+        recon = np.concatenate([np.load(f) for f in sorted((folder / f"recon-{method}" / "recon").glob("*.npy"))])
+        assert recon.shape == (36, 3, 16, 16)
+        scores = json.loads((folder / f"attack-{method}" / "attack.json").read_text())
+        assert scores["n_images"] == 36 and 0 < scores["ssim"] <= 1
+    (row,) = list(csv.DictReader(open(out / "results.csv")))
+    assert (row["noise"], row["axes"]) == ("0.1", "noise=0.1 attack.width=8")
+
+
+def test_a_failing_point_is_named_and_with_keep_going_does_not_stop_the_others(tmp_path):
+    """The first point's data is not there, which only its edge-client process finds out."""
+    missing = tmp_path / "missing"
+    (tmp_path / "sweep.toml").write_text(CONFIG.replace(
+        "none = {}", f'broken = {{dataset = "imagefolder", data_root = "{missing}"}}\nnone = {{}}')
+        .replace("noise = {noise = 0.3}\n", ""))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "deploy.sweep", "--config", str(tmp_path / "sweep.toml"), "--out", str(out)]
+
+    stopped = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 1
+    (bad,) = json.loads((out / "failed.json").read_text())
+    assert bad.startswith("default__fp32__broken__s0__") and f"  {bad}: edge-client exited 2: " in stopped.stderr
+    assert not list(out.glob("points/*/result.json"))  # it stopped there: none never ran
+
+    going = subprocess.run(cmd + ["--keep-going"], capture_output=True, text=True, timeout=300)
+    assert going.returncode == 1, going.stderr[-3000:]
+    failed = json.loads((out / "failed.json").read_text())
+    assert list(failed) == [bad] and str(missing) in failed[bad]["error"]
+    assert str(missing) in Path(failed[bad]["log"]).read_text() and f"log: {failed[bad]['log']}" in going.stderr
+    (done,) = out.glob("points/*/result.json")
+    assert done.parent.name.startswith("default__fp32__none__s0__")
+    rows = list(csv.DictReader(open(out / "results.csv")))  # the finished point is reported
+    assert [r["defense"] for r in rows] == ["none"] and rows[0]["inversion_ssim"] != ""
 
 
 def test_attack_table_and_per_cut_bottleneck_parse():
     config = SweepConfig.from_dict({"model": {"dataset": "cifar10", "data_root": "/d"},
                                     "grid": {"cuts": ["conv1", {"cut": "pool2", "bottleneck": 8}]},
                                     "attack": {"methods": ["rmle"], "blocks": 8, "args": ["--aux-limit", "9"]}})
-    assert [(p.cut, p.bottleneck) for p in config.points()] == [("conv1", None), ("pool2", 8)]
-    assert config.points()[1].key == "pool2-b8__fp32__none__s0"
+    assert [(p.setting("cut"), p.setting("bottleneck")) for p in config.points()] == [("conv1", 0), ("pool2", 8)]
+    assert config.points()[1].key.startswith("pool2-b8__fp32__none__s0__")
     assert config.attacks == ("rmle",) and config.attack_args == ("--aux-limit", "9")
     assert config.attacker_settings() == {"aux_dataset": "cifar10", "aux_data_root": "/d", "blocks": 8}
     assert config.scorer_data() == {"dataset": "cifar10", "data_root": "/d"}
