@@ -25,11 +25,9 @@ class InvalidDefense(ValueError):
 
 
 @dataclass(frozen=True)
-class DefenseConfig:
-    noise: float = 0.0  # sigma: Gaussian std, or Laplace scale b
-    noise_kind: str = "gaussian"
-    dropout: float = 0.0  # p: share of features zeroed, no 1/(1-p) rescale
-    topk: float = 0.0  # r: share of the smallest |features| zeroed per sample
+class DefenseConfig(ObfuscationConfig):
+    """The obfuscation fields (noise, noise_kind, dropout, topk) and the training-time losses."""
+
     nopeek: float = 0.0  # w: weight of dCor(x, z) in the task loss
     cem: str = "none"
     lam: float = 0.0  # lambda: weight of the CEM gradient on the encoder
