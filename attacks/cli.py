@@ -20,6 +20,7 @@ from attacks.config import LIGHT_INVERSE, METHODS, RGB_INVERSE, AttackConfig
 from splitnet.cli_util import (HelpFormatter, add_config_args, add_threads_arg, listen_address, names_missing_extra,
                                new_parser, parse_args, set_threads, setup_logging)
 from splitnet.settings import DATASETS, DataSpec
+from splitnet.tracking import Tracker
 
 log = logging.getLogger("attacks")
 
@@ -72,7 +73,11 @@ def _run(args: argparse.Namespace) -> int:
     config = AttackConfig(args.method, args.epochs, args.shadow_epochs, args.rmle_iterations,
                           not args.no_noise_aware, args.seed, width=args.width, blocks=args.inverse_blocks,
                           rmle_lr=args.rmle_lr, rmle_tv_weight=args.rmle_tv_weight)
+    tracker = Tracker(args.log_dir)  # before the fit: a missing extra fails before minutes of training
     attacker = Attacker(config, spec, aux_set, encoder=encoder, cloud_decoder=decoder, obfuscate=obfuscate).fit()
+    for epoch, loss in enumerate(attacker.settings()["inverse_loss_history"], 1):
+        tracker.scalars(epoch, {f"attack/{args.method}_loss": loss})
+    tracker.close()
     out = Path(args.out)
     harness.clear_reconstructions(out)  # a re-run into the same folder must not score the last run's output
     start = time.perf_counter()
@@ -172,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-noise-aware", action="store_true", help="train on clean features (weaker attacker)")
     run.add_argument("--seed", type=int, default=0, help="seeds the attacker's training")
     run.add_argument("--out", required=True, help="write reconstructions here")
+    run.add_argument("--log-dir", default="", metavar="DIR",
+                     help="write TensorBoard event files here: the inverse network's training loss per epoch "
+                          "('track' extra)")
     add_config_args(run)
     run.set_defaults(func=_run)
 

@@ -73,6 +73,13 @@ def load_job(path: Path, device: str) -> Job:
                                     f"{str(err).splitlines()[0][:200]})") from None
 
 
+
+def file_stem(job_name: str) -> str:
+    """A file name for a job: its name is the peer's choice, so only safe characters of it are kept,
+    and a digest of the whole name keeps two names that differ elsewhere apart."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", job_name)[:64]
+    return f"{safe}-{hashlib.sha256(job_name.encode()).hexdigest()[:8]}"
+
 class Checkpointer:
     def __init__(self, directory: str | None, every_steps: int, skip_bad: bool = False) -> None:
         """`skip_bad`: at start, a checkpoint that cannot be resumed is logged and its job left
@@ -94,9 +101,7 @@ class Checkpointer:
 
     def path(self, job_name: str) -> Path:
         assert self.directory is not None
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", job_name)[:64]
-        digest = hashlib.sha256(job_name.encode()).hexdigest()[:8]
-        return self.directory / f"{safe}-{digest}.ckpt"
+        return self.directory / f"{file_stem(job_name)}.ckpt"
 
     def maybe_save(self, job: Job) -> None:
         if self.enabled and job.steps_applied - self._saved_at.get(job.name, 0) >= self.every_steps:

@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     p.add_argument("--tap", dest="tap_dir", default=d.tap_dir,
                    help="curious-server mode: record every received training batch here for the attacker")
     add_threads_arg(p)
+    p.add_argument("--log-dir", default=d.log_dir, metavar="DIR",
+                   help="write TensorBoard event files here: one run per job, the decoder's loss and batch accuracy "
+                        "per step ('track' extra)")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     g = p.add_argument_group("security (see docs/SECURITY.md)")
     g.add_argument("--tls-cert", default=d.tls_cert, help="PEM certificate chain: serve TLS (with --tls-key)")

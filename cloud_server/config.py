@@ -26,6 +26,7 @@ class ServerConfig:
     job_idle_s: float = 3600.0  # with checkpoint_dir: a job without session or step this long leaves memory (0: never)
     grace_seconds: float = 5.0  # shutdown: how long in-flight steps may finish
     tap_dir: str = ""  # curious-server tap: record received features here
+    log_dir: str = ""  # TensorBoard: one run per job, its loss and accuracy per step (splitnet.tracking)
     tls_cert: str = ""  # PEM certificate chain: serve TLS (with tls_key)
     tls_key: str = ""  # PEM private key of tls_cert
     tls_ca: str = ""  # PEM CA: require client certificates it signed (mutual TLS)

@@ -131,7 +131,8 @@ class CloudServer:
                                      max_jobs=config.max_jobs, token_identity=bool(config.auth_tokens),
                                      streams=StreamSlots(config.max_streams, config.max_streams_per_peer),
                                      idle_timeout_s=config.idle_timeout_s, job_memory_mb=config.job_memory_mb,
-                                     max_memory_mb=config.max_memory_mb, job_idle_s=config.job_idle_s)
+                                     max_memory_mb=config.max_memory_mb, job_idle_s=config.job_idle_s,
+                                     log_dir=config.log_dir)
         self.health = health.HealthServicer()
         # maximum_concurrent_rpcs: past max_workers a call is refused (RESOURCE_EXHAUSTED) instead of
         # queueing forever behind long-lived streams.
@@ -178,6 +179,7 @@ class CloudServer:
         remaining = max(0.0, self.config.grace_seconds - (time.monotonic() - started))
         self._server.stop(remaining).wait()
         self.servicer.save_all()
+        self.servicer.job_log.close()
         log.info("stopped; %d steps applied", self.servicer.counters.steps_applied)
 
     def wait(self) -> None:

@@ -27,7 +27,7 @@ import grpc
 import torch
 
 from cloud_server import memory
-from cloud_server.checkpoints import Checkpointer
+from cloud_server.checkpoints import Checkpointer, file_stem
 from cloud_server.config import ServerConfig
 from cloud_server.job import Job, NotFinite, Retired, StepOrderError, StepOutcome
 from cloud_server.keyed_lock import KeyedLocks
@@ -37,6 +37,7 @@ from splitnet import codec, security, wire
 from splitnet.checkpoint_file import CheckpointError
 from splitnet.models import OptimSpec, SplitSpec
 from splitnet.schedule import LrSchedule
+from splitnet.tracking import JobTrackers
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
@@ -133,11 +134,11 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                  token_identity: bool = False, streams: StreamSlots | None = None,
                  idle_timeout_s: float = ServerConfig.idle_timeout_s, job_memory_mb: float = ServerConfig.job_memory_mb,
                  max_memory_mb: float = ServerConfig.max_memory_mb,
-                 job_idle_s: float = ServerConfig.job_idle_s) -> None:
+                 job_idle_s: float = ServerConfig.job_idle_s, log_dir: str = "") -> None:
         """`token_identity`: the server checks tokens, so a caller's token is part of its identity.
         `streams`, `idle_timeout_s`: limits on Train / Infer streams (see `cloud_server.streams`).
         `max_jobs`, `job_memory_mb`, `max_memory_mb`: what new jobs may cost (see `cloud_server.memory`).
-        `job_idle_s`: see `evict_idle`."""
+        `job_idle_s`: see `evict_idle`. `log_dir`: TensorBoard runs of the jobs (`JobTrackers`)."""
         self.checkpointer = checkpointer
         self.streams = streams or StreamSlots(ServerConfig.max_streams, ServerConfig.max_streams_per_peer)
         self.idle_timeout_s = idle_timeout_s
@@ -146,6 +147,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         self.max_message_mb = max_message_mb
         self.token_identity = token_identity
         self.observer = observer
+        self.job_log = JobTrackers(log_dir)
         checkpointer.check_all(device)  # jobs with a checkpoint are loaded at their first OpenSession
         self.jobs: dict[str, Job] = {}  # the jobs in memory
         memory.warm_up()
@@ -307,6 +309,8 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                                                              f"{str(err)[:200]}") from None
         if not outcome.duplicate:
             session.steps_applied += 1
+            self.job_log.step(file_stem(job.name), outcome.job_steps_applied, outcome.loss,
+                              outcome.correct / max(len(labels), 1))
             if self.observer:
                 self.observer("Train", session, request.step_id, features, request.features.dtype,
                               list(request.labels))

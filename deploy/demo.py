@@ -26,7 +26,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from deploy.sweep import SweepConfig, aggregate, run_sweep
+from deploy.sweep import SweepConfig, add_log_dir_arg, aggregate, run_sweep
+from splitnet import tracking
 from splitnet.cli_util import names_missing_extra, new_parser, setup_logging
 
 log = logging.getLogger("deploy.demo")
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="its channels (default %(default)s)")
     p.add_argument("--inverse-blocks", type=int, default=None, metavar="N",
                    help="its residual blocks (default: the attacker's for digits, 2)")
+    add_log_dir_arg(p)
     args = p.parse_args(argv)
     from deploy.plots import markdown_table, write_report
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     inverse = {"epochs": args.inverse_epochs, "width": args.inverse_width, "blocks": args.inverse_blocks}
     config = replace(DEMO, workers=args.workers, attack={k: v for k, v in inverse.items() if v is not None})
     start = time.monotonic()
-    points = run_sweep(config, out)
+    points = run_sweep(config, out, log_dir=tracking.prepared(args.log_dir))
     table = aggregate(config, points)
     rows = demo_rows(table)
     story = verdict(rows)

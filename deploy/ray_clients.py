@@ -30,6 +30,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -147,7 +148,8 @@ class _Run:
         run_id = uuid.uuid4().hex[:6]  # fresh ids: a re-run against a long-lived server starts at step 1
         actor = ray.remote(EdgeClient)
         for i, shard in enumerate(shards):
-            client = dataclasses.replace(edge, client_id=f"ray-{run_id}-{i}", seed=edge.seed + i, progress=False)
+            client = dataclasses.replace(edge, client_id=f"ray-{run_id}-{i}", seed=edge.seed + i, progress=False,
+                                         log_dir=edge.log_dir and str(Path(edge.log_dir) / f"client-{i}"))
             # SPREAD: on a cluster the clients go to different machines, as devices would be.
             handle = actor.options(num_cpus=cpus, scheduling_strategy="SPREAD").remote(client, shard, cfg.threads)
             self.clients.append(_Client(i, client.client_id, len(shard), handle))

@@ -86,6 +86,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from deploy.processes import ServerProcess, start_process, start_server
+from splitnet import tracking
 from splitnet.cli_util import config_setting, names_missing_extra, new_parser, setup_logging
 
 log = logging.getLogger("deploy.sweep")
@@ -93,6 +94,8 @@ log = logging.getLogger("deploy.sweep")
 METRICS = ("test_accuracy", "bytes_up_per_sample", "bytes_down_per_sample", "rtt_ms_p50", "samples_per_second",
            "intra_mse", "cem_pull")  # cem_pull: the last epoch's lambda * w_lr * |g_rob| / |g_task| (CEM rows)
 ATTACK_METRICS = ("mse", "ssim", "psnr")
+# A row's settings, for HParams (axes: the grid's other swept settings)
+POINT_SETTINGS = ("cut", "bottleneck", "codec", "defense", "seed", "axes", "defense_settings")
 
 # [attack] settings -> `attacker run` flags. Unset ones are left to the attacker, which
 # resolves them by the data (attacks.config.default_inverse) and records them in run.json.
@@ -431,15 +434,18 @@ def with_absolute_roots(config: SweepConfig, data_root: str = "") -> SweepConfig
     return replace(config, model=model, attack=attack)
 
 
-def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: Path) -> dict:
-    """One point: train and serve through the proxy, attack the capture, score; returns the row."""
+def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: Path, log_dir: str = "") -> dict:
+    """One point: train and serve through the proxy, attack the capture, score; returns the row.
+    With `log_dir`, the point is TensorBoard run `log_dir/KEY`: the edge's and attackers' scalars,
+    and the row as HParams."""
     out.mkdir(parents=True, exist_ok=True)
+    track = ["--log-dir", str(Path(log_dir) / point.key)] if log_dir else []
     # A fresh job (a fresh decoder) per attempt: a retried point must not train against the
     # decoder an interrupted attempt left half-trained on the long-lived server.
     job = f"sweep-{point.key}-{uuid.uuid4().hex[:6]}"
     edge_settings = dict(point.edge)
     _python(out / "edge-client.log", "edge_client", "--server", proxy, "--job", job, "--report", str(out / "edge.json"),
-            "--save-encoder", str(out / "encoder.pt"), "--no-progress", *_flags(edge_settings),
+            "--save-encoder", str(out / "encoder.pt"), "--no-progress", *track, *_flags(edge_settings),
             timeout=config.timeout_s)
     edge = json.loads((out / "edge.json").read_text())
     row: dict = {"key": point.key, "group": point.identity(seed=False), "cut": edge["cut"],
@@ -453,7 +459,7 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
         recon, scored = out / f"recon-{method}", out / f"attack-{method}"
         _python(out / f"attacker-run-{method}.log", "attacks", "run", "--capture", capture, "--session",
                 edge["session_id"], "--method", method, "--encoder", str(out / "encoder.pt"), "--seed",
-                str(point.setting("seed")), "--out", str(recon), *attack_flags, *point.attack_args,
+                str(point.setting("seed")), "--out", str(recon), *track, *attack_flags, *point.attack_args,
                 timeout=config.timeout_s)
         _python(out / f"attacker-score-{method}.log", "attacks", "score", "--recon", str(recon), "--edge-report",
                 str(out / "edge.json"), "--out", str(scored), *_flags(_scorer_data(edge_settings)),
@@ -463,14 +469,17 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
         row[f"{method}_attacker"] = json.loads((recon / "run.json").read_text())  # what produced the scores
         row[f"{method}_grid"] = str((scored / "recon.png").relative_to(out.parent.parent))
     write_atomic(out / "result.json", json.dumps(row, indent=2) + "\n")
+    if log_dir:  # accuracy and the attacks' scores first: TensorBoard's HParams table shows five metrics at first
+        order = ("test_accuracy", *metric_names(config)[len(METRICS):], *METRICS)
+        tracking.write_point(log_dir, point.key, {k: row[k] for k in POINT_SETTINGS}, {m: row.get(m) for m in order})
     return row
 
 
-def attempt(config: SweepConfig, point: Point, proxy: str, capture: str, out: Path) -> dict:
+def attempt(config: SweepConfig, point: Point, proxy: str, capture: str, out: Path, log_dir: str = "") -> dict:
     """`run_point`, whose failure comes back as {"error": message, "log": path} instead of raising:
     a sweep that keeps going records it, and a Ray task's failure needs no unwrapping."""
     try:
-        return run_point(config, point, proxy, capture, out)
+        return run_point(config, point, proxy, capture, out, log_dir)
     except PointFailed as err:
         return {"error": str(err), "log": str(err.log_path)}
     except Exception as err:  # a missing or unreadable output of a process that said it succeeded
@@ -478,9 +487,14 @@ def attempt(config: SweepConfig, point: Point, proxy: str, capture: str, out: Pa
         return {"error": f"{type(err).__name__}: {err}", "log": str(out)}
 
 
+def metric_names(config: SweepConfig) -> list[str]:
+    """A row's measured numbers (the rest of it is the point's settings)."""
+    return list(METRICS) + [f"{m}_{k}" for m in config.attacks for k in ATTACK_METRICS]
+
+
 def aggregate(config: SweepConfig, rows: list[dict]) -> list[dict]:
     """Mean and std over seeds of every numeric metric, one row per group of points alike in all but the seed."""
-    numeric = list(METRICS) + [f"{m}_{k}" for m in config.attacks for k in ATTACK_METRICS]
+    numeric = metric_names(config)
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["group"], []).append(row)
@@ -540,7 +554,15 @@ class SweepFailed(RuntimeError):
         self.failures, self.rows = failures, rows
 
 
-def run_sweep(config: SweepConfig, out: Path, progress: bool = True, keep_going: bool = False) -> list[dict]:
+def add_log_dir_arg(p) -> None:
+    """`--log-dir` of the commands that run a sweep (split-sweep, split-demo)."""
+    p.add_argument("--log-dir", default="", metavar="DIR",
+                   help="write TensorBoard event files here: one run per point (its edge's and attackers' scalars, "
+                        "its settings and final metrics as HParams) ('track' extra)")
+
+
+def run_sweep(config: SweepConfig, out: Path, progress: bool = True, keep_going: bool = False,
+              log_dir: str = "") -> list[dict]:
     """Run the points without a `result.json` and return every point's row, in grid order.
 
     A failure stops the sweep, or with `keep_going` is recorded while the other points run;
@@ -554,7 +576,7 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, keep_going:
     if todo:
         services = Services(out, jobs=4 * len(todo))  # Ray re-runs a task whose worker died up to 3 times
         try:
-            failures = _run_all(config, todo, services, out, progress, keep_going)
+            failures = _run_all(config, todo, services, out, progress, keep_going, log_dir)
         finally:
             services.stop()
     rows = [json.loads((out / "points" / p.key / "result.json").read_text()) for p in points
@@ -567,7 +589,7 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, keep_going:
 
 
 def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Path, progress: bool,
-             keep_going: bool) -> dict[str, dict]:
+             keep_going: bool, log_dir: str) -> dict[str, dict]:
     """Run `todo`; returns the failures."""
     bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress)
     start = time.monotonic()
@@ -586,7 +608,7 @@ def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Pa
     if config.workers <= 1:
         for point in todo:
             if not finished(point, attempt(config, point, services.proxy.address, services.capture,
-                                           out / "points" / point.key)):
+                                           out / "points" / point.key, log_dir)):
                 break
     else:
         from deploy.ray_config import ray_environment
@@ -598,8 +620,8 @@ def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Pa
         ray.init(num_cpus=config.workers, include_dashboard=False, runtime_env={"env_vars": env})
         try:
             task = ray.remote(num_cpus=1)(attempt)
-            pending = {task.remote(config, p, services.proxy.address, services.capture, out / "points" / p.key): p
-                       for p in todo}
+            pending = {task.remote(config, p, services.proxy.address, services.capture, out / "points" / p.key,
+                                   log_dir): p for p in todo}
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 if not finished(pending.pop(done[0]), ray.get(done[0])):
@@ -623,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-going", action="store_true",
                    help="run every point even when some fail; the failures go to OUT/failed.json and the exit "
                         "status is 1 (without it the sweep stops at the first failure)")
+    add_log_dir_arg(p)
     args = p.parse_args(argv)
     from deploy.plots import write_report
 
@@ -637,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--config {args.config}: {err}")
     out = Path(args.out)
     try:
-        rows = run_sweep(config, out, keep_going=args.keep_going)
+        rows = run_sweep(config, out, keep_going=args.keep_going, log_dir=tracking.prepared(args.log_dir))
     except SweepFailed as err:
         if args.keep_going and err.rows:  # the points that finished, reported as such
             write_report(config, write_results(config, err.rows, out), out)

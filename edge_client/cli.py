@@ -7,7 +7,7 @@ import logging
 import sys
 
 from edge_client.config import CEM_CHOICES, ConnectionConfig, DefenseConfig, EdgeConfig, InvalidDefense
-from splitnet import security
+from splitnet import security, tracking
 from splitnet.cli_util import (add_config_args, add_threads_arg, names_missing_extra, new_parser, parse_args,
                                set_threads, setup_logging)
 from splitnet.schedule import LrSchedule
@@ -93,6 +93,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                         "docs/CEM.md §4.1)")
     g.add_argument("--freeze-gates", action="store_true", help="CEM gates do not learn from rob_loss")
     add_threads_arg(p)
+    p.add_argument("--log-dir", default="", metavar="DIR",
+                   help="write TensorBoard event files here: per-epoch loss, accuracy, bytes, rtt, CEM diagnostics "
+                        "('track' extra)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="debug logging")
 
@@ -151,7 +154,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
         codec=args.codec, grad_codec=args.grad_codec, seed=args.seed, job=args.job,
         client_id=getattr(args, "client_id", ""), max_steps=args.max_steps, device=args.device,
         report=getattr(args, "report", ""), save_encoder=getattr(args, "save_encoder", ""),
-        progress=not args.no_progress)
+        log_dir=tracking.prepared(args.log_dir), progress=not args.no_progress)
 
 
 @names_missing_extra("edge-client")

@@ -144,4 +144,5 @@ class EdgeConfig:
     device: str = "cpu"
     report: str = ""
     save_encoder: str = ""  # write the trained encoder here (what an attacker who unpacks the device gets)
+    log_dir: str = ""  # TensorBoard event files of this run (splitnet.tracking); empty: none
     progress: bool = True

@@ -35,6 +35,7 @@ from splitnet import data, models
 from splitnet.cloud_api import Cloud, StepReply
 from splitnet.obfuscation import Obfuscation
 from splitnet.schedule import LrSchedule
+from splitnet.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class EdgeTrainer:
         self.train_seconds = 0.0
         self.duplicates = 0
         self.durable_step_id = 0  # the last step id a server checkpoint holds, as of `make_durable`
+        self.tracker = Tracker(config.log_dir)
 
     @property
     def eval_batch_size(self) -> int:
@@ -111,6 +113,7 @@ class EdgeTrainer:
 
     def close(self) -> None:
         self.cloud.close()
+        self.tracker.close()
 
     def make_durable(self) -> None:
         """After the last step: wait until the server has checkpointed it, so that the run is
@@ -151,6 +154,7 @@ class EdgeTrainer:
                   "lr": self.lr, "samples_per_second": seen / elapsed if elapsed else 0.0,
                   **self.cem.end_epoch(epoch, self.train_set)}
         self.history.append(record)
+        self.tracker.edge_epoch(record, self.counters())
         log.info("epoch %d: loss %.4f acc %.3f, %.0f samples/s%s", epoch, record["train_loss"],
                  record["train_accuracy"], record["samples_per_second"], self.cem.summary(record))
         return record
@@ -220,7 +224,9 @@ class EdgeTrainer:
             y = labels.popleft()
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
-        return correct / max(total, 1)
+        accuracy = correct / max(total, 1)
+        self.tracker.scalars(len(self.history), {"test/accuracy": accuracy})
+        return accuracy
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items()}

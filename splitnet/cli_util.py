@@ -27,7 +27,8 @@ _NOT_SETTINGS = ("help", "version", "config", "print_config")
 # Modules that only an extra of pyproject.toml installs, by top-level name: a plain install is
 # an edge device's, and a command that reaches one of them says which extra to add.
 EXTRA_OF_MODULE = {"grpc_health": "cloud", "grpc_reflection": "cloud", "sklearn": "data", "torchvision": "data",
-                   "torchmetrics": "attack", "PIL": "attack", "ray": "sim", "matplotlib": "plot"}
+                   "torchmetrics": "attack", "PIL": "attack", "ray": "sim", "matplotlib": "plot",
+                   "tensorboard": "track"}
 
 
 def names_missing_extra(prog: str):

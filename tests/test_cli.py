@@ -17,7 +17,7 @@ from splitnet import cli_util
 
 SCRIPTS = {ep.name: ep.value.split(":")[0] for ep in distribution(cli_util.DISTRIBUTION).entry_points
            if ep.group == "console_scripts"}
-HEAVY = ("torch", "torchvision", "ray", "matplotlib")
+HEAVY = ("torch", "torchvision", "ray", "matplotlib", "tensorboard")
 
 
 def test_every_script_in_pyproject_is_covered():

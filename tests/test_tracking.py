@@ -1,0 +1,166 @@
+"""`--log-dir`: the TensorBoard event files hold the numbers the reports hold.
+
+Each test reads the events back with TensorBoard's own reader, as `tensorboard --logdir`
+would, and compares them with the JSON a run wrote: a tag written under another name, at
+another step, or from another figure than the report's fails here.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from deploy.processes import start_server
+from deploy.sweep import SweepConfig, metric_names
+from edge_client import cli as edge_cli
+from splitnet import tracking
+from test_sweep import CONFIG as SWEEP_CONFIG
+
+
+def events(run: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})  # 0: keep every event, not a sample
+    acc.Reload()
+    return acc
+
+
+def scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def hparams_data(acc: EventAccumulator, tag: str) -> plugin_data_pb2.HParamsPluginData:
+    return plugin_data_pb2.HParamsPluginData.FromString(acc.PluginTagToContent(hparams_metadata.PLUGIN_NAME)[tag])
+
+
+def session_hparams(acc: EventAccumulator) -> dict:
+    values = hparams_data(acc, hparams_metadata.SESSION_START_INFO_TAG).session_start_info.hparams
+    return {k: v.string_value if v.HasField("string_value") else v.bool_value if v.HasField("bool_value")
+            else v.number_value for k, v in values.items()}
+
+
+def test_no_log_dir_needs_no_tensorboard_and_a_log_dir_without_it_names_the_extra(tmp_path, monkeypatch, capsys):
+    for name in [m for m in sys.modules if m.split(".")[0] == "tensorboard" or m.startswith("torch.utils.tensorboard")]:
+        monkeypatch.delitem(sys.modules, name)  # imported afresh: it meets the gap
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as where the 'track' extra is absent
+    tracker = tracking.Tracker("")
+    tracker.edge_epoch({"epoch": 1, "train_loss": 1.0}, {"rtt_ms_p50": 2.0})
+    tracker.hparams({"codec": "fp32"}, {"test_accuracy": 0.5})
+    tracker.close()
+    assert list(tmp_path.iterdir()) == []
+    assert edge_cli.main(["--server", "127.0.0.1:9", "--epochs", "1", "--log-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "edge-client: error: tensorboard is not installed; it comes with the 'track' extra" in err
+    assert "Traceback" not in err
+
+
+def test_edge_epochs_and_server_steps_match_the_report(tmp_path):
+    """Two epochs on digits with CEM on, against a real cloud-server: the edge's run holds its
+    history, counters and test accuracy; the server's run of the job holds every step applied."""
+    logs, report_path = tmp_path / "tb", tmp_path / "edge.json"
+    server = start_server("--log-dir", str(logs / "cloud"))
+    try:
+        assert edge_cli.main(["--server", server.address, "--job", "tracked", "--epochs", "2", "--noise", "0.1",
+                              "--cem", "gmm", "--lambda", "10", "--cem-warmup", "0", "--no-progress",
+                              "--report", str(report_path), "--log-dir", str(logs / "edge")]) == 0
+    finally:
+        server.stop()  # closes the job's writer
+    report = json.loads(report_path.read_text())
+    edge = events(logs / "edge")
+    for key, tag in (("train_loss", "train/loss"), ("train_accuracy", "train/accuracy"), ("lr", "train/lr"),
+                     ("cem_pull", "cem/pull"), ("cem_w_lr", "cem/w_lr"), ("rob_loss_mean", "cem/rob_loss")):
+        expected = {r["epoch"]: r[key] for r in report["history"]}
+        assert scalars(edge, tag) == pytest.approx(expected, rel=1e-6), tag  # event files hold float32
+    assert scalars(edge, "test/accuracy") == pytest.approx({2: report["test_accuracy"]})
+    per_sample = scalars(edge, "comm/bytes_up_per_sample")
+    assert sorted(per_sample) == [1, 2] and per_sample[1] > 0
+    assert per_sample[2] == pytest.approx(per_sample[1], rel=0.01)  # the same batches each epoch
+    assert all(v > 0 for v in scalars(edge, "comm/rtt_ms_p50").values())
+
+    (job_run,) = (logs / "cloud").iterdir()
+    assert job_run.name.startswith("job-tracked-")
+    loss = scalars(events(job_run), "server/loss")
+    assert sorted(loss) == list(range(1, report["steps"] + 1))  # every step applied, numbered by the job
+    per_epoch = report["steps"] // 2
+    first_epoch = [loss[s] for s in range(1, per_epoch + 1)]
+    # The edge weights each step by its batch (the last is smaller): close to the plain mean, not equal.
+    assert sum(first_epoch) / per_epoch == pytest.approx(report["history"][0]["train_loss"], rel=0.02)
+
+
+def test_job_names_cannot_lead_out_of_the_log_dir(tmp_path):
+    """A job name is the peer's choice: its run is a folder directly under the log dir."""
+    from cloud_server.checkpoints import file_stem
+
+    logs = tmp_path / "logs"
+    jobs = tracking.JobTrackers(logs)
+    jobs.step(file_stem("../../escape"), 1, 0.5, 0.25)
+    jobs.close()
+    (event_file,) = tmp_path.rglob("*tfevents*")
+    assert event_file.parent.parent == logs
+    assert scalars(events(event_file.parent), "server/accuracy") == {1: 0.25}
+
+
+@pytest.mark.slow
+def test_each_ray_client_is_a_run_of_its_own(tmp_path):
+    """`split-ray --log-dir`: the actors write beside each other, one run per client, each its own history."""
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    try:
+        done = subprocess.run([sys.executable, "-m", "deploy.ray_cli", "--clients", "2", "--start-server", "--epochs",
+                               "2", "--mode", "parallel", "--report", str(tmp_path / "ray.json"),
+                               "--log-dir", str(tmp_path / "tb")],
+                              env={**os.environ, "RAY_TMPDIR": temp, "RAY_AUTH_MODE": "disabled"},
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    clients = json.loads((tmp_path / "ray.json").read_text())["client_reports"]
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["client-0", "client-1"]
+    for client in clients:
+        acc = events(tmp_path / "tb" / f"client-{client['index']}")
+        loss = scalars(acc, "train/loss")
+        assert sorted(loss) == [1, 2] and loss[2] == pytest.approx(client["train_loss"], rel=1e-6)
+        assert scalars(acc, "test/accuracy") == pytest.approx({2: client["test_accuracy"]}, rel=1e-6)
+    assert scalars(events(tmp_path / "tb" / "client-0"), "train/loss") != \
+        scalars(events(tmp_path / "tb" / "client-1"), "train/loss")  # two shards, two histories
+
+
+@pytest.mark.slow
+def test_sweep_points_are_runs_with_their_settings_and_metrics_as_hparams(tmp_path):
+    (tmp_path / "sweep.toml").write_text(SWEEP_CONFIG)
+    out, logs = tmp_path / "out", tmp_path / "tb"
+    done = subprocess.run([sys.executable, "-m", "deploy.sweep", "--config", str(tmp_path / "sweep.toml"),
+                           "--out", str(out), "--log-dir", str(logs)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["points"]
+    assert sorted(p.name for p in logs.iterdir()) == sorted(r["key"] for r in rows)
+    for row in rows:
+        acc = events(logs / row["key"])
+        hparams = session_hparams(acc)
+        for key in ("cut", "codec", "defense"):
+            assert hparams[key] == row[key]
+        assert (hparams["bottleneck"], hparams["seed"]) == (row["bottleneck"], row["seed"])
+        assert hparams["defense_settings.noise"] == pytest.approx(row["defense_settings"]["noise"])
+        # the table's columns: the point's settings and its metrics, not every scalar of the run
+        experiment = hparams_data(acc, hparams_metadata.EXPERIMENT_TAG).experiment
+        tags = [m.name.tag for m in experiment.metric_infos]
+        assert sorted(tags) == sorted(f"hparams/{m}" for m in metric_names(SweepConfig.from_dict(tomllib.loads(
+            SWEEP_CONFIG))))
+        assert tags[:4] == ["hparams/test_accuracy", "hparams/inversion_mse", "hparams/inversion_ssim",
+                            "hparams/inversion_psnr"]
+        assert {h.name for h in experiment.hparam_infos} == set(hparams)
+        for metric in ("test_accuracy", "bytes_up_per_sample", "inversion_ssim", "inversion_mse"):
+            assert scalars(acc, f"hparams/{metric}") == pytest.approx({0: row[metric]}, rel=1e-6), metric
+        history = row["inversion_attacker"]["inverse_loss_history"]
+        assert len(history) == 2  # [attack] epochs = 2
+        assert scalars(acc, "attack/inversion_loss") == pytest.approx(dict(enumerate(history, 1)), rel=1e-6)
+        edge = json.loads((out / "points" / row["key"] / "edge.json").read_text())
+        assert scalars(acc, "train/loss") == pytest.approx({1: edge["history"][0]["train_loss"]}, rel=1e-6)
+        assert not any(math.isnan(v) for v in scalars(acc, "train/accuracy").values())
