@@ -75,7 +75,8 @@ def _run(args: argparse.Namespace) -> int:
                           rmle_lr=args.rmle_lr, rmle_tv_weight=args.rmle_tv_weight)
     tracker = Tracker(args.log_dir)  # before the fit: a missing extra fails before minutes of training
     attacker = Attacker(config, spec, aux_set, encoder=encoder, cloud_decoder=decoder, obfuscate=obfuscate).fit()
-    for epoch, loss in enumerate(attacker.settings()["inverse_loss_history"], 1):
+    # rMLE trains no network: it has no loss per epoch to log
+    for epoch, loss in enumerate(attacker.settings().get("inverse_loss_history", []), 1):
         tracker.scalars(epoch, {f"attack/{args.method}_loss": loss})
     tracker.close()
     out = Path(args.out)

@@ -451,8 +451,9 @@ def test_build_validates_names_and_options():
 
 
 def test_defaults_and_activation_helpers():
-    assert cem.DEFAULTS == {"gmm": {"scale": 1.0, "warmup": 1}, "gated": {"scale": 0.1, "warmup": 5},
-                            "slot": {"scale": 0.25, "warmup": 3}}
+    # the calibrated defaults of docs/CEM.md §4.1 (the seeds': gated 0.1, slot 0.25, gates on)
+    assert cem.DEFAULTS == {"gmm": {"scale": 1.0, "warmup": 1}, "gated": {"scale": 1.0, "warmup": 5, "gates": False},
+                            "slot": {"scale": 1.0, "warmup": 3, "gates": False}}
     assert cem.is_active(16, 0.1, 2, 1) and not cem.is_active(16, 0.1, 1, 1)
     assert not cem.is_active(0, 0.1, 9, 1) and not cem.is_active(16, 0.0, 9, 1)
     module, head = make("slot"), nn.Linear(2, 2)
