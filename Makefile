@@ -10,7 +10,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 EXTRAS ?= all,test
 PIP := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: demo test setup constraints proto bench clean
+.PHONY: demo test test-fast setup constraints proto bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,15 @@ constraints: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/split-demo --out $(OUT)
 
+# The suite runs on every core (pytest-xdist): each test file is one unit of work, the Ray tests
+# one together (tests/conftest.py). `make test-fast`: the unit tier, no test marked slow.
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadgroup
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
+
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow"
 
 proto: $(STAMP)
 	$(BIN)/python -m splitnet.protogen

@@ -52,6 +52,7 @@ def attacked(server, proxy, tmp_path_factory):
     return {"report": report, "direct": run(direct, RemoteCloud(direct.connection)), "cap": cap, "out": out}
 
 
+@pytest.mark.slow
 def test_proxy_is_transparent(attacked):
     via, direct = attacked["report"], attacked["direct"]
     assert via["train_loss"] == direct["train_loss"] and via["test_accuracy"] == direct["test_accuracy"]
@@ -69,6 +70,7 @@ def test_capture_holds_every_message_pickle_free(attacked):
     assert sessions[report["session_id"]]["feature_shape"] == [32, 8, 8]
 
 
+@pytest.mark.slow
 def test_inversion_attack_reconstructs_digits(attacked, tmp_path):
     out, cap = attacked["out"], attacked["cap"]
     recon, result = tmp_path / "recon", tmp_path / "result"
@@ -92,6 +94,7 @@ def test_inversion_attack_reconstructs_digits(attacked, tmp_path):
     assert local["mse"] == pytest.approx(scores["mse"], rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,args", [("rmle", ["--rmle-iterations", "60", "--max-records", "1"]),
                                          ("shadow", ["--shadow-epochs", "2", "--epochs", "2"])])
 def test_rmle_and_shadow_run_and_report(attacked, server, tmp_path, method, args):
@@ -131,6 +134,7 @@ def test_inverse_network_flags_and_their_old_names():
     assert (unset.width, unset.epochs, unset.inverse_blocks) == (None, None, None)
 
 
+@pytest.mark.slow
 def test_training_traffic_is_placed_and_scored_by_epoch(attacked, tmp_path):
     """The harness replays the edge's shuffled training order: every captured training step gets the
     private images it carried (their labels are the ones on the wire), and the scores come per epoch."""
@@ -228,6 +232,7 @@ def server_ckpts(server):
     return sorted(directory.glob("*.ckpt"))
 
 
+@pytest.mark.slow
 def test_tap_records_what_the_server_receives(tmp_path):
     tap = tmp_path / "tap"
     server = start_server("--tap", str(tap))

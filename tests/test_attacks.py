@@ -104,6 +104,7 @@ def test_inversion_decoder_handles_a_non_power_of_two_factor() -> None:
     assert out.shape == (2, 1, 28, 28)
 
 
+@pytest.mark.slow
 def test_inversion_reconstructs_private_digits(digits: Splits, target: SplitModel, tmp_path) -> None:
     before = _snapshot(target.encoder)
     decoder = train_inversion(target.encoder, _aux(digits), target.feature_shape, digits.input_shape, **FAST)
@@ -116,6 +117,7 @@ def test_inversion_reconstructs_private_digits(digits: Splits, target: SplitMode
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_noise_defense_lowers_ssim_against_the_noise_aware_attacker(digits: Splits,
                                                                     sigmoid_target: SplitModel) -> None:
     # sigma 1.0 on sigmoid features in [0, 1] drowns them: far beyond the CEM settings

@@ -11,6 +11,7 @@ from edge_client.config import DefenseConfig, EdgeConfig
 from edge_client.trainer import EdgeTrainer, run
 
 
+@pytest.mark.slow
 def test_cem_pull_is_reported_and_w_lr_reaches_full_lambda_at_the_milestone(caplog):
     """The paper's regime: once the schedule drops the rate below 4.1e-4, w_lr = 0.001 / lr
     turns into 1, so the same lambda pulls 50x harder; a tiny lambda is flagged as inactive."""

@@ -154,6 +154,7 @@ def test_two_files_for_one_job_are_refused_with_both_names(folder):
     assert sorted(_checked(directory, skip_bad=True).on_disk) == ["good"]
 
 
+@pytest.mark.slow
 def test_the_cli_exits_naming_the_file_or_skips_it(folder, capsys):
     directory, path = folder
     path.write_bytes(path.read_bytes()[:1000])

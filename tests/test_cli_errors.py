@@ -32,6 +32,7 @@ def _exit_code(main, argv: list[str]) -> int:
         return exit_.code
 
 
+@pytest.mark.slow
 def test_a_second_server_on_a_port_in_use_exits_with_one_line():
     """gRPC's default SO_REUSEPORT let a second server bind the same port and silently take
     a share of the connections; now the second one exits at once, naming the port."""

@@ -60,6 +60,7 @@ def test_defense_trains_and_reports(name, dataset, image_folder):
         assert report["cem_nan_count"] == 0
 
 
+@pytest.mark.slow
 def test_edge_client_cli_runs_slot_cem_on_an_image_folder(server, image_folder, tmp_path):
     path = tmp_path / "edge.json"
     done = subprocess.run([sys.executable, "-m", "edge_client", "--server", server.address, "--dataset",

@@ -12,9 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_python_api_example_trains_then_attacks():
     out = subprocess.run([sys.executable, "examples/python_api.py", "--epochs", "1", "--attack-epochs", "1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)

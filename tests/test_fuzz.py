@@ -246,6 +246,7 @@ def _honest_run(servicer: SplitLearningServicer, job: str) -> tuple[list[bytes],
     return replies, [t.contiguous().numpy().tobytes() for t in tensors]
 
 
+@pytest.mark.slow
 def test_servicer_in_process_survives_10000_fuzzed_messages_while_an_honest_client_trains():
     """Mutated sessions, steps and inference requests, and random bytes that parse, straight into
     the servicer's RPC methods. Every refusal is an expected status whose message names a
@@ -348,6 +349,7 @@ def _mutated(valid: pb.TrainStep, changes, leaked) -> pb.TrainStep:
 # -- a slice over the wire: a real cloud-server process
 
 
+@pytest.mark.slow
 def test_server_process_survives_fuzzing_while_an_honest_client_trains():
     """The same mutations through gRPC to a cloud-server process, plus bytes that do not parse.
     Honest runs repeat, one after another, for as long as the fuzz lasts; each must equal a

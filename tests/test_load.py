@@ -7,6 +7,7 @@ import threading
 import time
 
 import grpc
+import pytest
 
 from benchmarks.soak import LoadClient
 from edge_client.report import percentile
@@ -17,6 +18,7 @@ from splitnet.v1 import split_pb2_grpc
 CLIENTS, STEPS = 8, 200
 
 
+@pytest.mark.slow
 def test_eight_clients_two_hundred_steps_each_applied_exactly_once():
     server = start_server("--threads", "1")
     try:

@@ -34,6 +34,8 @@ from edge_client.remote import RemoteCloud  # noqa: E402
 from edge_client.trainer import EdgeTrainer, run  # noqa: E402
 from splitnet import data  # noqa: E402
 
+pytestmark = pytest.mark.ray  # see conftest.py: one xdist worker runs every Ray test
+
 # Each client trains on a third of digits, 8 steps an epoch: with fewer epochs its batch-norm
 # running statistics have not settled and evaluation (in eval mode) lags training.
 EPOCHS = 10
@@ -88,6 +90,7 @@ def single(server):
     return run(config, RemoteCloud(config.connection))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sequential", "parallel", "splitfed"])
 def test_three_clients_train(ray_local, server, single, mode):
     report = run_clients(RayRunConfig(edge(server, f"three-{mode}"), clients=3, mode=mode))
@@ -107,6 +110,7 @@ def test_three_clients_train(ray_local, server, single, mode):
     assert report["bytes_up"] == sum(c["bytes_up"] for c in clients) and report["samples_per_second"] > 0
 
 
+@pytest.mark.slow
 def test_killed_client_leaves_the_others_finishing(ray_local, server):
     report = run_clients(RayRunConfig(edge(server, "kill", epochs=3), clients=3, mode="splitfed", kill=Kill(1, 2)))
     victim, *others = sorted(report["client_reports"], key=lambda c: c["index"] != 1)
@@ -150,6 +154,7 @@ def test_ray_listens_on_loopback_only(ray_local):
     assert all(h.is_loopback for h in hosts), listening
 
 
+@pytest.mark.slow
 def test_one_command_run_starts_and_stops_its_server():
     """`split-ray --start-server`: its own Ray on 127.0.0.1 and its own cloud-server, both gone after."""
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")

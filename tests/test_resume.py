@@ -42,6 +42,7 @@ class _RateRecorder(RemoteCloud):
         return reply
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipeline", [0, 3])
 def test_kill_9_restart_and_continue(tmp_path, pipeline):
     """Also: the decoder follows the edge's schedule step for step across the crash (the rate
@@ -80,6 +81,7 @@ def test_kill_9_restart_and_continue(tmp_path, pipeline):
         server.stop()
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_a_rejoining_client_continues(tmp_path):
     port, ckpt = free_port(), str(tmp_path / "ckpt")
     server = start_server("--checkpoint-dir", ckpt, "--checkpoint-every", "1000", port=port)
@@ -99,6 +101,7 @@ def test_sigterm_checkpoints_and_a_rejoining_client_continues(tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipeline", [0, 2])
 def test_kill_9_right_after_a_checkpoint_rename_loses_no_update(tmp_path, pipeline):
     """The server kills itself right after writing the checkpoint of job step 10, before the
@@ -130,6 +133,7 @@ def test_kill_9_right_after_a_checkpoint_rename_loses_no_update(tmp_path, pipeli
         server.stop()
 
 
+@pytest.mark.slow
 def test_kill_9_after_the_edge_finished_loses_no_step(tmp_path):
     """13 steps with a checkpoint every 5: the scheduled ones hold step 10 at most, so the edge
     finishes only once the server has checkpointed step 13 for it."""

@@ -125,6 +125,7 @@ def test_tls_trains_and_refuses_plaintext_and_strangers(pki, serve):
     assert rejected(lambda: wrong_ca.Stats(pb.StatsRequest(), timeout=5)).code() == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.slow
 def test_a_tls_mismatch_is_named_in_the_edge_error(pki, serve, capsys):
     """A plaintext edge against a TLS server and a TLS edge against a plaintext one each get an
     error that points at TLS, not just UNAVAILABLE."""
@@ -252,6 +253,7 @@ def test_ownership_survives_a_restart(tmp_path):
 # -- the command lines
 
 
+@pytest.mark.slow
 def test_cli_mutual_tls_and_token_end_to_end(pki):
     """Both real processes, all security flags; the token comes from the environment."""
     env = {security.AUTH_ENV: TOKEN_A}

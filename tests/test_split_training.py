@@ -50,6 +50,7 @@ class Recorded:
         return getattr(self.cloud, name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("codec_name,grad_codec", [("fp32", "fp32"), ("int8", "int8")])
 def test_remote_training_equals_single_process(server, codec_name, grad_codec):
     """Same seed and codecs both ways: the in-process run is the gRPC run, step for step.
@@ -76,6 +77,7 @@ def test_remote_training_equals_single_process(server, codec_name, grad_codec):
     assert local_report["bytes_down"] == pytest.approx(remote_report["bytes_down"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_cli_report_and_codecs(server, tmp_path):
     sizes = {}
     for name in ("fp32", "fp16", "int8"):
@@ -176,6 +178,7 @@ def test_sessions_of_one_job_share_a_decoder_without_lost_updates(server):
     assert jobs["other"].steps_applied == 0 and jobs["other"].sessions_open == 1
 
 
+@pytest.mark.slow
 def test_oversize_message_names_the_flag(tmp_path):
     small = start_server("--max-message-mb", "0.4")
     try:
@@ -191,6 +194,7 @@ def test_oversize_message_names_the_flag(tmp_path):
         small.stop()
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "edge_client", "--dataset", "cifar10", "--data-root",
                            str(tmp_path / "missing"), "--server", "127.0.0.1:1"], capture_output=True, text=True,

@@ -3,6 +3,7 @@ and the config parsed into settings that name a point and refuse a key they do n
 
 import csv
 import json
+import math
 import subprocess
 import sys
 import tomllib
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from deploy.plots import markdown_table, pareto_front
-from deploy.sweep import SweepConfig
+from deploy.sweep import SweepConfig, metric_names
 
 CONFIG = """
 [model]
@@ -36,14 +37,68 @@ args = ["--aux-limit", "300"]
 """
 
 
-def test_two_point_sweep_writes_results_and_resumes(tmp_path):
-    (tmp_path / "sweep.toml").write_text(CONFIG)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "deploy.sweep", "--config", str(tmp_path / "sweep.toml"), "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+def _sweep(config: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deploy.sweep", "--config", str(config), "--out", str(out), *flags],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _stamps(out: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in out.glob("points/*/result.json")}
+
+
+@pytest.fixture(scope="module")
+def digits_sweep(tmp_path_factory):
+    """One digits sweep, re-run as a user re-runs one: three points, the first of which fails
+    (its data is not there, which only its edge-client process finds out).
+
+    1. plain: it stops at the failure; 2. `--keep-going --log-dir`: the other two run and the
+    failure is recorded; 3. again, nothing changed: nothing runs; 4. one defense's noise
+    changed: exactly that point runs. Each stage's output and the result stamps after it are kept
+    for the tests below, so the points train once for all of them."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    missing, config, out, logs = tmp / "missing", tmp / "sweep.toml", tmp / "out", tmp / "tb"
+    broken = f'broken = {{dataset = "imagefolder", data_root = "{missing}"}}\nnone = {{}}'
+    config.write_text(CONFIG.replace("none = {}", broken))
+    stages = {"stopped": _sweep(config, out)}
+    stamps = {"stopped": _stamps(out)}
+    stages["going"] = _sweep(config, out, "--keep-going", "--log-dir", str(logs))
+    stamps["going"] = _stamps(out)
+    going = json.loads((out / "results.json").read_text())
+    stages["again"] = _sweep(config, out, "--keep-going")
+    stamps["again"] = _stamps(out)
+    config.write_text(CONFIG.replace("none = {}", broken).replace("noise = {noise = 0.3}", "noise = {noise = 0.2}"))
+    stages["changed"] = _sweep(config, out, "--keep-going")
+    stamps["changed"] = _stamps(out)
+    return {"out": out, "logs": logs, "missing": missing, "stages": stages, "stamps": stamps,
+            "going": going}
+
+
+@pytest.mark.slow
+def test_a_failing_point_stops_a_sweep_and_is_named(digits_sweep):
+    stopped = digits_sweep["stages"]["stopped"]
+    assert stopped.returncode == 1
+    (bad,) = json.loads((digits_sweep["out"] / "failed.json").read_text())
+    assert bad.startswith("default__fp32__broken__s0__") and f"  {bad}: edge-client exited 2: " in stopped.stderr
+    assert "3 points, 0 already done" in stopped.stderr
+    assert digits_sweep["stamps"]["stopped"] == {}  # it stopped there: the other points never ran
+
+
+@pytest.mark.slow
+def test_with_keep_going_a_failing_point_does_not_stop_the_others(digits_sweep):
+    going, out, missing = digits_sweep["stages"]["going"], digits_sweep["out"], digits_sweep["missing"]
+    assert going.returncode == 1, going.stderr[-3000:]
+    failed = json.loads((out / "failed.json").read_text())  # written again at the end of every run
+    (bad,) = failed
+    assert bad.startswith("default__fp32__broken__s0__") and str(missing) in failed[bad]["error"]
+    assert str(missing) in Path(failed[bad]["log"]).read_text() and f"log: {failed[bad]['log']}" in going.stderr
+    assert sorted(p.parent.name.split("__")[2] for p in digits_sweep["stamps"]["going"]) == ["noise", "none"]
+
+
+@pytest.mark.slow
+def test_finished_points_are_reported_with_plots(digits_sweep):
+    out = digits_sweep["out"]
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert {r["defense"] for r in rows} == {"none", "noise"}
+    assert {r["defense"] for r in rows} == {"none", "noise"}  # the failed point is in failed.json, not here
     for row in rows:
         for key in ("test_accuracy", "bytes_up_per_sample", "bytes_down_per_sample", "rtt_ms_p50",
                     "samples_per_second", "inversion_mse", "inversion_ssim", "inversion_psnr"):
@@ -53,21 +108,25 @@ def test_two_point_sweep_writes_results_and_resumes(tmp_path):
     for name in ("accuracy_vs_ssim.png", "bytes_vs_ssim.png", "report.md"):
         assert (out / name).stat().st_size > 0
     assert "![](accuracy_vs_ssim.png)" in (out / "report.md").read_text()
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob("points/*/result.json")}
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "2 already done" in again.stderr
-    assert {p: p.stat().st_mtime_ns for p in out.glob("points/*/result.json")} == stamps
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporary file behind
 
-    # One setting changed: exactly its point runs again, in a folder of its own; the other resumes.
-    (tmp_path / "sweep.toml").write_text(CONFIG.replace("noise = {noise = 0.3}", "noise = {noise = 0.2}"))
-    changed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert changed.returncode == 0, changed.stderr[-3000:]
-    assert "2 points, 1 already done" in changed.stderr
-    now = {p: p.stat().st_mtime_ns for p in out.glob("points/*/result.json")}
-    (new,) = set(now) - set(stamps)
-    assert {p: now[p] for p in stamps} == stamps and "__noise__" in new.parent.name
+
+@pytest.mark.slow
+def test_a_rerun_resumes_every_finished_point(digits_sweep):
+    again, stamps = digits_sweep["stages"]["again"], digits_sweep["stamps"]
+    assert again.returncode == 1, again.stderr[-3000:]  # the broken point fails again
+    assert "3 points, 2 already done" in again.stderr
+    assert stamps["again"] == stamps["going"]
+
+
+@pytest.mark.slow
+def test_a_changed_setting_reruns_exactly_its_point(digits_sweep):
+    changed, stamps, out = digits_sweep["stages"]["changed"], digits_sweep["stamps"], digits_sweep["out"]
+    assert changed.returncode == 1, changed.stderr[-3000:]
+    assert "3 points, 1 already done" in changed.stderr
+    now = stamps["changed"]
+    (new,) = set(now) - set(stamps["going"])  # a folder of its own; the other point resumed untouched
+    assert {p: now[p] for p in stamps["going"]} == stamps["going"] and "__noise__" in new.parent.name
     by_defense = {r["defense"]: r for r in json.loads((out / "results.json").read_text())["points"]}
     assert by_defense["noise"]["defense_settings"]["noise"] == 0.2 and by_defense["noise"]["key"] == new.parent.name
 
@@ -207,6 +266,7 @@ def _rgb_imagefolder(root, per_class: int = 12, side: int = 16) -> None:
                 Image.fromarray((image * 255).astype(np.uint8)).save(folder / f"{i}.png")
 
 
+@pytest.mark.slow
 def test_sweep_attacks_and_scores_an_rgb_imagefolder_with_its_own_data(tmp_path):
     """The attacker learns from, and the scorer rebuilds, the edge's dataset (here 3 channels), not
     digits; the [attack] table's and the attack axis's settings reach the attacker and its record;
@@ -265,32 +325,6 @@ rmle_tv_weight = 0.1
     assert (row["noise"], row["axes"]) == ("0.1", "noise=0.1 attack.width=8")
 
 
-def test_a_failing_point_is_named_and_with_keep_going_does_not_stop_the_others(tmp_path):
-    """The first point's data is not there, which only its edge-client process finds out."""
-    missing = tmp_path / "missing"
-    (tmp_path / "sweep.toml").write_text(CONFIG.replace(
-        "none = {}", f'broken = {{dataset = "imagefolder", data_root = "{missing}"}}\nnone = {{}}')
-        .replace("noise = {noise = 0.3}\n", ""))
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "deploy.sweep", "--config", str(tmp_path / "sweep.toml"), "--out", str(out)]
-
-    stopped = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert stopped.returncode == 1
-    (bad,) = json.loads((out / "failed.json").read_text())
-    assert bad.startswith("default__fp32__broken__s0__") and f"  {bad}: edge-client exited 2: " in stopped.stderr
-    assert not list(out.glob("points/*/result.json"))  # it stopped there: none never ran
-
-    going = subprocess.run(cmd + ["--keep-going"], capture_output=True, text=True, timeout=300)
-    assert going.returncode == 1, going.stderr[-3000:]
-    failed = json.loads((out / "failed.json").read_text())
-    assert list(failed) == [bad] and str(missing) in failed[bad]["error"]
-    assert str(missing) in Path(failed[bad]["log"]).read_text() and f"log: {failed[bad]['log']}" in going.stderr
-    (done,) = out.glob("points/*/result.json")
-    assert done.parent.name.startswith("default__fp32__none__s0__")
-    rows = list(csv.DictReader(open(out / "results.csv")))  # the finished point is reported
-    assert [r["defense"] for r in rows] == ["none"] and rows[0]["inversion_ssim"] != ""
-
-
 def test_attack_table_and_per_cut_bottleneck_parse():
     config = SweepConfig.from_dict({"model": {"dataset": "cifar10", "data_root": "/d"},
                                     "grid": {"cuts": ["conv1", {"cut": "pool2", "bottleneck": 8}]},
@@ -324,6 +358,7 @@ def test_data_roots_become_absolute_and_the_cli_one_wins(tmp_path, monkeypatch):
     assert config.model["data_root"] == "data/a"  # the loaded config is left as it was
 
 
+@pytest.mark.slow
 def test_demo_attacker_flags_reach_the_attacker_and_the_report(tmp_path, monkeypatch):
     from deploy import demo
 
@@ -359,3 +394,37 @@ def test_plot_labels_of_close_points_neither_overlap_nor_leave_the_axes():
     assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
     assert any(n.arrow_patch is not None for n in notes)  # a label moved off its point has a leader line
     plt.close(fig)
+
+
+@pytest.mark.slow
+def test_sweep_points_are_runs_with_their_settings_and_metrics_as_hparams(digits_sweep):
+    """`split-sweep --log-dir` (the keep-going stage): one TensorBoard run per finished point."""
+    from test_tracking import events, hparams_data, hparams_metadata, scalars, session_hparams
+
+    out, logs = digits_sweep["out"], digits_sweep["logs"]
+    rows = digits_sweep["going"]["points"]  # before stage 4 re-ran the noise point without --log-dir
+    assert len(rows) == 2
+    assert sorted(p.name for p in logs.iterdir()) == sorted(r["key"] for r in rows)
+    for row in rows:
+        acc = events(logs / row["key"])
+        hparams = session_hparams(acc)
+        for key in ("cut", "codec", "defense"):
+            assert hparams[key] == row[key]
+        assert (hparams["bottleneck"], hparams["seed"]) == (row["bottleneck"], row["seed"])
+        assert hparams["defense_settings.noise"] == pytest.approx(row["defense_settings"]["noise"])
+        # the table's columns: the point's settings and its metrics, not every scalar of the run
+        experiment = hparams_data(acc, hparams_metadata.EXPERIMENT_TAG).experiment
+        tags = [m.name.tag for m in experiment.metric_infos]
+        metrics = metric_names(SweepConfig.from_dict(tomllib.loads(CONFIG)))
+        assert sorted(tags) == sorted(f"hparams/{m}" for m in metrics)
+        assert tags[:4] == ["hparams/test_accuracy", "hparams/inversion_mse", "hparams/inversion_ssim",
+                            "hparams/inversion_psnr"]
+        assert {h.name for h in experiment.hparam_infos} == set(hparams)
+        for metric in ("test_accuracy", "bytes_up_per_sample", "inversion_ssim", "inversion_mse"):
+            assert scalars(acc, f"hparams/{metric}") == pytest.approx({0: row[metric]}, rel=1e-6), metric
+        history = row["inversion_attacker"]["inverse_loss_history"]
+        assert len(history) == 2  # [attack] epochs = 2
+        assert scalars(acc, "attack/inversion_loss") == pytest.approx(dict(enumerate(history, 1)), rel=1e-6)
+        edge = json.loads((out / "points" / row["key"] / "edge.json").read_text())
+        assert scalars(acc, "train/loss") == pytest.approx({1: edge["history"][0]["train_loss"]}, rel=1e-6)
+        assert not any(math.isnan(v) for v in scalars(acc, "train/accuracy").values())
