@@ -38,9 +38,9 @@ constraints: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/split-demo --out $(OUT)
 
-# The suite runs on every core (pytest-xdist): each test file is one unit of work, the Ray tests
-# one together (tests/conftest.py). `make test-fast`: the unit tier, no test marked slow.
-PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadgroup
+# The suite runs on every core (pytest-xdist), a test file at a time per worker so that its
+# module-scoped servers start once. `make test-fast`: the unit tier, no test marked slow.
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 test: $(STAMP)
 	$(PYTEST)

@@ -21,13 +21,8 @@ def server(tmp_path_factory):
 HEAVY_FIXTURES = {"attacked", "proxy", "ray_local", "single", "digits_sweep", "target", "sigmoid_target"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects and xdist schedules
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`), a test file is one
-    unit of work, so its module-scoped servers start once; the tests that start a Ray
-    instance are one unit together, so two Ray instances never compete for the cores."""
     for item in items:
         if HEAVY_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
-        group = "ray" if item.get_closest_marker("ray") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))

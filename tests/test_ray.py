@@ -34,8 +34,6 @@ from edge_client.remote import RemoteCloud  # noqa: E402
 from edge_client.trainer import EdgeTrainer, run  # noqa: E402
 from splitnet import data  # noqa: E402
 
-pytestmark = pytest.mark.ray  # see conftest.py: one xdist worker runs every Ray test
-
 # Each client trains on a third of digits, 8 steps an epoch: with fewer epochs its batch-norm
 # running statistics have not settled and evaluation (in eval mode) lags training.
 EPOCHS = 10

@@ -106,7 +106,6 @@ def test_job_names_cannot_lead_out_of_the_log_dir(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.ray
 def test_each_ray_client_is_a_run_of_its_own(tmp_path):
     """`split-ray --log-dir`: the actors write beside each other, one run per client, each its own history."""
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
