@@ -12,8 +12,8 @@ full lambda after the task has converged, the regime CEM was designed for. At a 
 rate the same lambda pulls 50x less and CEM barely moves the attack.
 
 Writes to the output folder: `report.json` (a list `rows`, each with `defense`, `codec`,
-`test_accuracy`, `bytes_up_per_sample`, `attack_mse`, `attack_ssim`, `attack_psnr`),
-`report.md`, `accuracy_vs_ssim.png`, `bytes_vs_ssim.png`, and per point its edge report,
+`test_accuracy`, `bytes_up_per_sample`, `attack_mse`, `attack_ssim`, `attack_psnr`; `cem_gains`:
+`deploy.gains.cem_gains`; `verdict`), `report.md`, `accuracy_vs_ssim.png`, `bytes_vs_ssim.png`, and per point its edge report,
 encoder, reconstructions and `recon.png` under `points/`.
 """
 
@@ -26,6 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from deploy.gains import MATCHED_POINTS, cem_gains
 from deploy.sweep import SweepConfig, add_log_dir_arg, aggregate, run_sweep
 from splitnet import tracking
 from splitnet.cli_util import names_missing_extra, new_parser, setup_logging
@@ -52,26 +53,19 @@ def demo_rows(table: list[dict]) -> list[dict]:
              "attack_ssim": r["inversion_ssim"], "attack_psnr": r["inversion_psnr"]} for r in table]
 
 
-def verdict(rows: list[dict]) -> str:
-    """What the table says about CEM, in words, from the numbers themselves."""
-    lines = []
-    for codec in sorted({r["codec"] for r in rows}):
-        by = {r["defense"]: r for r in rows if r["codec"] == codec}
-        if "noise" not in by or "noise+cem" not in by:
-            continue
-        noise, cem = by["noise"], by["noise+cem"]
-        d_acc = (cem["test_accuracy"] - noise["test_accuracy"]) * 100
-        d_mse = (cem["attack_mse"] / noise["attack_mse"] - 1) * 100 if noise["attack_mse"] else float("nan")
-        lines.append(f"- {codec}: noise + CEM gives attack SSIM {cem['attack_ssim']:.3f} vs {noise['attack_ssim']:.3f} "
-                     f"with noise alone (attack MSE {d_mse:+.1f}%), accuracy {d_acc:+.1f} points: "
-                     + _grade(cem["attack_ssim"] < noise["attack_ssim"], d_mse, d_acc))
-    return "\n".join(lines)
+def verdict(gains: list[dict]) -> str:
+    """What the run says about CEM, in words, from its paired gains (`deploy.gains.cem_gains`)."""
+    return "\n".join(
+        f"- {g['codec']}: noise + CEM changes attack MSE by {g['inversion_mse_gain_pct']:+.1f}% over noise alone "
+        f"(attack SSIM {g['inversion_ssim_delta']:+.3f}), accuracy {g['accuracy_delta_points']:+.1f} points: "
+        + _grade(g["inversion_ssim_delta"] < 0, g["inversion_mse_gain_pct"], g["matched"])
+        for g in sorted(gains, key=lambda g: g["codec"]) if "inversion_mse_gain_pct" in g)
 
 
-def _grade(lower_ssim: bool, mse_gain_pct: float, accuracy_delta: float) -> str:
+def _grade(lower_ssim: bool, mse_gain_pct: float, matched: bool) -> str:
     """The CEM paper states robustness as attack-MSE gain at matched accuracy (12.9% to 48.2%)."""
-    if abs(accuracy_delta) > 1.0:
-        return "accuracy is not matched (more than 1 point apart), so no verdict."
+    if not matched:
+        return f"accuracy is not matched (more than {MATCHED_POINTS:g} point apart), so no verdict."
     if not lower_ssim or mse_gain_pct <= 0:
         return "CEM does NOT help here."
     if mse_gain_pct < 10:
@@ -107,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     points = run_sweep(config, out, log_dir=tracking.prepared(args.log_dir))
     table = aggregate(config, points)
     rows = demo_rows(table)
-    story = verdict(rows)
+    gains = cem_gains(points, config.attacks)
+    story = verdict(gains)
     # As the attacker resolved and recorded it (None: a point finished before attackers were recorded).
     attacker = {k: points[0].get("inversion_attacker", {}).get(f"inverse_{k}") for k in ("blocks", "width", "epochs")}
     preface = (f"Digits, cnn cut at its default with an 8-channel sigmoid bottleneck, {config.model['epochs']} "
@@ -116,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                f"inversion "
                f"network ({attacker['blocks']} residual blocks, width {attacker['width']}, {attacker['epochs']} "
                f"epochs on its own digits) on intercepted inference traffic.\n\n" + story)
-    write_report(config, table, out, "Demo: split inference under attack", preface)
-    report = {"rows": rows, "verdict": story, "attacker": attacker, "wall_seconds": time.monotonic() - start,
+    write_report(config, table, out, "Demo: split inference under attack", preface, gains)
+    report = {"rows": rows, "cem_gains": gains, "verdict": story, "attacker": attacker, "wall_seconds": time.monotonic() - start,
               "plots": ["accuracy_vs_ssim.png", "bytes_vs_ssim.png"], "report_md": "report.md"}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(markdown_table(rows, COLUMNS))

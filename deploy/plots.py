@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
+from deploy.gains import MATCHED_POINTS, markdown  # noqa: E402
+
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points not dominated when leakage (x) is minimised and accuracy (y) maximised."""
@@ -181,7 +183,8 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 
 def write_report(config, rows: list[dict], out: Path, title: str = "Sweep: accuracy vs leakage vs communication",
-                 preface: str = "") -> None:
+                 preface: str = "", gains: list[dict] | None = None) -> None:
+    """report.md and the plots; `gains`: `deploy.gains.cem_gains` of the sweep's points."""
     method = config.attacks[0] if config.attacks else None
     columns = [("defense", "{}"), ("codec", "{}"), ("cut", "{}"), ("bottleneck", "{}"), ("test_accuracy", "{:.3f}"),
                ("bytes_up_per_sample", "{:.0f}"), ("rtt_ms_p50", "{:.1f}"), ("intra_mse", "{:.4f}")]
@@ -196,6 +199,11 @@ def write_report(config, rows: list[dict], out: Path, title: str = "Sweep: accur
               "(mean ± std over seeds). Attacks ran on features captured by the proxy from real traffic; "
               "scores are per image on [0, 1] images, then averaged (see `attack.json` for the SSIM convention).",
               "", markdown_table(rows, columns), ""]
+    if gains:
+        lines += ["## What CEM adds over noise alone", "", "Each CEM point against the point that differs from it "
+                  "only by CEM, at the same seed; the mean over seeds, then each seed in brackets. The CEM paper "
+                  "states robustness this way: attack-MSE gain at matched accuracy (within "
+                  f"{MATCHED_POINTS:g} point).", "", markdown(gains, config.attacks), ""]
     if method:
         accuracy_vs_leakage(rows, method, out / "accuracy_vs_ssim.png")
         bytes_vs_leakage(rows, method, out / "bytes_vs_ssim.png")

@@ -58,7 +58,9 @@ at its first failure.
 Every point's `result.json` (and `results.json`'s `points`) holds its resolved `settings`
 and, per method, the attacker's `run.json` as `<method>_attacker`: the resolved settings
 that produced its scores. `results.csv` / `results.json`'s `rows` average over seeds every
-group of points alike in all else.
+group of points alike in all else. `results.json`'s `cem_gains` (and report.md's CEM table)
+pairs every CEM point with the point that differs from it only by CEM, at the same seed: the
+attack-MSE gain and accuracy change, per seed and averaged (deploy/gains.py).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from deploy.gains import cem_gains
 from deploy.processes import ServerProcess, start_process, start_server
 from splitnet import tracking
 from splitnet.cli_util import config_setting, names_missing_extra, new_parser, setup_logging
@@ -516,7 +519,9 @@ def aggregate(config: SweepConfig, rows: list[dict]) -> list[dict]:
 
 def write_results(config: SweepConfig, rows: list[dict], out: Path) -> list[dict]:
     table = aggregate(config, rows)
-    write_atomic(out / "results.json", json.dumps({"rows": table, "points": rows}, indent=2) + "\n")
+    gains = cem_gains(rows, config.attacks)
+    write_atomic(out / "results.json", json.dumps({"rows": table, "points": rows, "cem_gains": gains}, indent=2)
+                 + "\n")
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in table for k in r)))
     writer.writeheader()
@@ -663,13 +668,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_sweep(config, out, keep_going=args.keep_going, log_dir=tracking.prepared(args.log_dir))
     except SweepFailed as err:
         if args.keep_going and err.rows:  # the points that finished, reported as such
-            write_report(config, write_results(config, err.rows, out), out)
+            write_report(config, write_results(config, err.rows, out), out,
+                         gains=cem_gains(err.rows, config.attacks))
         print(f"split-sweep: {len(err.failures)} point(s) failed (listed in {out / 'failed.json'}):", file=sys.stderr)
         for key, failure in err.failures.items():
             print(f"  {key}: {failure['error']}\n    log: {failure['log']}", file=sys.stderr)
         return 1
-    table = write_results(config, rows, out)
-    write_report(config, table, out)
+    write_report(config, write_results(config, rows, out), out, gains=cem_gains(rows, config.attacks))
     print(f"{len(rows)} points; results in {out / 'results.csv'}, report in {out / 'report.md'}")
     return 0
 

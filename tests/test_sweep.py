@@ -428,3 +428,40 @@ def test_sweep_points_are_runs_with_their_settings_and_metrics_as_hparams(digits
         edge = json.loads((out / "points" / row["key"] / "edge.json").read_text())
         assert scalars(acc, "train/loss") == pytest.approx({1: edge["history"][0]["train_loss"]}, rel=1e-6)
         assert not any(math.isnan(v) for v in scalars(acc, "train/accuracy").values())
+
+
+def _point(defense: str, seed: int, accuracy: float, mse: float, **settings) -> dict:
+    settings = {"noise": 0.1, **settings, **({"seed": seed} if seed else {})}
+    cem = {k: v for k, v in settings.items() if k in ("cem", "lambda")}
+    return {"defense": defense, "seed": seed, "group": defense + str(sorted(cem.items())) + str(settings["noise"]),
+            "cut": "pool2", "codec": "fp32", "axes": {}, "settings": settings, "attack_settings": {},
+            "test_accuracy": accuracy, "inversion_mse": mse, "inversion_ssim": 0.5 - mse}
+
+
+def test_cem_gains_pair_each_cem_point_with_its_noise_alone_twin_at_the_same_seed():
+    from deploy.demo import verdict
+    from deploy.gains import cem_gains, markdown
+
+    rows = [_point("noise", 0, 0.90, 0.010), _point("noise", 1, 0.80, 0.020),
+            _point("gmm", 0, 0.895, 0.013, cem="gmm", **{"lambda": 8}),
+            _point("gmm", 1, 0.79, 0.022, cem="gmm", **{"lambda": 8}),
+            _point("far", 0, 0.85, 0.030, cem="gmm", **{"lambda": 16}),
+            _point("orphan", 0, 0.9, 0.05, cem="gmm", noise=0.3, **{"lambda": 8})]  # no noise-0.3 twin ran
+    gmm, far = cem_gains(rows, ("inversion",))
+    assert (gmm["defense"], gmm["baseline"], gmm["seeds"]) == ("gmm", "noise", [0, 1])
+    # Paired per seed (+30% and +10%), not the ratio of means (+16.7%): the seeds' MSEs differ twofold.
+    assert gmm["inversion_mse_gain_pct_each"] == pytest.approx([30.0, 10.0])
+    assert gmm["inversion_mse_gain_pct"] == pytest.approx(20.0)
+    assert gmm["accuracy_delta_points_each"] == pytest.approx([-0.5, -1.0]) and gmm["matched"]
+    assert gmm["inversion_ssim_delta"] == pytest.approx(-0.0025)
+    assert far["inversion_mse_gain_pct"] == pytest.approx(200.0) and not far["matched"]
+    table = markdown([gmm, far], ("inversion",))
+    assert "| gmm | noise | 0, 1 | -0.8 (-0.5, -1.0) | +20% (+30%, +10%) | -0.003 |" in table
+    assert "-5.0 (not matched)" in table
+    assert cem_gains(rows[:2], ("inversion",)) == [] and markdown([], ("inversion",)) == ""
+    for g in (gmm, far):
+        g["codec"] = "int8" if g is far else "fp32"
+    story = verdict([gmm, far]).splitlines()
+    assert story[0].startswith("- fp32: noise + CEM changes attack MSE by +20.0%") and \
+        story[0].endswith("CEM helps at matched accuracy.")
+    assert story[1].endswith("accuracy is not matched (more than 1 point apart), so no verdict.")

@@ -1,0 +1,93 @@
+"""What CEM adds, in the CEM paper's terms: each CEM point against its noise-alone twin.
+
+The paper states robustness as the increase in attack MSE that CEM brings over the same
+obfuscation noise without CEM, at matched accuracy. Between two runs of one setting the
+attack MSE moves by 10-20% with the seed alone (docs/RESULTS.md), so a gain is only
+meaningful paired: a CEM point is compared with the point whose settings are the same in
+everything but CEM's (same cut, codec, noise, schedule, attack and seed), and the pairs'
+gains are then averaged over seeds, their spread shown beside them.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+# The edge-client settings that make a point a CEM point; everything else must match its twin.
+CEM_SETTINGS = frozenset({"cem", "lambda", "var_threshold", "cem_scale", "cem_warmup", "cem_gates", "freeze_gates"})
+MATCHED_POINTS = 1.0  # accuracy within this many points counts as matched (the CEM paper's comparison)
+
+
+def _twin_key(row: dict) -> tuple:
+    settings = {k: v for k, v in row["settings"].items() if k not in CEM_SETTINGS}
+    return (tuple(sorted((k, str(v)) for k, v in settings.items())), tuple(sorted(row.get("attack_settings", {}).items())))
+
+
+def _is_cem(row: dict) -> bool:
+    return row["settings"].get("cem", "none") != "none" and float(row["settings"].get("lambda", 0)) > 0
+
+
+def pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(CEM point, its twin without CEM) for every CEM point whose twin ran."""
+    twins = {_twin_key(r): r for r in rows if not _is_cem(r)}
+    return [(r, twins[_twin_key(r)]) for r in rows if _is_cem(r) and _twin_key(r) in twins]
+
+
+def cem_gains(rows: list[dict], methods: tuple[str, ...]) -> list[dict]:
+    """Per group of CEM points alike in all but the seed: the baseline's defense, the seeds paired,
+    and for accuracy and each attack method the mean (and spread) of the paired differences.
+
+    Keys: `defense`, `baseline`, `axes`, `seeds`, `accuracy_delta_points` (+ `_std`, and
+    `_each`: per seed), `matched` (every pair within MATCHED_POINTS of accuracy), and per method
+    `<method>_mse_gain_pct` (+ `_std`, `_each`) and `<method>_ssim_delta`."""
+    groups: dict[str, list[tuple[dict, dict]]] = {}
+    for cem, base in pairs(rows):
+        groups.setdefault(cem["group"], []).append((cem, base))
+    out = []
+    for members in groups.values():
+        first, base = members[0]
+        acc = [(c["test_accuracy"] - b["test_accuracy"]) * 100 for c, b in members]
+        row = {"defense": first["defense"], "baseline": base["defense"], "cut": first["cut"], "codec": first["codec"],
+               "axes": " ".join(f"{k}={v}" for k, v in first.get("axes", {}).items()),
+               "seeds": [c["seed"] for c, _ in members], **_summary("accuracy_delta_points", acc),
+               "matched": all(round(abs(a), 9) <= MATCHED_POINTS for a in acc)}  # 1.0000000000009 is 1 point
+        for method in methods:
+            paired = [(c, b) for c, b in members if c.get(f"{method}_mse") and b.get(f"{method}_mse")]
+            if paired:
+                row.update(_summary(f"{method}_mse_gain_pct",
+                                    [(c[f"{method}_mse"] / b[f"{method}_mse"] - 1) * 100 for c, b in paired]))
+                row[f"{method}_ssim_delta"] = statistics.fmean(c[f"{method}_ssim"] - b[f"{method}_ssim"]
+                                                               for c, b in paired)
+        out.append(row)
+    return out
+
+
+def _summary(key: str, values: list[float]) -> dict:
+    return {key: statistics.fmean(values), f"{key}_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            f"{key}_each": values}
+
+
+def markdown(gains: list[dict], methods: tuple[str, ...]) -> str:
+    """The table report.md shows; empty when the sweep has no CEM point with a twin."""
+    if not gains:
+        return ""
+    head = ["CEM setting", "baseline", "seeds", "accuracy change (points)"]
+    for m in methods:
+        head += [f"{m}: attack MSE gain", f"{m}: SSIM change"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for g in gains:
+        name = g["defense"] + (f" ({g['axes']})" if g["axes"] else "")
+        cells = [name, g["baseline"], ", ".join(str(s) for s in g["seeds"]),
+                 _cell(g, "accuracy_delta_points", "{:+.1f}") + ("" if g["matched"] else " (not matched)")]
+        for m in methods:
+            cells += [_cell(g, f"{m}_mse_gain_pct", "{:+.0f}%"),
+                      f"{g[f'{m}_ssim_delta']:+.3f}" if f"{m}_ssim_delta" in g else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(g: dict, key: str, fmt: str) -> str:
+    if key not in g:
+        return "-"
+    each = g[f"{key}_each"]
+    text = fmt.format(g[key])
+    return text + (f" ({', '.join(fmt.format(v) for v in each)})" if len(each) > 1 else "")
