@@ -19,7 +19,6 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.func import functional_call
@@ -31,7 +30,7 @@ from edge_client.cem_hook import CemHook
 from edge_client.config import EdgeConfig
 from edge_client.defense import nopeek_loss
 from edge_client.report import percentile
-from splitnet import data, models
+from splitnet import data, encoder_file, models
 from splitnet.cloud_api import Cloud, StepReply
 from splitnet.obfuscation import Obfuscation
 from splitnet.schedule import LrSchedule
@@ -249,10 +248,8 @@ class EdgeTrainer:
         update_bn(DataLoader(self.train_set, batch_size=self.eval_batch_size), self.encoder, self.config.device)
 
     def save_encoder(self, path: str) -> None:
-        """Encoder weights with the model and defense settings; loads with `load_encoder`."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"spec": self.split.spec.as_dict(), "feature_shape": list(self.split.feature_shape),
-                    "defense": self.config.defense.as_dict(), "encoder": self.encoder_state()}, path)
+        """Encoder weights with the model, defense, job and codec (`splitnet.encoder_file`)."""
+        encoder_file.write(path, self.split, self.config.defense.as_dict(), self.config.job, self.config.codec)
 
     def counters(self) -> dict:
         """The running figures of the report, cheap enough to read after every epoch (no evaluation)."""
