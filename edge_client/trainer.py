@@ -150,7 +150,7 @@ class EdgeTrainer:
         self.train_seconds += elapsed
         self.samples += seen
         record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                  "lr": self.lr, "samples_per_second": seen / elapsed if elapsed else 0.0,
+                  "lr": self.lr, "seconds": elapsed, "samples_per_second": seen / elapsed if elapsed else 0.0,
                   **self.cem.end_epoch(epoch, self.train_set)}
         self.history.append(record)
         self.tracker.edge_epoch(record, self.counters())
@@ -264,6 +264,8 @@ class EdgeTrainer:
             "bytes_up_per_sample": cloud.bytes_up / max(self.samples, 1),
             "bytes_down_per_sample": cloud.bytes_down / max(self.samples, 1),
             "wall_seconds": self.train_seconds,
+            # per pass over the training set, also when max_steps ends the run inside an epoch
+            "seconds_per_epoch": self.train_seconds * len(self.train_set) / self.samples if self.samples else 0.0,
             "samples_per_second": self.samples / self.train_seconds if self.train_seconds else 0.0,
             "rtt_ms_p50": percentile(cloud.rtt_ms, 50),
             "rtt_ms_p99": percentile(cloud.rtt_ms, 99),
