@@ -127,8 +127,8 @@ def plan(config: PlanConfig) -> dict:
         near = [r for r in feasible if r[time_key] <= fastest * (1 + config.time_tolerance)]
         best = min(near, key=lambda r: (-r["test_accuracy"], r[ssim_key]))
         recommended = entry(best)
-        reason = (f"{len(feasible)} of {len(usable)} settings meet the limits; {len(near)} of them are within "
-                  f"{config.time_tolerance:.0%} of the fastest ({time_format.format(fastest)} {time_label}); "
+        reason = (f"{len(feasible)} of {len(usable)} settings meet the limits, {len(near)} within "
+                  f"{config.time_tolerance:.0%} of the fastest ({time_format.format(fastest)} {time_label}): "
                   "the most accurate of those, then the least leaky")
     else:
         reason = f"none of the {len(usable)} settings meets the limits"
