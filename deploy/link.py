@@ -103,13 +103,6 @@ PROFILES = {p.name: p for p in (
 DIRECT = "none"  # not a profile: no emulator, the edge connects straight to the cloud
 
 
-def profile(name: str) -> LinkProfile:
-    """The named profile, or a ValueError listing the names."""
-    if name not in PROFILES:
-        raise ValueError(f"unknown link profile {name!r}; profiles: {', '.join(PROFILES)}")
-    return PROFILES[name]
-
-
 class _Direction:
     """One direction of the link: a FIFO transmitter shared by every connection through the relay."""
 
@@ -241,7 +234,6 @@ class Link:
     def __init__(self, link: LinkProfile, listen: str, upstream: str, seed: int = 0) -> None:
         host, port = wire.parse_address(listen, listen=True)
         self.upstream = wire.parse_address(upstream)
-        self.profile = link
         rng = random.Random(seed)
         self.up = _Direction(link.up_mbps, link.delay_ms, link.jitter_ms, rng)
         self.down = _Direction(link.down_mbps, link.delay_ms, link.jitter_ms, rng)

@@ -100,6 +100,10 @@ def test_bad_config_is_a_clear_error(tmp_path, text, named):
     ({"grid": {"noise": 0.1}}, "[grid] noise: an axis is a non-empty list of values"),
     ({"grid": {"noise": [0.1]}, "defenses": {"n": {"noise": 0.2}}}, "[defenses.n] and [grid] both set ['noise']"),
     ({"grid": {"seeds": [0, 0]}}, "come out twice"),
+    ({"grid": {"links": ["5g"]}}, "[grid] links: unknown link profile '5g'; valid: none, constrained, lte, wifi"),
+    ({"grid": {"links": "wifi"}}, "[grid] links: an axis is a non-empty list of values"),
+    ({"run": {"latency_images": 2.5}}, "[run] latency_images: expected an integer, got 2.5"),
+    ({"run": {"target_accuracy": 2}}, "[run] target_accuracy: 2.0 must lie in (0, 1]"),
 ])
 def test_every_misspelt_or_misplaced_key_is_an_error_naming_it(config, named):
     with pytest.raises(ValueError) as err:
@@ -162,6 +166,24 @@ def test_a_point_is_named_by_its_resolved_settings():
     assert set(keys_after(grid={"lambda": [8, 32]})) & set(keys) == {k for k in keys if "lambda=8.0" in k}
     # Seeds of one setting share its group, which the aggregate averages over.
     assert len({p.identity(seed=False) for p in points}) == 4
+
+
+def test_a_link_names_its_points_and_a_sweep_without_one_keeps_its_names():
+    from deploy.sweep import aggregate, time_to_accuracy
+
+    plain = SweepConfig.from_dict({"grid": {"codecs": ["fp32", "int8"]}}).points()
+    linked = SweepConfig.from_dict({"grid": {"codecs": ["fp32", "int8"], "links": ["none", "wifi"]}}).points()
+    assert [p.link for p in linked] == ["none", "none", "wifi", "wifi"]  # links vary slowest
+    assert [p.key for p in linked[:2]] == [p.key for p in plain]  # "none" is the sweep without a link
+    assert linked[2].key.startswith("default__fp32__none__link=wifi__s0__") and linked[2].key[-8:] != plain[0].key[-8:]
+    timed = SweepConfig.from_dict({"run": {"latency_images": 8}}).points()[0]
+    assert timed.latency_images == 8 and timed.key != plain[0].key  # latency measured: another point
+    row = {"group": "g", "cut": "block1", "bottleneck": 0, "codec": "fp32", "defense": "none", "link": "wifi",
+           "epoch_seconds": [2.0, 3.0, 4.0], "epoch_train_accuracy": [0.5, 0.91, 0.95], "time_to_accuracy_s": 5.0}
+    assert (time_to_accuracy(row, 0.9), time_to_accuracy(row, 0.95), time_to_accuracy(row, 0.99)) == (5.0, 9.0, None)
+    # the rows follow the config's target, whatever target the point's own run had
+    (agg,) = aggregate(SweepConfig.from_dict({"run": {"target_accuracy": 0.95}}), [row])
+    assert (agg["link"], agg["time_to_accuracy_s"]) == ("wifi", 9.0)
 
 
 def test_pareto_front_and_grid_expansion():
