@@ -271,7 +271,7 @@ target_accuracy = 0.05
 """)
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "deploy.sweep", "--config", str(tmp_path / "sweep.toml"), "--out",
-                           str(out)], capture_output=True, text=True, timeout=300)
+                           str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (point,) = json.loads((out / "results.json").read_text())["points"]
     assert point["key"].startswith("block1-b4__fp32__none__noise=0.1__attack.width=8__link=constrained__s0__")
