@@ -14,7 +14,6 @@ import logging
 import time
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -23,17 +22,14 @@ from attacks.inversion import reconstruct, train_inversion
 from attacks.inversion_models import InversionDecoder
 from attacks.rmle import rmle
 from attacks.shadow import train_shadow_encoder
-from splitnet import checkpoint_file, models
+from splitnet import checkpoint_file, encoder_file, models
 
 log = logging.getLogger(__name__)
 
 def load_encoder(path: str) -> tuple[nn.Module, models.SplitSpec, dict]:
     """An edge encoder saved by `edge-client --save-encoder`: (encoder, spec, defense settings)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    spec = models.SplitSpec.from_dict(state["spec"])
-    encoder = models.build(spec).encoder
-    encoder.load_state_dict(state["encoder"])
-    return encoder.eval(), spec, state["defense"]
+    saved = encoder_file.read(path)
+    return saved.split.encoder, saved.spec, saved.defense
 
 
 def load_decoder(path: str) -> tuple[nn.Module, models.SplitSpec]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-SCRIPTS = ("edge-client", "cloud-server", "split-ray", "attacker", "split-sweep", "split-demo")
+SCRIPTS = ("edge-client", "cloud-server", "split-ray", "attacker", "split-sweep", "split-demo", "split-link", "split-plan")
 BIN = Path(sys.executable).parent
 
 

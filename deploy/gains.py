@@ -19,7 +19,8 @@ MATCHED_POINTS = 1.0  # accuracy within this many points counts as matched (the 
 
 def _twin_key(row: dict) -> tuple:
     settings = {k: v for k, v in row["settings"].items() if k not in CEM_SETTINGS}
-    return (tuple(sorted((k, str(v)) for k, v in settings.items())), tuple(sorted(row.get("attack_settings", {}).items())))
+    return (tuple(sorted((k, str(v)) for k, v in settings.items())), tuple(sorted(row.get("attack_settings", {}).items())),
+            row.get("link"))
 
 
 def _is_cem(row: dict) -> bool:

@@ -12,16 +12,12 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
 from deploy.gains import MATCHED_POINTS, markdown  # noqa: E402
+from deploy.plan import nondominated  # noqa: E402
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of points not dominated when leakage (x) is minimised and accuracy (y) maximised."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        dominated = any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
-        if not dominated:
-            front.append(i)
-    return sorted(front, key=lambda i: points[i][0])
+    return sorted(nondominated([(x, -y) for x, y in points]), key=lambda i: points[i][0])
 
 
 MARKERS = "osD^vP*Xh<>p"
@@ -33,7 +29,8 @@ def _label(row: dict) -> str:
 
 
 def _variant(row: dict) -> str:
-    """What tells apart points of one defense: codec, cut and the values of any other [grid] axes."""
+    """What tells apart points of one defense: codec, cut and the values of any other [grid] axes. Not
+    the link: a setting leaks and scores the same on every link (`time_vs_leakage` shows what moves)."""
     return " / ".join([row["codec"], *(row[k] for k in ("cut", "axes") if row.get(k))])
 
 
@@ -66,7 +63,8 @@ def _points(ax, rows: list[dict], xs: list[float], ys: list[float], xkey: str | 
     for r, x, y in zip(rows, xs, ys):
         ax.errorbar(x, y, xerr=r.get(f"{xkey}_std", 0) if xkey else None, yerr=r.get(f"{ykey}_std", 0) if ykey else None,
                     fmt=markers[_variant(r)], color=colors[r["defense"]], capsize=3, alpha=0.85)
-    return [(_label(rows[i]), xs[i], ys[i]) for i in sorted(labelled)]
+    labels = [(_label(rows[i]), xs[i], ys[i]) for i in sorted(labelled)]
+    return list(dict.fromkeys(labels))  # one setting under several links: one point, one label
 
 
 def _place_labels(ax, labels: list[tuple[str, float, float]], gap_px: float = 2.0) -> list:
@@ -165,6 +163,32 @@ def bytes_vs_leakage(rows: list[dict], method: str, path: Path) -> None:
     _save(fig, path)
 
 
+def time_vs_leakage(rows: list[dict], method: str, path: Path) -> None:
+    """Seconds per training epoch against attack SSIM, one panel per link: what a cut or codec
+    costs in time on each link, beside what it leaks (the same settings leak the same on every
+    link; only their time moves)."""
+    key = f"{method}_ssim"
+    usable = [r for r in rows if r.get(key) is not None and r.get("seconds_per_epoch")]
+    links = list(dict.fromkeys(r.get("link", "none") for r in usable))
+    fig, axes = plt.subplots(1, max(len(links), 1), figsize=(5 * max(len(links), 1) + 2, 5), sharey=True,
+                             squeeze=False)
+    colors, markers = _styles(usable)  # one setting, one style, on every link
+    for ax, link in zip(axes[0], links):
+        mine = [r for r in usable if r.get("link", "none") == link]
+        labelled = set(range(len(mine))) if len(mine) <= LABEL_ALL_UP_TO else set()
+        labels = _points(ax, mine, [r["seconds_per_epoch"] for r in mine], [r[key] for r in mine],
+                         "seconds_per_epoch", key, labelled, colors, markers)
+        ax.set_xlim(left=0)
+        ax.set_xlabel("seconds per training epoch")
+        ax.set_title(f"link: {link}")
+        ax.grid(alpha=0.3)
+        _place_labels(ax, labels)
+    axes[0][0].set_ylabel(f"{method} attack SSIM (lower leaks less)")
+    _legends(axes[0][-1], colors, markers)
+    fig.suptitle("Time per epoch vs leakage, per link")
+    _save(fig, path)
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     head = "| " + " | ".join(c for c, _ in columns) + " |"
     rule = "|" + "---|" * len(columns)
@@ -188,6 +212,12 @@ def write_report(config, rows: list[dict], out: Path, title: str = "Sweep: accur
     method = config.attacks[0] if config.attacks else None
     columns = [("defense", "{}"), ("codec", "{}"), ("cut", "{}"), ("bottleneck", "{}"), ("test_accuracy", "{:.3f}"),
                ("bytes_up_per_sample", "{:.0f}"), ("rtt_ms_p50", "{:.1f}"), ("intra_mse", "{:.4f}")]
+    linked = any(r.get("link", "none") != "none" for r in rows)
+    if linked:
+        columns[4:4] = [("link", "{}")]
+        columns += [("seconds_per_epoch", "{:.2f}"), ("time_to_accuracy_s", "{:.1f}")]
+    if any(r.get("latency_ms_p50") is not None for r in rows):
+        columns += [("latency_ms_p50", "{:.1f}"), ("latency_ms_p99", "{:.1f}")]
     if any(r.get("axes") for r in rows):
         columns.insert(4, ("axes", "{}"))
     for m in config.attacks:
@@ -209,8 +239,14 @@ def write_report(config, rows: list[dict], out: Path, title: str = "Sweep: accur
         bytes_vs_leakage(rows, method, out / "bytes_vs_ssim.png")
         lines += ["## Accuracy vs leakage", "", "Top left is best: accurate and hard to invert. The dashed line "
                   "joins the settings no other setting beats on both.", "", "![](accuracy_vs_ssim.png)", "",
-                  "## Communication vs leakage", "", "![](bytes_vs_ssim.png)", "",
-                  "## Reconstructions", "", "In each grid the rows alternate: a row of private images "
+                  "## Communication vs leakage", "", "![](bytes_vs_ssim.png)", ""]
+        if linked:
+            time_vs_leakage(rows, method, out / "time_vs_ssim.png")
+            lines += ["## Time vs leakage, per link", "", f"Seconds per training epoch through each link; "
+                      f"`time_to_accuracy_s`: training seconds until an epoch's training accuracy reached "
+                      f"{config.target_accuracy:g}. Bottom left is best: fast and hard to invert.", "",
+                      "![](time_vs_ssim.png)", ""]
+        lines += ["## Reconstructions", "", "In each grid the rows alternate: a row of private images "
                   "(labelled \"private\") directly above the attack's reconstructions of them (\"recon\").", ""]
         for r in rows:
             if r.get("grid"):

@@ -18,6 +18,8 @@ Config (TOML):
     cuts = ["block1", {cut = "block2", bottleneck = 4}]  # a table: a cut with its own bottleneck
     codecs = ["fp32", "int8"]
     seeds = [0, 1]
+    links = ["none", "constrained"]  # the edge trains through a `split-link` of this profile
+                            #   (deploy/link.py's PROFILES; "none": straight to the cloud)
     noise = [0.05, 0.1]     # any other edge-client setting is an axis by its flag name (lambda,
                             #   lr_schedule, epochs, bottleneck, width ...), and any [attack]
     attack.aux_limit = [1000, 5000]  # setting as attack.NAME
@@ -37,6 +39,9 @@ Config (TOML):
     [run]
     workers = 1
     timeout_s = 1800        # the longest any one process of a point may run (training, attack, scoring)
+    target_accuracy = 0.9   # time_to_accuracy_s: training seconds until an epoch's training accuracy reaches it
+    latency_images = 32     # after training, time N single-image requests (edge-client --infer-only) through
+                            #   the point's link: latency_ms_p50 / _p99 (0: not measured; part of a point's identity)
 
 Precedence: [model] < the defense's table < the axes (a cut's own bottleneck is an axis value),
 and [attack] < its attack.NAME axes.
@@ -61,6 +66,13 @@ that produced its scores. `results.csv` / `results.json`'s `rows` average over s
 group of points alike in all else. `results.json`'s `cem_gains` (and report.md's CEM table)
 pairs every CEM point with the point that differs from it only by CEM, at the same seed: the
 attack-MSE gain and accuracy change, per seed and averaged (deploy/gains.py).
+
+Under a link (`links`), the point's edge-client connects to its own `split-link` process
+(one device, one link; the points of a parallel sweep do not share one) in front of the
+eavesdropping proxy, and the row's `seconds_per_epoch`, `time_to_accuracy_s` and latencies
+are what a user of that link waits; bytes are the same as without it. The link changes
+neither what is sent nor what is learnt (lock-step training does the same steps at any
+speed), only how long it takes.
 """
 
 from __future__ import annotations
@@ -88,6 +100,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from deploy.gains import cem_gains
+from deploy.link import DIRECT, PROFILES
 from deploy.processes import ServerProcess, start_process, start_server
 from splitnet import tracking
 from splitnet.cli_util import config_setting, names_missing_extra, new_parser, setup_logging
@@ -95,10 +108,12 @@ from splitnet.cli_util import config_setting, names_missing_extra, new_parser, s
 log = logging.getLogger("deploy.sweep")
 
 METRICS = ("test_accuracy", "bytes_up_per_sample", "bytes_down_per_sample", "rtt_ms_p50", "samples_per_second",
-           "intra_mse", "cem_pull")  # cem_pull: the last epoch's lambda * w_lr * |g_rob| / |g_task| (CEM rows)
+           "intra_mse", "cem_pull",  # cem_pull: the last epoch's lambda * w_lr * |g_rob| / |g_task| (CEM rows)
+           "seconds_per_epoch", "time_to_accuracy_s", "latency_ms_p50", "latency_ms_p99")
+LATENCY_METRICS = ("latency_ms_p50", "latency_ms_p99")  # of the point's latency.json (edge-client --infer-only)
 ATTACK_METRICS = ("mse", "ssim", "psnr")
 # A row's settings, for HParams (axes: the grid's other swept settings)
-POINT_SETTINGS = ("cut", "bottleneck", "codec", "defense", "seed", "axes", "defense_settings")
+POINT_SETTINGS = ("cut", "bottleneck", "codec", "defense", "seed", "link", "axes", "defense_settings")
 
 # [attack] settings -> `attacker run` flags. Unset ones are left to the attacker, which
 # resolves them by the data (attacks.config.default_inverse) and records them in run.json.
@@ -107,12 +122,13 @@ ATTACK_FLAGS = {"epochs": "--inverse-epochs", "blocks": "--inverse-blocks", "wid
                 "rmle_tv_weight": "--rmle-tv-weight", "aux_dataset": "--aux-dataset",
                 "aux_data_root": "--aux-data-root", "aux_limit": "--aux-limit"}
 SECTIONS = ("model", "grid", "defenses", "attack", "run")
-RUN_KEYS = {"workers": int, "timeout_s": float}
+RUN_KEYS = {"workers": int, "timeout_s": float, "target_accuracy": float, "latency_images": int}
 # edge-client settings the sweep sets itself, and why
 SWEEP_OWNED = {"server": "every point trains through the sweep's own proxy and cloud-server",
                "job": "every point is a job of its own", "list_cuts": "it prints the cuts instead of training"}
 # [grid] axes with a name of their own -> the edge-client setting they vary
 NAMED_AXES = {"cuts": "cut", "codecs": "codec", "seeds": "seed"}
+LINKS = "links"  # the [grid] axis of link profiles: not an edge-client setting but where its traffic goes
 
 
 def _raise(message: str):
@@ -175,6 +191,14 @@ def _attack_setting(where: str, key: str, value):
     return config_setting(_attacker_parser(), where, ATTACK_FLAGS[key][2:], value)[1]
 
 
+def _run_value(key: str, value):
+    """A [run] value as its key takes it: an int key refuses 2.5 rather than running with 2."""
+    kind = RUN_KEYS[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ValueError(f"[run] {key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
+
+
 def _cut(entry: str | dict) -> tuple[str, int | None]:
     """A [grid] cuts entry: "conv1", or {cut = "pool2", bottleneck = 8} for a cut with its own bottleneck."""
     if isinstance(entry, (list, tuple)):  # as SweepConfig holds it
@@ -226,6 +250,8 @@ class Point:
     methods: tuple[str, ...]
     attack_args: tuple[str, ...]
     axes: tuple[tuple[str, object], ...] = ()  # this point's value of each [grid] axis (attack.NAME: the attacker's)
+    link: str = DIRECT  # a deploy.link profile the edge trains through; DIRECT: none
+    latency_images: int = 0  # single-image requests timed after training (0: none)
 
     def setting(self, name: str):
         """An edge-client setting of this point, its default where the point does not set it."""
@@ -234,8 +260,11 @@ class Point:
     def identity(self, seed: bool = True) -> str:
         """A hash of everything that shapes the point's result (with `seed=False`: its group over seeds)."""
         edge = {k: v for k, v in self.edge if seed or k != "seed"}
+        # link and latency only where set: the points of sweeps older than them keep their names
+        measured = {**({"link": self.link} if self.link != DIRECT else {}),
+                    **({"latency_images": self.latency_images} if self.latency_images else {})}
         text = json.dumps({"edge": edge, "attack": dict(self.attack), "methods": list(self.methods),
-                           "attack_args": list(self.attack_args)}, sort_keys=True)
+                           "attack_args": list(self.attack_args), **measured}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     @property
@@ -244,8 +273,9 @@ class Point:
         cut = (self.setting("cut") or "default") + (f"-b{axes['bottleneck']}" if "bottleneck" in axes else "")
         others = [f"{name}={_label(value)}" for name, value in self.axes
                   if name not in ("cut", "bottleneck", "codec", "seed")]
-        return "__".join([cut, self.setting("codec"), _label(self.defense), *others, f"s{self.setting('seed')}",
-                          self.identity()])
+        link = [f"link={self.link}"] if self.link != DIRECT else []
+        return "__".join([cut, self.setting("codec"), _label(self.defense), *others, *link,
+                          f"s{self.setting('seed')}", self.identity()])
 
 
 @dataclass(frozen=True)
@@ -262,8 +292,11 @@ class SweepConfig:
     attack: dict = field(default_factory=dict)  # ATTACK_FLAGS keys -> values
     attack_axes: tuple[tuple[str, tuple], ...] = ()  # ATTACK_FLAGS keys -> their values
     attack_args: tuple[str, ...] = ()
+    links: tuple[str, ...] = ()  # deploy.link profile names (DIRECT: none); empty: not an axis
     workers: int = 1
     timeout_s: float = 1800.0  # per process (edge-client, attacker run, attacker score) of a point
+    target_accuracy: float = 0.9  # of time_to_accuracy_s (a report figure, not part of a point)
+    latency_images: int = 0  # per point, after training (0: no latency measured)
 
     def __post_init__(self) -> None:
         def set_(name, value):
@@ -274,6 +307,14 @@ class SweepConfig:
             raise ValueError(f"[defenses]: expected a table of name = {{settings}}, got {self.defenses!r}")
         set_("defenses", {name: _edge_settings(f"[defenses.{name}]", table) for name, table in self.defenses.items()})
         set_("cuts", tuple(_cut(c) for c in self.cuts))
+        for link in self.links:
+            if link != DIRECT and link not in PROFILES:
+                raise ValueError(f"[grid] links: unknown link profile {link!r}; valid: {DIRECT}, {', '.join(PROFILES)}")
+        set_("links", tuple(self.links))
+        if not 0 < self.target_accuracy <= 1:
+            raise ValueError(f"[run] target_accuracy: {self.target_accuracy} must lie in (0, 1]")
+        if self.latency_images < 0:
+            raise ValueError(f"[run] latency_images: {self.latency_images} must be >= 0")
         set_("codecs", tuple(_edge_setting("[grid] codecs", "codec", c)[1] for c in self.codecs))
         set_("seeds", tuple(_edge_setting("[grid] seeds", "seed", s)[1] for s in self.seeds))
         axes = []
@@ -325,18 +366,20 @@ class SweepConfig:
         attack_grid = grid.pop("attack", {})
         if not isinstance(attack_grid, dict):
             raise ValueError(f"[grid] attack: expected attack.NAME = [values], got {attack_grid!r}")
-        named = {plural: _values(f"[grid] {plural}", grid.pop(plural)) for plural in NAMED_AXES if plural in grid}
+        named = {plural: _values(f"[grid] {plural}", grid.pop(plural)) for plural in (*NAMED_AXES, LINKS)
+                 if plural in grid}
+        run = {key: _run_value(key, run[key]) for key in RUN_KEYS if key in run}
         return cls(model=d.get("model", {}), cuts=tuple(_cut(c) for c in named.get("cuts", [])),
                    codecs=tuple(named.get("codecs", [])), seeds=tuple(named.get("seeds", [])),
                    axes=tuple(grid.items()), defenses=d.get("defenses", {"none": {}}),
                    attacks=tuple(attack.pop("methods", ["inversion"])), attack_args=tuple(attack.pop("args", [])),
-                   attack=attack, attack_axes=tuple(attack_grid.items()),
-                   **{key: convert(run[key]) for key, convert in RUN_KEYS.items() if key in run})
+                   attack=attack, attack_axes=tuple(attack_grid.items()), links=tuple(named.get(LINKS, [])), **run)
 
     def points(self) -> list[Point]:
         """Every combination of the axes and the defenses, resolved into its settings; seeds
         vary fastest, so the seeds of one setting run one after another."""
-        axes = [[{"cut": c, **({} if b is None else {"bottleneck": b})} for c, b in self.cuts],
+        axes = [[{"link": link} for link in self.links],
+                [{"cut": c, **({} if b is None else {"bottleneck": b})} for c, b in self.cuts],
                 [{"codec": c} for c in self.codecs], *([{name: v} for v in values] for name, values in self.axes),
                 *([{f"attack.{key}": v} for v in values] for key, values in self.attack_axes)]
         points = []
@@ -344,13 +387,15 @@ class SweepConfig:
             for name, defense in self.defenses.items():
                 for seed in [{"seed": s} for s in self.seeds] or [{}]:
                     chosen = {k: v for value in (*combo, seed) for k, v in value.items()}
+                    link = chosen.pop("link", DIRECT)
                     edge_chosen = {k: v for k, v in chosen.items() if not k.startswith("attack.")}
                     attack_chosen = {k.removeprefix("attack."): v for k, v in chosen.items() if k not in edge_chosen}
                     merged = {**self.model, **defense, **edge_chosen}
                     edge = {k: v for k, v in merged.items() if v != _edge_action(k).default}
                     attack = _attacker_settings(edge, {**self.attack, **attack_chosen})
                     points.append(Point(name, tuple(sorted(edge.items())), tuple(sorted(attack.items())),
-                                        self.attacks, self.attack_args, tuple(chosen.items())))
+                                        self.attacks, self.attack_args, tuple(chosen.items()), link,
+                                        self.latency_images))
         keys = [p.key for p in points]
         twice = sorted({k for k in keys if keys.count(k) > 1})
         if twice:
@@ -447,16 +492,34 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
     # decoder an interrupted attempt left half-trained on the long-lived server.
     job = f"sweep-{point.key}-{uuid.uuid4().hex[:6]}"
     edge_settings = dict(point.edge)
-    _python(out / "edge-client.log", "edge_client", "--server", proxy, "--job", job, "--report", str(out / "edge.json"),
-            "--save-encoder", str(out / "encoder.pt"), "--no-progress", *track, *_flags(edge_settings),
-            timeout=config.timeout_s)
+    link = None if point.link == DIRECT else start_process(
+        ["deploy.link", "--upstream", proxy, "--profile", point.link, "--seed", str(point.setting("seed"))],
+        r"listening on (\S+) ->")
+    try:
+        server = link.address if link else proxy
+        _python(out / "edge-client.log", "edge_client", "--server", server, "--job", job, "--report",
+                str(out / "edge.json"), "--save-encoder", str(out / "encoder.pt"), "--no-progress", *track,
+                *_flags(edge_settings), timeout=config.timeout_s)
+        if point.latency_images:  # a session of its own: the attacker, which reads the training session, skips it
+            _python(out / "edge-client-infer.log", "edge_client", "--infer-only", "--server", server, "--encoder",
+                    str(out / "encoder.pt"), "--max-images", str(point.latency_images), "--report",
+                    str(out / "latency.json"), *_flags({**_scorer_data(edge_settings), "codec": point.setting("codec")}),
+                    timeout=config.timeout_s)
+    finally:
+        if link:
+            link.stop()
     edge = json.loads((out / "edge.json").read_text())
+    latency = json.loads((out / "latency.json").read_text()) if point.latency_images else {}
     row: dict = {"key": point.key, "group": point.identity(seed=False), "cut": edge["cut"],
                  "bottleneck": edge["bottleneck"], "codec": point.setting("codec"), "defense": point.defense,
-                 "seed": point.setting("seed"),
+                 "seed": point.setting("seed"), "link": point.link,
                  "axes": {k: v for k, v in point.axes if k not in ("cut", "codec", "seed")},
-                 **{k: edge.get(k) for k in METRICS}, "defense_settings": edge["defense"], "settings": edge_settings,
+                 **{k: edge.get(k) for k in METRICS}, **{k: latency.get(k) for k in LATENCY_METRICS},
+                 "wall_seconds": edge["wall_seconds"], "epoch_seconds": [h["seconds"] for h in edge["history"]],
+                 "epoch_train_accuracy": [h["train_accuracy"] for h in edge["history"]],
+                 "defense_settings": edge["defense"], "settings": edge_settings,
                  "attack_settings": dict(point.attack)}
+    row["time_to_accuracy_s"] = time_to_accuracy(row, config.target_accuracy)
     attack_flags = [flag for key, value in point.attack for flag in (ATTACK_FLAGS[key], str(value))]
     for method in point.methods:
         recon, scored = out / f"recon-{method}", out / f"attack-{method}"
@@ -476,6 +539,19 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
         order = ("test_accuracy", *metric_names(config)[len(METRICS):], *METRICS)
         tracking.write_point(log_dir, point.key, {k: row[k] for k in POINT_SETTINGS}, {m: row.get(m) for m in order})
     return row
+
+
+def time_to_accuracy(row: dict, target: float) -> float | None:
+    """Training seconds until the end of the first epoch whose training accuracy (the cloud's count
+    over the epoch's batches) reached `target`; None if none did. Training accuracy, because
+    evaluating the test set after every epoch would send it through the link and the attacker's
+    capture as well."""
+    elapsed = 0.0
+    for seconds, accuracy in zip(row["epoch_seconds"], row["epoch_train_accuracy"]):
+        elapsed += seconds
+        if accuracy >= target:
+            return elapsed
+    return None
 
 
 def attempt(config: SweepConfig, point: Point, proxy: str, capture: str, out: Path, log_dir: str = "") -> dict:
@@ -500,11 +576,14 @@ def aggregate(config: SweepConfig, rows: list[dict]) -> list[dict]:
     numeric = metric_names(config)
     groups: dict[str, list[dict]] = {}
     for row in rows:
+        if "epoch_seconds" in row:  # the current target (a point's result.json holds the one of its run)
+            row = {**row, "time_to_accuracy_s": time_to_accuracy(row, config.target_accuracy)}
         groups.setdefault(row["group"], []).append(row)
     out = []
     for members in groups.values():
         first = members[0]
-        agg: dict = {k: first[k] for k in ("cut", "bottleneck", "codec", "defense")}
+        agg: dict = {**{k: first[k] for k in ("cut", "bottleneck", "codec", "defense")},
+                     "link": first.get("link", DIRECT)}
         axes = {k: v for k, v in first.get("axes", {}).items() if k != "bottleneck"}
         agg.update({**axes, "axes": " ".join(f"{k}={v}" for k, v in axes.items()), "seeds": len(members)})
         for key in numeric:

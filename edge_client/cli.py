@@ -74,7 +74,9 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--codec", default=e.codec, choices=CODECS, help="features on the wire")
     g.add_argument("--grad-codec", default=e.grad_codec, choices=CODECS, help="gradients on the wire")
     g.add_argument("--seed", type=int, default=e.seed, help="seeds weights, shuffling, augmentation and defense noise")
-    g.add_argument("--job", default=e.job, help="training job name; clients of one job share a decoder")
+    g.add_argument("--job", default=e.job,
+                   help="training job name; clients of one job share a decoder (--infer-only: default the "
+                        "encoder file's job)")
     g.add_argument("--device", default=e.device, help="torch device of the encoder: cpu, cuda, cuda:1 ...")
     d = DefenseConfig()
     g = p.add_argument_group("defense")
@@ -164,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-id", default="", help="stable id to re-join a job after a restart (default: random)")
     p.add_argument("--report", default="", help="write the JSON report here")
     p.add_argument("--save-encoder", default="", help="write the trained encoder (and its defense settings) here")
+    g = p.add_argument_group("inference (--infer-only: no training; see edge_client/infer.py)")
+    g.add_argument("--infer-only", action="store_true",
+                   help="send images through the trained --encoder and the cloud's decoder of its job, one request "
+                        "at a time, and print each prediction and its latency (--report: as JSON)")
+    g.add_argument("--encoder", default="", metavar="PATH", help="an encoder file of --save-encoder")
+    g.add_argument("--images", default="", metavar="DIR",
+                   help="the image files under DIR (default: the --dataset's test split, which adds an accuracy)")
+    g.add_argument("--max-images", type=int, default=0, metavar="N", help="the first N images only; 0: all")
+    g.add_argument("--infer-batch-size", type=int, default=1, metavar="N", help="images per request")
     add_config_args(p)
     args = parse_args(p, argv)
     if args.list_cuts:
@@ -173,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{arch}: {' '.join(models.cut_points(arch))}")
         return 0
     config = config_from_args(args, p)
+    if args.infer_only:
+        return _infer(args, p, config)
     setup_logging(args.verbose)
     set_threads(args.threads)
     from edge_client import report as report_mod
@@ -189,6 +202,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-client: error: {err}", file=sys.stderr)
         return 1
     print(report_mod.summary(result))
+    if config.report:
+        report_mod.write(result, config.report)
+        log.info("report written to %s", config.report)
+    return 0
+
+
+def _infer(args: argparse.Namespace, p: argparse.ArgumentParser, config: EdgeConfig) -> int:
+    from pathlib import Path
+
+    if not args.encoder:
+        p.error("--infer-only needs --encoder PATH (a file of a training run's --save-encoder)")
+    if not Path(args.encoder).is_file():
+        p.error(f"--encoder {args.encoder}: no such file")
+    if args.images and not Path(args.images).is_dir():
+        p.error(f"--images {args.images}: not a folder")
+    for flag, lowest in (("max_images", 0), ("infer_batch_size", 1)):
+        if getattr(args, flag) < lowest:
+            p.error(f"--{flag.replace('_', '-')} must be >= {lowest}")
+    setup_logging(args.verbose)
+    set_threads(args.threads)
+    from edge_client import infer, report as report_mod
+    from edge_client.remote import CloudError, RemoteCloud
+    from splitnet.data import DatasetNotFound
+
+    settings = infer.InferConfig(args.encoder, args.images, args.max_images, args.infer_batch_size)
+    try:
+        result = infer.run(config, settings, RemoteCloud(config.connection))
+    except (DatasetNotFound, FileNotFoundError, ValueError) as err:
+        print(f"edge-client: error: {err}", file=sys.stderr)
+        return 2
+    except CloudError as err:
+        print(f"edge-client: error: {err}", file=sys.stderr)
+        return 1
+    print(infer.summary(result))
     if config.report:
         report_mod.write(result, config.report)
         log.info("report written to %s", config.report)

@@ -19,7 +19,6 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.func import functional_call
@@ -31,7 +30,7 @@ from edge_client.cem_hook import CemHook
 from edge_client.config import EdgeConfig
 from edge_client.defense import nopeek_loss
 from edge_client.report import percentile
-from splitnet import data, models
+from splitnet import data, encoder_file, models
 from splitnet.cloud_api import Cloud, StepReply
 from splitnet.obfuscation import Obfuscation
 from splitnet.schedule import LrSchedule
@@ -151,7 +150,7 @@ class EdgeTrainer:
         self.train_seconds += elapsed
         self.samples += seen
         record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                  "lr": self.lr, "samples_per_second": seen / elapsed if elapsed else 0.0,
+                  "lr": self.lr, "seconds": elapsed, "samples_per_second": seen / elapsed if elapsed else 0.0,
                   **self.cem.end_epoch(epoch, self.train_set)}
         self.history.append(record)
         self.tracker.edge_epoch(record, self.counters())
@@ -249,10 +248,8 @@ class EdgeTrainer:
         update_bn(DataLoader(self.train_set, batch_size=self.eval_batch_size), self.encoder, self.config.device)
 
     def save_encoder(self, path: str) -> None:
-        """Encoder weights with the model and defense settings; loads with `load_encoder`."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"spec": self.split.spec.as_dict(), "feature_shape": list(self.split.feature_shape),
-                    "defense": self.config.defense.as_dict(), "encoder": self.encoder_state()}, path)
+        """Encoder weights with the model, defense, job and codec (`splitnet.encoder_file`)."""
+        encoder_file.write(path, self.split, self.config.defense.as_dict(), self.config.job, self.config.codec)
 
     def counters(self) -> dict:
         """The running figures of the report, cheap enough to read after every epoch (no evaluation)."""
@@ -267,6 +264,8 @@ class EdgeTrainer:
             "bytes_up_per_sample": cloud.bytes_up / max(self.samples, 1),
             "bytes_down_per_sample": cloud.bytes_down / max(self.samples, 1),
             "wall_seconds": self.train_seconds,
+            # per pass over the training set, also when max_steps ends the run inside an epoch
+            "seconds_per_epoch": self.train_seconds * len(self.train_set) / self.samples if self.samples else 0.0,
             "samples_per_second": self.samples / self.train_seconds if self.train_seconds else 0.0,
             "rtt_ms_p50": percentile(cloud.rtt_ms, 50),
             "rtt_ms_p99": percentile(cloud.rtt_ms, 99),

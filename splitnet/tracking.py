@@ -17,7 +17,7 @@ from pathlib import Path
 
 # Edge history / counters key -> scalar tag (the report's names, grouped for TensorBoard's sections).
 EDGE_EPOCH_TAGS = {"train_loss": "train/loss", "train_accuracy": "train/accuracy", "lr": "train/lr",
-                   "samples_per_second": "train/samples_per_second"}
+                   "seconds": "train/epoch_seconds", "samples_per_second": "train/samples_per_second"}
 EDGE_COUNTER_TAGS = {"bytes_up_per_sample": "comm/bytes_up_per_sample",
                      "bytes_down_per_sample": "comm/bytes_down_per_sample",
                      "rtt_ms_p50": "comm/rtt_ms_p50", "rtt_ms_p99": "comm/rtt_ms_p99",

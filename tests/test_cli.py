@@ -21,7 +21,7 @@ HEAVY = ("torch", "torchvision", "ray", "matplotlib", "tensorboard")
 
 
 def test_every_script_in_pyproject_is_covered():
-    assert set(SCRIPTS) == {"edge-client", "cloud-server", "split-ray", "attacker", "split-sweep", "split-demo"}
+    assert set(SCRIPTS) == {"edge-client", "cloud-server", "split-ray", "attacker", "split-sweep", "split-demo", "split-link", "split-plan"}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))

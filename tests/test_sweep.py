@@ -159,6 +159,10 @@ def test_bad_config_is_a_clear_error(tmp_path, text, named):
     ({"grid": {"noise": 0.1}}, "[grid] noise: an axis is a non-empty list of values"),
     ({"grid": {"noise": [0.1]}, "defenses": {"n": {"noise": 0.2}}}, "[defenses.n] and [grid] both set ['noise']"),
     ({"grid": {"seeds": [0, 0]}}, "come out twice"),
+    ({"grid": {"links": ["5g"]}}, "[grid] links: unknown link profile '5g'; valid: none, constrained, lte, wifi"),
+    ({"grid": {"links": "wifi"}}, "[grid] links: an axis is a non-empty list of values"),
+    ({"run": {"latency_images": 2.5}}, "[run] latency_images: expected an integer, got 2.5"),
+    ({"run": {"target_accuracy": 2}}, "[run] target_accuracy: 2.0 must lie in (0, 1]"),
 ])
 def test_every_misspelt_or_misplaced_key_is_an_error_naming_it(config, named):
     with pytest.raises(ValueError) as err:
@@ -174,7 +178,8 @@ def test_the_documented_config_loads():
     doc = sweep.__doc__
     text = textwrap.dedent(doc[doc.index("    [model]"):doc.index("\nPrecedence")])
     config = SweepConfig.from_dict(tomllib.loads(text))
-    assert len(config.points()) == 2 * 2 * 2 * 2 * 2 * 3  # cuts, codecs, noise, aux_limit, seeds; defenses
+    assert len(config.points()) == 2 * 2 * 2 * 2 * 2 * 2 * 3  # links, cuts, codecs, noise, aux_limit, seeds; defenses
+    assert {p.link for p in config.points()} == {"none", "constrained"} and config.latency_images == 32
 
 
 @pytest.mark.parametrize("config, named", [
@@ -220,6 +225,24 @@ def test_a_point_is_named_by_its_resolved_settings():
     assert set(keys_after(grid={"lambda": [8, 32]})) & set(keys) == {k for k in keys if "lambda=8.0" in k}
     # Seeds of one setting share its group, which the aggregate averages over.
     assert len({p.identity(seed=False) for p in points}) == 4
+
+
+def test_a_link_names_its_points_and_a_sweep_without_one_keeps_its_names():
+    from deploy.sweep import aggregate, time_to_accuracy
+
+    plain = SweepConfig.from_dict({"grid": {"codecs": ["fp32", "int8"]}}).points()
+    linked = SweepConfig.from_dict({"grid": {"codecs": ["fp32", "int8"], "links": ["none", "wifi"]}}).points()
+    assert [p.link for p in linked] == ["none", "none", "wifi", "wifi"]  # links vary slowest
+    assert [p.key for p in linked[:2]] == [p.key for p in plain]  # "none" is the sweep without a link
+    assert linked[2].key.startswith("default__fp32__none__link=wifi__s0__") and linked[2].key[-8:] != plain[0].key[-8:]
+    timed = SweepConfig.from_dict({"run": {"latency_images": 8}}).points()[0]
+    assert timed.latency_images == 8 and timed.key != plain[0].key  # latency measured: another point
+    row = {"group": "g", "cut": "block1", "bottleneck": 0, "codec": "fp32", "defense": "none", "link": "wifi",
+           "epoch_seconds": [2.0, 3.0, 4.0], "epoch_train_accuracy": [0.5, 0.91, 0.95], "time_to_accuracy_s": 5.0}
+    assert (time_to_accuracy(row, 0.9), time_to_accuracy(row, 0.95), time_to_accuracy(row, 0.99)) == (5.0, 9.0, None)
+    # the rows follow the config's target, whatever target the point's own run had
+    (agg,) = aggregate(SweepConfig.from_dict({"run": {"target_accuracy": 0.95}}), [row])
+    assert (agg["link"], agg["time_to_accuracy_s"]) == ("wifi", 9.0)
 
 
 def test_pareto_front_and_grid_expansion():
@@ -270,7 +293,9 @@ def _rgb_imagefolder(root, per_class: int = 12, side: int = 16) -> None:
 def test_sweep_attacks_and_scores_an_rgb_imagefolder_with_its_own_data(tmp_path):
     """The attacker learns from, and the scorer rebuilds, the edge's dataset (here 3 channels), not
     digits; the [attack] table's and the attack axis's settings reach the attacker and its record;
-    the grid's values name the point."""
+    the grid's values name the point. The point trains, and its latency is measured, through a
+    `split-link` of the constrained profile (40 ms each way, +-5 ms): no round trip is shorter
+    than the link's, and the attacks still see the features the proxy behind the link recorded."""
     import numpy as np
 
     data = tmp_path / "images"
@@ -288,6 +313,7 @@ batch_size = 8
 cuts = [{{cut = "block1", bottleneck = 4}}]  # the point's own bottleneck wins over [model]'s
 noise = [0.1]
 attack.width = [8]
+links = ["constrained"]
 
 [defenses]
 none = {{}}
@@ -298,13 +324,17 @@ epochs = 1
 blocks = 1
 rmle_iterations = 3
 rmle_tv_weight = 0.1
+
+[run]
+latency_images = 3
+target_accuracy = 0.05
 """)
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "deploy.sweep", "--config", str(tmp_path / "sweep.toml"), "--out",
-                           str(out)], capture_output=True, text=True, timeout=300)
+                           str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (point,) = json.loads((out / "results.json").read_text())["points"]
-    assert point["key"].startswith("block1-b4__fp32__none__noise=0.1__attack.width=8__s0__")
+    assert point["key"].startswith("block1-b4__fp32__none__noise=0.1__attack.width=8__link=constrained__s0__")
     assert point["bottleneck"] == 4 and point["defense_settings"]["noise"] == 0.1
     assert point["settings"] == {"dataset": "imagefolder", "data_root": str(data), "image_size": 16, "bottleneck": 4,
                                  "epochs": 1, "batch_size": 8, "cut": "block1", "noise": 0.1}
@@ -322,7 +352,15 @@ rmle_tv_weight = 0.1
         scores = json.loads((folder / f"attack-{method}" / "attack.json").read_text())
         assert scores["n_images"] == 36 and 0 < scores["ssim"] <= 1
     (row,) = list(csv.DictReader(open(out / "results.csv")))
-    assert (row["noise"], row["axes"]) == ("0.1", "noise=0.1 attack.width=8")
+    assert (row["noise"], row["axes"], row["link"]) == ("0.1", "noise=0.1 attack.width=8", "constrained")
+    # Every training step and every timed request crossed the link: 2 x (40 - 5) ms at the least.
+    assert point["link"] == "constrained" and point["rtt_ms_p50"] >= 70 and point["latency_ms_p50"] >= 70
+    latency = json.loads((folder / "latency.json").read_text())
+    # the timed requests were a session of their own, which the attacks (36 images scored above) left out
+    assert latency["requests"] == 3 and latency["session_id"] != json.loads((folder / "edge.json").read_text())["session_id"]
+    assert point["seconds_per_epoch"] > 0 and point["time_to_accuracy_s"] == point["epoch_seconds"][0]
+    assert float(row["seconds_per_epoch"]) == point["seconds_per_epoch"]
+    assert (out / "time_vs_ssim.png").stat().st_size > 0 and "## Time vs leakage" in (out / "report.md").read_text()
 
 
 def test_attack_table_and_per_cut_bottleneck_parse():

@@ -1,0 +1,47 @@
+"""The encoder file format: written by `edge-client --save-encoder`, read by `edge-client
+--infer-only` (collaborative inference with the trained encoder) and by `attacker run
+--encoder` (an attacker who unpacked the device).
+
+A `torch.save` dict, loaded with `weights_only=True` (plain values and tensors, never code):
+`spec` (`SplitSpec.as_dict`), `feature_shape`, `defense` (the edge's defense settings, from
+which both readers rebuild the obfuscation applied before the wire), `encoder` (the state
+dict) and, in files written since inference came, `job` (the training job, whose decoder
+the cloud holds) and `codec` (the features' codec in training). Two roles read it, so it
+lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from splitnet import models
+
+
+@dataclass
+class EncoderFile:
+    split: models.SplitModel  # the encoder with its trained weights, in eval mode; the decoder is a fresh one
+    defense: dict
+    job: str = ""
+    codec: str = ""
+
+    @property
+    def spec(self) -> models.SplitSpec:
+        return self.split.spec
+
+
+def write(path: str | Path, split: models.SplitModel, defense: dict, job: str, codec: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in split.encoder.state_dict().items()}
+    torch.save({"spec": split.spec.as_dict(), "feature_shape": list(split.feature_shape), "defense": defense,
+                "encoder": state, "job": job, "codec": codec}, path)
+
+
+def read(path: str | Path) -> EncoderFile:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    split = models.build(models.SplitSpec.from_dict(state["spec"]))
+    split.encoder.load_state_dict(state["encoder"])
+    split.encoder.eval()
+    return EncoderFile(split, state["defense"], state.get("job", ""), state.get("codec", ""))
