@@ -13,8 +13,8 @@ rate the same lambda pulls 50x less and CEM barely moves the attack.
 
 Writes to the output folder: `report.json` (a list `rows`, each with `defense`, `codec`,
 `test_accuracy`, `bytes_up_per_sample`, `attack_mse`, `attack_ssim`, `attack_psnr`; `cem_gains`:
-`deploy.gains.cem_gains`; `verdict`), `report.md`, `accuracy_vs_ssim.png`, `bytes_vs_ssim.png`, and per point its edge report,
-encoder, reconstructions and `recon.png` under `points/`.
+`deploy.gains.cem_gains`; `verdict`), `report.md`, `accuracy_vs_ssim.png`, `bytes_vs_ssim.png`,
+and per point its edge report, encoder, reconstructions and `recon.png` under `points/`.
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                f"network ({attacker['blocks']} residual blocks, width {attacker['width']}, {attacker['epochs']} "
                f"epochs on its own digits) on intercepted inference traffic.\n\n" + story)
     write_report(config, table, out, "Demo: split inference under attack", preface, gains)
-    report = {"rows": rows, "cem_gains": gains, "verdict": story, "attacker": attacker, "wall_seconds": time.monotonic() - start,
+    report = {"rows": rows, "cem_gains": gains, "verdict": story, "attacker": attacker,
+              "wall_seconds": time.monotonic() - start,
               "plots": ["accuracy_vs_ssim.png", "bytes_vs_ssim.png"], "report_md": "report.md"}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(markdown_table(rows, COLUMNS))

@@ -4,7 +4,7 @@ The paper states robustness as the increase in attack MSE that CEM brings over t
 obfuscation noise without CEM, at matched accuracy. Between two runs of one setting the
 attack MSE moves by 10-20% with the seed alone (docs/RESULTS.md), so a gain is only
 meaningful paired: a CEM point is compared with the point whose settings are the same in
-everything but CEM's (same cut, codec, noise, schedule, attack and seed), and the pairs'
+everything but CEM's (same cut, codec, noise, schedule, attack, link and seed), and the pairs'
 gains are then averaged over seeds, their spread shown beside them.
 """
 
@@ -19,8 +19,8 @@ MATCHED_POINTS = 1.0  # accuracy within this many points counts as matched (the 
 
 def _twin_key(row: dict) -> tuple:
     settings = {k: v for k, v in row["settings"].items() if k not in CEM_SETTINGS}
-    return (tuple(sorted((k, str(v)) for k, v in settings.items())), tuple(sorted(row.get("attack_settings", {}).items())),
-            row.get("link"))
+    attack = tuple(sorted(row.get("attack_settings", {}).items()))
+    return tuple(sorted((k, str(v)) for k, v in settings.items())), attack, row.get("link")
 
 
 def _is_cem(row: dict) -> bool:
