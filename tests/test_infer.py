@@ -39,6 +39,7 @@ def _png_folder(root: Path, count: int) -> None:
     (root / "notes.txt").write_text("not an image")
 
 
+@pytest.mark.slow
 def test_a_folder_of_images_gets_a_prediction_and_a_latency_each(server, trained, tmp_path):
     _png_folder(tmp_path / "images", 6)
     done = subprocess.run([sys.executable, "-m", "edge_client", "--infer-only", "--encoder", str(trained), "--images",
