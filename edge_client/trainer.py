@@ -78,6 +78,7 @@ class TrainerState:
     samples: int
     train_seconds: float
     duplicates: int
+    resent: int
     lr: float
     lr_mismatches: int
     durable_step_id: int
@@ -143,6 +144,7 @@ class EdgeTrainer:
         self.first_step_id = 0  # the step id the server had for this client when the session opened
         self.train_seconds = 0.0
         self.duplicates = 0
+        self.resent = 0  # steps sent again under their ids after a turn that died (see `open`)
         self.durable_step_id = 0  # the last step id a server checkpoint holds, as of `make_durable`
         self.tracker = Tracker(config.log_dir)
 
@@ -169,8 +171,9 @@ class EdgeTrainer:
             raise StepsLost(f"client {self.client_id!r}: the server has its steps up to {last}, but it sent "
                             f"{self.step_id} (the server restarted without the checkpoint that held them?)")
         elif last > self.step_id:
-            log.info("client %s: the server holds steps %d..%d of a turn that did not finish; sending them again",
-                     self.client_id, self.step_id + 1, last)
+            log.warning("client %s: the server holds steps %d..%d of a turn that did not finish; sending them again",
+                        self.client_id, self.step_id + 1, last)
+            self.resent += last - self.step_id
 
     def close(self) -> None:
         self.cloud.close()
@@ -337,8 +340,8 @@ class EdgeTrainer:
         weights and optimizer state (a client that keeps its own encoder)."""
         open_ = self._pass is not None
         return TrainerState(
-            self.step_id, self.first_step_id, self.steps, self.samples, self.train_seconds, self.duplicates, self.lr,
-            self.lr_mismatches, self.durable_step_id, list(self.history), self.passes,
+            self.step_id, self.first_step_id, self.steps, self.samples, self.train_seconds, self.duplicates,
+            self.resent, self.lr, self.lr_mismatches, self.durable_step_id, list(self.history), self.passes,
             self.pass_offset if open_ else 0, self._pass_rng if open_ else self.loader.generator.get_state(),
             self.obfuscation.generator.get_state(),
             {key: copy.copy(getattr(self.cloud, key)) for key in CLOUD_COUNTERS},
@@ -347,10 +350,10 @@ class EdgeTrainer:
 
     def restore(self, state: TrainerState) -> None:
         """Carry on from `state` (a fresh trainer of the same config, before `open(own_count=True)`)."""
-        (self.step_id, self.first_step_id, self.steps, self.samples, self.train_seconds, self.duplicates, self.lr,
-         self.lr_mismatches, self.durable_step_id) = (
+        (self.step_id, self.first_step_id, self.steps, self.samples, self.train_seconds, self.duplicates,
+         self.resent, self.lr, self.lr_mismatches, self.durable_step_id) = (
             state.step_id, state.first_step_id, state.steps, state.samples, state.train_seconds, state.duplicates,
-            state.lr, state.lr_mismatches, state.durable_step_id)
+            state.resent, state.lr, state.lr_mismatches, state.durable_step_id)
         self.history = list(state.history)
         for key, value in state.cloud.items():
             setattr(self.cloud, key, copy.copy(value))
@@ -392,6 +395,7 @@ class EdgeTrainer:
             "reconnects": cloud.reconnects,
             "replayed_steps": cloud.replayed_steps,
             "duplicate_steps": self.duplicates,
+            "resent_steps": self.resent,
             "last_step_id": self.step_id,
             "durable_step_id": self.durable_step_id,
             "durable": self.durable_step_id >= self.step_id > 0,

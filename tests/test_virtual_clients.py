@@ -7,6 +7,8 @@ from torch.utils.data import Subset
 
 from cloud_server.job import Job
 from cloud_server.local import LocalCloud
+from deploy import ray_cli
+from deploy.ray_config import Kill, RayRunConfig, VirtualClients
 from edge_client.config import DefenseConfig, EdgeConfig
 from edge_client.trainer import EdgeTrainer, StepsLost
 from splitnet import data
@@ -64,7 +66,7 @@ def test_a_turn_run_again_resends_its_steps_and_none_is_applied_twice():
     again.open(own_count=True)
     again.train_epoch()
     # the same step ids again, answered as duplicates: the job applied each of the 4 steps once
-    assert (again.step_id, again.steps, again.duplicates) == (4, 4, 2)
+    assert (again.step_id, again.steps, again.duplicates, again.resent) == (4, 4, 2, 2)
     assert cloud.job.steps_applied == cloud.job.last_step("c") == 4
 
 
@@ -98,3 +100,44 @@ def test_a_thousand_idle_clients_cost_their_counters_and_no_gradient():
     assert job.last_step(clients[-1]) == 1  # the counter stays: a re-sent step 1 is still a duplicate
     per_client = (len(encode(job.state())) - empty) / len(clients)
     assert per_client < 512, per_client  # measured 323 bytes: id, last step, owner, schedule
+
+
+def test_each_round_is_a_seeded_sample_of_distinct_clients():
+    virtual = VirtualClients(fraction=0.1, min_clients=3)
+    rounds = virtual.participants(1000, 5, seed=7)
+    assert rounds == virtual.participants(1000, 5, seed=7) != virtual.participants(1000, 5, seed=8)
+    assert all(len(r) == len(set(r)) == 100 and all(0 <= i < 1000 for i in r) for r in rounds)
+    assert len({tuple(sorted(r)) for r in rounds}) == 5  # drawn afresh every round
+    assert virtual.per_round(20) == 3 and virtual.per_round(2) == 2  # at least K, at most all
+    assert VirtualClients(fraction=0.29).per_round(100) == 29  # 0.29 * 100 is 28.999... in floats
+
+
+def test_a_kill_must_hit_a_client_that_takes_part():
+    edge = EdgeConfig(epochs=2)
+    virtual = VirtualClients(fraction=0.5)
+    absent = next(i for i in range(4) if i not in virtual.participants(4, 2, 0)[1])
+    with pytest.raises(ValueError, match=f"client {absent} takes no part in round 2"):
+        RayRunConfig(edge, clients=4, virtual=virtual, kill=Kill(absent, 2))
+
+
+def _error(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        ray_cli.main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--fraction", "0.5"], "--fraction is for virtual clients: add --workers"),
+    (["--local-steps", "3"], "--local-steps is for virtual clients"),
+    (["--workers", "--fraction", "0"], "--fraction must lie in (0, 1], got 0.0"),
+    (["--workers", "2", "--fraction", "1.5"], "--fraction must lie in (0, 1]"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--workers", "--min-clients", "9", "--clients", "3"], "--min-clients 9 is more than the 3 --clients"),
+    (["--workers", "--min-clients", "0"], "--min-clients must be >= 1"),
+    (["--workers", "--local-steps", "-2"], "--local-steps must be >= 0"),
+    (["--workers", "--cem", "gmm", "--lambda", "4"], "--cem with --workers"),
+])
+def test_virtual_client_flag_errors_name_the_flag(argv, needle, capsys):
+    line = _error(argv, capsys)
+    assert line.startswith("split-ray: error: ") and needle in line, line
