@@ -28,6 +28,7 @@ from torch.utils.data import Subset, TensorDataset  # noqa: E402
 
 from deploy import partition  # noqa: E402
 from deploy.fedavg import fedavg  # noqa: E402
+from deploy.processes import descendants  # noqa: E402
 from cloud_server.local import LocalCloud  # noqa: E402
 from deploy.ray_clients import run_clients  # noqa: E402
 from edge_client.config import ConnectionConfig, EdgeConfig  # noqa: E402
@@ -162,26 +163,10 @@ def test_a_worker_killed_mid_turn_has_the_turn_run_again_on_another(ray_local, s
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{c['client_id']}.{2 * steps}.pt" for c in clients)
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 @pytest.mark.skipif(not shutil.which("ss"), reason="needs ss (iproute2)")
 def test_ray_listens_on_loopback_only(ray_local):
     """Every TCP socket this test's Ray processes (GCS, raylet, workers) listen on is a loopback one."""
-    ours = _descendants(os.getpid())
+    ours = descendants(os.getpid())
     lines = subprocess.run(["ss", "-tlnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
     listening = [line.split()[3] for line in lines if ours & {int(p) for p in re.findall(r"pid=(\d+)", line)}]
     assert listening
