@@ -8,7 +8,8 @@ worker actors. Prints one JSON object; per run:
 
     peak_rss_mb / peak_pss_mb     the largest sum over the run's processes of their resident memory
                                   (RSS counts the pages processes share, torch's libraries, once
-                                  in each; PSS splits them), and the processes counted then
+                                  in each; PSS splits them), the processes counted then, and the
+                                  RSS of each at that moment by kind (ray::Worker, raylet, ...)
     peak_rss_over_baseline        peak_rss_mb / the baseline's
     samples_per_second            trained by all clients over the rounds' wall time (the report's)
     seconds_per_round             each round's wall time, and their mean
@@ -46,12 +47,29 @@ def _memory_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def _name(pid: int) -> str:
+    """What a process is: a Ray worker's title (`ray::Worker`, `ray::IDLE`), a `python -m` module, a program."""
+    try:
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return "?"
+    if not argv:
+        return "?"
+    if argv[0].startswith("ray::"):
+        return argv[0].split()[0].split(".")[0]
+    if "-m" in argv[:-1]:
+        return argv[argv.index("-m") + 1]
+    return Path(argv[0]).name
+
+
 class TreeMemory:
-    """The peak, over samples, of the memory summed over a process and everything below it."""
+    """The peak, over samples, of the memory summed over a process and everything below it, and the
+    resident memory of each kind of process at that peak."""
 
     def __init__(self, pid: int, interval: float) -> None:
         self.pid, self.interval = pid, interval
         self.peak_rss = self.peak_pss = self.processes = 0
+        self.by_process: dict[str, list[float]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -59,9 +77,13 @@ class TreeMemory:
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
             pids = {self.pid} | descendants(self.pid)
-            rss, pss = map(sum, zip(*(_memory_kb(p) for p in pids)))
+            sizes = {p: _memory_kb(p) for p in pids}
+            rss, pss = (sum(s[i] for s in sizes.values()) for i in (0, 1))
             if rss > self.peak_rss:
                 self.peak_rss, self.processes = rss, len(pids)
+                self.by_process = {}
+                for p, (kb, _) in sorted(sizes.items()):
+                    self.by_process.setdefault(_name(p), []).append(round(kb / 1024))
             self.peak_pss = max(self.peak_pss, pss)
 
     def stop(self) -> None:
@@ -91,7 +113,8 @@ def measure(clients: int, args: argparse.Namespace, virtual: bool) -> dict:
     return {"clients": clients, "engine": f"{report['workers']} workers" if virtual else "one actor per client",
             "participants_per_round": report["rounds"][0].get("participants", clients),
             "peak_rss_mb": memory.peak_rss / 1024, "peak_pss_mb": memory.peak_pss / 1024,
-            "processes_at_peak": memory.processes, "samples_per_second": report["samples_per_second"],
+            "processes_at_peak": memory.processes, "rss_mb_at_peak_by_process": memory.by_process,
+            "samples_per_second": report["samples_per_second"],
             "seconds_per_round": seconds, "seconds_per_round_mean": statistics.mean(seconds),
             "wall_seconds": report["wall_seconds"], "server_steps_applied": report["server_steps_applied"],
             "client_steps_sent": report["client_steps_sent"], "test_accuracy": report["test_accuracy"],

@@ -53,7 +53,8 @@ class _InFlight:
 
 
 class StepsLost(RuntimeError):
-    """The server has fewer of this client's steps than the client sent and saw made durable."""
+    """The server has fewer of this client's steps than its state says it sent: it lost some (a
+    restart without the checkpoint that held them), and renumbering would hide it."""
 
 
 # The cloud's running counters that belong to the client, carried from turn to turn.
