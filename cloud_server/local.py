@@ -27,8 +27,9 @@ class LocalCloud:
     session_id = "local"
     session_ids = ("local",)
 
-    def __init__(self) -> None:
-        self.job: Job | None = None
+    def __init__(self, job: Job | None = None) -> None:
+        """`job`: one to join, so that several in-process clients share a decoder, as on a server."""
+        self.job = job
         self.rtt_ms: list[float] = []
         self.bytes_up = self.bytes_down = 0
         self._replies: dict[int, StepReply] = {}
