@@ -27,18 +27,20 @@ class LocalCloud:
     session_id = "local"
     session_ids = ("local",)
 
-    def __init__(self) -> None:
-        self.job: Job | None = None
+    def __init__(self, job: Job | None = None) -> None:
+        """`job`: one to join, so that several in-process clients share a decoder, as on a server."""
+        self.job = job
         self.rtt_ms: list[float] = []
         self.bytes_up = self.bytes_down = 0
         self._replies: dict[int, StepReply] = {}
 
     def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str, seed: int) -> int:
         self.grad_codec = codec.check_codec(grad_codec, "grad_codec")
-        self.job = Job(job, split.spec, optim, seed=seed)
+        if self.job is None or self.job.name != job:  # as on a server, a re-open joins the job it made
+            self.job = Job(job, split.spec, optim, seed=seed)
         self.job.set_schedule(client_id, optim.schedule)
         self._client = client_id
-        return 0
+        return self.job.last_step(client_id)
 
     def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> None:
         # received_step_id=step_id: the reply never crosses a network here, so the job need keep none

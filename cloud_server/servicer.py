@@ -350,6 +350,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         except Rejected as err:
             context.abort(err.code, err.message)
         key = (session.job.name, session.client_id)
+        session.job.forget_replies(session.client_id, request.received_step_id)
         with self._lock:
             self.sessions.pop(session.session_id, None)
             if self._client_session.get(key) == session.session_id:

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 @dataclass
 class ServerProcess:
@@ -72,3 +73,21 @@ def start_server(*args: str, host: str = "127.0.0.1", port: int = 0, timeout: fl
     `module`: another entry point that runs the same server (fault-injection tests)."""
     return start_process([module, "--host", host, "--port", str(port), *args],
                          r"cloud-server listening on (\S+:\d+)", timeout, env)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (its children, theirs, ...), from the parent links in /proc (Linux):
+    what a command started, Ray's processes and its workers among them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found

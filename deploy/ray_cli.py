@@ -4,6 +4,10 @@ Every edge-client option applies to every client. One machine, a server started 
 
     split-ray --clients 3 --start-server --mode splitfed --epochs 3 --report out/ray.json
 
+A thousand virtual clients over two worker actors, a tenth of them in each round (--epochs rounds):
+
+    split-ray --clients 1000 --workers 2 --fraction 0.1 --start-server --mode splitfed --epochs 3
+
 A Ray cluster (`ray start --head` / `ray start --address`) and a cloud server elsewhere:
 
     split-ray --address auto --server 10.0.0.5:50051 --clients 8 --mode parallel --partition dirichlet:0.5
@@ -19,21 +23,23 @@ import dataclasses
 import logging
 import os
 import sys
+from pathlib import Path
 
-from deploy.ray_config import MODES, Kill, PartitionSpec, RayRunConfig, ray_environment
+from deploy.ray_config import MODES, Kill, PartitionSpec, RayRunConfig, VirtualClients, ray_environment
 from edge_client import cli as edge_cli
 from edge_client import report as report_mod
 from splitnet.cli_util import add_config_args, names_missing_extra, new_parser, parse_args, setup_logging
 from splitnet.security import AUTH_ENV
 
 log = logging.getLogger("deploy.ray")
+SHOWN_CLIENTS = 16  # clients listed on the terminal; beyond, only failed ones (the report has every one)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = new_parser("split-ray", __doc__)
     edge_cli.add_training_args(p)
     g = p.add_argument_group("many clients (Ray)")
-    g.add_argument("--clients", type=int, default=2, help="edge clients, one Ray actor each (default %(default)s)")
+    g.add_argument("--clients", type=int, default=2, help="edge clients: one Ray actor each, or virtual clients over --workers (default %(default)s)")
     g.add_argument("--mode", default="parallel", choices=MODES,
                    help="sequential: take turns passing the encoder on; parallel: all at once, own encoders; "
                         "splitfed: parallel + FedAvg of the encoders after every epoch (default %(default)s)")
@@ -44,10 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--start-server", action="store_true",
                    help="start a cloud-server on 127.0.0.1 for the run and stop it after (instead of --server)")
     g.add_argument("--cpus-per-client", type=float, default=0.0,
-                   help="Ray CPUs reserved per actor (default: the cluster's CPUs shared out, at most 1 each)")
+                   help="Ray CPUs reserved per actor, client or worker (default: the cluster's CPUs shared out, at "
+                        "most 1 each)")
     g.add_argument("--kill", default="", metavar="CLIENT@ROUND",
-                   help="fault injection: ray.kill client CLIENT (0-based) in the middle of round ROUND (1-based)")
-    p.add_argument("--report", default="", help="write the JSON report here")
+                   help="fault injection: ray.kill client CLIENT (0-based) in the middle of round ROUND (1-based); "
+                        "with --workers, the worker running its turn (which then runs again on another)")
+    v, g = VirtualClients(), p.add_argument_group("virtual clients (--workers)")
+    g.add_argument("--workers", type=int, nargs="?", const=0, default=None, metavar="W",
+                   help="run the --clients as virtual clients over W worker actors, their state kept between turns "
+                        "outside the workers (no W, or 0: as many as Ray's CPUs allow); default: one actor per client")
+    g.add_argument("--fraction", type=float, default=v.fraction, metavar="F",
+                   help="share of the clients that take part in each round, a seeded sample")
+    g.add_argument("--min-clients", type=int, default=v.min_clients, metavar="K",
+                   help="at least this many clients take part in each round")
+    g.add_argument("--local-steps", type=int, default=v.local_steps, metavar="S",
+                   help="a turn is S training steps, carrying on through the client's shard (0: one local epoch)")
+    g.add_argument("--spill-dir", default=v.spill_dir, metavar="DIR",
+                   help="keep the clients' states as files here (on a cluster: a folder every machine shares) "
+                        "instead of in Ray's object store")
+    p.add_argument("--report", default="",
+                   help="write the JSON report here, and one JSON line per client beside it (REPORT.clients.jsonl)")
     add_config_args(p)
     return p
 
@@ -65,11 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.start_server and (edge.connection.tls_ca or edge.connection.tls_cert):
         p.error("--start-server starts a plain loopback server: for TLS, start cloud-server --tls-cert/--tls-key "
                 "yourself and pass --server")
+    if args.workers is None:
+        given = [flag for flag, value, default in (("--fraction", args.fraction, 1.0), ("--min-clients",
+                 args.min_clients, 1), ("--local-steps", args.local_steps, 0), ("--spill-dir", args.spill_dir, ""))
+                 if value != default]
+        if given:
+            p.error(f"{given[0]} is for virtual clients: add --workers [W]")
     try:
+        # the spill folder absolute: the workers run in other folders
+        virtual = None if args.workers is None else VirtualClients(
+            args.workers, args.fraction, args.min_clients, args.local_steps,
+            str(Path(args.spill_dir).resolve()) if args.spill_dir else "")
         config = RayRunConfig(edge, args.clients, args.mode, PartitionSpec.parse(args.partition), args.threads,
-                              args.cpus_per_client, Kill.parse(args.kill) if args.kill else None)
+                              args.cpus_per_client, Kill.parse(args.kill) if args.kill else None, virtual)
     except ValueError as err:
         p.error(str(err))
+    if virtual and virtual.spill_dir:
+        os.makedirs(virtual.spill_dir, exist_ok=True)
     setup_logging(args.verbose)
     env = ray_environment(local=not args.address)
     os.environ.update(env)  # before Ray is imported: it reads some of them only then
@@ -103,13 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         if server:
             server.stop()
     print(report_mod.summary(report))
-    for c in report["client_reports"]:
+    rows = report.pop("client_reports")
+    for c in rows if len(rows) <= SHOWN_CLIENTS else [c for c in rows if c["error"]][:SHOWN_CLIENTS]:
         accuracy = "-" if c["test_accuracy"] is None else f"{c['test_accuracy']:.4f}"
         print(f"  {c['client_id']}  {c['status']:6}  shard {c['shard_size']:5}  steps {c['steps'] or 0:5}  "
               f"test_accuracy {accuracy}" + (f"  {c['error']}" if c["error"] else ""))
     if args.report:
-        report_mod.write(report, args.report)
-        log.info("report written to %s", args.report)
+        beside = Path(args.report).with_suffix(".clients.jsonl")
+        report_mod.write({**report, "client_rows": beside.name}, args.report)
+        report_mod.write_lines(rows, beside)
+        log.info("report written to %s, a line per client to %s", args.report, beside)
     return 1 if report["failed"] else 0
 
 

@@ -52,7 +52,7 @@ log = logging.getLogger("deploy.ray")
 
 # What each client entry of the report carries from its trainer's report (README keys).
 CLIENT_KEYS = ("test_accuracy", "train_loss", "epochs", "steps", "train_samples", "bytes_up", "bytes_down",
-               "samples_per_second", "rtt_ms_p50", "rtt_ms_p99", "reconnects", "duplicate_steps",
+               "samples_per_second", "rtt_ms_p50", "rtt_ms_p99", "reconnects", "duplicate_steps", "resent_steps",
                "lr_mismatch_steps", "durable")
 
 
@@ -115,7 +115,7 @@ class _Client:
         return not self.error
 
 
-class _ServerView:
+class ServerView:
     """The job as the cloud server counts it (Stats), through a channel of the driver's own."""
 
     def __init__(self, connection: ConnectionConfig, job: str) -> None:
@@ -133,7 +133,7 @@ class _Run:
 
     def __init__(self, config: RayRunConfig) -> None:
         self.config = config
-        self.server = _ServerView(config.edge.connection, config.edge.job)
+        self.server = ServerView(config.edge.connection, config.edge.job)
         self.clients: list[_Client] = []
         self.rounds: list[dict] = []
         self.shared: dict[str, torch.Tensor] | None = None  # the encoder every client starts the next round from
@@ -236,11 +236,7 @@ class _Run:
         ray.kill(client.handle, no_restart=True)
 
     def _fail(self, client: _Client, err: ray.exceptions.RayError) -> None:
-        cause = getattr(err, "cause", None) or err  # RayTaskError wraps the trainer's own exception
-        # Ray's actor errors put the reason ("killed by `ray.kill`", "OOM", ...) on a line of its
-        # own after indented details (actor id, pid, ...): keep the unindented lines.
-        text = " ".join(line for line in str(cause).strip().splitlines() if line[:1] not in ("\t", " "))
-        client.error = f"{type(cause).__name__}: {text[:500]}"
+        client.error = error_text(err)
         log.error("client %d (%s) failed: %s", client.index, client.client_id, client.error)
         ray.kill(client.handle, no_restart=True)
 
@@ -260,6 +256,15 @@ class _Run:
                  entry["samples_per_second"], f"{entry['train_loss']:.4f}" if losses else "-")
 
 
+def error_text(err: ray.exceptions.RayError) -> str:
+    """A client's failure in one line: the trainer's own exception, or why Ray lost the actor."""
+    cause = getattr(err, "cause", None) or err  # RayTaskError wraps the trainer's own exception
+    # Ray's actor errors put the reason ("killed by `ray.kill`", "OOM", ...) on a line of its
+    # own after indented details (actor id, pid, ...): keep the unindented lines.
+    text = " ".join(line for line in str(cause).strip().splitlines() if line[:1] not in ("\t", " "))
+    return f"{type(cause).__name__}: {text[:500]}"
+
+
 def run_clients(config: RayRunConfig) -> dict:
     """Train `config.clients` edge clients on an initialised Ray; the run's JSON report.
 
@@ -271,6 +276,10 @@ def run_clients(config: RayRunConfig) -> dict:
     between sending steps and reporting them (its entry's `server_last_step` then says
     how far the server got with it).
     """
+    if config.virtual:
+        from deploy.virtual_clients import run_virtual
+
+        return run_virtual(config)
     started = time.perf_counter()
     run = _Run(config)
     try:
@@ -287,23 +296,32 @@ def run_clients(config: RayRunConfig) -> dict:
 
 
 def _report(run: _Run, skew: float, server_steps: int, last_steps: dict[str, int], wall: float) -> dict:
-    config, entries = run.config, []
+    entries = []
     for c in run.clients:
         source = c.report or c.progress
         entries.append({"client_id": c.client_id, "index": c.index, "shard_size": c.shard_size,
                         "status": "ok" if c.ok else "failed", "error": c.error or None,
                         "server_last_step": last_steps.get(c.client_id, 0),
                         **{k: source.get(k) for k in CLIENT_KEYS}})
+    return report(run.config, entries, run.rounds, skew, server_steps, wall)
+
+
+def report(config: RayRunConfig, entries: list[dict], rounds: list[dict], skew: float, server_steps: int,
+           wall: float, **extra) -> dict:
+    """The run's report (keys in docs/DEPLOY.md): aggregates, `rounds`, and `client_reports`, one entry
+    a client, which `split-ray --report` writes beside the rest as JSON lines."""
     ok = [e for e in entries if e["status"] == "ok"]
-    train_seconds = sum(r["seconds"] for r in run.rounds)
-    samples = sum(r["samples"] for r in run.rounds)
+    train_seconds = sum(r["seconds"] for r in rounds)
+    samples = sum(r["samples"] for r in rounds)
+    accuracies = [e["test_accuracy"] for e in ok if e["test_accuracy"] is not None]
     edge = config.edge
     return {
         "mode": config.mode,
         "clients": config.clients,
+        **extra,
         "partition": str(config.partition),
         "label_skew": skew,
-        "test_accuracy": sum(e["test_accuracy"] for e in ok) / len(ok) if ok else None,
+        "test_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
         "shared_encoder": config.mode != "parallel",
         "clients_ok": len(ok),
         "failed": [e["client_id"] for e in entries if e["status"] == "failed"],
@@ -324,6 +342,6 @@ def _report(run: _Run, skew: float, server_steps: int, last_steps: dict[str, int
         "batch_size": edge.batch_size,
         "codec": edge.codec,
         "seed": edge.seed,
-        "rounds": run.rounds,
+        "rounds": rounds,
         "client_reports": entries,
     }

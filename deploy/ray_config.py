@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from dataclasses import dataclass, field
 
 from edge_client.config import EdgeConfig
@@ -63,6 +64,39 @@ class Kill:
 
 
 @dataclass(frozen=True)
+class VirtualClients:
+    """Clients as states run in turns by a pool of worker actors (`split-ray --workers`,
+    `deploy.virtual_clients`), instead of one actor each. Error messages name the flags."""
+
+    workers: int = 0  # worker actors; 0: as many as the Ray cluster's CPUs allow
+    fraction: float = 1.0  # of the clients, sampled afresh (seeded) every round
+    min_clients: int = 1  # at least this many take part in a round
+    local_steps: int = 0  # steps a turn; 0: one local epoch (a pass over the client's shard)
+    spill_dir: str = ""  # the clients' states as files in this folder; "": in Ray's object store
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0 (0: as many as Ray's CPUs allow), got {self.workers}")
+        if not (math.isfinite(self.fraction) and 0 < self.fraction <= 1):
+            raise ValueError(f"--fraction must lie in (0, 1], got {self.fraction}")
+        if self.min_clients < 1:
+            raise ValueError(f"--min-clients must be >= 1, got {self.min_clients}")
+        if self.local_steps < 0:
+            raise ValueError(f"--local-steps must be >= 0 (0: one local epoch a turn), got {self.local_steps}")
+
+    def per_round(self, clients: int) -> int:
+        """How many of `clients` take part in a round: the fraction (rounded down), at least min_clients."""
+        return min(clients, max(self.min_clients, math.floor(self.fraction * clients + 1e-9)))
+
+    def participants(self, clients: int, rounds: int, seed: int) -> list[list[int]]:
+        """Each round's clients, in the order their turns start: seeded draws without replacement,
+        as federated averaging samples its clients (McMahan et al., 2017). Drawn before the run, so
+        each client's schedule can span exactly the turns it will get."""
+        rng = random.Random(seed)
+        return [rng.sample(range(clients), self.per_round(clients)) for _ in range(rounds)]
+
+
+@dataclass(frozen=True)
 class RayRunConfig:
     edge: EdgeConfig  # every client's settings; the client id and seed are set per client
     clients: int = 2
@@ -71,6 +105,7 @@ class RayRunConfig:
     threads: int = 1  # torch threads per actor: clients share cores with each other and the server
     cpus_per_client: float = 0.0  # Ray CPUs reserved per actor; 0: the cluster's CPUs shared out, at most 1 each
     kill: Kill | None = None
+    virtual: VirtualClients | None = None  # None: one actor per client
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -82,6 +117,25 @@ class RayRunConfig:
         if self.kill and not (0 <= self.kill.client < self.clients and 1 <= self.kill.round <= self.edge.epochs):
             raise ValueError(f"kill {self.kill.client}@{self.kill.round}: no such client or round "
                              f"({self.clients} clients, {self.edge.epochs} rounds)")
+        if self.virtual:
+            self._check_virtual(self.virtual)
+
+    def _check_virtual(self, virtual: VirtualClients) -> None:
+        if virtual.min_clients > self.clients:
+            raise ValueError(f"--min-clients {virtual.min_clients} is more than the {self.clients} --clients")
+        if self.edge.defense.cem != "none":
+            raise ValueError("--cem with --workers: a virtual client does not carry a CEM surrogate's state from "
+                             "turn to turn; run CEM clients one actor each (without --workers)")
+        if self.kill:
+            taking_part = self.participants()[self.kill.round - 1]
+            if self.kill.client not in taking_part:
+                raise ValueError(f"kill {self.kill.client}@{self.kill.round}: client {self.kill.client} takes no "
+                                 f"part in round {self.kill.round} (its clients: {sorted(taking_part)[:10]}...)")
+
+    def participants(self) -> list[list[int]]:
+        """Each round's virtual clients (see VirtualClients.participants); --epochs is the rounds."""
+        assert self.virtual is not None
+        return self.virtual.participants(self.clients, self.edge.epochs, self.edge.seed)
 
 
 def ray_environment(local: bool) -> dict[str, str]:

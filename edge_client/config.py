@@ -141,6 +141,9 @@ class EdgeConfig:
     job: str = "default"
     client_id: str = ""  # empty: a fresh random id
     max_steps: int = 0  # stop after this many training steps (0: run all epochs)
+    # steps in an epoch, carrying on through the data across passes (a virtual client's turn of
+    # --local-steps, and the schedule's epoch); 0: an epoch is one pass over the training data
+    epoch_steps: int = 0
     device: str = "cpu"
     report: str = ""
     save_encoder: str = ""  # write the trained encoder here (what an attacker who unpacks the device gets)

@@ -116,14 +116,22 @@ class _LocalRpcError(grpc.RpcError):
         return str(self)
 
 
+def open_channel(config: ConnectionConfig) -> grpc.Channel:
+    """A channel to `config.server` with its TLS, token and message limits."""
+    return security.open_channel(config.server, wire.grpc_options(config.max_message_mb), tls_ca=config.tls_ca,
+                                 tls_cert=config.tls_cert, tls_key=config.tls_key,
+                                 tls_server_name=config.tls_server_name, auth_token=config.auth_token)
+
+
 class RemoteCloud:
     """The cloud as seen from the edge. Counts serialized bytes both ways and step RTTs."""
 
-    def __init__(self, config: ConnectionConfig) -> None:
+    def __init__(self, config: ConnectionConfig, channel: grpc.Channel | None = None) -> None:
+        """`channel`: one of the caller's (made by `open_channel`), left open by `close`: a Ray worker
+        runs the turns of many virtual clients, each a RemoteCloud of its own, over one connection."""
         self.config = config
-        self._channel = security.open_channel(config.server, wire.grpc_options(config.max_message_mb),
-                                              tls_ca=config.tls_ca, tls_cert=config.tls_cert, tls_key=config.tls_key,
-                                              tls_server_name=config.tls_server_name, auth_token=config.auth_token)
+        self._own_channel = channel is None
+        self._channel = channel or open_channel(config)
         self._stub = split_pb2_grpc.SplitLearningStub(self._channel)
         self._spec: pb.SessionSpec | None = None
         self._stream: TrainStream | None = None
@@ -171,12 +179,14 @@ class RemoteCloud:
         if self._stream:
             self._stream.close()
         if self.session:
-            try:
-                self._stub.CloseSession(pb.CloseRequest(session_id=self.session.session_id),
+            try:  # with the acknowledgement: the server need keep no reply for this client now
+                self._stub.CloseSession(pb.CloseRequest(session_id=self.session.session_id,
+                                                        received_step_id=self._received),
                                         timeout=self.config.deadline_s)
             except grpc.RpcError as err:
                 log.warning("CloseSession failed: %s", err.details() if hasattr(err, "details") else err)
-        self._channel.close()
+        if self._own_channel:
+            self._channel.close()
 
     def stats(self) -> pb.StatsReply:
         return self._stub.Stats(pb.StatsRequest(job=self._spec.job if self._spec else ""),

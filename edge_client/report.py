@@ -24,6 +24,13 @@ def write(report: dict, path: str) -> None:
     target.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
 
 
+def write_lines(rows: list[dict], path: str | Path) -> None:
+    """One JSON object a line (a many-client run's per-client rows: readable by `jq`, pandas, ...)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(json.dumps(_jsonable(row)) + "\n" for row in rows))
+
+
 def _jsonable(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None

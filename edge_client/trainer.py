@@ -13,12 +13,14 @@ the optimizer has moved on.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch.func import functional_call
@@ -47,6 +49,49 @@ class _InFlight:
     z_sent: torch.Tensor
     step_id: int
     epoch: int
+
+
+class StepsLost(RuntimeError):
+    """The server has fewer of this client's steps than its state says it sent: it lost some (a
+    restart without the checkpoint that held them), and renumbering would hide it."""
+
+
+# The cloud's running counters that belong to the client, carried from turn to turn.
+CLOUD_COUNTERS = ("bytes_up", "bytes_down", "reconnects", "replayed_steps", "rtt_ms")
+
+
+@dataclass
+class TrainerState:
+    """What an `EdgeTrainer` needs to carry on where another one stopped, in another process.
+
+    A virtual client (`deploy.virtual_clients`) is this between its turns: the worker that
+    runs its next turn builds a trainer for it and restores this. The data position and the
+    random generators are in it, so a turn that is run again (its worker died) sends the
+    same batches, with the same noise, under the same step ids. Plain tensors, numbers,
+    lists and dicts: it travels through Ray and saves with `torch.save`, and loads with
+    `weights_only=True`.
+    """
+
+    step_id: int
+    first_step_id: int
+    steps: int
+    samples: int
+    train_seconds: float
+    duplicates: int
+    resent: int
+    lr: float
+    lr_mismatches: int
+    durable_step_id: int
+    history: list[dict]
+    passes: int  # passes over the training data begun
+    pass_offset: int  # batches taken from the current pass; 0: none is open
+    loader_rng: torch.Tensor  # the shuffling generator before the current pass was drawn (or now, if none is open)
+    noise_rng: torch.Tensor  # the obfuscation's generator
+    cloud: dict  # CLOUD_COUNTERS
+    # Where the client keeps its own encoder (parallel mode): its weights and optimizer state.
+    # None where every turn starts from an encoder handed in (sequential, splitfed).
+    encoder: dict[str, torch.Tensor] | None = None
+    optimizer: dict | None = None
 
 
 def encoder_momentum(momentum: float, pipeline: int) -> float:
@@ -80,7 +125,11 @@ class EdgeTrainer:
                         else config.augment == "on")
         self.augmented = data.Augmented(self.train_set, config.seed) if self.augment else None
         self.loader = data.training_loader(self.augmented or self.train_set, config.batch_size, config.seed)
-        schedule = LrSchedule.parse(config.lr_schedule, config.epochs, len(self.loader), config.warmup_epochs)
+        self._pass: Iterator | None = None  # the open pass over the data: an epoch of epoch_steps can end within one
+        self._pass_rng = self.loader.generator.get_state()
+        self.passes = self.pass_offset = 0
+        schedule = LrSchedule.parse(config.lr_schedule, config.epochs, config.epoch_steps or len(self.loader),
+                                    config.warmup_epochs)
         self.optim = models.OptimSpec(config.lr, config.momentum, config.weight_decay, schedule)
         self.optimizer = models.OptimSpec(config.lr, encoder_momentum(config.momentum, config.connection.pipeline),
                                           config.weight_decay).make(self.encoder.parameters())
@@ -95,6 +144,7 @@ class EdgeTrainer:
         self.first_step_id = 0  # the step id the server had for this client when the session opened
         self.train_seconds = 0.0
         self.duplicates = 0
+        self.resent = 0  # steps sent again under their ids after a turn that died (see `open`)
         self.durable_step_id = 0  # the last step id a server checkpoint holds, as of `make_durable`
         self.tracker = Tracker(config.log_dir)
 
@@ -106,9 +156,24 @@ class EdgeTrainer:
     def done(self) -> bool:
         return bool(self.config.max_steps) and self.steps >= self.config.max_steps
 
-    def open(self) -> None:
-        self.step_id = self.first_step_id = self.cloud.open(self.config.job, self.client_id, self.split, self.optim,
-                                                            self.config.grad_codec, self.config.seed)
+    def open(self, own_count: bool = False) -> None:
+        """Open the session. By default the step ids carry on after the last one the server has for
+        this client id (an edge process re-joining with --client-id does not know what it sent).
+        `own_count`: this trainer's count is the truth (restored, or 0 for a new client id), and
+        the steps the server holds beyond it were sent by a turn whose worker died: they are
+        sent again, the same batches under the same ids, and the server answers them as
+        duplicates (with their gradients while it keeps them), so none is applied twice."""
+        last = self.cloud.open(self.config.job, self.client_id, self.split, self.optim, self.config.grad_codec,
+                               self.config.seed)
+        if not own_count:
+            self.step_id = self.first_step_id = last
+        elif last < self.step_id:
+            raise StepsLost(f"client {self.client_id!r}: the server has its steps up to {last}, but it sent "
+                            f"{self.step_id} (the server restarted without the checkpoint that held them?)")
+        elif last > self.step_id:
+            log.warning("client %s: the server holds steps %d..%d of a turn that did not finish; sending them again",
+                        self.client_id, self.step_id + 1, last)
+            self.resent += last - self.step_id
 
     def close(self) -> None:
         self.cloud.close()
@@ -121,21 +186,19 @@ class EdgeTrainer:
         self.durable_step_id = self.cloud.flush()
 
     def train_epoch(self) -> dict:
-        """One pass over the training data (less if max_steps runs out); {} once `done`."""
+        """One epoch (less if max_steps runs out): a pass over the training data, or `epoch_steps`
+        steps carrying on through it; {} once `done`."""
         if self.done:
             return {}
         epoch = len(self.history) + 1
-        if self.augmented is not None:
-            self.augmented.epoch = epoch
         depth = max(0, self.config.connection.pipeline)
         inflight: deque[_InFlight] = deque()
         tally = {"loss": 0.0, "correct": 0, "seen": 0}
         start = time.perf_counter()
         self.encoder.train()
-        bar = tqdm(self.loader, desc=f"epoch {epoch}", unit="step", disable=not self.config.progress, leave=False)
+        bar = tqdm(self._epoch_batches(), desc=f"epoch {epoch}", unit="step", disable=not self.config.progress,
+                   leave=False, total=self.config.epoch_steps or len(self.loader))
         for x, y in bar:
-            if self.done:
-                break
             x, y = x.to(self.config.device), y.to(self.config.device)
             self.step_id += 1
             z = self._forward(x, stash=depth > 0)
@@ -157,6 +220,31 @@ class EdgeTrainer:
         log.info("epoch %d: loss %.4f acc %.3f, %.0f samples/s%s", epoch, record["train_loss"],
                  record["train_accuracy"], record["samples_per_second"], self.cem.summary(record))
         return record
+
+    def _epoch_batches(self) -> Iterator:
+        """The epoch's batches until `done`: the rest of the open pass (a new one if none is), or
+        `epoch_steps` of them, opening passes as they run out."""
+        taken = 0
+        while not self.done and (taken < self.config.epoch_steps or not self.config.epoch_steps):
+            if self._pass is None:
+                self._open_pass()
+            batch = next(self._pass, None)  # type: ignore[arg-type]
+            if batch is None:
+                self._pass = None
+                if not self.config.epoch_steps or not self.pass_offset:  # a pass ended (or there is no data)
+                    return
+                continue
+            self.pass_offset += 1
+            taken += 1
+            yield batch
+
+    def _open_pass(self) -> None:
+        self._pass_rng = self.loader.generator.get_state()
+        self.passes += 1
+        if self.augmented is not None:
+            self.augmented.epoch = self.passes  # the pass, as the harness replays it (data.training_order)
+        self._pass = iter(self.loader)
+        self.pass_offset = 0
 
     def _settle(self, inflight: deque[_InFlight], keep: int, tally: dict, bar: tqdm) -> None:
         """Apply replies until at most `keep` steps are in flight; count the ones that carried a gradient
@@ -247,6 +335,41 @@ class EdgeTrainer:
         """
         update_bn(DataLoader(self.train_set, batch_size=self.eval_batch_size), self.encoder, self.config.device)
 
+    def snapshot(self, encoder: bool) -> TrainerState:
+        """This trainer's state (see TrainerState), between epochs; `encoder`: with the encoder's
+        weights and optimizer state (a client that keeps its own encoder)."""
+        open_ = self._pass is not None
+        return TrainerState(
+            self.step_id, self.first_step_id, self.steps, self.samples, self.train_seconds, self.duplicates,
+            self.resent, self.lr, self.lr_mismatches, self.durable_step_id, list(self.history), self.passes,
+            self.pass_offset if open_ else 0, self._pass_rng if open_ else self.loader.generator.get_state(),
+            self.obfuscation.generator.get_state(),
+            {key: copy.copy(getattr(self.cloud, key)) for key in CLOUD_COUNTERS},
+            self.encoder_state() if encoder else None,
+            copy.deepcopy(self.optimizer.state_dict()) if encoder else None)
+
+    def restore(self, state: TrainerState) -> None:
+        """Carry on from `state` (a fresh trainer of the same config, before `open(own_count=True)`)."""
+        (self.step_id, self.first_step_id, self.steps, self.samples, self.train_seconds, self.duplicates,
+         self.resent, self.lr, self.lr_mismatches, self.durable_step_id) = (
+            state.step_id, state.first_step_id, state.steps, state.samples, state.train_seconds, state.duplicates,
+            state.resent, state.lr, state.lr_mismatches, state.durable_step_id)
+        self.history = list(state.history)
+        for key, value in state.cloud.items():
+            setattr(self.cloud, key, copy.copy(value))
+        self.obfuscation.generator.set_state(state.noise_rng)
+        self.loader.generator.set_state(state.loader_rng)
+        self.passes = state.passes
+        if state.pass_offset:  # within a pass: draw it again from its generator state and skip what was taken
+            self.passes -= 1
+            self._open_pass()
+            for _ in range(state.pass_offset):
+                next(self._pass)  # type: ignore[arg-type]
+            self.pass_offset = state.pass_offset
+        if state.encoder is not None:
+            self.encoder.load_state_dict(state.encoder)
+            self.optimizer.load_state_dict(state.optimizer)
+
     def save_encoder(self, path: str) -> None:
         """Encoder weights with the model, defense, job and codec (`splitnet.encoder_file`)."""
         encoder_file.write(path, self.split, self.config.defense.as_dict(), self.config.job, self.config.codec)
@@ -272,6 +395,7 @@ class EdgeTrainer:
             "reconnects": cloud.reconnects,
             "replayed_steps": cloud.replayed_steps,
             "duplicate_steps": self.duplicates,
+            "resent_steps": self.resent,
             "last_step_id": self.step_id,
             "durable_step_id": self.durable_step_id,
             "durable": self.durable_step_id >= self.step_id > 0,
@@ -332,3 +456,4 @@ def run(config: EdgeConfig, cloud: Cloud, splits: data.Splits | None = None,
     if config.save_encoder:
         trainer.save_encoder(config.save_encoder)
     return trainer.report(accuracy)
+

@@ -117,6 +117,7 @@ def test_server_port_in_a_config_file_goes_through_the_flags_check(tmp_path, cap
     (edge_cli.main, ["--epochs", "2", "--cem", "slot", "--lambda", "16", "--cut", "block2", "--no-progress"]),
     (cloud_cli.main, ["--port", "0", "--max-jobs", "3", "--idle-timeout", "9.5"]),
     (ray_cli.main, ["--clients", "3", "--mode", "splitfed", "--partition", "dirichlet:0.5", "--width", "0.5"]),
+    (ray_cli.main, ["--clients", "300", "--workers", "--fraction", "0.1", "--local-steps", "4"]),
     (attacker_cli.main, ["run", "--capture", "c", "--out", "o", "--method", "rmle", "--rmle-lr", "0.002"]),
 ])
 def test_print_config_round_trips_as_a_config_file(main, argv, tmp_path, capsys):

@@ -149,6 +149,30 @@ def test_a_step_retried_after_a_lost_reply_gets_its_gradient_once():
         server.stop()
 
 
+@pytest.mark.parametrize("acknowledged", [True, False])
+def test_a_close_with_its_acknowledgement_leaves_no_kept_reply(acknowledged):
+    """What the server keeps of a client that closed its session is its counter, not its last
+    gradient (virtual clients close one after every turn, thousands of them); an older edge's
+    close, without the acknowledgement, leaves the reply for a re-send."""
+    server, address = _serve()
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = split_pb2_grpc.SplitLearningStub(channel)
+            first = step(stub.OpenSession(spec("closed"), timeout=10).session_id, 1)
+            assert not list(stub.Train(iter([first]), timeout=10))[0].duplicate
+            stub.CloseSession(pb.CloseRequest(session_id=first.session_id, received_step_id=int(acknowledged)),
+                              timeout=10)
+            first.session_id = stub.OpenSession(spec("closed"), timeout=10).session_id
+            again = list(stub.Train(iter([first]), timeout=10))[0]
+            assert again.duplicate and again.HasField("grad") is not acknowledged
+            assert server.servicer.jobs["closed"].steps_applied == 1
+        # the edge's own close acknowledges every reply it received
+        run(_edge(address, "edge-closed", max_steps=2, client_id="e"), RemoteCloud(_edge(address, "").connection))
+        assert not server.servicer.jobs["edge-closed"].clients["e"].replies
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("pipeline", [0, 2])
 def test_training_through_a_lost_reply_applies_every_step_once(pipeline):
     server, address = _serve(_LosesOneReply)

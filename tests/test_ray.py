@@ -6,6 +6,7 @@ every Ray process on the machine). Its environment must be set before Ray is imp
 
 import ipaddress
 import json
+from collections import Counter
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from deploy.ray_config import Kill, PartitionSpec, RayRunConfig, ray_environment
+from deploy.ray_config import Kill, PartitionSpec, RayRunConfig, VirtualClients, ray_environment
 
 RAY_ENV = {**ray_environment(local=True), "RAY_AUTH_MODE": "disabled"}  # no token written to ~/.ray
 os.environ.update(RAY_ENV)
@@ -27,6 +28,7 @@ from torch.utils.data import Subset, TensorDataset  # noqa: E402
 
 from deploy import partition  # noqa: E402
 from deploy.fedavg import fedavg  # noqa: E402
+from deploy.processes import descendants  # noqa: E402
 from cloud_server.local import LocalCloud  # noqa: E402
 from deploy.ray_clients import run_clients  # noqa: E402
 from edge_client.config import ConnectionConfig, EdgeConfig  # noqa: E402
@@ -125,26 +127,48 @@ def test_killed_client_leaves_the_others_finishing(ray_local, server):
     assert report["client_steps_sent"] == sum(c["steps"] for c in report["client_reports"])
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
+@pytest.mark.parametrize("mode", ["sequential", "parallel", "splitfed"])
+def test_fifty_virtual_clients_over_two_workers(ray_local, server, mode):
+    config = RayRunConfig(edge(server, f"virtual-{mode}", epochs=2), clients=50, mode=mode,
+                          virtual=VirtualClients(workers=2, fraction=0.2))
+    report = run_clients(config)
+    clients = report["client_reports"]
+    assert (report["workers"], report["clients_ok"], report["failed"], report["retries"]) == (2, 50, [], 0)
+    assert [r["participants"] for r in report["rounds"]] == [10, 10]
+    turns = Counter(i for taking_part in config.participants() for i in taking_part)
+    assert all(c["turns"] == turns[c["index"]] for c in clients)
+    # Each client's steps under its own id, each applied once (a shard of 28-29 images is one step a
+    # turn; a client never sampled has none); every turn ended with its steps in a server checkpoint.
+    assert all((c["steps"] or 0) == c["turns"] == c["server_last_step"] for c in clients)
+    assert report["server_steps_applied"] == report["client_steps_sent"] == 20
+    assert all(c["durable"] for c in clients if c["turns"])
+    if mode == "parallel":  # every client evaluated its own encoder through its own session
+        assert all(c["bytes_down"] and c["test_accuracy"] is not None for c in clients)
+    else:  # one shared encoder, evaluated once
+        assert len({c["test_accuracy"] for c in clients}) == 1
+    assert 0 < report["test_accuracy"] <= 1 and report["state_bytes_mean"] > 0
+
+
+def test_a_worker_killed_mid_turn_has_the_turn_run_again_on_another(ray_local, server, tmp_path):
+    """The victim's turn runs again from its state before the turn (here a file of the spill folder):
+    the steps the dead worker had sent go out again under their ids, answered as duplicates, so each
+    client ends with exactly its steps, none lost and none applied twice."""
+    steps = 12  # a turn; at 4 images a step the kill lands within it
+    config = RayRunConfig(edge(server, "virtual-kill", epochs=2, batch_size=4), clients=4, mode="parallel",
+                          kill=Kill(1, 2), virtual=VirtualClients(workers=2, local_steps=steps, spill_dir=str(tmp_path)))
+    report = run_clients(config)
+    clients = report["client_reports"]
+    assert (report["failed"], report["retries"], report["workers_replaced"]) == ([], 1, 1)
+    assert clients[1]["retries"] == 1 and clients[1]["resent_steps"] >= 1
+    assert all(c["steps"] == c["server_last_step"] == 2 * steps for c in clients)
+    assert report["server_steps_applied"] == report["client_steps_sent"] == 4 * 2 * steps
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{c['client_id']}.{2 * steps}.pt" for c in clients)
 
 
 @pytest.mark.skipif(not shutil.which("ss"), reason="needs ss (iproute2)")
 def test_ray_listens_on_loopback_only(ray_local):
     """Every TCP socket this test's Ray processes (GCS, raylet, workers) listen on is a loopback one."""
-    ours = _descendants(os.getpid())
+    ours = descendants(os.getpid())
     lines = subprocess.run(["ss", "-tlnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
     listening = [line.split()[3] for line in lines if ours & {int(p) for p in re.findall(r"pid=(\d+)", line)}]
     assert listening
@@ -163,10 +187,14 @@ def test_one_command_run_starts_and_stops_its_server():
                               env={**os.environ, "RAY_TMPDIR": temp}, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-3000:]
         report = json.loads(open(f"{temp}/ray.json").read())
+        rows = [json.loads(line) for line in open(f"{temp}/ray.clients.jsonl")]
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert report["partition"] == "dirichlet:1" and report["clients_ok"] == 2 and report["mode"] == "splitfed"
     assert report["server_steps_applied"] == report["client_steps_sent"] == 6
+    # aggregates in the report, a row per client beside it
+    assert report["client_rows"] == "ray.clients.jsonl" and "client_reports" not in report
+    assert [r["index"] for r in rows] == [0, 1] and sum(r["steps"] for r in rows) == 6
     assert "test_accuracy" in done.stdout
     with socket.socket() as probe:  # the server it started is gone
         assert probe.connect_ex(("127.0.0.1", int(report["server"].rsplit(":", 1)[1]))) != 0

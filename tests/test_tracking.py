@@ -118,7 +118,7 @@ def test_each_ray_client_is_a_run_of_its_own(tmp_path):
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    clients = json.loads((tmp_path / "ray.json").read_text())["client_reports"]
+    clients = [json.loads(line) for line in (tmp_path / "ray.clients.jsonl").read_text().splitlines()]
     assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["client-0", "client-1"]
     for client in clients:
         acc = events(tmp_path / "tb" / f"client-{client['index']}")

@@ -149,10 +149,12 @@ class Prediction(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class CloseRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "received_step_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_STEP_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    received_step_id: int
+    def __init__(self, session_id: _Optional[str] = ..., received_step_id: _Optional[int] = ...) -> None: ...
 
 class CloseReply(_message.Message):
     __slots__ = ("steps_applied",)

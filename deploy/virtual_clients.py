@@ -1,0 +1,469 @@
+"""Many virtual clients over a few Ray workers: `split-ray --clients N --workers W`.
+
+One actor per client (`deploy.ray_clients`) costs a process each, with torch, a copy of
+the data and a gRPC channel: several hundred MB, so a machine holds tens of clients, not
+thousands. Here W worker actors run the turns of N virtual clients, as Flower's
+simulation engine multiplexes its clients over a pool of actors. Between its turns a
+client is a `TrainerState` (step counter, data position, random generators, counters, and
+its own encoder and momentum where the mode keeps one per client) in Ray's object store,
+or a file in `--spill-dir`, plus its id and shard in the driver. The worker that runs a
+turn builds a trainer for that client, restores its state, opens a session under the
+client's own id over the worker's one channel, trains, has the server checkpoint the
+steps, closes the session and hands the state back. Memory grows with W; each of the N
+clients costs its state and a few hundred bytes of the server's bookkeeping.
+
+Each round a seeded sample of the clients takes part (`--fraction`, at least
+`--min-clients`), drawn before the run so that each client's learning-rate schedule spans
+exactly the turns it will get. A turn is one local epoch or `--local-steps` steps. Over a
+round's participants the modes mean what they mean with one actor per client:
+- `sequential`: one turn after another, each starting from the encoder the last one ended with;
+- `parallel`: up to W turns at once; every client keeps its own encoder (in its state);
+- `splitfed`: like parallel, from the shared encoder; then FedAvg of the participants'
+  encoders weighted by the samples each trained, folded in as their turns end, and the
+  average's batch-norm statistics measured by the participants on their shards.
+
+Failures: a call that fails (its worker died, or the trainer raised) runs again once, on
+another worker, from the state its client had before it. A turn's steps then go out
+again under the same step ids, and the server, which applies each client's step ids once,
+answers those it had already applied as duplicates. A second failure marks the client
+failed (the report says why) and it takes no further part. A dead worker is replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import ray
+import torch
+from ray.actor import ActorHandle
+from torch.utils.data import Subset
+from tqdm import tqdm
+
+from deploy import partition
+from deploy.fedavg import FedAvg
+from deploy.ray_clients import CLIENT_KEYS, ServerView, error_text, report
+from deploy.ray_config import RayRunConfig
+from edge_client.config import EdgeConfig
+from edge_client.remote import RemoteCloud, open_channel
+from edge_client.trainer import EdgeTrainer, TrainerState
+from splitnet import data
+from splitnet.cli_util import set_threads, setup_logging
+from splitnet.tracking import Tracker
+
+log = logging.getLogger("deploy.ray")
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """Who a virtual client is: what a worker needs besides its state to run its turn."""
+
+    index: int
+    client_id: str
+    seed: int
+    indices: list[int]  # its shard of the training set
+    turns: int  # its turns in the whole run, which its schedule spans
+
+
+class Worker:
+    """The body of one worker actor: the data once, one gRPC channel, one client's trainer at a time."""
+
+    def __init__(self, config: EdgeConfig, threads: int, keep_encoder: bool, spill_dir: str) -> None:
+        setup_logging()
+        # a worker runs thousands of turns: their epoch lines would drown the driver's round lines
+        logging.getLogger("edge_client.trainer").setLevel(logging.WARNING)
+        set_threads(threads)
+        self.config, self.keep_encoder, self.spill_dir = config, keep_encoder, spill_dir
+        self.splits = data.load(config.data)
+        self.channel = open_channel(config.connection)
+
+    def initial_encoder(self, client: ClientSpec) -> State:
+        """Open `client`'s session before anyone else's (the first session of a new job fixes the
+        decoder and its seed); its initial encoder is every client's."""
+        trainer = self._trainer(client)
+        trainer.open(own_count=True)
+        trainer.close()
+        return trainer.encoder_state()
+
+    def train(self, client: ClientSpec, state: TrainerState | str | None,
+              encoder: State | None) -> tuple[dict, TrainerState | str, State | None]:
+        """One turn from `state` (None: the client's first), starting from `encoder` if given: its
+        counters, its new state, and its encoder where the client does not keep its own."""
+        trainer = self._trainer(client, state)
+        if encoder is not None:
+            trainer.load_encoder_state(encoder)
+        samples = trainer.samples
+        trainer.open(own_count=True)
+        try:
+            record = trainer.train_epoch()
+            trainer.make_durable()
+        finally:
+            trainer.close()
+        new = trainer.snapshot(encoder=self.keep_encoder)
+        counters = {**trainer.counters(), "train_loss": record.get("train_loss"), "turn_samples": trainer.samples - samples,
+                    "state_bytes": len(pickle.dumps(new, protocol=pickle.HIGHEST_PROTOCOL))}
+        return counters, self._store(client, new), None if self.keep_encoder else trainer.encoder_state()
+
+    def recalibrated(self, client: ClientSpec, encoder: State) -> State:
+        """The batch-norm statistics (the buffers) of `encoder`, measured on the client's shard."""
+        trainer = self._trainer(client)
+        trainer.load_encoder_state(encoder)
+        trainer.recalibrate_batch_norm()
+        return {name: b.detach().clone() for name, b in trainer.encoder.named_buffers()}
+
+    def evaluate(self, client: ClientSpec, state: TrainerState | str | None, encoder: State | None) -> dict:
+        """Test accuracy through the client's own session, with its own encoder or `encoder`; its counters.
+
+        A client's own encoder (parallel) first measures its batch-norm statistics on its shard:
+        its running statistics moved only in its own steps, a few per turn and a turn every few
+        rounds (a client of 100 at --fraction 0.2 trains 10 steps in 50 rounds), so with
+        momentum 0.1 they still lean on the initial ones and eval mode normalises by numbers
+        that describe none of its weights (measured: 0.20 test accuracy, 0.90 after measuring).
+        The shared encoder's were measured for it (splitfed) or have seen every turn."""
+        trainer = self._trainer(client, state)
+        if encoder is not None:
+            trainer.load_encoder_state(encoder)
+        if self.keep_encoder:
+            trainer.recalibrate_batch_norm()
+        trainer.open(own_count=True)
+        try:
+            accuracy = trainer.evaluate()
+        finally:
+            trainer.close()
+        return {**trainer.counters(), "test_accuracy": accuracy}
+
+    def _trainer(self, client: ClientSpec, state: TrainerState | str | None = None) -> EdgeTrainer:
+        config = dataclasses.replace(self.config, client_id=client.client_id, seed=client.seed,
+                                     epochs=max(1, client.turns))
+        trainer = EdgeTrainer(config, RemoteCloud(config.connection, self.channel), self.splits,
+                              Subset(self.splits.train, client.indices))
+        if isinstance(state, str):
+            state = TrainerState(**torch.load(state, weights_only=True))
+        if state is not None:
+            trainer.restore(state)
+        return trainer
+
+    def _store(self, client: ClientSpec, state: TrainerState) -> TrainerState | str:
+        """The state itself (into the object store), or the file it was written to in the spill folder:
+        one per turn, named by its step count, so that a turn run again starts from the file before it."""
+        if not self.spill_dir:
+            return state
+        path = Path(self.spill_dir) / f"{client.client_id}.{state.step_id}.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(vars(state), tmp)
+        os.replace(tmp, path)
+        return str(path)
+
+
+@dataclass
+class _Client:
+    spec: ClientSpec
+    state: Any = None  # ObjectRef of its TrainerState, or its file in the spill folder; None before its first turn
+    counters: dict = field(default_factory=dict)  # as its last call returned them
+    turns_done: int = 0
+    retries: int = 0
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+@dataclass
+class _Call:
+    client: _Client
+    method: str
+    args: tuple
+    returns: int = 1
+    failed_on: tuple[int, int] | None = None  # (worker slot, its generation) where the first attempt failed
+
+
+class _Pool:
+    """The worker actors: each call runs on a free worker; a dead worker is replaced, and a failed
+    call runs once more, on another worker where there is one."""
+
+    def __init__(self, size: int, start: Callable[[], ActorHandle]) -> None:
+        self._start = start
+        self.workers = [start() for _ in range(size)]
+        self._generation = [0] * size  # a replaced worker is another worker
+        self.replaced = 0
+
+    def run(self, calls: Iterable[_Call], limit: int,
+            started: Callable[[_Call, ActorHandle], None] | None = None) -> Iterator[tuple[_Call, Any, list, str]]:
+        """Run `calls`, at most `limit` at once; yield (call, first result, its refs, "") as each
+        ends, or (call, None, [], error) for one that failed twice."""
+        queue, running, idle = deque(calls), {}, list(range(len(self.workers)))
+        while queue or running:
+            while queue and len(running) < limit:
+                slot = self._slot_for(queue[0], idle)
+                if slot is None:
+                    break
+                call = queue.popleft()
+                idle.remove(slot)
+                refs = getattr(self.workers[slot], call.method).options(num_returns=call.returns).remote(*call.args)
+                refs = list(refs) if call.returns > 1 else [refs]
+                running[refs[0]] = (call, slot, refs)
+                if started:
+                    started(call, self.workers[slot])
+            (ready,), _ = ray.wait(list(running), num_returns=1)
+            call, slot, refs = running.pop(ready)
+            idle.append(slot)
+            try:
+                result = ray.get(ready)
+            except ray.exceptions.RayError as err:
+                where = (slot, self._generation[slot])
+                if isinstance(err, ray.exceptions.RayActorError):
+                    self._replace(slot)
+                if call.failed_on is None:
+                    call.failed_on = where
+                    call.client.retries += 1
+                    log.warning("client %s: %s failed (%s); running it again on another worker",
+                                call.client.spec.client_id, call.method, error_text(err))
+                    queue.appendleft(call)
+                    continue
+                yield call, None, [], error_text(err)
+                continue
+            yield call, result, refs, ""
+
+    def _slot_for(self, call: _Call, idle: list[int]) -> int | None:
+        others = [s for s in idle if (s, self._generation[s]) != call.failed_on]
+        if others:
+            return others[0]
+        return idle[0] if idle and len(self.workers) == 1 else None  # one worker: it is the only other
+
+    def _replace(self, slot: int) -> None:
+        ray.kill(self.workers[slot], no_restart=True)
+        self.workers[slot] = self._start()
+        self._generation[slot] += 1
+        self.replaced += 1
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker, no_restart=True)
+
+
+class _VirtualRun:
+    """One run's virtual clients, rounds and shared encoder, driven from the Ray driver."""
+
+    def __init__(self, config: RayRunConfig) -> None:
+        assert config.virtual is not None
+        self.config, self.virtual = config, config.virtual
+        self.server = ServerView(config.edge.connection, config.edge.job)
+        self.participants = config.participants()
+        self.clients: list[_Client] = []
+        self.rounds: list[dict] = []
+        self.shared: ray.ObjectRef | None = None  # the encoder the next turn starts from (all but parallel)
+        self.initial: ray.ObjectRef | None = None  # client 0's initial encoder: every client's first
+        self.pool: _Pool | None = None
+        self.tracker = Tracker(config.edge.log_dir)
+        self._round = 0
+
+    def start(self) -> float:
+        """Partition, start the workers, open client 0's session first; the partition's label skew."""
+        cfg, edge = self.config, self.config.edge
+        labels = partition.labels_of(data.load(edge.data).train)
+        shards = partition.split(labels, cfg.clients, cfg.partition, edge.seed)
+        turns = [0] * cfg.clients
+        for taking_part in self.participants:
+            for index in taking_part:
+                turns[index] += 1
+        run_id = uuid.uuid4().hex[:6]  # fresh ids: a re-run against a long-lived server starts at step 1
+        self.clients = [_Client(ClientSpec(i, f"ray-{run_id}-{i}", edge.seed + i, shard, turns[i]))
+                        for i, shard in enumerate(shards)]
+        workers = self.virtual.workers or self._cpu_workers()
+        cpus = cfg.cpus_per_client or min(1.0, ray.cluster_resources().get("CPU", 1.0) / workers)
+        # each turn builds its trainer from the settings, with its client's id, seed and turns
+        worker_config = dataclasses.replace(edge, epoch_steps=self.virtual.local_steps, progress=False, log_dir="")
+        actor = ray.remote(Worker).options(num_cpus=cpus, scheduling_strategy="SPREAD")
+        self.pool = _Pool(workers, lambda: actor.remote(worker_config, cfg.threads, cfg.mode == "parallel",
+                                                        self.virtual.spill_dir))
+        log.info("%d virtual clients over %d workers (%s, %d a round, %s a turn)", cfg.clients, workers, cfg.mode,
+                 len(self.participants[0]),
+                 f"{self.virtual.local_steps} steps" if self.virtual.local_steps else "one local epoch")
+        first = self.clients[0]
+        for call, result, refs, error in self.pool.run([_Call(first, "initial_encoder", (first.spec,))], 1):
+            if error:
+                raise RuntimeError(f"client 0 could not open the job's first session: {error}")
+            self.initial = self.shared = refs[0]
+        return partition.label_skew(labels, shards)
+
+    def _cpu_workers(self) -> int:
+        return max(1, int(ray.cluster_resources().get("CPU", 1.0) // (self.config.cpus_per_client or 1.0)))
+
+    def train(self) -> None:
+        rounds = len(self.participants)
+        bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not self.config.edge.progress)
+        for self._round, taking_part in enumerate(self.participants, 1):
+            clients = [self.clients[i] for i in taking_part if self.clients[i].ok]
+            start = time.perf_counter()
+            done: list[dict] = []
+
+            def progress(counters: dict) -> None:
+                done.append(counters)
+                bar.set_postfix(turns=f"{len(done)}/{len(clients)}")
+
+            if self.config.mode == "splitfed":
+                self._splitfed(clients, progress)
+            else:
+                self._turns(clients, progress)
+            self._log_round(time.perf_counter() - start, done, len(clients))
+            bar.update(1)
+        bar.close()
+
+    def _turns(self, clients: list[_Client], progress: Callable[[dict], None]) -> None:
+        """Sequential: one at a time, passing the encoder on; parallel: up to W at once, each its own."""
+        if self.config.mode == "sequential":
+            for client in clients:
+                for counters, refs in self._train([client], 1, lambda c: self.shared):
+                    self.shared = refs[2]  # a client that failed passes nothing on: the next starts where it did
+                    progress(counters)
+        else:
+            for counters, _ in self._train(clients, len(self.pool.workers), lambda c: self.initial if c.state is None
+                                           else None):
+                progress(counters)
+
+    def _splitfed(self, clients: list[_Client], progress: Callable[[dict], None]) -> None:
+        """Parallel turns from the shared encoder, averaged as they end (weighted by the samples each
+        trained), then the average's batch-norm statistics measured on the participants' shards and
+        pooled (measured from scratch: the pooled batch count is the sum of theirs)."""
+        base = ray.get(self.shared)
+        mean = FedAvg(base)
+        for counters, refs in self._train(clients, len(self.pool.workers), lambda c: self.shared):
+            if counters["turn_samples"]:
+                mean.add(ray.get(refs[2]), counters["turn_samples"])
+            progress(counters)
+        if not mean.total:
+            return
+        averaged = ray.put(mean.result())
+        calls = [_Call(c, "recalibrated", (c.spec, averaged)) for c in clients if c.ok]
+        measured = None
+        for call, buffers, _, error in self.pool.run(calls, len(self.pool.workers)):
+            if error:
+                self._fail(call.client, f"batch-norm measurement: {error}")
+                continue
+            if measured is None:
+                measured = FedAvg({k: v if v.is_floating_point() else torch.zeros_like(v) for k, v in buffers.items()})
+            measured.add(buffers, len(call.client.spec.indices))
+        self.shared = ray.put({**ray.get(averaged), **measured.result()} if measured else ray.get(averaged))
+
+    def _train(self, clients: list[_Client], limit: int,
+               encoder: Callable[[_Client], Any]) -> Iterator[tuple[dict, list]]:
+        """Each client's turn, from its state and `encoder(client)`; yields (counters, refs) as turns end."""
+        calls = [_Call(c, "train", (c.spec, c.state, encoder(c)), returns=3) for c in clients]
+        for call, counters, refs, error in self.pool.run(calls, limit, self._maybe_kill):
+            client = call.client
+            if error:
+                self._fail(client, error)
+                continue
+            self._keep_state(client, refs[1])
+            client.counters, client.turns_done = counters, client.turns_done + 1
+            yield counters, refs
+
+    def _keep_state(self, client: _Client, ref: ray.ObjectRef) -> None:
+        if not self.virtual.spill_dir:
+            client.state = ref
+            return
+        old, client.state = client.state, ray.get(ref)
+        if old and old != client.state:
+            Path(old).unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        """Shared encoder: one evaluation, by the first live client; parallel: every live client its own."""
+        live = [c for c in self.clients if c.ok]
+        if not live:
+            return
+        if self.config.mode == "parallel":
+            calls = [_Call(c, "evaluate", (c.spec, c.state, self.initial if c.state is None else None)) for c in live]
+        else:
+            calls = [_Call(live[0], "evaluate", (live[0].spec, live[0].state, self.shared))]
+        for call, counters, _, error in self.pool.run(calls, len(self.pool.workers)):
+            if error:
+                self._fail(call.client, f"evaluation: {error}")
+            else:  # the evaluation's bytes added, the last turn's figures kept
+                call.client.counters = {**call.client.counters, **counters}
+        if self.config.mode != "parallel" and live[0].ok:
+            accuracy = live[0].counters["test_accuracy"]
+            for c in live:
+                c.counters["test_accuracy"] = accuracy
+        accuracies = [c.counters["test_accuracy"] for c in live if c.ok]
+        if accuracies:
+            self.tracker.scalars(len(self.rounds), {"test/accuracy": sum(accuracies) / len(accuracies)})
+
+    def stop(self) -> None:
+        if self.pool:
+            self.pool.stop()
+        self.server.close()
+        self.tracker.close()
+
+    def _maybe_kill(self, call: _Call, worker: ActorHandle) -> None:
+        """Fault injection: kill the worker running the victim's turn once the server has applied one of its
+        steps (or after a deadline); the turn then runs again on another worker."""
+        kill, client = self.config.kill, call.client
+        if not (kill and kill.round == self._round and kill.client == client.spec.index and call.failed_on is None):
+            return
+        start = client.counters.get("last_step_id", 0)
+        deadline = time.monotonic() + self.config.edge.connection.deadline_s
+        while self.server.stats().client_last_step.get(client.spec.client_id, 0) <= start \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        log.warning("fault injection: killing the worker running client %d's turn (%s)", client.spec.index,
+                    client.spec.client_id)
+        ray.kill(worker, no_restart=True)
+
+    def _fail(self, client: _Client, error: str) -> None:
+        client.error = error
+        log.error("client %d (%s) failed: %s", client.spec.index, client.spec.client_id, error)
+
+    def _log_round(self, seconds: float, done: list[dict], taking_part: int) -> None:
+        samples = sum(c["turn_samples"] for c in done)
+        losses = [c["train_loss"] for c in done if c.get("train_loss") is not None]
+        entry = {"round": self._round, "seconds": seconds, "samples": samples,
+                 "samples_per_second": samples / seconds if seconds else 0.0, "participants": taking_part,
+                 "clients_ok": len(done), "train_loss": sum(losses) / len(losses) if losses else None}
+        self.rounds.append(entry)
+        self.tracker.scalars(self._round, {"train/loss": entry["train_loss"],
+                                           "train/samples_per_second": entry["samples_per_second"],
+                                           "round/participants": taking_part})
+        log.info("round %d/%d (%s): %d/%d turns ok, %d samples in %.1f s = %.0f samples/s, loss %s", self._round,
+                 len(self.participants), self.config.mode, len(done), taking_part, samples, seconds,
+                 entry["samples_per_second"], f"{entry['train_loss']:.4f}" if losses else "-")
+
+
+def run_virtual(config: RayRunConfig) -> dict:
+    """Train `config.clients` virtual clients over a pool of workers on an initialised Ray; the report
+    (as `deploy.ray_clients.run_clients`, plus the pool's figures)."""
+    started = time.perf_counter()
+    run = _VirtualRun(config)
+    try:
+        before = run.server.stats().steps_applied
+        skew = run.start()
+        run.train()
+        run.finish()
+        job = run.server.stats()
+    finally:
+        run.stop()
+    last_steps = dict(job.client_last_step)
+    entries = []
+    for c in run.clients:
+        entries.append({"client_id": c.spec.client_id, "index": c.spec.index, "shard_size": len(c.spec.indices),
+                        "status": "ok" if c.ok else "failed", "error": c.error or None,
+                        "server_last_step": last_steps.get(c.spec.client_id, 0), "turns": c.turns_done,
+                        "retries": c.retries, **{k: c.counters.get(k) for k in CLIENT_KEYS}})
+    sizes = [c.counters["state_bytes"] for c in run.clients if "state_bytes" in c.counters]
+    virtual = config.virtual
+    assert virtual is not None and run.pool is not None
+    return report(config, entries, run.rounds, skew, job.steps_applied - before, time.perf_counter() - started,
+                  workers=len(run.pool.workers), fraction=virtual.fraction, min_clients=virtual.min_clients,
+                  local_steps=virtual.local_steps, retries=sum(c.retries for c in run.clients),
+                  workers_replaced=run.pool.replaced, state_bytes_mean=sum(sizes) / len(sizes) if sizes else None,
+                  state_store=virtual.spill_dir or "object store")
