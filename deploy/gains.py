@@ -17,10 +17,30 @@ CEM_SETTINGS = frozenset({"cem", "lambda", "var_threshold", "cem_scale", "cem_wa
 MATCHED_POINTS = 1.0  # accuracy within this many points counts as matched (the CEM paper's comparison)
 
 
-def _twin_key(row: dict) -> tuple:
-    settings = {k: v for k, v in row["settings"].items() if k not in CEM_SETTINGS}
+def _twin_key(row: dict, drop: frozenset = CEM_SETTINGS) -> tuple:
+    settings = {k: v for k, v in row["settings"].items() if k not in drop}
     attack = tuple(sorted(row.get("attack_settings", {}).items()))
-    return tuple(sorted((k, str(v)) for k, v in settings.items())), attack, row.get("link")
+    return tuple(sorted((k, str(v)) for k, v in settings.items())), attack, row.get("link") or "none"  # rows before links
+
+
+def _curve_key(row: dict) -> tuple:
+    """What a point shares with the noise-alone points of its trade-off curve: all but CEM and the noise level."""
+    return _twin_key(row, CEM_SETTINGS | {"noise"})
+
+
+def noise_curve_mse(accuracy: float, curve: list[tuple[float, float]]) -> float | None:
+    """The attack MSE noise alone would leave at `accuracy`, read off its curve of (accuracy, MSE)
+    points (one seed, several noise levels): linear between the two points whose accuracies
+    bracket it, the nearest point if it lies within MATCHED_POINTS beyond the curve's end,
+    None further out (noise alone was not measured near that accuracy)."""
+    curve = sorted(curve)
+    if not curve:
+        return None
+    for (a0, m0), (a1, m1) in zip(curve, curve[1:]):
+        if a0 <= accuracy <= a1:
+            return m0 if a1 == a0 else m0 + (m1 - m0) * (accuracy - a0) / (a1 - a0)
+    end_acc, end_mse = min(curve, key=lambda point: abs(point[0] - accuracy))
+    return end_mse if round(abs(accuracy - end_acc) * 100, 9) <= MATCHED_POINTS else None
 
 
 def _is_cem(row: dict) -> bool:
@@ -39,12 +59,20 @@ def cem_gains(rows: list[dict], methods: tuple[str, ...]) -> list[dict]:
 
     Keys: `defense`, `baseline`, `axes`, `seeds`, `accuracy_delta_points` (+ `_std`, and
     `_each`: per seed), `matched` (every pair within MATCHED_POINTS of accuracy), and per method
-    `<method>_mse_gain_pct` (+ `_std`, `_each`) and `<method>_ssim_delta`."""
+    `<method>_mse_gain_pct` (+ `_std`, `_each`) and `<method>_ssim_delta`. Where noise alone ran at
+    more than one level, also `<method>_mse_gain_at_accuracy_pct` (+ `_std`, `_each`): the gain over
+    what noise alone leaves at the CEM point's own accuracy (`noise_curve_mse`, same seed), the
+    comparison that still holds when CEM costs accuracy at the same noise."""
+    curves: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if not _is_cem(row):
+            curves.setdefault(_curve_key(row), []).append(row)
     groups: dict[str, list[tuple[dict, dict]]] = {}
     for cem, base in pairs(rows):
         groups.setdefault(cem["group"], []).append((cem, base))
     out = []
     for members in groups.values():
+        members.sort(key=lambda pair: pair[0]["seed"])
         first, base = members[0]
         acc = [(c["test_accuracy"] - b["test_accuracy"]) * 100 for c, b in members]
         row = {"defense": first["defense"], "baseline": base["defense"], "cut": first["cut"], "codec": first["codec"],
@@ -58,8 +86,22 @@ def cem_gains(rows: list[dict], methods: tuple[str, ...]) -> list[dict]:
                                     [(c[f"{method}_mse"] / b[f"{method}_mse"] - 1) * 100 for c, b in paired]))
                 row[f"{method}_ssim_delta"] = statistics.fmean(c[f"{method}_ssim"] - b[f"{method}_ssim"]
                                                                for c, b in paired)
+            at_accuracy = [g for c, _ in members if (g := _gain_at_accuracy(c, curves[_curve_key(c)], method))
+                           is not None]
+            if at_accuracy:
+                row.update(_summary(f"{method}_mse_gain_at_accuracy_pct", at_accuracy))
         out.append(row)
     return out
+
+
+def _gain_at_accuracy(cem: dict, noise_alone: list[dict], method: str) -> float | None:
+    """Percent more attack MSE than noise alone leaves at the CEM point's accuracy; None where
+    noise alone ran at one level only (no curve) or not near that accuracy."""
+    curve = [(n["test_accuracy"], n[f"{method}_mse"]) for n in noise_alone if n.get(f"{method}_mse")]
+    if len({n["settings"].get("noise") for n in noise_alone}) < 2 or not cem.get(f"{method}_mse"):
+        return None
+    mse = noise_curve_mse(cem["test_accuracy"], curve)
+    return None if mse is None else (cem[f"{method}_mse"] / mse - 1) * 100
 
 
 def _summary(key: str, values: list[float]) -> dict:
@@ -71,9 +113,11 @@ def markdown(gains: list[dict], methods: tuple[str, ...]) -> str:
     """The table report.md shows; empty when the sweep has no CEM point with a twin."""
     if not gains:
         return ""
+    curve = {m for m in methods if any(f"{m}_mse_gain_at_accuracy_pct" in g for g in gains)}
     head = ["CEM setting", "baseline", "seeds", "accuracy change (points)"]
     for m in methods:
         head += [f"{m}: attack MSE gain", f"{m}: SSIM change"]
+        head += [f"{m}: attack MSE gain over noise alone at the same accuracy"] if m in curve else []
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for g in gains:
         name = g["defense"] + (f" ({g['axes']})" if g["axes"] else "")
@@ -82,6 +126,7 @@ def markdown(gains: list[dict], methods: tuple[str, ...]) -> str:
         for m in methods:
             cells += [_cell(g, f"{m}_mse_gain_pct", "{:+.0f}%"),
                       f"{g[f'{m}_ssim_delta']:+.3f}" if f"{m}_ssim_delta" in g else "-"]
+            cells += [_cell(g, f"{m}_mse_gain_at_accuracy_pct", "{:+.0f}%")] if m in curve else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

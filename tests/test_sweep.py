@@ -503,3 +503,22 @@ def test_cem_gains_pair_each_cem_point_with_its_noise_alone_twin_at_the_same_see
     assert story[0].startswith("- fp32: noise + CEM changes attack MSE by +20.0%") and \
         story[0].endswith("CEM helps at matched accuracy.")
     assert story[1].endswith("accuracy is not matched (more than 1 point apart), so no verdict.")
+
+
+def test_cem_is_also_compared_with_noise_alone_at_its_own_accuracy():
+    """Where CEM costs accuracy at the same noise, the fair baseline is more noise: the noise-alone
+    curve (one seed, several noise levels) read at the CEM point's accuracy."""
+    from deploy.gains import cem_gains, markdown, noise_curve_mse
+
+    curve = [(0.90, 0.010), (0.80, 0.030)]
+    assert noise_curve_mse(0.85, curve) == pytest.approx(0.020)  # linear between the bracketing levels
+    assert noise_curve_mse(0.905, curve) == 0.010 and noise_curve_mse(0.795, curve) == 0.030  # within a point
+    assert noise_curve_mse(0.92, curve) is None and noise_curve_mse(0.5, curve) is None  # noise never got there
+    rows = [_point("noise", 0, 0.90, 0.010), _point("noise", 0, 0.80, 0.030, noise=0.3),
+            _point("gmm", 0, 0.85, 0.025, cem="gmm", **{"lambda": 8}),  # -5 points at the same noise ...
+            _point("gmm", 1, 0.85, 0.025, cem="gmm", **{"lambda": 8}), _point("noise", 1, 0.88, 0.010)]
+    (gmm,) = cem_gains(rows, ("inversion",))
+    assert gmm["inversion_mse_gain_pct_each"] == pytest.approx([150.0, 150.0]) and not gmm["matched"]
+    # ... but +25% over noise alone at 0.85 (seed 0); seed 1 has one noise level only, so no curve
+    assert gmm["inversion_mse_gain_at_accuracy_pct_each"] == pytest.approx([25.0])
+    assert "| +25% |" in markdown([gmm], ("inversion",))
