@@ -663,13 +663,18 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, keep_going:
             failures = _run_all(config, todo, services, out, progress, keep_going, log_dir)
         finally:
             services.stop()
-    rows = [json.loads((out / "points" / p.key / "result.json").read_text()) for p in points
-            if (out / "points" / p.key / "result.json").exists()]
+    rows = finished_rows(points, out)
     if failures:
         write_atomic(out / "failed.json", json.dumps(failures, indent=2) + "\n")
         raise SweepFailed(failures, rows)
     (out / "failed.json").unlink(missing_ok=True)  # an earlier run's failures, now done
     return rows
+
+
+def finished_rows(points: list[Point], out: Path) -> list[dict]:
+    """The rows of the points that have a `result.json`, in grid order."""
+    return [json.loads((out / "points" / p.key / "result.json").read_text()) for p in points
+            if (out / "points" / p.key / "result.json").exists()]
 
 
 def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Path, progress: bool,
@@ -729,6 +734,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-going", action="store_true",
                    help="run every point even when some fail; the failures go to OUT/failed.json and the exit "
                         "status is 1 (without it the sweep stops at the first failure)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the results and the report from the points finished so far "
+                        "(a long sweep run in parts)")
     add_log_dir_arg(p)
     args = p.parse_args(argv)
     from deploy.plots import write_report
@@ -743,6 +751,15 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, tomllib.TOMLDecodeError, ValueError) as err:
         p.error(f"--config {args.config}: {err}")
     out = Path(args.out)
+    if args.report_only:
+        points = config.points()
+        rows = finished_rows(points, out)
+        if not rows:
+            p.error(f"--report-only: no finished point in {out / 'points'}")
+        write_report(config, write_results(config, rows, out), out, gains=cem_gains(rows, config.attacks))
+        print(f"{len(rows)} of {len(points)} points finished; results in {out / 'results.csv'}, "
+              f"report in {out / 'report.md'}")
+        return 0
     try:
         rows = run_sweep(config, out, keep_going=args.keep_going, log_dir=tracking.prepared(args.log_dir))
     except SweepFailed as err:

@@ -129,7 +129,8 @@ def test_tls_trains_and_refuses_plaintext_and_strangers(pki, serve):
 def test_a_tls_mismatch_is_named_in_the_edge_error(pki, serve, capsys):
     """A plaintext edge against a TLS server and a TLS edge against a plaintext one each get an
     error that points at TLS, not just UNAVAILABLE."""
-    edge = ["--epochs", "1", "--max-steps", "1", "--no-progress", "--deadline", "2", "--reconnect-seconds", "1"]
+    edge = ["--epochs", "1", "--max-steps", "1", "--no-progress", "--deadline", "2", "--reconnect-seconds", "1",
+            "--connect-seconds", "1"]
     tls_server = serve(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
     assert edge_cli.main(["--server", tls_server, *edge]) == 1
     assert "if it serves TLS, connect with --tls-ca" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -6,11 +6,7 @@ another step, or from another figure than the report's fails here.
 """
 
 import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -103,27 +99,3 @@ def test_job_names_cannot_lead_out_of_the_log_dir(tmp_path):
     (event_file,) = tmp_path.rglob("*tfevents*")
     assert event_file.parent.parent == logs
     assert scalars(events(event_file.parent), "server/accuracy") == {1: 0.25}
-
-
-@pytest.mark.slow
-def test_each_ray_client_is_a_run_of_its_own(tmp_path):
-    """`split-ray --log-dir`: the actors write beside each other, one run per client, each its own history."""
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    try:
-        done = subprocess.run([sys.executable, "-m", "deploy.ray_cli", "--clients", "2", "--start-server", "--epochs",
-                               "2", "--mode", "parallel", "--report", str(tmp_path / "ray.json"),
-                               "--log-dir", str(tmp_path / "tb")],
-                              env={**os.environ, "RAY_TMPDIR": temp, "RAY_AUTH_MODE": "disabled"},
-                              capture_output=True, text=True, timeout=300)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    clients = [json.loads(line) for line in (tmp_path / "ray.clients.jsonl").read_text().splitlines()]
-    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["client-0", "client-1"]
-    for client in clients:
-        acc = events(tmp_path / "tb" / f"client-{client['index']}")
-        loss = scalars(acc, "train/loss")
-        assert sorted(loss) == [1, 2] and loss[2] == pytest.approx(client["train_loss"], rel=1e-6)
-        assert scalars(acc, "test/accuracy") == pytest.approx({2: client["test_accuracy"]}, rel=1e-6)
-    assert scalars(events(tmp_path / "tb" / "client-0"), "train/loss") != \
-        scalars(events(tmp_path / "tb" / "client-1"), "train/loss")  # two shards, two histories

@@ -1,5 +1,5 @@
 """Virtual clients without Ray: a trainer carried between turns as a `TrainerState`, and the
-server's cost of the client ids such runs leave behind (tests/test_ray.py runs them on Ray)."""
+server's cost of the client ids such runs leave behind (tests/test_ray_virtual.py runs them on Ray)."""
 
 import pytest
 import torch

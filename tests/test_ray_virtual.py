@@ -1,0 +1,49 @@
+"""Virtual clients over a bounded pool of Ray worker actors against a real cloud-server process
+(`split-ray --workers`), on 127.0.0.1; a file of its own so that the suite's workers share the
+Ray tests (tests/test_virtual_clients.py has the parts that need no Ray)."""
+
+from collections import Counter
+
+import pytest
+
+from test_ray import edge, ray_local  # noqa: F401 - ray_local is a fixture (Ray's environment set there)
+from deploy.ray_clients import run_clients
+from deploy.ray_config import Kill, RayRunConfig, VirtualClients
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel", "splitfed"])
+def test_fifty_virtual_clients_over_two_workers(ray_local, server, mode):
+    config = RayRunConfig(edge(server, f"virtual-{mode}", epochs=2), clients=50, mode=mode,
+                          virtual=VirtualClients(workers=2, fraction=0.2))
+    report = run_clients(config)
+    clients = report["client_reports"]
+    assert (report["workers"], report["clients_ok"], report["failed"], report["retries"]) == (2, 50, [], 0)
+    assert [r["participants"] for r in report["rounds"]] == [10, 10]
+    turns = Counter(i for taking_part in config.participants() for i in taking_part)
+    assert all(c["turns"] == turns[c["index"]] for c in clients)
+    # Each client's steps under its own id, each applied once (a shard of 28-29 images is one step a
+    # turn; a client never sampled has none); every turn ended with its steps in a server checkpoint.
+    assert all((c["steps"] or 0) == c["turns"] == c["server_last_step"] for c in clients)
+    assert report["server_steps_applied"] == report["client_steps_sent"] == 20
+    assert all(c["durable"] for c in clients if c["turns"])
+    if mode == "parallel":  # every client evaluated its own encoder through its own session
+        assert all(c["bytes_down"] and c["test_accuracy"] is not None for c in clients)
+    else:  # one shared encoder, evaluated once
+        assert len({c["test_accuracy"] for c in clients}) == 1
+    assert 0 < report["test_accuracy"] <= 1 and report["state_bytes_mean"] > 0
+
+
+def test_a_worker_killed_mid_turn_has_the_turn_run_again_on_another(ray_local, server, tmp_path):
+    """The victim's turn runs again from its state before the turn (here a file of the spill folder):
+    the steps the dead worker had sent go out again under their ids, answered as duplicates, so each
+    client ends with exactly its steps, none lost and none applied twice."""
+    steps = 12  # a turn; at 4 images a step the kill lands within it
+    config = RayRunConfig(edge(server, "virtual-kill", epochs=2, batch_size=4), clients=4, mode="parallel",
+                          kill=Kill(1, 2), virtual=VirtualClients(workers=2, local_steps=steps, spill_dir=str(tmp_path)))
+    report = run_clients(config)
+    clients = report["client_reports"]
+    assert (report["failed"], report["retries"], report["workers_replaced"]) == ([], 1, 1)
+    assert clients[1]["retries"] == 1 and clients[1]["resent_steps"] >= 1
+    assert all(c["steps"] == c["server_last_step"] == 2 * steps for c in clients)
+    assert report["server_steps_applied"] == report["client_steps_sent"] == 4 * 2 * steps
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{c['client_id']}.{2 * steps}.pt" for c in clients)

@@ -1,0 +1,117 @@
+"""Whole sweeps and the demo on data other than the digits sweep of tests/test_sweep.py: an RGB
+ImageFolder tree through a link, and the demo's attacker flags; each runs real processes on
+127.0.0.1 (a file of its own so that the suite's workers share the slow sweeps)."""
+
+import csv
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+
+def _rgb_imagefolder(root, per_class: int = 12, side: int = 16) -> None:
+    """A tiny RGB ImageFolder tree: per split and class, smooth colour patterns with some noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, side)
+    for split in ("train", "test"):
+        for c, name in enumerate(("red", "green", "blue")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                base = np.stack([np.outer(ramp, ramp), np.add.outer(ramp, ramp) / 2, np.outer(1 - ramp, ramp)], -1)
+                base[..., c] += 0.5  # the class is a colour cast
+                image = np.clip(base * rng.uniform(0.5, 1.0) + rng.normal(0, 0.1, base.shape), 0, 1)
+                Image.fromarray((image * 255).astype(np.uint8)).save(folder / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_sweep_attacks_and_scores_an_rgb_imagefolder_with_its_own_data(tmp_path):
+    """The attacker learns from, and the scorer rebuilds, the edge's dataset (here 3 channels), not
+    digits; the [attack] table's and the attack axis's settings reach the attacker and its record;
+    the grid's values name the point. The point trains, and its latency is measured, through a
+    `split-link` of the constrained profile (40 ms each way, +-5 ms): no round trip is shorter
+    than the link's, and the attacks still see the features the proxy behind the link recorded."""
+    import numpy as np
+
+    data = tmp_path / "images"
+    _rgb_imagefolder(data)
+    (tmp_path / "sweep.toml").write_text(f"""
+[model]
+dataset = "imagefolder"
+data_root = "{data}"
+image_size = 16
+bottleneck = 8
+epochs = 1
+batch_size = 8
+
+[grid]
+cuts = [{{cut = "block1", bottleneck = 4}}]  # the point's own bottleneck wins over [model]'s
+noise = [0.1]
+attack.width = [8]
+links = ["constrained"]
+
+[defenses]
+none = {{}}
+
+[attack]
+methods = ["inversion", "rmle"]
+epochs = 1
+blocks = 1
+rmle_iterations = 3
+rmle_tv_weight = 0.1
+
+[run]
+latency_images = 3
+target_accuracy = 0.05
+""")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "deploy.sweep", "--config", str(tmp_path / "sweep.toml"), "--out",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (point,) = json.loads((out / "results.json").read_text())["points"]
+    assert point["key"].startswith("block1-b4__fp32__none__noise=0.1__attack.width=8__link=constrained__s0__")
+    assert point["bottleneck"] == 4 and point["defense_settings"]["noise"] == 0.1
+    assert point["settings"] == {"dataset": "imagefolder", "data_root": str(data), "image_size": 16, "bottleneck": 4,
+                                 "epochs": 1, "batch_size": 8, "cut": "block1", "noise": 0.1}
+    inversion, rmle = point["inversion_attacker"], point["rmle_attacker"]
+    assert inversion["aux_dataset"] == rmle["aux_dataset"] == "imagefolder"
+    assert inversion["aux_data_root"] == str(data) and inversion["aux_images"] == 36
+    assert (inversion["inverse_blocks"], inversion["inverse_width"], inversion["inverse_epochs"]) == (1, 8, 1)
+    assert len(inversion["inverse_loss_history"]) == 1
+    assert (rmle["rmle_iterations"], rmle["rmle_tv_weight"]) == (3, 0.1)
+    folder = out / "points" / point["key"]
+    for method in ("inversion", "rmle"):
+        # The scorer compares shapes: scores exist only if it rebuilt the same 3-channel images.
+        recon = np.concatenate([np.load(f) for f in sorted((folder / f"recon-{method}" / "recon").glob("*.npy"))])
+        assert recon.shape == (36, 3, 16, 16)
+        scores = json.loads((folder / f"attack-{method}" / "attack.json").read_text())
+        assert scores["n_images"] == 36 and 0 < scores["ssim"] <= 1
+    (row,) = list(csv.DictReader(open(out / "results.csv")))
+    assert (row["noise"], row["axes"], row["link"]) == ("0.1", "noise=0.1 attack.width=8", "constrained")
+    # Every training step and every timed request crossed the link: 2 x (40 - 5) ms at the least.
+    assert point["link"] == "constrained" and point["rtt_ms_p50"] >= 70 and point["latency_ms_p50"] >= 70
+    latency = json.loads((folder / "latency.json").read_text())
+    # the timed requests were a session of their own, which the attacks (36 images scored above) left out
+    assert latency["requests"] == 3 and latency["session_id"] != json.loads((folder / "edge.json").read_text())["session_id"]
+    assert point["seconds_per_epoch"] > 0 and point["time_to_accuracy_s"] == point["epoch_seconds"][0]
+    assert float(row["seconds_per_epoch"]) == point["seconds_per_epoch"]
+    assert (out / "time_vs_ssim.png").stat().st_size > 0 and "## Time vs leakage" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_demo_attacker_flags_reach_the_attacker_and_the_report(tmp_path, monkeypatch):
+    from deploy import demo
+
+    tiny = replace(demo.DEMO, model={"dataset": "digits", "bottleneck": 8, "epochs": 1, "max_steps": 4},
+                   codecs=("fp32",), defenses={"none": {}}, attack_args=("--aux-limit", "200"))
+    monkeypatch.setattr(demo, "DEMO", tiny)
+    assert demo.main(["--out", str(tmp_path), "--workers", "1", "--inverse-epochs", "1", "--inverse-width", "8",
+                      "--inverse-blocks", "1"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["attacker"] == {"blocks": 1, "width": 8, "epochs": 1}
+    assert "1 residual blocks, width 8, 1 epochs" in (tmp_path / "report.md").read_text()
