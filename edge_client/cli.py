@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Callable
 
 from edge_client.config import CEM_CHOICES, ConnectionConfig, DefenseConfig, EdgeConfig, InvalidDefense
 from splitnet import security, tracking
@@ -189,19 +190,30 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     set_threads(args.threads)
     from edge_client import report as report_mod
-    from edge_client.remote import CloudError, RemoteCloud
+    from edge_client.remote import RemoteCloud
     from edge_client.trainer import run
     from splitnet.data import DatasetNotFound
 
+    return _finish(config, lambda: run(config, RemoteCloud(config.connection)), report_mod.summary,
+                   (DatasetNotFound,))
+
+
+def _finish(config: EdgeConfig, work: Callable[[], dict], summary: Callable[[dict], str],
+            bad_input: tuple[type[Exception], ...]) -> int:
+    """Run `work` and report it; what the user can fix (exit 2) and a cloud that failed (exit 1)
+    each end in one line, not a traceback."""
+    from edge_client import report as report_mod
+    from edge_client.remote import CloudError
+
     try:
-        result = run(config, RemoteCloud(config.connection))
-    except DatasetNotFound as err:
+        result = work()
+    except bad_input as err:
         print(f"edge-client: error: {err}", file=sys.stderr)
         return 2
     except CloudError as err:
         print(f"edge-client: error: {err}", file=sys.stderr)
         return 1
-    print(report_mod.summary(result))
+    print(summary(result))
     if config.report:
         report_mod.write(result, config.report)
         log.info("report written to %s", config.report)
@@ -222,24 +234,13 @@ def _infer(args: argparse.Namespace, p: argparse.ArgumentParser, config: EdgeCon
             p.error(f"--{flag.replace('_', '-')} must be >= {lowest}")
     setup_logging(args.verbose)
     set_threads(args.threads)
-    from edge_client import infer, report as report_mod
-    from edge_client.remote import CloudError, RemoteCloud
+    from edge_client import infer
+    from edge_client.remote import RemoteCloud
     from splitnet.data import DatasetNotFound
 
     settings = infer.InferConfig(args.encoder, args.images, args.max_images, args.infer_batch_size)
-    try:
-        result = infer.run(config, settings, RemoteCloud(config.connection))
-    except (DatasetNotFound, FileNotFoundError, ValueError) as err:
-        print(f"edge-client: error: {err}", file=sys.stderr)
-        return 2
-    except CloudError as err:
-        print(f"edge-client: error: {err}", file=sys.stderr)
-        return 1
-    print(infer.summary(result))
-    if config.report:
-        report_mod.write(result, config.report)
-        log.info("report written to %s", config.report)
-    return 0
+    return _finish(config, lambda: infer.run(config, settings, RemoteCloud(config.connection)), infer.summary,
+                   (DatasetNotFound, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":
