@@ -723,6 +723,13 @@ def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Pa
     return failures
 
 
+def _report(config: SweepConfig, rows: list[dict], out: Path) -> None:
+    """results.json / results.csv, report.md and its plots, from these rows."""
+    from deploy.plots import write_report
+
+    write_report(config, write_results(config, rows, out), out, gains=cem_gains(rows, config.attacks))
+
+
 @names_missing_extra("split-sweep")
 def main(argv: list[str] | None = None) -> int:
     p = new_parser("split-sweep", __doc__)
@@ -739,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(a long sweep run in parts)")
     add_log_dir_arg(p)
     args = p.parse_args(argv)
-    from deploy.plots import write_report
+    import deploy.plots  # noqa: F401 - without the 'plot' extra this fails now, not after the points ran
 
     setup_logging()
     try:
@@ -756,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = finished_rows(points, out)
         if not rows:
             p.error(f"--report-only: no finished point in {out / 'points'}")
-        write_report(config, write_results(config, rows, out), out, gains=cem_gains(rows, config.attacks))
+        _report(config, rows, out)
         print(f"{len(rows)} of {len(points)} points finished; results in {out / 'results.csv'}, "
               f"report in {out / 'report.md'}")
         return 0
@@ -764,13 +771,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_sweep(config, out, keep_going=args.keep_going, log_dir=tracking.prepared(args.log_dir))
     except SweepFailed as err:
         if args.keep_going and err.rows:  # the points that finished, reported as such
-            write_report(config, write_results(config, err.rows, out), out,
-                         gains=cem_gains(err.rows, config.attacks))
+            _report(config, err.rows, out)
         print(f"split-sweep: {len(err.failures)} point(s) failed (listed in {out / 'failed.json'}):", file=sys.stderr)
         for key, failure in err.failures.items():
             print(f"  {key}: {failure['error']}\n    log: {failure['log']}", file=sys.stderr)
         return 1
-    write_report(config, write_results(config, rows, out), out, gains=cem_gains(rows, config.attacks))
+    _report(config, rows, out)
     print(f"{len(rows)} points; results in {out / 'results.csv'}, report in {out / 'report.md'}")
     return 0
 
