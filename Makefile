@@ -20,9 +20,11 @@ $(BIN)/python:
 # the default index in the second step. The pip configuration's find-links still apply, so a
 # machine whose local wheel cache holds the pinned CPU torch installs it even where
 # TORCH_INDEX cannot be reached. constraints.txt makes every version exact.
+# --no-compile: pip would byte-compile every module of every package (half the install's time
+# here); Python compiles the ones a process imports, once, on first use.
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
-	$(PIP) install -c constraints.txt --no-deps --index-url $(TORCH_INDEX) torch torchvision
-	$(PIP) install -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PIP) install --no-compile -c constraints.txt --no-deps --index-url $(TORCH_INDEX) torch torchvision
+	$(PIP) install --no-compile -c constraints.txt -e ".[$(EXTRAS)]"
 	$(PIP) check
 	touch $(STAMP)
 

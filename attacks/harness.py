@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from attacks import metrics
 from splitnet import data
 
 log = logging.getLogger(__name__)
@@ -167,6 +166,8 @@ def score_pairs(pairs: list[Pair], method: str) -> dict:
     """The scores over every aligned image, then per traffic kind and per training epoch:
     features sent while the encoder was young may leak differently from the final ones.
     Each image is scored once; the groups are means over its per-image scores."""
+    from attacks import metrics  # torchmetrics: scoring needs it, `attacker run` (which writes reconstructions) not
+
     values = metrics.per_image(torch.cat([p.recon for p in pairs]), torch.cat([p.truth for p in pairs]))
     epochs = torch.cat([torch.full((len(p.recon),), p.epoch) for p in pairs])
     train = torch.cat([torch.full((len(p.recon),), p.method == "Train") for p in pairs])
@@ -181,5 +182,7 @@ def score_pairs(pairs: list[Pair], method: str) -> dict:
 
 
 def score(recon: torch.Tensor, truth: torch.Tensor, method: str) -> dict:
+    from attacks import metrics
+
     return {**metrics.score(recon, truth), "n_images": len(recon), "method": method,
             "ssim_convention": metrics.SSIM_CONVENTION}

@@ -10,10 +10,12 @@ ImageFolder trees load from `data_root`; nothing downloads unless `download=True
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
@@ -43,14 +45,31 @@ def load(spec: DataSpec) -> Splits:
     return _torchvision_set(spec)
 
 
-def _digits(spec: DataSpec) -> Splits:
-    from sklearn.datasets import load_digits
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 8x8 digits (values 0-16) and their labels, as scikit-learn's `load_digits`
+    returns them. Read from the CSV scikit-learn ships, without importing scikit-learn:
+    its import (scipy included) costs more CPU than the rest of a short edge-client run,
+    and every edge, attacker and test process loads digits. `load_digits` is the fallback
+    where the file is not where scikit-learn keeps it."""
+    package = importlib.util.find_spec("sklearn")
+    if package is None:
+        raise ModuleNotFoundError("dataset 'digits' comes with scikit-learn", name="sklearn")
+    csv = Path(package.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not csv.is_file():
+        from sklearn.datasets import load_digits
 
+        bunch = load_digits()
+        return bunch.images, bunch.target
+    table = np.loadtxt(csv, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
+def _digits(spec: DataSpec) -> Splits:
     side = spec.image_size or 16
-    bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images, labels = _digits_arrays()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False).clamp(0, 1)
-    y = torch.tensor(bunch.target, dtype=torch.long)
+    y = torch.tensor(labels, dtype=torch.long)
     train_idx, test_idx = _split_indices(len(y), spec)
     return Splits(TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx]), 10,
                   (1, side, side))

@@ -177,6 +177,7 @@ FIELDS = sorted({f.name for m in (pb.SessionSpec, pb.TrainStep, pb.InferRequest,
                  for f in m.DESCRIPTOR.fields})
 NAMES_A_FIELD = re.compile(rf"\b({'|'.join(FIELDS)})\b")
 HONEST_STEPS = 12
+BATCH = 8  # fuzzed messages per hypothesis example
 
 
 class _Aborted(Exception):
@@ -281,16 +282,20 @@ def test_servicer_in_process_survives_10000_fuzzed_messages_while_an_honest_clie
     def leaked() -> str:
         return next((sid for sid, s in list(servicer.sessions.items()) if s.client_id == "honest"), "")
 
-    @given(_mutations(valid, [own, LEAKED, "", "0" * 32]), st.sampled_from(["train", "infer", "valid first"]))
-    @settings(FUZZ, max_examples=6000)
-    def mutated_steps(changes, rpc):
-        msg = _mutated(valid, changes, leaked)
-        if rpc == "infer":
-            expect(servicer.Infer, iter([pb.InferRequest(session_id=msg.session_id, request_id=msg.step_id,
-                                                         features=msg.features)]))
-        else:
-            before = [valid] if rpc == "valid first" else []
-            expect(servicer.Train, iter([*before, msg]), 1 + len(before))
+    # Several messages an example: hypothesis's own work per example (its mutator, its
+    # bookkeeping) is most of the cost of an example that holds one small message.
+    @given(st.lists(st.tuples(_mutations(valid, [own, LEAKED, "", "0" * 32]),
+                              st.sampled_from(["train", "infer", "valid first"])), min_size=BATCH, max_size=BATCH))
+    @settings(FUZZ, max_examples=6000 // BATCH)
+    def mutated_steps(batch):
+        for changes, rpc in batch:
+            msg = _mutated(valid, changes, leaked)
+            if rpc == "infer":
+                expect(servicer.Infer, iter([pb.InferRequest(session_id=msg.session_id, request_id=msg.step_id,
+                                                             features=msg.features)]))
+            else:
+                before = [valid] if rpc == "valid first" else []
+                expect(servicer.Train, iter([*before, msg]), 1 + len(before))
 
     @given(_spec_mutations(_fuzz_spec("fuzz", "f")))
     @settings(FUZZ, max_examples=1500)
@@ -304,15 +309,17 @@ def test_servicer_in_process_survives_10000_fuzzed_messages_while_an_honest_clie
                 setattr(msg, name, value)
         expect(servicer.OpenSession, msg)
 
-    @given(st.binary(max_size=300) | tensors.map(lambda t: pb.TrainStep(session_id=own, step_id=1, features=t,
-                                                                          labels=[1, 2]).SerializeToString()))
-    @settings(FUZZ, max_examples=2000)
-    def random_bytes(data):
-        try:
-            msg = pb.TrainStep.FromString(data)
-        except DecodeError:  # ParseRequests' job: see the process test and the one below
-            return
-        expect(servicer.Train, iter([msg]))
+    @given(st.lists(st.binary(max_size=300) | tensors.map(
+        lambda t: pb.TrainStep(session_id=own, step_id=1, features=t, labels=[1, 2]).SerializeToString()),
+        min_size=BATCH, max_size=BATCH))
+    @settings(FUZZ, max_examples=2000 // BATCH)
+    def random_bytes(batch):
+        for data in batch:
+            try:
+                msg = pb.TrainStep.FromString(data)
+            except DecodeError:  # ParseRequests' job: see the process test and the one below
+                continue
+            expect(servicer.Train, iter([msg]))
 
     worker = threading.Thread(target=keep_training)
     worker.start()
