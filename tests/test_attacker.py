@@ -75,18 +75,18 @@ def test_inversion_attack_reconstructs_digits(attacked, tmp_path):
     out, cap = attacked["out"], attacked["cap"]
     recon, result = tmp_path / "recon", tmp_path / "result"
     assert attacker_main(["run", "--capture", str(cap), "--method", "inversion", "--encoder", str(out / "enc.pt"),
-                          "--epochs", "8", "--out", str(recon)]) == 0
+                          "--epochs", "4", "--out", str(recon)]) == 0
     assert attacker_main(["score", "--recon", str(recon), "--edge-report", str(out / "edge.json"),
                           "--out", str(result)]) == 0
     scores = json.loads((result / "attack.json").read_text())
     assert scores["n_images"] == 359 and scores["method"] == "inversion"
-    assert scores["ssim"] >= 0.7, scores
+    assert scores["ssim"] >= 0.7, scores  # 0.97 at 4 epochs
     assert (result / "recon.png").stat().st_size > 0
 
     # The same attack on features computed in-process scores exactly the same.
     encoder, spec, _ = load_encoder(str(out / "enc.pt"))
     splits = data.load(data.DataSpec())
-    attacker = Attacker(AttackConfig("inversion", epochs=8, progress=False), spec, splits.train, encoder=encoder).fit()
+    attacker = Attacker(AttackConfig("inversion", epochs=4, progress=False), spec, splits.train, encoder=encoder).fit()
     truth = torch.cat(harness.private_requests(splits.test, attacked["report"]["eval_batch_size"]))
     with torch.no_grad():
         local = harness.score(attacker.reconstruct(encoder(truth)), truth, "inversion")
