@@ -21,19 +21,8 @@ def server(tmp_path_factory):
 HEAVY_FIXTURES = {"attacked", "proxy", "ray_local", "single", "digits_sweep", "target", "sigmoid_target"}
 
 
-# The files that take longest (wall seconds on 2 cores, measured with --durations=0: Ray ~170 and
-# ~100, the sweeps ~120 and ~60, resume and attacker ~65, fuzz ~50) run first: `--dist loadfile`
-# hands files to the workers in collection order, and a long file handed out last leaves
-# the other worker idle while it finishes. Only the order changes; a file missing here
-# runs after these, in its usual place.
-LONGEST_FIRST = ("test_ray.py", "test_sweep.py", "test_ray_virtual.py", "test_sweep_runs.py", "test_resume.py",
-                 "test_attacker.py", "test_fuzz.py")
-
-
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items):
     for item in items:
         if HEAVY_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
