@@ -12,7 +12,7 @@ from splitnet import security, tracking
 from splitnet.cli_util import (add_config_args, add_threads_arg, names_missing_extra, new_parser, parse_args,
                                set_threads, setup_logging)
 from splitnet.schedule import LrSchedule
-from splitnet.settings import ARCHS, CODECS, DATASETS, NOISE_KINDS, DataSpec
+from splitnet.settings import ARCHS, CODECS, DATASETS, NOISE_KINDS, DatasetNotFound, DataSpec
 from splitnet.wire import parse_address
 
 log = logging.getLogger("edge_client")
@@ -184,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         for arch in ARCHS:
             print(f"{arch}: {' '.join(models.cut_points(arch))}")
         return 0
+    if not args.infer_only:  # a missing dataset folder is refused at once, not after seconds of importing torch
+        try:
+            DataSpec(args.dataset, args.data_root, args.download).required_root()
+        except DatasetNotFound as err:
+            p.exit(2, f"edge-client: error: {err}\n")
     config = config_from_args(args, p)
     if args.infer_only:
         return _infer(args, p, config)
@@ -192,7 +197,6 @@ def main(argv: list[str] | None = None) -> int:
     from edge_client import report as report_mod
     from edge_client.remote import RemoteCloud
     from edge_client.trainer import run
-    from splitnet.data import DatasetNotFound
 
     return _finish(config, lambda: run(config, RemoteCloud(config.connection)), report_mod.summary,
                    (DatasetNotFound,))
@@ -236,7 +240,6 @@ def _infer(args: argparse.Namespace, p: argparse.ArgumentParser, config: EdgeCon
     set_threads(args.threads)
     from edge_client import infer
     from edge_client.remote import RemoteCloud
-    from splitnet.data import DatasetNotFound
 
     settings = infer.InferConfig(args.encoder, args.images, args.max_images, args.infer_batch_size)
     return _finish(config, lambda: infer.run(config, settings, RemoteCloud(config.connection)), infer.summary,

@@ -20,11 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from splitnet import compat  # noqa: F401  (must precede torchvision)
-from splitnet.settings import DATASETS, DataSpec
-
-
-class DatasetNotFound(FileNotFoundError):
-    """A dataset folder is missing; the message says which flag fixes it."""
+from splitnet.settings import DATASETS, DatasetNotFound, DataSpec  # noqa: F401 - DatasetNotFound: callers' name for it
 
 
 @dataclass
@@ -89,21 +85,11 @@ _TV_SETS = {
 }
 
 
-def _require_root(spec: DataSpec) -> Path:
-    if not spec.data_root:
-        raise DatasetNotFound(f"dataset {spec.name!r} needs --data-root DIR (add --download to fetch it there)")
-    root = Path(spec.data_root)
-    if not root.is_dir() and not spec.download:
-        raise DatasetNotFound(f"dataset folder {root} does not exist: pass --data-root pointing at it, "
-                              f"or --download to fetch {spec.name!r} there")
-    return root
-
-
 def _torchvision_set(spec: DataSpec) -> Splits:
     import torchvision
     from torchvision import transforms
 
-    root = _require_root(spec)
+    root = spec.required_root()
     cls_name, classes, shape = _TV_SETS[spec.name]
     cls = getattr(torchvision.datasets, cls_name)
     tf = transforms.ToTensor()
@@ -120,7 +106,7 @@ def _imagefolder(spec: DataSpec) -> Splits:
     """`root/train` + `root/test` trees if present, else one tree split by `test_fraction`."""
     from torchvision import datasets, transforms
 
-    root = _require_root(spec)
+    root = spec.required_root()
     side = spec.image_size or 32
     tf = transforms.Compose([transforms.Resize((side, side)), transforms.ToTensor()])
     if (root / "train").is_dir() and (root / "test").is_dir():

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
 CODECS = ("fp32", "fp16", "bf16", "int8")
 ARCHS = ("cnn", "resnet20", "vgg11_bn")  # the keys of splitnet.models.ARCHS
+
+
+class DatasetNotFound(FileNotFoundError):
+    """A dataset folder is missing; the message says which flag fixes it."""
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,20 @@ class DataSpec:
     image_size: int = 0  # digits: side after upsampling (default 16); imagefolder: resize side (default 32)
     test_fraction: float = 0.2  # for sets without an official test split
     split_seed: int = 0
+
+    def required_root(self) -> Path | None:
+        """The folder this set loads from (None for digits, which ships with scikit-learn), or
+        DatasetNotFound naming the flag that fixes it. Here, without torch, so that a command
+        refuses a missing folder before seconds of imports."""
+        if self.name == "digits":
+            return None
+        if not self.data_root:
+            raise DatasetNotFound(f"dataset {self.name!r} needs --data-root DIR (add --download to fetch it there)")
+        root = Path(self.data_root)
+        if not root.is_dir() and not self.download:
+            raise DatasetNotFound(f"dataset folder {root} does not exist: pass --data-root pointing at it, "
+                                  f"or --download to fetch {self.name!r} there")
+        return root
 
 
 NOISE_KINDS = ("gaussian", "laplace")

@@ -46,6 +46,19 @@ def test_parsing_imports_nothing_heavy(script):
     assert (done.returncode, done.stdout) == (0, "[]\n"), done.stderr
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--dataset", "imagefolder", "--data-root", "/nowhere/images"], "dataset folder /nowhere/images does not exist"),
+    (["--dataset", "cifar10"], "dataset 'cifar10' needs --data-root DIR"),
+])
+def test_edge_client_refuses_a_missing_dataset_before_importing_torch(argv, needle):
+    """A sweep's point or a user's typo in a data root ends in a one-line error at once (exit 2), not after
+    the seconds torch takes to import."""
+    code = (f"import sys\nfrom edge_client.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as exit_:\n"
+            f"    print(exit_.code, sorted(set(sys.modules) & set({HEAVY!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout == "2 []\n" and done.stderr.startswith("edge-client: error: ") and needle in done.stderr, done
+
+
 def test_light_names_match_their_implementations():
     import cem
     from edge_client.config import CEM_CHOICES
