@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from deploy.ray_clients import run_clients
 
     server = start_server()
-    ray.init(include_dashboard=False, object_store_memory=200 * 2**20, runtime_env={"env_vars": ENV},
-             log_to_driver=False)
+    ray.init(include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)  # inherits ENV
     rates: dict[tuple[int, str], list[float]] = {(n, mode): [] for n in args.clients for mode in args.modes}
     steps_equal = True
     try:

