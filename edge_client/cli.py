@@ -103,6 +103,10 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true", help="debug logging")
 
 
+def _data(args: argparse.Namespace) -> DataSpec:
+    return DataSpec(args.dataset, args.data_root, args.download, args.image_size)
+
+
 def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> EdgeConfig:
     from splitnet import models
 
@@ -149,7 +153,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
         p.error(f"--cut {args.cut!r} is not a cut of {args.arch}; valid: {models.cut_points(args.arch)}")
     return EdgeConfig(
         connection=connection,
-        data=DataSpec(args.dataset, args.data_root, args.download, args.image_size),
+        data=_data(args),
         defense=defense, arch=args.arch, cut=args.cut, bottleneck=args.bottleneck, width=args.width,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
         weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
@@ -186,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.infer_only:  # a missing dataset folder is refused at once, not after seconds of importing torch
         try:
-            DataSpec(args.dataset, args.data_root, args.download).required_root()
+            _data(args).required_root()
         except DatasetNotFound as err:
             p.exit(2, f"edge-client: error: {err}\n")
     config = config_from_args(args, p)

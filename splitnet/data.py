@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from splitnet import compat  # noqa: F401  (must precede torchvision)
-from splitnet.settings import DATASETS, DatasetNotFound, DataSpec  # noqa: F401 - DatasetNotFound: callers' name for it
+from splitnet.settings import DATASETS, DatasetNotFound, DataSpec
 
 
 @dataclass
