@@ -112,6 +112,14 @@ class Job:
         self.optimizer = self.optim.make(self.decoder.parameters())
         self._loss = nn.CrossEntropyLoss()
 
+    def adopt_decoder(self, source: "Job") -> None:
+        """Take `source`'s decoder weights and batch-norm statistics (a new job continuing a trained
+        one); the optimizer's state stays fresh, as the edge's does when it loads an encoder."""
+        with source.lock:
+            weights = {k: v.detach().clone() for k, v in source.decoder.state_dict().items()}
+        with self.lock:
+            self.decoder.load_state_dict(weights)
+
     def last_step(self, client_id: str) -> int:
         with self.lock:
             return self.clients.get(client_id, _ClientState()).last_step

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 import torch
 
 from cloud_server.job import Job
-from cloud_server.servicer import prediction, train_result
+from cloud_server.servicer import model_mismatch, prediction, train_result
 from splitnet import codec
 from splitnet.cloud_api import StepReply
 from splitnet.models import OptimSpec, SplitModel
@@ -27,20 +27,36 @@ class LocalCloud:
     session_id = "local"
     session_ids = ("local",)
 
-    def __init__(self, job: Job | None = None) -> None:
-        """`job`: one to join, so that several in-process clients share a decoder, as on a server."""
+    def __init__(self, job: Job | None = None, jobs: dict[str, Job] | None = None) -> None:
+        """`job`: one to join, so that several in-process clients share a decoder, as on a server.
+        `jobs`: the jobs this process holds by name, as a server does (a job this cloud makes is
+        added to it): where `open(..., init_job=NAME)` finds the trained job to start from."""
         self.job = job
+        self.jobs = jobs if jobs is not None else {}
         self.rtt_ms: list[float] = []
         self.bytes_up = self.bytes_down = 0
         self._replies: dict[int, StepReply] = {}
 
-    def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str, seed: int) -> int:
+    def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str, seed: int,
+             init_job: str = "") -> int:
         self.grad_codec = codec.check_codec(grad_codec, "grad_codec")
         if self.job is None or self.job.name != job:  # as on a server, a re-open joins the job it made
-            self.job = Job(job, split.spec, optim, seed=seed)
+            self.job = self.jobs.get(job) or self._new_job(job, split, optim, seed, init_job)
         self.job.set_schedule(client_id, optim.schedule)
         self._client = client_id
         return self.job.last_step(client_id)
+
+    def _new_job(self, name: str, split: SplitModel, optim: OptimSpec, seed: int, init_job: str) -> Job:
+        job = Job(name, split.spec, optim, seed=seed)
+        if init_job:
+            if init_job not in self.jobs:
+                raise ValueError(f"init_job: no job {init_job!r} in this LocalCloud's jobs ({sorted(self.jobs)})")
+            mismatch = model_mismatch(self.jobs[init_job], job.spec)
+            if mismatch:
+                raise ValueError(f"init_job: {mismatch}")
+            job.adopt_decoder(self.jobs[init_job])
+        self.jobs[name] = job
+        return job
 
     def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> None:
         # received_step_id=step_id: the reply never crosses a network here, so the job need keep none

@@ -228,11 +228,30 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             job = self._resume(request.job)
             if job is None:
                 job = Job(request.job, spec, optim, self.device, request.seed)
-                log.info("job %r: new decoder %s cut %s", request.job, spec.arch, job.spec.cut)
+                if request.init_from_job:
+                    self._init_from(job, request.init_from_job)
+                log.info("job %r: new decoder %s cut %s%s", request.job, spec.arch, job.spec.cut,
+                         f", from job {request.init_from_job!r}'s weights" if request.init_from_job else "")
         except BaseException:
             self.budget.release(request.job)
             raise
         return job
+
+    def _init_from(self, job: Job, name: str) -> None:
+        """Start `job`'s decoder from job `name`'s weights: the one in memory if the server holds it,
+        else its checkpoint (read, not adopted: the source job is not opened by this)."""
+        with self._lock:
+            source = self.jobs.get(name)
+        if source is None:
+            source = self._resume(name)
+        if source is None:
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"init_from_job: this server holds no job {_quote(name)}, in memory or as a checkpoint"
+                           + ("" if self.checkpointer.enabled else " (it runs without --checkpoint-dir)"))
+        mismatch = model_mismatch(source, job.spec)
+        if mismatch:
+            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, f"init_from_job: {mismatch}")
+        job.adopt_decoder(source)
 
     def _resume(self, name: str) -> Job | None:
         try:
@@ -488,7 +507,7 @@ def _labels(values, batch: int, num_classes: int) -> torch.Tensor:
 
 def _session_spec(request: pb.SessionSpec) -> tuple[SplitSpec, OptimSpec]:
     """Validate a SessionSpec; ValueErrors name the field."""
-    for name in ("job", "client_id", "arch", "cut", "grad_codec"):
+    for name in ("job", "client_id", "arch", "cut", "grad_codec", "init_from_job"):
         if len(getattr(request, name)) > MAX_NAME_CHARS:
             raise ValueError(f"{name}: longer than {MAX_NAME_CHARS} characters")
     if not request.job:
@@ -516,14 +535,17 @@ def _session_spec(request: pb.SessionSpec) -> tuple[SplitSpec, OptimSpec]:
     return spec, OptimSpec(request.lr, request.momentum, request.weight_decay)
 
 
+def model_mismatch(job: Job, spec: SplitSpec) -> str:
+    """The first field in which `spec` declares another model than `job`'s, as a message; '' if none."""
+    field_ = spec.differs(job.spec)
+    return f"{field_[0]}: {field_[1]!r} differs from job {_quote(job.name)}'s {field_[2]!r}" if field_ else ""
+
+
 def _check_compatible(job: Job, spec: SplitSpec, request: pb.SessionSpec) -> None:
     """A job's first session fixes its model and optimizer; later ones must declare the same model."""
-    mine = spec.resolved()
-    for name in ("arch", "cut", "num_classes", "input_shape", "bottleneck", "width"):
-        if getattr(mine, name) != getattr(job.spec, name):
-            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"{name}: {getattr(mine, name)!r} differs from job {_quote(job.name)}'s "
-                           f"{getattr(job.spec, name)!r} (use another --job name for another model)")
+    mismatch = model_mismatch(job, spec)
+    if mismatch:
+        raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, f"{mismatch} (use another --job name for another model)")
     if tuple(request.feature_shape) != tuple(job.feature_shape):
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                        f"feature_shape: the edge computed {list(request.feature_shape)[:codec.MAX_DIMS]} but the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 from edge_client.config import CEM_CHOICES, ConnectionConfig, DefenseConfig, EdgeConfig, InvalidDefense
@@ -79,6 +80,12 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                    help="training job name; clients of one job share a decoder (--infer-only: default the "
                         "encoder file's job)")
     g.add_argument("--device", default=e.device, help="torch device of the encoder: cpu, cuda, cuda:1 ...")
+    g.add_argument("--init-from", default=e.init_from, metavar="ENCODER_FILE",
+                   help="continue a trained model: start the encoder from this --save-encoder file (refused unless "
+                        "it is the same arch, cut, width, bottleneck and data shape)")
+    g.add_argument("--init-job", default=e.init_job, metavar="JOB",
+                   help="start this run's new --job's decoder from the server's job JOB (trained, in memory or "
+                        "checkpointed; the same model); with --init-from, a continuation of both halves")
     d = DefenseConfig()
     g = p.add_argument_group("defense")
     g.add_argument("--noise", type=float, default=d.noise, metavar="SIGMA", help="obfuscation noise std")
@@ -140,6 +147,10 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
         p.error("--pipeline must be >= 0")
     if args.lr <= 0:
         p.error("--lr must be > 0")
+    if args.init_from and not Path(args.init_from).is_file():
+        p.error(f"--init-from {args.init_from}: no such file (an encoder file of edge-client --save-encoder)")
+    if args.init_job and args.init_job == args.job:
+        p.error(f"--init-job {args.init_job} names this run's own --job; a continuation trains a new job")
     try:
         LrSchedule.parse(args.lr_schedule, args.epochs, warmup_epochs=args.warmup_epochs)
         models.SplitSpec(args.arch, args.cut, width=args.width).resolved()
@@ -161,6 +172,7 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
         codec=args.codec, grad_codec=args.grad_codec, seed=args.seed, job=args.job,
         client_id=getattr(args, "client_id", ""), max_steps=args.max_steps, device=args.device,
         report=getattr(args, "report", ""), save_encoder=getattr(args, "save_encoder", ""),
+        init_from=args.init_from, init_job=args.init_job,
         log_dir=tracking.prepared(args.log_dir), progress=not args.no_progress)
 
 
@@ -202,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     from edge_client.remote import RemoteCloud
     from edge_client.trainer import run
 
+    from splitnet.encoder_file import DoesNotFit
+
     return _finish(config, lambda: run(config, RemoteCloud(config.connection)), report_mod.summary,
-                   (DatasetNotFound,))
+                   (DatasetNotFound, DoesNotFit))
 
 
 def _finish(config: EdgeConfig, work: Callable[[], dict], summary: Callable[[dict], str],
@@ -229,8 +243,6 @@ def _finish(config: EdgeConfig, work: Callable[[], dict], summary: Callable[[dic
 
 
 def _infer(args: argparse.Namespace, p: argparse.ArgumentParser, config: EdgeConfig) -> int:
-    from pathlib import Path
-
     if not args.encoder:
         p.error("--infer-only needs --encoder PATH (a file of a training run's --save-encoder)")
     if not Path(args.encoder).is_file():

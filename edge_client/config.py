@@ -147,5 +147,9 @@ class EdgeConfig:
     device: str = "cpu"
     report: str = ""
     save_encoder: str = ""  # write the trained encoder here (what an attacker who unpacks the device gets)
+    # Continue a trained split model: the encoder's weights from this encoder file (of the same
+    # model) and, with init_job, a new job's decoder from that job's (the cloud's) weights.
+    init_from: str = ""
+    init_job: str = ""
     log_dir: str = ""  # TensorBoard event files of this run (splitnet.tracking); empty: none
     progress: bool = True

@@ -157,7 +157,8 @@ class RemoteCloud:
         self.session = session
         self.session_ids.append(session.session_id)
 
-    def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str, seed: int) -> int:
+    def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str, seed: int,
+             init_job: str = "") -> int:
         """Open (or re-join) the session; return the last step id the server applied for this client."""
         spec = split.spec
         self._spec = pb.SessionSpec(job=job, client_id=client_id, arch=spec.arch, cut=spec.cut,
@@ -165,7 +166,8 @@ class RemoteCloud:
                                     feature_shape=split.feature_shape, bottleneck=spec.bottleneck, lr=optim.lr,
                                     momentum=optim.momentum, weight_decay=optim.weight_decay,
                                     grad_codec=grad_codec, seed=seed,
-                                    lr_schedule=wire.schedule_message(optim.schedule), width=spec.width)
+                                    lr_schedule=wire.schedule_message(optim.schedule), width=spec.width,
+                                    init_from_job=init_job)
         # wait_for_ready=False: a try fails at once with gRPC's reason (refused, closed, TLS
         # handshake), which `_unreachable` turns into advice; _with_retry still waits for a
         # server that comes up late, for --connect-seconds (not --reconnect-seconds: a wrong

@@ -120,6 +120,9 @@ class EdgeTrainer:
         torch.manual_seed(config.seed)
         self.split = models.build(models.SplitSpec(config.arch, config.cut, self.splits.num_classes,
                                                    self.splits.input_shape, config.bottleneck, config.width))
+        if config.init_from:  # a continuation: the trained encoder's weights, batch-norm statistics included
+            self.split.encoder.load_state_dict(encoder_file.read_fitting(config.init_from, self.split.spec)
+                                               .split.encoder.state_dict())
         self.encoder = self.split.encoder.to(config.device)
         self.augment = (data.augment_by_default(self.splits.input_shape) if config.augment == "auto"
                         else config.augment == "on")
@@ -164,7 +167,7 @@ class EdgeTrainer:
         sent again, the same batches under the same ids, and the server answers them as
         duplicates (with their gradients while it keeps them), so none is applied twice."""
         last = self.cloud.open(self.config.job, self.client_id, self.split, self.optim, self.config.grad_codec,
-                               self.config.seed)
+                               self.config.seed, self.config.init_job)
         if not own_count:
             self.step_id = self.first_step_id = last
         elif last < self.step_id:
@@ -434,6 +437,8 @@ class EdgeTrainer:
             "eval_batch_size": self.eval_batch_size,
             "server": cfg.connection.server,
             "defense": cfg.defense.as_dict(),
+            "init_from": cfg.init_from,
+            "init_job": cfg.init_job,
             **self.cem.report(self.train_set),
             "history": self.history,
         }

@@ -42,8 +42,9 @@ class Cloud(Protocol):
     session_ids: Sequence[str]  # every session id it had, oldest first (a reconnect opens a new session)
 
     def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str,
-             seed: int) -> int:
-        """Open or re-join a session; return the last step id already applied for this client."""
+             seed: int, init_job: str = "") -> int:
+        """Open or re-join a session; return the last step id already applied for this client.
+        `init_job`: a new job's decoder starts from that job's trained weights."""
 
     def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> None:
         """Send a training step; its reply is fetched by `collect`, in step order."""

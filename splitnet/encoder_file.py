@@ -12,6 +12,7 @@ lives here.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,24 @@ def write(path: str | Path, split: models.SplitModel, defense: dict, job: str, c
     state = {k: v.detach().cpu().clone() for k, v in split.encoder.state_dict().items()}
     torch.save({"spec": split.spec.as_dict(), "feature_shape": list(split.feature_shape), "defense": defense,
                 "encoder": state, "job": job, "codec": codec}, path)
+
+
+class DoesNotFit(ValueError):
+    """An encoder file of another model than the one a run builds."""
+
+
+def read_fitting(path: str | Path, spec: models.SplitSpec) -> EncoderFile:
+    """The encoder file at `path`, refused (DoesNotFit, naming the file, the field and both values)
+    unless it holds the model `spec` describes: a run that continues a trained encoder."""
+    try:
+        found = read(path)
+    except (OSError, EOFError, RuntimeError, KeyError, pickle.UnpicklingError) as err:
+        raise DoesNotFit(f"{path}: not an encoder file ({type(err).__name__}: {str(err).splitlines()[0][:200]})") \
+            from None
+    field = spec.differs(found.spec)
+    if field:
+        raise DoesNotFit(f"{path}: its {field[0]} is {field[2]!r}, this run's is {field[1]!r}")
+    return found
 
 
 def read(path: str | Path) -> EncoderFile:

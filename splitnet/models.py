@@ -45,6 +45,15 @@ class SplitSpec:
         return cls(d["arch"], d["cut"], int(d["num_classes"]), tuple(int(v) for v in d["input_shape"]),
                    int(d.get("bottleneck") or 0), float(d.get("width") or 1.0))
 
+    def differs(self, other: "SplitSpec") -> tuple[str, object, object] | None:
+        """The first field in which `other` is another model than this one, with both values
+        (cuts resolved: "" and the default cut are the same model); None if they are one model."""
+        mine, theirs = self.resolved(), other.resolved()
+        for name in ("arch", "cut", "num_classes", "input_shape", "bottleneck", "width"):
+            if getattr(mine, name) != getattr(theirs, name):
+                return name, getattr(mine, name), getattr(theirs, name)
+        return None
+
     def resolved(self) -> "SplitSpec":
         """The same spec with the default cut filled in and checked."""
         arch = ARCHS.get(self.arch)

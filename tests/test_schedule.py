@@ -102,7 +102,7 @@ def test_decoder_steps_at_the_encoder_rate_every_step_in_process():
 
 def test_a_mismatched_decoder_rate_is_counted():
     class Constant(LocalCloud):  # a cloud that ignores the schedule: an old or misconfigured server
-        def open(self, job, client_id, split, optim, grad_codec, seed):
+        def open(self, job, client_id, split, optim, grad_codec, seed, init_job=""):
             return super().open(job, client_id, split, dataclasses.replace(optim, schedule=LrSchedule()),
                                 grad_codec, seed)
 

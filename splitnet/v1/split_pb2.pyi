@@ -35,7 +35,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scale: _Optional[float] = ..., zero_point: _Optional[int] = ...) -> None: ...
 
 class SessionSpec(_message.Message):
-    __slots__ = ("job", "client_id", "arch", "cut", "num_classes", "input_shape", "feature_shape", "bottleneck", "lr", "momentum", "weight_decay", "grad_codec", "seed", "lr_schedule", "width")
+    __slots__ = ("job", "client_id", "arch", "cut", "num_classes", "input_shape", "feature_shape", "bottleneck", "lr", "momentum", "weight_decay", "grad_codec", "seed", "lr_schedule", "width", "init_from_job")
     JOB_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class SessionSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
+    INIT_FROM_JOB_FIELD_NUMBER: _ClassVar[int]
     job: str
     client_id: str
     arch: str
@@ -66,7 +67,8 @@ class SessionSpec(_message.Message):
     seed: int
     lr_schedule: LrSchedule
     width: float
-    def __init__(self, job: _Optional[str] = ..., client_id: _Optional[str] = ..., arch: _Optional[str] = ..., cut: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., feature_shape: _Optional[_Iterable[int]] = ..., bottleneck: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., grad_codec: _Optional[str] = ..., seed: _Optional[int] = ..., lr_schedule: _Optional[_Union[LrSchedule, _Mapping]] = ..., width: _Optional[float] = ...) -> None: ...
+    init_from_job: str
+    def __init__(self, job: _Optional[str] = ..., client_id: _Optional[str] = ..., arch: _Optional[str] = ..., cut: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., feature_shape: _Optional[_Iterable[int]] = ..., bottleneck: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., grad_codec: _Optional[str] = ..., seed: _Optional[int] = ..., lr_schedule: _Optional[_Union[LrSchedule, _Mapping]] = ..., width: _Optional[float] = ..., init_from_job: _Optional[str] = ...) -> None: ...
 
 class LrSchedule(_message.Message):
     __slots__ = ("kind", "milestones", "gamma", "warmup_epochs", "epochs", "steps_per_epoch")
