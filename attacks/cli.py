@@ -112,17 +112,32 @@ def _score(args: argparse.Namespace) -> int:
     pairs = harness.align(harness.read_reconstructions(args.recon), harness.by_session_id(sessions))
     run_info = json.loads((Path(args.recon) / "run.json").read_text())
     harness.check_aux_disjoint(pairs, run_info, datasets)
+    sample = None
+    if args.per_class:
+        if len(datasets) > 1:
+            raise ValueError(f"--per-class samples one test split; these reports name {sorted(datasets)}")
+        targets = data.labels(splits.test)
+        indices = data.stratified(targets, args.per_class, args.sample_seed)
+        pairs = [harness.select(pairs, indices)]
+        sample = harness.describe_sample(indices, targets, args.per_class, args.sample_seed)
     result = harness.score_pairs(pairs, run_info["method"])
+    if sample:
+        result["sample"] = sample
     # what a Train step's reconstruction is compared with: the pixels it carried, crop and flip included
     result["train_truth"] = ("augmented as sent (replayed from the report's seed)"
                              if any(s.augment_seed is not None for s in sessions) else "training images as stored")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "attack.json").write_text(json.dumps(result, indent=2) + "\n")
-    shown = pairs[: args.grid]  # every pair holds at least one image
-    truth = torch.cat([p.truth for p in shown])[: args.grid]
-    recon = torch.cat([p.recon for p in shown])[: args.grid]
-    save_grid(truth, recon, out / "recon.png", scale=max(1, 64 // truth.shape[-1]))
+    if sample:  # as many of each class as the grid has room for, class by class
+        per_class = -(-args.grid // len(sample["per_class_images"]))
+        rows = harness.class_rows(data.labels(splits.test)[pairs[0].indices], per_class)
+        truth, recon = pairs[0].truth[rows], pairs[0].recon[rows]
+    else:
+        shown = pairs[: args.grid]  # every pair holds at least one image
+        truth = torch.cat([p.truth for p in shown])[: args.grid]
+        recon = torch.cat([p.recon for p in shown])[: args.grid]
+    save_grid(truth, recon, out / "recon.png", nrow=10 if sample else 8, scale=max(1, 64 // truth.shape[-1]))
     print(json.dumps(result))
     return 0
 
@@ -192,7 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--dataset", default="", help="private dataset (default: the report's)")
     sc.add_argument("--data-root", default="", help="folder holding the private dataset (all but digits)")
     sc.add_argument("--image-size", type=int, default=0, help="side the edge loaded the images at (0: the dataset's)")
-    sc.add_argument("--grid", type=int, default=16, help="images in recon.png")
+    sc.add_argument("--grid", type=int, default=16,
+                    help="images in recon.png (with --per-class: at least this many, the same number of each class)")
+    sc.add_argument("--per-class", type=int, default=0, metavar="N",
+                    help="score the inference traffic on a class-stratified sample of the test split: N images of "
+                         "each class, the same for every run (0: every image the attack reconstructed)")
+    sc.add_argument("--sample-seed", type=int, default=0, help="draws the --per-class sample (default %(default)s)")
     sc.add_argument("--out", required=True, help="write attack.json and recon.png here")
     sc.set_defaults(func=_score)
     return p

@@ -24,6 +24,7 @@ Reconstruction folders (written by `attacker run`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -77,7 +78,8 @@ class PrivateSession:
     def __init__(self, report: dict, splits: data.Splits) -> None:
         self.session_id = report["session_id"]
         self.session_ids = report.get("session_ids") or [self.session_id]  # every reconnect opened one
-        self.requests = private_requests(splits.test, report["eval_batch_size"])
+        self.eval_batch_size = report["eval_batch_size"]
+        self.requests = private_requests(splits.test, self.eval_batch_size)
         self.train_set = splits.train
         self.first_step = report.get("first_step_id", 0)
         self.steps_per_epoch = max(1, math.ceil(report["train_set_size"] / report["batch_size"]))
@@ -89,6 +91,11 @@ class PrivateSession:
         else:
             log.warning("session %s trained on %d of the %d training images (a shard): its training steps are not "
                         "scored", self.session_id, report["train_set_size"], len(splits.train))
+
+    def infer_indices(self, step_id: int, count: int) -> torch.Tensor:
+        """Test-split indices of the images of inference request `step_id` (the edge sends them in order)."""
+        start = step_id * self.eval_batch_size
+        return torch.arange(start, start + count)
 
     def train_indices(self, step_id: int) -> torch.Tensor | None:
         k = step_id - self.first_step - 1
@@ -117,6 +124,7 @@ class Pair:
     epoch: int  # training epoch of a Train step; 0 for inference
     recon: torch.Tensor
     truth: torch.Tensor
+    indices: torch.Tensor | None = None  # test-split indices of an inference message's images
 
 
 def by_session_id(sessions: list[PrivateSession]) -> dict[str, PrivateSession]:
@@ -140,11 +148,46 @@ def align(reconstructions: list[tuple[dict, torch.Tensor]], sessions: dict[str, 
             raise ValueError(f"{row['method']} {row['step_id']} of session {row['session_id']}: reconstruction "
                              f"{list(images.shape)} vs private images {list(expected.shape)}")
         seen.add(key)
-        epoch = session.epoch(row["step_id"]) if row["method"] == "Train" else 0
-        pairs.append(Pair(row["method"], epoch, images, expected))
+        if row["method"] == "Train":
+            pairs.append(Pair("Train", session.epoch(row["step_id"]), images, expected))
+        else:
+            pairs.append(Pair("Infer", 0, images, expected, session.infer_indices(row["step_id"], len(images))))
     if not pairs:
         raise ValueError("no reconstruction matches a known request or training step (wrong --edge-report?)")
     return pairs
+
+
+def select(pairs: list[Pair], sample: torch.Tensor) -> Pair:
+    """The inference images of `sample` (test-split indices) as one pair, in the sample's order;
+    ValueError if the attack did not reconstruct all of them (`attacker run --max-records`)."""
+    position = {int(i): k for k, i in enumerate(sample)}
+    recon: list[torch.Tensor | None] = [None] * len(sample)
+    truth: list[torch.Tensor | None] = [None] * len(sample)
+    for pair in pairs:
+        if pair.indices is None:
+            continue
+        for row, index in enumerate(pair.indices.tolist()):
+            if index in position:
+                recon[position[index]], truth[position[index]] = pair.recon[row], pair.truth[row]
+    missing = sum(r is None for r in recon)
+    if missing:
+        raise ValueError(f"{missing} of the {len(sample)} sample images were not reconstructed (the capture holds "
+                         "part of the test split, or `attacker run --max-records` attacked part of it)")
+    return Pair("Infer", 0, torch.stack(recon), torch.stack(truth), sample)  # type: ignore[arg-type]
+
+
+def describe_sample(indices: torch.Tensor, targets: torch.Tensor, per_class: int, seed: int) -> dict:
+    """What a report says of a scoring sample: its rule, size per class, and a digest of its indices
+    (two results scored the same images exactly when their digests match)."""
+    counts = torch.bincount(targets[indices], minlength=int(targets.max()) + 1)
+    return {"rule": f"{per_class} test images per class, drawn with seed {seed} (splitnet.data.stratified)",
+            "per_class": per_class, "seed": seed, "images": len(indices), "per_class_images": counts.tolist(),
+            "indices_sha256": hashlib.sha256(indices.to(torch.int64).numpy().tobytes()).hexdigest()}
+
+
+def class_rows(labels: torch.Tensor, per_class: int) -> torch.Tensor:
+    """Row numbers of the first `per_class` images of each class, class by class (for a grid)."""
+    return torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in labels.unique(sorted=True)])
 
 
 # The split of the private dataset behind each kind of traffic.

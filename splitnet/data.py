@@ -221,3 +221,26 @@ def training_order(size: int, batch_size: int, seed: int) -> Iterator[torch.Tens
     loader = training_loader(range(size), batch_size, seed)  # type: ignore[arg-type]
     while True:
         yield from loader
+
+
+def labels(dataset: Dataset) -> torch.Tensor:
+    """Every label of `dataset`, in order; read from where the dataset keeps them, so that no image
+    is decoded to list them."""
+    if isinstance(dataset, _Uint8Images):
+        return dataset.labels.clone()
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].clone()
+    if getattr(dataset, "targets", None) is not None:
+        return torch.as_tensor(dataset.targets)  # type: ignore[attr-defined]
+    return torch.tensor([int(y) for _, y in dataset])  # type: ignore[union-attr]
+
+
+def stratified(targets: torch.Tensor, per_class: int, seed: int = 0) -> torch.Tensor:
+    """Indices of `per_class` images of every class (all of a class that has fewer), drawn with
+    `seed` independently of anything else, in ascending order: a scoring sample that is the same
+    for every run on the same split and does not weigh the classes by where they sit in it (an
+    ImageFolder test split is sorted by class)."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = [members[torch.randperm(len(members), generator=generator)[:per_class]]
+              for members in (torch.nonzero(targets == c).flatten() for c in targets.unique(sorted=True))]
+    return torch.cat(chosen).sort().values

@@ -93,6 +93,16 @@ def test_inversion_attack_reconstructs_digits(attacked, tmp_path):
     assert local["ssim"] == pytest.approx(scores["ssim"], abs=1e-6)
     assert local["mse"] == pytest.approx(scores["mse"], rel=1e-5)
 
+    # Scored on a class-stratified sample: 10 of each class, the images of those indices.
+    assert attacker_main(["score", "--recon", str(recon), "--edge-report", str(out / "edge.json"), "--per-class",
+                          "10", "--grid", "20", "--out", str(tmp_path / "sampled")]) == 0
+    sampled = json.loads((tmp_path / "sampled" / "attack.json").read_text())
+    indices = data.stratified(data.labels(splits.test), 10)
+    assert sampled["n_images"] == 100 and sampled["sample"]["per_class_images"] == [10] * 10
+    with torch.no_grad():
+        subset = harness.score(attacker.reconstruct(encoder(truth[indices])), truth[indices], "inversion")
+    assert subset["mse"] == pytest.approx(sampled["mse"], rel=1e-5) and subset["mse"] != pytest.approx(local["mse"])
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,args", [("rmle", ["--rmle-iterations", "60", "--max-records", "1"]),
@@ -196,6 +206,27 @@ def test_grouped_scores_equal_scoring_each_group_alone():
     assert [e["epoch"] for e in result["train_by_epoch"]] == [1, 2]
     assert picked(result["train_by_epoch"][0]) == pytest.approx(alone([pairs[1], pairs[3]]))
     assert picked(result["train_by_epoch"][1]) == pytest.approx(alone([pairs[2]]))
+
+
+def test_a_stratified_sample_takes_each_class_alike_and_is_fixed():
+    targets = torch.tensor([0] * 50 + [1] * 30 + [2] * 5)  # sorted by class, as an ImageFolder test split is
+    sample = data.stratified(targets, 10)
+    assert torch.bincount(targets[sample]).tolist() == [10, 10, 5]  # a class with fewer gives all it has
+    assert torch.equal(sample, data.stratified(targets, 10)) and torch.equal(sample, sample.sort().values)
+    assert not torch.equal(sample, data.stratified(targets, 10, seed=1))
+    assert sample[:10].max() > 9  # drawn, not the first ten of the class
+    splits = data.load(data.DataSpec())
+    assert torch.equal(data.labels(splits.test), torch.tensor([int(y) for _, y in splits.test]))
+
+
+def test_select_gathers_the_sample_across_requests_and_refuses_a_partial_capture():
+    session = harness.PrivateSession(_report(eval_batch_size=4), data.load(data.DataSpec()))
+    pairs = [harness.Pair("Infer", 0, torch.full((4, 1, 2, 2), float(r)), torch.zeros(4, 1, 2, 2),
+                          session.infer_indices(r, 4)) for r in range(3)]  # images 0..11
+    picked = harness.select(pairs, torch.tensor([1, 6, 11]))
+    assert picked.recon.flatten(1)[:, 0].tolist() == [0.0, 1.0, 2.0]  # from requests 0, 1 and 2
+    with pytest.raises(ValueError, match="1 of the 3 sample images were not reconstructed"):
+        harness.select(pairs, torch.tensor([1, 6, 12]))
 
 
 def _report(**kw) -> dict:
