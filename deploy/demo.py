@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     points = run_sweep(config, out, log_dir=tracking.prepared(args.log_dir))
     table = aggregate(config, points)
     rows = demo_rows(table)
-    gains = cem_gains(points, config.attacks)
+    gains = cem_gains(points, config.scored)
     story = verdict(gains)
     # As the attacker resolved and recorded it (None: a point finished before attackers were recorded).
     attacker = {k: points[0].get("inversion_attacker", {}).get(f"inverse_{k}") for k in ("blocks", "width", "epochs")}

@@ -220,7 +220,7 @@ def write_report(config, rows: list[dict], out: Path, title: str = "Sweep: accur
         columns += [("latency_ms_p50", "{:.1f}"), ("latency_ms_p99", "{:.1f}")]
     if any(r.get("axes") for r in rows):
         columns.insert(4, ("axes", "{}"))
-    for m in config.attacks:
+    for m in config.scored:
         columns += [(f"{m}_ssim", "{:.3f}"), (f"{m}_psnr", "{:.1f}"), (f"{m}_mse", "{:.4f}")]
     lines = [f"# {title}", ""]
     if preface:
@@ -233,7 +233,7 @@ def write_report(config, rows: list[dict], out: Path, title: str = "Sweep: accur
         lines += ["## What CEM adds over noise alone", "", "Each CEM point against the point that differs from it "
                   "only by CEM, at the same seed; the mean over seeds, then each seed in brackets. The CEM paper "
                   "states robustness this way: attack-MSE gain at matched accuracy (within "
-                  f"{MATCHED_POINTS:g} point).", "", markdown(gains, config.attacks), ""]
+                  f"{MATCHED_POINTS:g} point).", "", markdown(gains, config.scored), ""]
     if method:
         accuracy_vs_leakage(rows, method, out / "accuracy_vs_ssim.png")
         bytes_vs_leakage(rows, method, out / "bytes_vs_ssim.png")

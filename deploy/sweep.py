@@ -96,6 +96,7 @@ import tomllib
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -121,7 +122,11 @@ ATTACK_FLAGS = {"epochs": "--inverse-epochs", "blocks": "--inverse-blocks", "wid
                 "rmle_iterations": "--rmle-iterations", "rmle_lr": "--rmle-lr",
                 "rmle_tv_weight": "--rmle-tv-weight", "aux_dataset": "--aux-dataset",
                 "aux_data_root": "--aux-data-root", "aux_limit": "--aux-limit"}
-SECTIONS = ("model", "grid", "defenses", "attack", "run")
+SECTIONS = ("model", "base", "grid", "defenses", "attack", "run")
+# Settings a point's base (phase A) takes from the point: what fixes the model, its data and its
+# seed, so that the continuation can load it. Its other settings are [model]'s, then [base]'s.
+SHARED_WITH_BASE = frozenset({"arch", "cut", "bottleneck", "width", "dataset", "data_root", "image_size", "download",
+                              "seed", "codec", "grad_codec"})
 RUN_KEYS = {"workers": int, "timeout_s": float, "target_accuracy": float, "latency_images": int}
 # edge-client settings the sweep sets itself, and why
 SWEEP_OWNED = {"server": "every point trains through the sweep's own proxy and cloud-server",
@@ -178,10 +183,14 @@ def _edge_setting(where: str, key: str, value) -> tuple[str, object]:
     return next(f for f in action.option_strings if f.startswith("--"))[2:].replace("-", "_"), value
 
 
-def _edge_settings(where: str, table: dict) -> dict:
+def _table(where: str, table) -> dict:
     if not isinstance(table, dict):
-        raise ValueError(f"{where}: expected a table of edge-client settings, got {table!r}")
-    return dict(_edge_setting(where, key, value) for key, value in table.items())
+        raise ValueError(f"{where}: expected a table of settings, got {table!r}")
+    return table
+
+
+def _edge_settings(where: str, table: dict) -> dict:
+    return dict(_edge_setting(where, key, value) for key, value in _table(where, table).items())
 
 
 def _attack_setting(where: str, key: str, value):
@@ -252,6 +261,9 @@ class Point:
     axes: tuple[tuple[str, object], ...] = ()  # this point's value of each [grid] axis (attack.NAME: the attacker's)
     link: str = DIRECT  # a deploy.link profile the edge trains through; DIRECT: none
     latency_images: int = 0  # single-image requests timed after training (0: none)
+    base: "Base | None" = None  # the trained model this point continues (a two-phase sweep); None: from scratch
+    variants: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()  # more attackers: (name, [attack] settings)
+    per_class: int = 0  # inference traffic scored on this many test images of each class (0: all attacked)
 
     def setting(self, name: str):
         """An edge-client setting of this point, its default where the point does not set it."""
@@ -262,7 +274,10 @@ class Point:
         edge = {k: v for k, v in self.edge if seed or k != "seed"}
         # link and latency only where set: the points of sweeps older than them keep their names
         measured = {**({"link": self.link} if self.link != DIRECT else {}),
-                    **({"latency_images": self.latency_images} if self.latency_images else {})}
+                    **({"latency_images": self.latency_images} if self.latency_images else {}),
+                    **({"base": self.base.identity} if self.base else {}),
+                    **({"variants": [[name, dict(s)] for name, s in self.variants]} if self.variants else {}),
+                    **({"per_class": self.per_class} if self.per_class else {})}
         text = json.dumps({"edge": edge, "attack": dict(self.attack), "methods": list(self.methods),
                            "attack_args": list(self.attack_args), **measured}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
@@ -276,6 +291,22 @@ class Point:
         link = [f"link={self.link}"] if self.link != DIRECT else []
         return "__".join([cut, self.setting("codec"), _label(self.defense), *others, *link,
                           f"s{self.setting('seed')}", self.identity()])
+
+
+@dataclass(frozen=True)
+class Base:
+    """Phase A of a two-phase sweep: a model trained once, then continued by every point that names
+    it (the same seed, model and data; each point its own defense, schedule and epochs)."""
+
+    edge: tuple[tuple[str, object], ...]  # edge-client settings that differ from its defaults, sorted
+
+    @property
+    def identity(self) -> str:
+        return hashlib.sha256(json.dumps(dict(self.edge), sort_keys=True).encode()).hexdigest()[:8]
+
+    @property
+    def key(self) -> str:
+        return f"base__s{dict(self.edge).get('seed', 0)}__{self.identity}"
 
 
 @dataclass(frozen=True)
@@ -297,12 +328,21 @@ class SweepConfig:
     timeout_s: float = 1800.0  # per process (edge-client, attacker run, attacker score) of a point
     target_accuracy: float = 0.9  # of time_to_accuracy_s (a report figure, not part of a point)
     latency_images: int = 0  # per point, after training (0: no latency measured)
+    base: dict = field(default_factory=dict)  # [base]: phase A's settings over [model]'s; empty: one phase
+    variants: dict = field(default_factory=dict)  # [attack] variants: name -> settings over [attack]'s
+    per_class: int = 0  # [attack] per_class: `attacker score --per-class` (0: every attacked image)
 
     def __post_init__(self) -> None:
         def set_(name, value):
             object.__setattr__(self, name, value)
 
         set_("model", _edge_settings("[model]", self.model))
+        set_("base", _edge_settings("[base]", self.base))
+        if not isinstance(self.variants, dict):
+            raise ValueError(f"[attack] variants: expected a table of name = {{settings}}, got {self.variants!r}")
+        set_("variants", {name: {key: _attack_setting(f"[attack.variants.{name}]", key, value)
+                                 for key, value in _table(f"[attack.variants.{name}]", table).items()}
+                          for name, table in self.variants.items()})
         if not isinstance(self.defenses, dict) or not self.defenses:
             raise ValueError(f"[defenses]: expected a table of name = {{settings}}, got {self.defenses!r}")
         set_("defenses", {name: _edge_settings(f"[defenses.{name}]", table) for name, table in self.defenses.items()})
@@ -369,7 +409,11 @@ class SweepConfig:
         named = {plural: _values(f"[grid] {plural}", grid.pop(plural)) for plural in (*NAMED_AXES, LINKS)
                  if plural in grid}
         run = {key: _run_value(key, run[key]) for key in RUN_KEYS if key in run}
-        return cls(model=d.get("model", {}), cuts=tuple(_cut(c) for c in named.get("cuts", [])),
+        per_class = attack.pop("per_class", 0)
+        if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 0:
+            raise ValueError(f"[attack] per_class: expected an integer >= 0 (test images of each class), got {per_class!r}")
+        return cls(model=d.get("model", {}), base=d.get("base", {}), variants=attack.pop("variants", {}),
+                   per_class=per_class, cuts=tuple(_cut(c) for c in named.get("cuts", [])),
                    codecs=tuple(named.get("codecs", [])), seeds=tuple(named.get("seeds", [])),
                    axes=tuple(grid.items()), defenses=d.get("defenses", {"none": {}}),
                    attacks=tuple(attack.pop("methods", ["inversion"])), attack_args=tuple(attack.pop("args", [])),
@@ -395,12 +439,28 @@ class SweepConfig:
                     attack = _attacker_settings(edge, {**self.attack, **attack_chosen})
                     points.append(Point(name, tuple(sorted(edge.items())), tuple(sorted(attack.items())),
                                         self.attacks, self.attack_args, tuple(chosen.items()), link,
-                                        self.latency_images))
+                                        self.latency_images, self._base(edge_chosen),
+                                        tuple((v, tuple(sorted({**attack, **s}.items())))
+                                              for v, s in self.variants.items()), self.per_class))
         keys = [p.key for p in points]
         twice = sorted({k for k in keys if keys.count(k) > 1})
         if twice:
             raise ValueError(f"[grid]: these points come out twice (a value listed twice?): {twice}")
         return points
+
+    def _base(self, chosen: dict) -> Base | None:
+        """The base a point with these axis values continues: [model], then [base], then the point's
+        own values of what fixes the model, its data and its seed (SHARED_WITH_BASE)."""
+        if not self.base:
+            return None
+        merged = {**self.model, **self.base, **{k: v for k, v in chosen.items() if k in SHARED_WITH_BASE}}
+        return Base(tuple(sorted((k, v) for k, v in merged.items() if v != _edge_action(k).default)))
+
+    @property
+    def scored(self) -> tuple[str, ...]:
+        """The names under which a row holds attack scores: each method, and each method with each
+        variant of the attacker (`<method>_<variant>`)."""
+        return (*self.attacks, *(f"{m}_{v}" for m in self.attacks for v in self.variants))
 
     def scorer_data(self) -> dict:
         """The [model] table's dataset settings (see `_scorer_data`)."""
@@ -419,10 +479,12 @@ def check_points(points: list[Point]) -> None:
 
     parser = _edge_parser()
     for point in points:
-        try:
-            config_from_args(parser.parse_args(_flags(dict(point.edge))), parser)
-        except ValueError as err:
-            raise ValueError(f"point {point.key}: edge-client would refuse its settings: {err}") from None
+        for what, settings in (("point", point.edge), ("the base of point", point.base.edge if point.base else None)):
+            try:
+                if settings is not None:
+                    config_from_args(parser.parse_args(_flags(dict(settings))), parser)
+            except ValueError as err:
+                raise ValueError(f"{what} {point.key}: edge-client would refuse its settings: {err}") from None
 
 
 def _flags(settings: dict) -> list[str]:
@@ -492,6 +554,8 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
     # decoder an interrupted attempt left half-trained on the long-lived server.
     job = f"sweep-{point.key}-{uuid.uuid4().hex[:6]}"
     edge_settings = dict(point.edge)
+    base = read_base(out.parent.parent, point.base) if point.base else None
+    init = ["--init-from", base["encoder"], "--init-job", base["job"]] if base else []
     link = None if point.link == DIRECT else start_process(
         ["deploy.link", "--upstream", proxy, "--profile", point.link, "--seed", str(point.setting("seed"))],
         r"listening on (\S+) ->")
@@ -499,7 +563,7 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
         server = link.address if link else proxy
         _python(out / "edge-client.log", "edge_client", "--server", server, "--job", job, "--report",
                 str(out / "edge.json"), "--save-encoder", str(out / "encoder.pt"), "--no-progress", *track,
-                *_flags(edge_settings), timeout=config.timeout_s)
+                *_flags(edge_settings), *init, timeout=config.timeout_s)
         if point.latency_images:  # a session of its own: the attacker, which reads the training session, skips it
             _python(out / "edge-client-infer.log", "edge_client", "--infer-only", "--server", server, "--encoder",
                     str(out / "encoder.pt"), "--max-images", str(point.latency_images), "--report",
@@ -518,27 +582,70 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
                  "wall_seconds": edge["wall_seconds"], "epoch_seconds": [h["seconds"] for h in edge["history"]],
                  "epoch_train_accuracy": [h["train_accuracy"] for h in edge["history"]],
                  "defense_settings": edge["defense"], "settings": edge_settings,
-                 "attack_settings": dict(point.attack)}
+                 "attack_settings": dict(point.attack), "history": edge["history"],
+                 **({"base": {k: base[k] for k in ("key", "job", "test_accuracy", "settings")}} if base else {})}
     row["time_to_accuracy_s"] = time_to_accuracy(row, config.target_accuracy)
-    attack_flags = [flag for key, value in point.attack for flag in (ATTACK_FLAGS[key], str(value))]
+    sample = ["--per-class", str(point.per_class), "--grid", "20"] if point.per_class else []
     for method in point.methods:
-        recon, scored = out / f"recon-{method}", out / f"attack-{method}"
-        _python(out / f"attacker-run-{method}.log", "attacks", "run", "--capture", capture, "--session",
-                edge["session_id"], "--method", method, "--encoder", str(out / "encoder.pt"), "--seed",
-                str(point.setting("seed")), "--out", str(recon), *track, *attack_flags, *point.attack_args,
-                timeout=config.timeout_s)
-        _python(out / f"attacker-score-{method}.log", "attacks", "score", "--recon", str(recon), "--edge-report",
-                str(out / "edge.json"), "--out", str(scored), *_flags(_scorer_data(edge_settings)),
-                timeout=config.timeout_s)
-        scores = json.loads((scored / "attack.json").read_text())
-        row.update({f"{method}_{m}": scores[m] for m in ATTACK_METRICS})
-        row[f"{method}_attacker"] = json.loads((recon / "run.json").read_text())  # what produced the scores
-        row[f"{method}_grid"] = str((scored / "recon.png").relative_to(out.parent.parent))
+        for variant, settings in (("", point.attack), *point.variants):
+            name = f"{method}_{variant}" if variant else method
+            recon, scored = out / f"recon-{name}", out / f"attack-{name}"
+            attack_flags = [flag for key, value in settings for flag in (ATTACK_FLAGS[key], str(value))]
+            _python(out / f"attacker-run-{name}.log", "attacks", "run", "--capture", capture, "--session",
+                    edge["session_id"], "--method", method, "--encoder", str(out / "encoder.pt"), "--seed",
+                    str(point.setting("seed")), "--out", str(recon), *track, *attack_flags, *point.attack_args,
+                    timeout=config.timeout_s)
+            _python(out / f"attacker-score-{name}.log", "attacks", "score", "--recon", str(recon), "--edge-report",
+                    str(out / "edge.json"), "--out", str(scored), *_flags(_scorer_data(edge_settings)), *sample,
+                    timeout=config.timeout_s)
+            scores = json.loads((scored / "attack.json").read_text())
+            row.update({f"{name}_{m}": scores[m] for m in ATTACK_METRICS})
+            if "sample" in scores:
+                row["scored_sample"] = scores["sample"]
+            row[f"{name}_attacker"] = json.loads((recon / "run.json").read_text())  # what produced the scores
+            row[f"{name}_grid"] = str((scored / "recon.png").relative_to(out.parent.parent))
     write_atomic(out / "result.json", json.dumps(row, indent=2) + "\n")
     if log_dir:  # accuracy and the attacks' scores first: TensorBoard's HParams table shows five metrics at first
         order = ("test_accuracy", *metric_names(config)[len(METRICS):], *METRICS)
         tracking.write_point(log_dir, point.key, {k: row[k] for k in POINT_SETTINGS}, {m: row.get(m) for m in order})
     return row
+
+
+def read_base(out: Path, base: Base) -> dict:
+    """A finished base's record (`bases/KEY/base.json`): `key`, `job` (its job on the sweep's server,
+    whose checkpoint is `jobs/CHECKPOINT`), `checkpoint`, `encoder` (its encoder file),
+    `test_accuracy`, `settings`."""
+    return json.loads((out / "bases" / base.key / "base.json").read_text())
+
+
+def base_ready(out: Path, base: Base) -> bool:
+    """Whether `base` was trained and both its halves are still there (the encoder file and the
+    decoder's checkpoint: a results folder carried to another machine holds neither)."""
+    if not (out / "bases" / base.key / "base.json").exists():
+        return False
+    record = read_base(out, base)
+    return Path(record["encoder"]).exists() and (out / "jobs" / record["checkpoint"]).exists()
+
+
+def run_base(config: SweepConfig, base: Base, server: str, out: Path) -> dict:
+    """Phase A: train `base` straight to the server (nothing of it is attacked, so not through the
+    proxy); the edge's Flush makes its decoder's checkpoint durable before `base.json` says it is done."""
+    from cloud_server.checkpoints import file_stem
+
+    folder = out / "bases" / base.key
+    folder.mkdir(parents=True, exist_ok=True)
+    job = f"{base.key}-{uuid.uuid4().hex[:6]}"  # an interrupted attempt's half-trained decoder is not re-joined
+    _python(folder / "edge-client.log", "edge_client", "--server", server, "--job", job, "--report",
+            str(folder / "edge.json"), "--save-encoder", str(folder / "encoder.pt"), "--no-progress",
+            *_flags(dict(base.edge)), timeout=config.timeout_s)
+    edge = json.loads((folder / "edge.json").read_text())
+    if not edge["durable"]:
+        raise PointFailed(f"base {base.key}: the server did not checkpoint its decoder", folder / "edge-client.log")
+    record = {"key": base.key, "job": job, "checkpoint": f"{file_stem(job)}.ckpt", "encoder": str(folder / "encoder.pt"),
+              "test_accuracy": edge["test_accuracy"], "settings": dict(base.edge), "history": edge["history"],
+              "wall_seconds": edge["wall_seconds"]}
+    write_atomic(folder / "base.json", json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def time_to_accuracy(row: dict, target: float) -> float | None:
@@ -554,21 +661,22 @@ def time_to_accuracy(row: dict, target: float) -> float | None:
     return None
 
 
-def attempt(config: SweepConfig, point: Point, proxy: str, capture: str, out: Path, log_dir: str = "") -> dict:
-    """`run_point`, whose failure comes back as {"error": message, "log": path} instead of raising:
-    a sweep that keeps going records it, and a Ray task's failure needs no unwrapping."""
+def attempt(work: Callable[..., dict], *args, out: Path) -> dict:
+    """`work(*args)` (`run_point`, `run_base`), whose failure comes back as {"error": message, "log":
+    path} instead of raising: a sweep that keeps going records it, and a Ray task's failure needs no
+    unwrapping."""
     try:
-        return run_point(config, point, proxy, capture, out, log_dir)
+        return work(*args)
     except PointFailed as err:
         return {"error": str(err), "log": str(err.log_path)}
     except Exception as err:  # a missing or unreadable output of a process that said it succeeded
-        log.exception("point %s", point.key)
+        log.exception("%s", out.name)
         return {"error": f"{type(err).__name__}: {err}", "log": str(out)}
 
 
 def metric_names(config: SweepConfig) -> list[str]:
     """A row's measured numbers (the rest of it is the point's settings)."""
-    return list(METRICS) + [f"{m}_{k}" for m in config.attacks for k in ATTACK_METRICS]
+    return list(METRICS) + [f"{m}_{k}" for m in config.scored for k in ATTACK_METRICS]
 
 
 def aggregate(config: SweepConfig, rows: list[dict]) -> list[dict]:
@@ -598,7 +706,7 @@ def aggregate(config: SweepConfig, rows: list[dict]) -> list[dict]:
 
 def write_results(config: SweepConfig, rows: list[dict], out: Path) -> list[dict]:
     table = aggregate(config, rows)
-    gains = cem_gains(rows, config.attacks)
+    gains = cem_gains(rows, config.scored)
     write_atomic(out / "results.json", json.dumps({"rows": table, "points": rows, "cem_gains": gains}, indent=2)
                  + "\n")
     text = io.StringIO()
@@ -612,11 +720,14 @@ def write_results(config: SweepConfig, rows: list[dict], out: Path) -> list[dict
 class Services:
     """The sweep's long-lived processes: one cloud-server and the eavesdropping proxy in front of it."""
 
-    def __init__(self, out: Path, jobs: int) -> None:
+    def __init__(self, out: Path, jobs: int, checkpoints: bool = False) -> None:
+        """`checkpoints`: the server keeps its jobs in `out/jobs` (a two-phase sweep: the points of a
+        later run continue the bases' decoders from there); otherwise nothing reads a finished
+        point's decoder again, and none is written."""
         self.capture = str(out / "capture")
         # Every point is a job of its own, kept until the sweep ends: room for all of them.
-        # No checkpoints: nothing reads a finished point's decoder again.
-        self.server: ServerProcess = start_server("--max-jobs", str(max(jobs, 1)))
+        stored = ["--checkpoint-dir", str(out / "jobs"), "--checkpoint-every", str(2**62)] if checkpoints else []
+        self.server: ServerProcess = start_server("--max-jobs", str(max(jobs, 1)), *stored)
         try:
             self.proxy = start_process(["attacks", "proxy", "--listen", "127.0.0.1:0", "--upstream",
                                         self.server.address, "--capture", self.capture], r"listening on (\S+) ->")
@@ -646,24 +757,43 @@ def add_log_dir_arg(p) -> None:
 
 
 def run_sweep(config: SweepConfig, out: Path, progress: bool = True, keep_going: bool = False,
-              log_dir: str = "") -> list[dict]:
-    """Run the points without a `result.json` and return every point's row, in grid order.
+              log_dir: str = "", results: Path | None = None) -> list[dict]:
+    """Run the points without a result (in `out/points/KEY/result.json` or `results/KEY.json`), their
+    bases first (a two-phase sweep), and return every finished point's row, in grid order; with
+    `results`, every finished point's result is kept there too.
 
     A failure stops the sweep, or with `keep_going` is recorded while the other points run;
     either way the failures go to `failed.json` and `SweepFailed` is raised, naming them."""
     points = config.points()
     check_points(points)
     out.mkdir(parents=True, exist_ok=True)
-    todo = [p for p in points if not (out / "points" / p.key / "result.json").exists()]
+    done = {row["key"] for row in finished_rows(points, out, results)}
+    todo = [p for p in points if p.key not in done]
     log.info("%d points, %d already done", len(points), len(points) - len(todo))
     failures: dict[str, dict] = {}
     if todo:
-        services = Services(out, jobs=4 * len(todo))  # Ray re-runs a task whose worker died up to 3 times
+        bases = list(dict.fromkeys(p.base for p in todo if p.base and not base_ready(out, p.base)))
+        services = Services(out, jobs=4 * (len(todo) + len(bases)), checkpoints=bool(config.base))
         try:
-            failures = _run_all(config, todo, services, out, progress, keep_going, log_dir)
+            if bases:
+                log.info("phase A: %d base(s) to train", len(bases))
+                failures = _run_all(config, {b.key: functools.partial(
+                    attempt, run_base, config, b, services.server.address, out, out=out / "bases" / b.key)
+                    for b in bases}, progress, keep_going, "bases")
+                for point in todo:
+                    if point.base and point.base.key in failures:
+                        failures[point.key] = {"error": f"its base {point.base.key} failed", "log":
+                                               failures[point.base.key]["log"]}
+            if not failures or keep_going:
+                runnable = [p for p in todo if p.key not in failures]
+                failures |= _run_all(config, {p.key: functools.partial(
+                    attempt, run_point, config, p, services.proxy.address, services.capture, out / "points" / p.key,
+                    log_dir, out=out / "points" / p.key) for p in runnable}, progress, keep_going, "sweep")
         finally:
             services.stop()
-    rows = finished_rows(points, out)
+    rows = finished_rows(points, out, results)
+    if results is not None:
+        keep_results(rows, results)
     if failures:
         write_atomic(out / "failed.json", json.dumps(failures, indent=2) + "\n")
         raise SweepFailed(failures, rows)
@@ -671,33 +801,50 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, keep_going:
     return rows
 
 
-def finished_rows(points: list[Point], out: Path) -> list[dict]:
-    """The rows of the points that have a `result.json`, in grid order."""
-    return [json.loads((out / "points" / p.key / "result.json").read_text()) for p in points
-            if (out / "points" / p.key / "result.json").exists()]
+def finished_rows(points: list[Point], out: Path, results: Path | None = None) -> list[dict]:
+    """The rows of the points that have a result, in grid order: `out/points/KEY/result.json`, or
+    else (a study resumed elsewhere from its kept results) `results/KEY.json`."""
+    rows = []
+    for point in points:
+        for path in (out / "points" / point.key / "result.json", *([results / f"{point.key}.json"] if results else [])):
+            if path.exists():
+                rows.append(json.loads(path.read_text()))
+                break
+    return rows
 
 
-def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Path, progress: bool,
-             keep_going: bool, log_dir: str) -> dict[str, dict]:
-    """Run `todo`; returns the failures."""
-    bar = tqdm(total=len(todo), desc="sweep", unit="point", disable=not progress)
+def keep_results(rows: list[dict], results: Path) -> None:
+    """Each finished point's row as `results/KEY.json`: settings, hash, metrics, histories, and the
+    attackers' settings and loss curves; no images, no checkpoints (what a study keeps in version
+    control, to resume elsewhere or rebuild its tables with --report-only)."""
+    results.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        text = json.dumps(row, indent=2) + "\n"
+        path = results / f"{row['key']}.json"
+        if not path.exists() or path.read_text() != text:
+            write_atomic(path, text)
+
+
+def _run_all(config: SweepConfig, work: dict[str, Callable[[], dict]], progress: bool, keep_going: bool,
+             desc: str) -> dict[str, dict]:
+    """Run each of `work` (key -> a call of `attempt`), `config.workers` at a time; returns the failures."""
+    bar = tqdm(total=len(work), desc=desc, unit="run", disable=not progress)
     start = time.monotonic()
     failures: dict[str, dict] = {}
 
-    def finished(point: Point, result: dict) -> bool:
-        """Log the point's end; whether the sweep goes on."""
+    def finished(key: str, result: dict) -> bool:
+        """Log the run's end; whether the sweep goes on."""
         bar.update(1)
         if "error" in result:
-            failures[point.key] = result
-            log.error("point %s failed: %s (log: %s)", point.key, result["error"], result["log"])
+            failures[key] = result
+            log.error("%s failed: %s (log: %s)", key, result["error"], result["log"])
             return keep_going
-        log.info("point %s done (%.0f s elapsed)", point.key, time.monotonic() - start)
+        log.info("%s done (%.0f s elapsed)", key, time.monotonic() - start)
         return True
 
     if config.workers <= 1:
-        for point in todo:
-            if not finished(point, attempt(config, point, services.proxy.address, services.capture,
-                                           out / "points" / point.key, log_dir)):
+        for key, call in work.items():
+            if not finished(key, call()):
                 break
     else:
         from deploy.ray_config import ray_environment
@@ -707,9 +854,8 @@ def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Pa
 
         ray.init(num_cpus=config.workers, include_dashboard=False)
         try:
-            task = ray.remote(num_cpus=1)(attempt)
-            pending = {task.remote(config, p, services.proxy.address, services.capture, out / "points" / p.key,
-                                   log_dir): p for p in todo}
+            task = ray.remote(num_cpus=1)(_call)
+            pending = {task.remote(call): key for key, call in work.items()}
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 if not finished(pending.pop(done[0]), ray.get(done[0])):
@@ -722,11 +868,17 @@ def _run_all(config: SweepConfig, todo: list[Point], services: Services, out: Pa
     return failures
 
 
+def _call(work: Callable[[], dict]) -> dict:
+    """A Ray task's body: the work it was handed (a partial of `attempt`, which travels by reference)."""
+    return work()
+
+
 def _report(config: SweepConfig, rows: list[dict], out: Path) -> None:
     """results.json / results.csv, report.md and its plots, from these rows."""
     from deploy.plots import write_report
 
-    write_report(config, write_results(config, rows, out), out, gains=cem_gains(rows, config.attacks))
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(config, write_results(config, rows, out), out, gains=cem_gains(rows, config.scored))
 
 
 @names_missing_extra("split-sweep")
@@ -743,6 +895,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: write the results and the report from the points finished so far "
                         "(a long sweep run in parts)")
+    p.add_argument("--results", default="", metavar="DIR",
+                   help="keep every finished point's result as DIR/KEY.json (settings, metrics, histories; no "
+                        "images or checkpoints: a folder to commit), and count the points found there as done: a "
+                        "study resumed on another machine, or its report rebuilt with --report-only")
     add_log_dir_arg(p)
     args = p.parse_args(argv)
     import deploy.plots  # noqa: F401 - without the 'plot' extra this fails now, not after the points ran
@@ -757,17 +913,19 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, tomllib.TOMLDecodeError, ValueError) as err:
         p.error(f"--config {args.config}: {err}")
     out = Path(args.out)
+    results = Path(args.results) if args.results else None
     if args.report_only:
         points = config.points()
-        rows = finished_rows(points, out)
+        rows = finished_rows(points, out, results)
         if not rows:
-            p.error(f"--report-only: no finished point in {out / 'points'}")
+            p.error(f"--report-only: no finished point in {out / 'points'}" + (f" or {results}" if results else ""))
         _report(config, rows, out)
         print(f"{len(rows)} of {len(points)} points finished; results in {out / 'results.csv'}, "
               f"report in {out / 'report.md'}")
         return 0
     try:
-        rows = run_sweep(config, out, keep_going=args.keep_going, log_dir=tracking.prepared(args.log_dir))
+        rows = run_sweep(config, out, keep_going=args.keep_going, log_dir=tracking.prepared(args.log_dir),
+                         results=results)
     except SweepFailed as err:
         if args.keep_going and err.rows:  # the points that finished, reported as such
             _report(config, err.rows, out)

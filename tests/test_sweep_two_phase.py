@@ -1,0 +1,94 @@
+"""A two-phase sweep on digits through real processes: a base trained once per seed, points that
+continue it, scores on a class-stratified sample, a second attacker, results kept in a folder
+that alone rebuilds the tables (a file of its own: the suite's workers share the slow sweeps)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from deploy.sweep import SweepConfig
+
+CONFIG = """
+[model]
+bottleneck = 4
+epochs = 1
+batch_size = 32
+lr = 0.01
+lr_schedule = "constant"
+
+[base]
+epochs = 2
+lr = 0.05
+lr_schedule = "cosine"
+noise = 0.1
+
+[grid]
+seeds = [0]
+
+[defenses]
+"noise0.1" = {noise = 0.1}
+"gmm@0.1" = {noise = 0.1, cem = "gmm", lambda = 4, cem_warmup = 0}
+
+[attack]
+epochs = 1
+width = 8
+blocks = 1
+aux_limit = 400
+per_class = 5
+variants = {wide = {width = 16, blocks = 2}}
+"""
+
+
+def sweep(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "deploy.sweep", *args], capture_output=True, text=True, timeout=900)
+
+
+def test_points_share_their_base_and_name_it():
+    config = SweepConfig.from_dict(__import__("tomllib").loads(CONFIG))
+    points = config.points()
+    assert len({p.base for p in points}) == 1
+    base = dict(points[0].base.edge)
+    # [base] over [model], none of the points' defenses
+    assert base == {"bottleneck": 4, "epochs": 2, "batch_size": 32, "noise": 0.1}  # lr, schedule, seed: defaults
+    assert config.scored == ("inversion", "inversion_wide")
+    other = SweepConfig.from_dict(__import__("tomllib").loads(CONFIG.replace("epochs = 2", "epochs = 3")))
+    assert {p.key for p in points}.isdisjoint(p.key for p in other.points())  # another base: other points
+
+
+@pytest.mark.slow
+def test_a_two_phase_sweep_continues_its_base_and_keeps_its_results(tmp_path):
+    (tmp_path / "sweep.toml").write_text(CONFIG)
+    out, results = tmp_path / "out", tmp_path / "results"
+    done = sweep("--config", str(tmp_path / "sweep.toml"), "--out", str(out), "--results", str(results))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (base_dir,) = (out / "bases").iterdir()
+    base = json.loads((base_dir / "base.json").read_text())
+    assert len(base["history"]) == 2 and (out / "jobs" / base["checkpoint"]).exists()
+    rows = json.loads((out / "results.json").read_text())["points"]
+    assert len(rows) == 2
+    for row in rows:
+        edge = json.loads((out / "points" / row["key"] / "edge.json").read_text())
+        assert edge["init_job"] == base["job"] and edge["init_from"] == base["encoder"]
+        assert row["base"]["key"] == base["key"] and len(row["history"]) == 1
+        assert row["scored_sample"]["per_class_images"] == [5] * 10
+        for name in ("inversion", "inversion_wide"):
+            assert 0 < row[f"{name}_mse"] < 1 and row[f"{name}_attacker"]["inverse_loss_history"]
+        assert row["inversion_wide_attacker"]["inverse_width"] == 16 and row["inversion_attacker"]["inverse_width"] == 8
+    kept = sorted(p.name for p in results.iterdir())
+    assert kept == sorted(f"{row['key']}.json" for row in rows)
+    table = json.loads((out / "results.json").read_text())
+    gains = table["cem_gains"]
+    assert len(gains) == 1 and {"inversion_mse_gain_pct", "inversion_wide_mse_gain_pct"} <= set(gains[0])
+
+    # Resumed from the kept results alone (another machine: no out/ folder): nothing runs, the same tables.
+    again = tmp_path / "elsewhere"
+    done = sweep("--config", str(tmp_path / "sweep.toml"), "--out", str(again), "--results", str(results),
+                 "--report-only")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rebuilt = json.loads((again / "results.json").read_text())
+    assert rebuilt["rows"] == table["rows"] and rebuilt["cem_gains"] == gains
+    done = sweep("--config", str(tmp_path / "sweep.toml"), "--out", str(again), "--results", str(results))
+    assert done.returncode == 0 and "2 points, 2 already done" in done.stderr, done.stderr[-3000:]
+    assert not (again / "bases").exists()
