@@ -67,7 +67,8 @@ class TrainerState:
     """What an `EdgeTrainer` needs to carry on where another one stopped, in another process.
 
     A virtual client (`deploy.virtual_clients`) is this between its turns: the worker that
-    runs its next turn builds a trainer for it and restores this. The data position and the
+    runs its next turn builds a trainer for it and restores this; an edge-client's state file
+    (`edge_client.state`) holds it as a dict. The data position and the
     random generators are in it, so a turn that is run again (its worker died) sends the
     same batches, with the same noise, under the same step ids. Plain tensors, numbers,
     lists and dicts: it travels through Ray and saves with `torch.save`, and loads with
@@ -354,8 +355,9 @@ class EdgeTrainer:
         update_bn(DataLoader(self.train_set, batch_size=self.eval_batch_size), self.encoder, self.config.device)
 
     def snapshot(self, encoder: bool) -> TrainerState:
-        """This trainer's state (see TrainerState), between epochs; `encoder`: with the encoder's
-        weights and optimizer state (a client that keeps its own encoder)."""
+        """This trainer's state (see TrainerState), between epochs or, for a state file, between steps
+        with none in flight; `encoder`: with the encoder's weights and optimizer state (a client
+        that keeps its own encoder)."""
         open_ = self._pass is not None
         return TrainerState(
             self.step_id, self.first_step_id, self.steps, self.samples, self.train_seconds, self.duplicates,
