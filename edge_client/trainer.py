@@ -153,7 +153,7 @@ class EdgeTrainer:
         # the open epoch's running figures (and batches taken), kept here so that a state written
         # mid-epoch carries them; None between epochs
         self._epoch: dict | None = None
-        self._state_step: int | None = None  # the step id of the last state written or resumed from
+        self._state_step = 0  # the step id of the last state written or resumed from
 
     @property
     def eval_batch_size(self) -> int:
@@ -216,7 +216,7 @@ class EdgeTrainer:
             inflight.append(_InFlight(x, y, z, z_sent, self.step_id, epoch))
             self.steps += 1
             self._settle(inflight, depth, tally, bar)
-            if self.config.state_dir and self.step_id - (self._state_step or 0) >= self.config.state_every:
+            if self.config.state_dir and self.step_id - self._state_step >= self.config.state_every:
                 self._settle(inflight, 0, tally, bar)  # a state is written with no step in flight
                 now = time.perf_counter()
                 tally["seconds"] += now - start
@@ -404,7 +404,13 @@ class EdgeTrainer:
     def resume_from(self, path: str | Path) -> None:
         """Carry on from the state in `path` (a fresh trainer, before `open(own_count=True)`); the
         client id is the state's. StateError if the file is damaged or another run's."""
-        saved = state_file.read(path, state_file.identity(self.config, self.split), self.config.client_id)
+        self._adopt(path, self._read_state(path))
+
+    def _read_state(self, path: str | Path) -> dict:
+        """The state in `path`, checked to be whole and this run's (changes nothing here)."""
+        return state_file.read(path, state_file.identity(self.config, self.split), self.config.client_id)
+
+    def _adopt(self, path: str | Path, saved: dict) -> None:
         try:
             self.cem.load_state(saved["cem"])  # first: once CEM joined the optimizer, its state has CEM's group
             self.restore(TrainerState(**saved["trainer"]))
@@ -419,7 +425,9 @@ class EdgeTrainer:
 
     def start(self) -> None:
         """Open the session, resuming from the config's state_dir first where it asks to: a run
-        that resumed sends again the steps the server applied after its state (`open`). A fresh
+        that resumed sends again the steps the server applied after its state (`open`). A state
+        that is checked whole and this run's but does not fit the model is refused even with
+        fresh_on_bad_state, since part of it may have been adopted already. A fresh
         run with a state_dir writes its state at once, so that a kill before its first scheduled
         state still resumes (from step 0), and refuses to overwrite a state it was not told to resume."""
         path = state_file.path_in(self.config.state_dir) if self.config.state_dir else None
@@ -429,12 +437,14 @@ class EdgeTrainer:
                 raise state_file.StateError(path, "holds the state of an earlier run: pass --resume to carry it "
                                                   "on, or remove the file to start over")
             try:
-                self.resume_from(path)
-                resumed = True
-            except state_file.StateError as err:
+                saved = self._read_state(path)
+            except state_file.StateError as err:  # only before anything was adopted can a fresh start follow
                 if not self.config.fresh_on_bad_state:
                     raise
                 log.warning("%s; starting afresh instead (--fresh-on-bad-state), the file will be overwritten", err)
+            else:
+                self._adopt(path, saved)
+                resumed = True
         self.open(own_count=resumed)
         if path is not None and not resumed:
             self.save_state()

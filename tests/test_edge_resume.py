@@ -213,6 +213,17 @@ def test_a_damaged_state_starts_afresh_when_asked(written, tmp_path, caplog):
     assert checkpoint_file.read(written)["trainer"]["step_id"] == 2  # the damaged file was replaced
 
 
+def test_a_state_that_does_not_fit_the_model_is_refused_even_when_fresh_is_allowed(written, tmp_path):
+    """Whole and this run's, but a tensor of another shape: part of it may be adopted before the
+    misfit shows, so no fresh start can follow on that trainer."""
+    state = checkpoint_file.read(written)
+    name = next(iter(state["trainer"]["encoder"]))
+    state["trainer"]["encoder"][name] = torch.zeros(1)
+    checkpoint_file.write(written, state)
+    with pytest.raises(state_file.StateError, match=f"{written}: does not fit this run's model"):
+        run(_config(tmp_path, max_steps=3, resume=True, fresh_on_bad_state=True), LocalCloud())
+
+
 def test_a_state_is_not_overwritten_without_resume(written, tmp_path):
     with pytest.raises(state_file.StateError, match="pass --resume to carry it on"):
         run(_config(tmp_path, max_steps=3), LocalCloud())
