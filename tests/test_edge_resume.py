@@ -158,7 +158,8 @@ def test_the_api_resumes_between_epochs_as_if_never_interrupted(tmp_path):
 
 @pytest.mark.parametrize("field, changes", [
     ("seed", {"seed": 4}), ("job", {"job": "other"}), ("batch_size", {"batch_size": 32}), ("epochs", {"epochs": 3}),
-    ("arch", {"arch": "resnet20"}), ("cut", {"cut": "conv1"}), ("width", {"width": 0.5}), ("bottleneck", {"bottleneck": 4}),
+    ("arch", {"arch": "resnet20"}), ("cut", {"cut": "conv1"}), ("width", {"width": 0.5}),
+    ("bottleneck", {"bottleneck": 4}),
     ("client_id", {"client_id": "someone-else"}),
 ])
 def test_a_state_of_another_run_is_refused_naming_the_field(written, tmp_path, field, changes):
@@ -194,12 +195,13 @@ def _flip_a_bit(path: Path) -> None:
     (_truncate, "checksum mismatch: the file is damaged or truncated"),
     (_flip_a_bit, "checksum mismatch: the file is damaged or truncated"),
     (lambda p: p.write_bytes(b""), "the file is empty"),
-    (lambda p: p.write_bytes(checkpoint_file.encode({"name": "a job"})), "not an edge state (a cloud-server job checkpoint?)"),
+    (lambda p: p.write_bytes(checkpoint_file.encode({"name": "a job"})),
+     "not an edge state (a cloud-server job checkpoint?)"),
 ])
 def test_a_damaged_state_is_refused_by_edge_client_in_one_line(written, damage, reason, capsys):
     damage(written)
-    argv = ["--epochs", "2", "--max-steps", "3", "--batch-size", "64", "--seed", "3", "--job", "api", "--noise", "0.1", "--cem", "gmm",
-            "--lambda", "8", "--cem-warmup", "0", "--state-dir", str(written.parent), "--resume",
+    argv = ["--epochs", "2", "--max-steps", "3", "--batch-size", "64", "--seed", "3", "--job", "api", "--noise", "0.1",
+            "--cem", "gmm", "--lambda", "8", "--cem-warmup", "0", "--state-dir", str(written.parent), "--resume",
             "--server", "127.0.0.1:1", "--no-progress"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
