@@ -231,17 +231,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _finish(config: EdgeConfig, work: Callable[[], dict], summary: Callable[[dict], str],
             bad_input: tuple[type[Exception], ...]) -> int:
-    """Run `work` and report it; what the user can fix (exit 2) and a cloud that failed (exit 1)
-    each end in one line, not a traceback."""
+    """Run `work` and report it; what the user can fix (exit 2) and a cloud that failed or lost
+    steps (exit 1) each end in one line, not a traceback."""
     from edge_client import report as report_mod
     from edge_client.remote import CloudError
+    from edge_client.trainer import StepsLost
 
     try:
         result = work()
     except bad_input as err:
         print(f"edge-client: error: {err}", file=sys.stderr)
         return 2
-    except CloudError as err:
+    except (CloudError, StepsLost) as err:  # StepsLost: resumed against a server that lost the run's steps
         print(f"edge-client: error: {err}", file=sys.stderr)
         return 1
     print(summary(result))
