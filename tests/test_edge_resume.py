@@ -139,6 +139,7 @@ def written(short_run, tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow  # trains 4 epochs in-process
 def test_the_api_resumes_between_epochs_as_if_never_interrupted(tmp_path):
     """A trainer dropped after epoch 1 and a new one resumed from its state end as one that ran on."""
     reference = EdgeTrainer(_config(tmp_path / "ref"), LocalCloud())
