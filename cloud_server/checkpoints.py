@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import re
 import threading
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from cloud_server.job import Job
-from splitnet.checkpoint_file import CheckpointError, encode, read
+from splitnet.checkpoint_file import CheckpointError, read, write
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +116,7 @@ class Checkpointer:
             if self._saved_at.get(job.name) == state["steps_applied"] and job.checkpoints_written:
                 return
             target = self.path(job.name)
-            tmp = target.with_suffix(".tmp")
-            tmp.write_bytes(encode(state))
-            os.replace(tmp, target)
+            write(target, state)
             self._found[job.name] = target
             self._note(job.name, state)
             job.mark_durable(state)

@@ -30,12 +30,7 @@ from torch import nn
 
 from splitnet.models import OptimSpec, SplitSpec, build, private_rng
 from splitnet.schedule import LrSchedule
-
-
-# Replies kept per client for re-sent steps: one edge acknowledges all but the steps it has in
-# flight (--pipeline K keeps K + 1 in flight); an edge that acknowledges nothing (older ones)
-# keeps this many gradients, of one batch each, in memory and in the checkpoint.
-MAX_KEPT_REPLIES = 16
+from splitnet.wire import MAX_KEPT_REPLIES
 
 
 @dataclass

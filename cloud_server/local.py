@@ -74,6 +74,9 @@ class LocalCloud:
     def collect(self, step_id: int) -> StepReply:
         return self._replies.pop(step_id)
 
+    def hold_replies_after(self, step_id: int) -> None:
+        pass  # an in-process job dies with the edge: no restarted edge can ask it for a reply again
+
     def flush(self) -> int:
         return 0  # nothing of an in-process job outlives the process
 

@@ -74,6 +74,26 @@ class CemHook:
         diag["pull"] = weight * float(norms["rob_grad_norm"]) / max(float(norms["task_grad_norm"]), 1e-12)
         diag["w_lr"] = cem.lr_weight(lr)
 
+    def state(self) -> dict:
+        """What a resumed run needs to go on as this one would (edge_client.state): the surrogate's
+        weights and buffers (GMM fit, gates), whether its parameters joined the optimizer, and the
+        open epoch's per-step figures and counters."""
+        return {"module": self.module.state_dict() if self.module is not None else None,
+                "nan_count": int(getattr(self.module, "nan_count", 0)), "joined": self._joined,
+                "steps": list(self._steps), "last_epoch": dict(self._last_epoch), "shutoff_steps": self.shutoff_steps}
+
+    def load_state(self, state: dict) -> None:
+        """Adopt `state`; before the optimizer's state is loaded, whose parameter groups include the
+        surrogate's once it joined."""
+        if self.module is not None:
+            self.module.load_state_dict(state["module"])
+            self.module.nan_count = state["nan_count"]
+        if state["joined"] and not self._joined:
+            cem.join_optimizer(self.optimizer, self.module)
+            self._joined = True
+        self._steps, self._last_epoch = list(state["steps"]), dict(state["last_epoch"])
+        self.shutoff_steps = state["shutoff_steps"]
+
     def end_epoch(self, epoch: int, train_set: Dataset) -> dict:
         """Epoch-end work (the GMM refit) and the epoch's CEM diagnostics for the history."""
         if self.module is None:

@@ -14,7 +14,7 @@ from splitnet.cli_util import (add_config_args, add_threads_arg, names_missing_e
                                set_threads, setup_logging)
 from splitnet.schedule import LrSchedule
 from splitnet.settings import ARCHS, CODECS, DATASETS, NOISE_KINDS, DatasetNotFound, DataSpec
-from splitnet.wire import parse_address
+from splitnet.wire import MAX_KEPT_REPLIES, parse_address
 
 log = logging.getLogger("edge_client")
 
@@ -151,6 +151,11 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
         p.error(f"--init-from {args.init_from}: no such file (an encoder file of edge-client --save-encoder)")
     if args.init_job and args.init_job == args.job:
         p.error(f"--init-job {args.init_job} names this run's own --job; a continuation trains a new job")
+    if getattr(args, "resume", False) and not args.state_dir:
+        p.error("--resume needs --state-dir DIR (where an earlier run wrote its state)")
+    if not 1 <= getattr(args, "state_every", 1) <= MAX_KEPT_REPLIES:
+        p.error(f"--state-every must be 1..{MAX_KEPT_REPLIES} (the server keeps the replies of at most "
+                f"{MAX_KEPT_REPLIES} steps after a state, for a resumed edge to get them again)")
     try:
         LrSchedule.parse(args.lr_schedule, args.epochs, warmup_epochs=args.warmup_epochs)
         models.SplitSpec(args.arch, args.cut, width=args.width).resolved()
@@ -173,7 +178,9 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
         client_id=getattr(args, "client_id", ""), max_steps=args.max_steps, device=args.device,
         report=getattr(args, "report", ""), save_encoder=getattr(args, "save_encoder", ""),
         init_from=args.init_from, init_job=args.init_job,
-        log_dir=tracking.prepared(args.log_dir), progress=not args.no_progress)
+        log_dir=tracking.prepared(args.log_dir), progress=not args.no_progress,
+        state_dir=getattr(args, "state_dir", ""), state_every=getattr(args, "state_every", EdgeConfig.state_every),
+        resume=getattr(args, "resume", False), fresh_on_bad_state=getattr(args, "fresh_on_bad_state", False))
 
 
 @names_missing_extra("edge-client")
@@ -183,6 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-id", default="", help="stable id to re-join a job after a restart (default: random)")
     p.add_argument("--report", default="", help="write the JSON report here")
     p.add_argument("--save-encoder", default="", help="write the trained encoder (and its defense settings) here")
+    g = p.add_argument_group("resumable runs (README: Resuming a killed edge)")
+    g.add_argument("--state-dir", default="", metavar="DIR",
+                   help="write the edge's state (encoder, optimizer, data position, random generators, CEM) to "
+                        "DIR/edge-state.ckpt at the start, every --state-every steps, at each epoch's end and at "
+                        "the end, so that a killed run can --resume")
+    g.add_argument("--state-every", type=int, default=EdgeConfig.state_every, metavar="N",
+                   help=f"steps between state writes, 1..{MAX_KEPT_REPLIES} (default %(default)s; with --pipeline "
+                        "each write first waits for the steps in flight)")
+    g.add_argument("--resume", action="store_true",
+                   help="carry on from --state-dir's state, exactly as if never interrupted (starts fresh if "
+                        "there is none)")
+    g.add_argument("--fresh-on-bad-state", action="store_true",
+                   help="a damaged state, or one of a run with other settings: start fresh with a warning "
+                        "instead of refusing")
     g = p.add_argument_group("inference (--infer-only: no training; see edge_client/infer.py)")
     g.add_argument("--infer-only", action="store_true",
                    help="send images through the trained --encoder and the cloud's decoder of its job, one request "
@@ -214,25 +235,27 @@ def main(argv: list[str] | None = None) -> int:
     from edge_client.remote import RemoteCloud
     from edge_client.trainer import run
 
+    from edge_client.state import StateError
     from splitnet.encoder_file import DoesNotFit
 
     return _finish(config, lambda: run(config, RemoteCloud(config.connection)), report_mod.summary,
-                   (DatasetNotFound, DoesNotFit))
+                   (DatasetNotFound, StateError, DoesNotFit))
 
 
 def _finish(config: EdgeConfig, work: Callable[[], dict], summary: Callable[[dict], str],
             bad_input: tuple[type[Exception], ...]) -> int:
-    """Run `work` and report it; what the user can fix (exit 2) and a cloud that failed (exit 1)
-    each end in one line, not a traceback."""
+    """Run `work` and report it; what the user can fix (exit 2) and a cloud that failed or lost
+    steps (exit 1) each end in one line, not a traceback."""
     from edge_client import report as report_mod
     from edge_client.remote import CloudError
+    from edge_client.trainer import StepsLost
 
     try:
         result = work()
     except bad_input as err:
         print(f"edge-client: error: {err}", file=sys.stderr)
         return 2
-    except CloudError as err:
+    except (CloudError, StepsLost) as err:  # StepsLost: resumed against a server that lost the run's steps
         print(f"edge-client: error: {err}", file=sys.stderr)
         return 1
     print(summary(result))

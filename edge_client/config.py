@@ -153,3 +153,9 @@ class EdgeConfig:
     init_job: str = ""
     log_dir: str = ""  # TensorBoard event files of this run (splitnet.tracking); empty: none
     progress: bool = True
+    # The edge's resumable state (edge_client.state): written to state_dir at the start, every
+    # state_every steps, at each epoch's end and at the end; empty: none is written.
+    state_dir: str = ""
+    state_every: int = 10  # at most MAX_KEPT_REPLIES: the server keeps the replies of the steps after a state
+    resume: bool = False  # carry on from state_dir's state if it holds one
+    fresh_on_bad_state: bool = False  # a damaged or another run's state: start fresh (warning) instead of refusing

@@ -138,6 +138,7 @@ class RemoteCloud:
         self._unacked: OrderedDict[int, pb.TrainStep] = OrderedDict()  # sent, not yet durable on the server
         self._sent_at: dict[int, float] = {}  # sent, reply not yet received
         self._received = 0  # the highest step id whose reply came: acknowledged in every TrainStep
+        self._held_after: int | None = None  # acknowledge no step after this one (`hold_replies_after`)
         self.durable_step_id = 0  # the last step id the server said a checkpoint holds
         self.session: pb.Session | None = None
         self.bytes_up = 0
@@ -183,7 +184,7 @@ class RemoteCloud:
         if self.session:
             try:  # with the acknowledgement: the server need keep no reply for this client now
                 self._stub.CloseSession(pb.CloseRequest(session_id=self.session.session_id,
-                                                        received_step_id=self._received),
+                                                        received_step_id=self._acknowledged),
                                         timeout=self.config.deadline_s)
             except grpc.RpcError as err:
                 log.warning("CloseSession failed: %s", err.details() if hasattr(err, "details") else err)
@@ -195,6 +196,14 @@ class RemoteCloud:
                                 timeout=self.config.deadline_s)
 
     # -- training
+
+    def hold_replies_after(self, step_id: int) -> None:
+        self._held_after = step_id
+
+    @property
+    def _acknowledged(self) -> int:
+        """The step id acknowledged to the server: the last reply received, but none after a held step."""
+        return self._received if self._held_after is None else min(self._received, self._held_after)
 
     def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> None:
         """Send a step without waiting; `collect` gets its reply (replies come in order)."""
@@ -248,7 +257,7 @@ class RemoteCloud:
         if self._stream is None:
             self._stream = TrainStream(self._stub)
         request.session_id = self.session.session_id  # type: ignore[union-attr]
-        request.received_step_id = self._received
+        request.received_step_id = self._acknowledged
         self._sent_at[request.step_id] = time.perf_counter()
         self._stream.send(request)
 

@@ -19,7 +19,8 @@ import math
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -28,6 +29,7 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from edge_client import state as state_file
 from edge_client.cem_hook import CemHook
 from edge_client.config import EdgeConfig
 from edge_client.defense import nopeek_loss
@@ -65,7 +67,8 @@ class TrainerState:
     """What an `EdgeTrainer` needs to carry on where another one stopped, in another process.
 
     A virtual client (`deploy.virtual_clients`) is this between its turns: the worker that
-    runs its next turn builds a trainer for it and restores this. The data position and the
+    runs its next turn builds a trainer for it and restores this; an edge-client's state file
+    (`edge_client.state`) holds it as a dict. The data position and the
     random generators are in it, so a turn that is run again (its worker died) sends the
     same batches, with the same noise, under the same step ids. Plain tensors, numbers,
     lists and dicts: it travels through Ray and saves with `torch.save`, and loads with
@@ -150,6 +153,10 @@ class EdgeTrainer:
         self.resent = 0  # steps sent again under their ids after a turn that died (see `open`)
         self.durable_step_id = 0  # the last step id a server checkpoint holds, as of `make_durable`
         self.tracker = Tracker(config.log_dir)
+        # the open epoch's running figures (and batches taken), kept here so that a state written
+        # mid-epoch carries them; None between epochs
+        self._epoch: dict | None = None
+        self._state_step = 0  # the step id of the last state written or resumed from
 
     @property
     def eval_batch_size(self) -> int:
@@ -196,7 +203,9 @@ class EdgeTrainer:
         epoch = len(self.history) + 1
         depth = max(0, self.config.connection.pipeline)
         inflight: deque[_InFlight] = deque()
-        tally = {"loss": 0.0, "correct": 0, "seen": 0}
+        if self._epoch is None:
+            self._epoch = {"loss": 0.0, "correct": 0, "seen": 0, "taken": 0, "seconds": 0.0}
+        tally = self._epoch
         start = time.perf_counter()
         self.encoder.train()
         bar = tqdm(self._epoch_batches(), desc=f"epoch {epoch}", unit="step", disable=not self.config.progress,
@@ -210,10 +219,17 @@ class EdgeTrainer:
             inflight.append(_InFlight(x, y, z, z_sent, self.step_id, epoch))
             self.steps += 1
             self._settle(inflight, depth, tally, bar)
+            if self.config.state_dir and self.step_id - self._state_step >= self.config.state_every:
+                self._settle(inflight, 0, tally, bar)  # a state is written with no step in flight
+                now = time.perf_counter()
+                tally["seconds"] += now - start
+                start = now
+                self.save_state()
         self._settle(inflight, 0, tally, bar)
         loss_sum, correct, seen = tally["loss"], tally["correct"], tally["seen"]
-        elapsed = time.perf_counter() - start
+        elapsed = tally["seconds"] + time.perf_counter() - start
         self.train_seconds += elapsed
+        self._epoch = None
         self.samples += seen
         record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                   "lr": self.lr, "seconds": elapsed, "samples_per_second": seen / elapsed if elapsed else 0.0,
@@ -222,13 +238,16 @@ class EdgeTrainer:
         self.tracker.edge_epoch(record, self.counters())
         log.info("epoch %d: loss %.4f acc %.3f, %.0f samples/s%s", epoch, record["train_loss"],
                  record["train_accuracy"], record["samples_per_second"], self.cem.summary(record))
+        if self.config.state_dir:
+            self.save_state()
         return record
 
     def _epoch_batches(self) -> Iterator:
         """The epoch's batches until `done`: the rest of the open pass (a new one if none is), or
         `epoch_steps` of them, opening passes as they run out."""
-        taken = 0
-        while not self.done and (taken < self.config.epoch_steps or not self.config.epoch_steps):
+        progress = self._epoch
+        assert progress is not None
+        while not self.done and (progress["taken"] < self.config.epoch_steps or not self.config.epoch_steps):
             if self._pass is None:
                 self._open_pass()
             batch = next(self._pass, None)  # type: ignore[arg-type]
@@ -238,7 +257,7 @@ class EdgeTrainer:
                     return
                 continue
             self.pass_offset += 1
-            taken += 1
+            progress["taken"] += 1
             yield batch
 
     def _open_pass(self) -> None:
@@ -339,8 +358,9 @@ class EdgeTrainer:
         update_bn(DataLoader(self.train_set, batch_size=self.eval_batch_size), self.encoder, self.config.device)
 
     def snapshot(self, encoder: bool) -> TrainerState:
-        """This trainer's state (see TrainerState), between epochs; `encoder`: with the encoder's
-        weights and optimizer state (a client that keeps its own encoder)."""
+        """This trainer's state (see TrainerState), between epochs or, for a state file, between steps
+        with none in flight; `encoder`: with the encoder's weights and optimizer state (a client
+        that keeps its own encoder)."""
         open_ = self._pass is not None
         return TrainerState(
             self.step_id, self.first_step_id, self.steps, self.samples, self.train_seconds, self.duplicates,
@@ -372,6 +392,65 @@ class EdgeTrainer:
         if state.encoder is not None:
             self.encoder.load_state_dict(state.encoder)
             self.optimizer.load_state_dict(state.optimizer)
+
+    def save_state(self, path: str | Path | None = None) -> None:
+        """Write this trainer's whole state (edge_client.state) to `path` (default: the config's
+        state_dir), with no step in flight; from now on the cloud keeps the replies of later steps,
+        for a trainer that resumes from this state to get them again."""
+        state_file.write(path or state_file.path_in(self.config.state_dir), {
+            "identity": state_file.identity(self.config, self.split), "client_id": self.client_id,
+            "trainer": asdict(self.snapshot(encoder=True)), "epoch": copy.deepcopy(self._epoch),
+            "torch_rng": torch.get_rng_state(), "cem": self.cem.state()})
+        self._state_step = self.step_id
+        self.cloud.hold_replies_after(self.step_id)
+
+    def resume_from(self, path: str | Path) -> None:
+        """Carry on from the state in `path` (a fresh trainer, before `open(own_count=True)`); the
+        client id is the state's. StateError if the file is damaged or another run's."""
+        self._adopt(path, self._read_state(path))
+
+    def _read_state(self, path: str | Path) -> dict:
+        """The state in `path`, checked to be whole and this run's (changes nothing here)."""
+        return state_file.read(path, state_file.identity(self.config, self.split), self.config.client_id)
+
+    def _adopt(self, path: str | Path, saved: dict) -> None:
+        try:
+            self.cem.load_state(saved["cem"])  # first: once CEM joined the optimizer, its state has CEM's group
+            self.restore(TrainerState(**saved["trainer"]))
+            torch.set_rng_state(saved["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:  # RuntimeError: a tensor that does not fit
+            raise state_file.StateError(path, f"does not fit this run's model ({type(err).__name__}: "
+                                              f"{str(err).splitlines()[0][:200]})") from None
+        self.client_id, self._epoch, self._state_step = saved["client_id"], saved["epoch"], self.step_id
+        self.cloud.hold_replies_after(self.step_id)
+        log.info("resumed client %s from %s at step %d (epoch %d%s)", self.client_id, path, self.step_id,
+                 len(self.history) + 1, ", mid-epoch" if self._epoch else "")
+
+    def start(self) -> None:
+        """Open the session, resuming from the config's state_dir first where it asks to: a run
+        that resumed sends again the steps the server applied after its state (`open`). A state
+        that is checked whole and this run's but does not fit the model is refused even with
+        fresh_on_bad_state, since part of it may have been adopted already. A fresh
+        run with a state_dir writes its state at once, so that a kill before its first scheduled
+        state still resumes (from step 0), and refuses to overwrite a state it was not told to resume."""
+        path = state_file.path_in(self.config.state_dir) if self.config.state_dir else None
+        resumed = False
+        if path is not None and path.exists():
+            if not self.config.resume:
+                raise state_file.StateError(path, "holds the state of an earlier run: pass --resume to carry it "
+                                                  "on, or remove the file to start over")
+            try:
+                saved = self._read_state(path)
+            except state_file.StateError as err:  # only before anything was adopted can a fresh start follow
+                if not self.config.fresh_on_bad_state:
+                    raise
+                log.warning("%s; starting afresh instead (--fresh-on-bad-state), the file will be overwritten", err)
+            else:
+                self._adopt(path, saved)
+                resumed = True
+        self.open(own_count=resumed)
+        if path is not None and not resumed:
+            self.save_state()
 
     def save_encoder(self, path: str) -> None:
         """Encoder weights with the model, defense, job and codec (`splitnet.encoder_file`)."""
@@ -446,15 +525,16 @@ class EdgeTrainer:
 
 def run(config: EdgeConfig, cloud: Cloud, splits: data.Splits | None = None,
         train_set: Dataset | None = None) -> dict:
-    """Open, train all epochs (or max_steps), make them durable, evaluate, close; return the report."""
+    """Open (resuming from config.state_dir where config.resume asks), train the epochs left (or
+    to max_steps), make them durable, evaluate, close; return the report."""
     trainer = EdgeTrainer(config, cloud, splits, train_set)
-    trainer.open()
     try:
-        for _ in range(config.epochs):
+        trainer.start()
+        while len(trainer.history) < config.epochs and not trainer.done:
             trainer.train_epoch()
-            if trainer.done:
-                break
         trainer.make_durable()
+        if config.state_dir:
+            trainer.save_state()  # the finished run: a kill from here on resumes to evaluate only
         accuracy = trainer.evaluate()
     finally:
         trainer.close()

@@ -6,14 +6,16 @@ refused before anything is unpickled. It detects accidents, not an attacker who 
 write to the folder (they can recompute it); what they can write is still only data,
 since the state loads with `torch.load(weights_only=True)` and so can never run code.
 
-The format is shared by two roles (`cloud_server.checkpoints` writes and resumes from it,
-`attacks.runner.load_decoder` reads the decoder out of it), so it lives here.
+The format is shared by the roles (`cloud_server.checkpoints` writes and resumes from it,
+`attacks.runner.load_decoder` reads the decoder out of it, `edge_client.state` keeps the
+edge's resumable state in it), so it lives here, with the atomic write both writers use.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import re
 from pathlib import Path
@@ -31,6 +33,7 @@ class CheckpointError(ValueError):
 
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"checkpoint {path}: {reason}")
+        self.path, self.reason = path, reason  # for a reader that names its file otherwise (an edge state)
 
 
 def encode(state: dict) -> bytes:
@@ -39,6 +42,24 @@ def encode(state: dict) -> bytes:
     torch.save(state, buffer)
     payload = buffer.getvalue()
     return b"%s %d sha256=%s\n" % (MAGIC, FORMAT, hashlib.sha256(payload).hexdigest().encode()) + payload
+
+
+def write(path: str | Path, state: dict) -> None:
+    """Write `state` to `path` so that a kill at any moment leaves either the old file or the new
+    one, whole: the bytes go to a temporary name and are fsynced, then renamed over `path`, and
+    the folder is fsynced so that the rename itself survives a power cut."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as out:
+        out.write(encode(state))
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def read(path: str | Path) -> dict:

@@ -51,6 +51,10 @@ class Cloud(Protocol):
 
     def collect(self, step_id: int) -> StepReply: ...
 
+    def hold_replies_after(self, step_id: int) -> None:
+        """Acknowledge no reply after `step_id`, so that the cloud keeps them: an edge that restarts
+        from its state of that step re-sends the later steps and must get their gradients again."""
+
     def flush(self) -> int:
         """Once every reply is collected: have the cloud make the steps applied so far survive
         a crash; return the last step id that does (0: none)."""

@@ -1,4 +1,4 @@
-"""gRPC settings both ends must agree on: message limits and the service name.
+"""gRPC settings both ends must agree on: message limits, the service name, the replies kept.
 
 gRPC refuses messages over 4 MiB by default and a batch of features easily exceeds it,
 so both ends raise the limit explicitly. The application limit (`max_message_mb`) is
@@ -18,6 +18,11 @@ SERVICE_NAME = split_pb2.DESCRIPTOR.services_by_name["SplitLearning"].full_name
 DEFAULT_MAX_MESSAGE_MB = 64
 _GRPC_CEILING = 2**31 - 1
 MAX_PORT = 65535
+# Replies the server keeps per client for re-sent steps: one edge acknowledges all but the steps it
+# has in flight (--pipeline K keeps K + 1 in flight) or, writing its own state, all but those after
+# its last state (so edge-client --state-every is at most this); an edge that acknowledges nothing
+# (older ones) keeps this many gradients, of one batch each, in the server's memory and checkpoint.
+MAX_KEPT_REPLIES = 16
 
 
 def message_limit_bytes(max_message_mb: float) -> int:

@@ -110,6 +110,9 @@ def test_an_edge_pointed_at_nothing_says_so_in_bounded_time(capsys):
     (["--bottleneck", "-2"], "--bottleneck must be >= 0"),
     (["--cem", "gmm"], "pass --lambda"),
     (["--cem", "slot", "--lambda", "0"], "pass --lambda"),
+    (["--resume"], "--resume needs --state-dir"),
+    (["--state-dir", "s", "--state-every", "17"], "--state-every must be 1..16"),
+    (["--state-dir", "s", "--state-every", "0"], "--state-every must be 1..16"),
 ])
 def test_edge_flag_errors_name_the_flag(argv, flag, capsys):
     assert _exit_code(edge_cli.main, [*argv, *EDGE]) == 2
