@@ -32,7 +32,7 @@ from cloud_server.config import ServerConfig
 from cloud_server.job import Job, NotFinite, Retired, StepOrderError, StepOutcome
 from cloud_server.keyed_lock import KeyedLocks
 from cloud_server.memory import OverBudget
-from cloud_server.streams import StreamSlots, StreamsExhausted, within_idle
+from cloud_server.streams import StreamSlots, StreamsExhausted, peer_key, within_idle
 from splitnet import codec, security, wire
 from splitnet.checkpoint_file import CheckpointError
 from splitnet.models import OptimSpec, SplitSpec
@@ -276,7 +276,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
 
     def Train(self, request_iterator: Iterator[pb.TrainStep], context: grpc.ServicerContext) -> Iterator[pb.TrainResult]:
         caller = self._caller(context)
-        for request in self._stream(request_iterator, context):
+        for request in self._stream(request_iterator, context, caller):
             try:
                 with self.drain.work():
                     result = self._train_one(request, caller)
@@ -323,7 +323,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
 
     def Infer(self, request_iterator: Iterator[pb.InferRequest], context: grpc.ServicerContext) -> Iterator[pb.Prediction]:
         caller = self._caller(context)
-        for request in self._stream(request_iterator, context):
+        for request in self._stream(request_iterator, context, caller):
             try:
                 with self.drain.work():
                     size = request.ByteSize()
@@ -405,10 +405,11 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         for job in jobs:
             self.checkpointer.save(job)
 
-    def _stream(self, requests: Iterator, context: grpc.ServicerContext) -> Iterator:
+    def _stream(self, requests: Iterator, context: grpc.ServicerContext, caller: str) -> Iterator:
         """Hold a stream slot for the call's lifetime (RESOURCE_EXHAUSTED at once if none is
-        free) and end the call if it sits idle (see `cloud_server.streams`)."""
-        peer = context.peer()
+        free, overall or for this caller's peer) and end the call if it sits idle (see
+        `cloud_server.streams`)."""
+        peer = peer_key(context.peer(), caller)
         try:
             self.streams.take(peer)
         except StreamsExhausted as err:
