@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     import grpc
     import ray
 
+    from cloud_server.config import ServerConfig
     from deploy.processes import start_server
     from deploy.ray_clients import run_clients
     from splitnet.data import DatasetNotFound
@@ -118,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     # The clients' token, if any, is the one the server accepts (through the environment,
     # not its command line, which any local user can read).
     token = {AUTH_ENV: edge.connection.auth_token} if edge.connection.auth_token else {}
-    server = start_server(env=token) if args.start_server else None
+    # Every client of this server runs on this host, so they are all one peer to its stream caps
+    # (cloud_server.streams.peer_key): their share is the whole of --max-streams.
+    one_peer = ("--max-streams-per-peer", str(ServerConfig.max_streams))
+    server = start_server(*one_peer, env=token) if args.start_server else None
     if server:
         log.info("cloud-server started at %s", server.address)
         connection = dataclasses.replace(edge.connection, server=server.address)
