@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = report.pop("client_reports")
     for c in rows if len(rows) <= SHOWN_CLIENTS else [c for c in rows if c["error"]][:SHOWN_CLIENTS]:
         accuracy = "-" if c["test_accuracy"] is None else f"{c['test_accuracy']:.4f}"
-        print(f"  {c['client_id']}  {c['status']:6}  shard {c['shard_size']:5}  steps {c['steps'] or 0:5}  "
-              f"test_accuracy {accuracy}" + (f"  {c['error']}" if c["error"] else ""))
+        print(f"  {c['client_id']}  {c['status']:6}  node {c['node_ip'] or '-'}  shard {c['shard_size']:5}  "
+              f"steps {c['steps'] or 0:5}  test_accuracy {accuracy}" + (f"  {c['error']}" if c["error"] else ""))
     if args.report:
         beside = Path(args.report).with_suffix(".clients.jsonl")
         report_mod.write({**report, "client_rows": beside.name}, args.report)
