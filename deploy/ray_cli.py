@@ -8,7 +8,8 @@ A thousand virtual clients over two worker actors, a tenth of them in each round
 
     split-ray --clients 1000 --workers 2 --fraction 0.1 --start-server --mode splitfed --epochs 3
 
-A Ray cluster (`ray start --head` / `ray start --address`) and a cloud server elsewhere:
+A Ray cluster (`ray start --head` / `ray start --address`, with RAY_AUTH_MODE=token: docs/DEPLOY.md)
+and a cloud server elsewhere:
 
     split-ray --address auto --server 10.0.0.5:50051 --clients 8 --mode parallel --partition dirichlet:0.5
 
