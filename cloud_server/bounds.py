@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-MAX_NAME_CHARS = 128
+MAX_NAME_CHARS = 128  # a SessionSpec's job, client id, arch, cut and codec: they end up in logs and replies
 MAX_CLASSES = 100_000
 MAX_INPUT_ELEMENTS = 2**22  # C * H * W, e.g. 3 x 1024 x 1024
 MAX_BOTTLENECK = 4096
 
 
 def check_model(num_classes: int, input_shape: Sequence[int], bottleneck: int) -> None:
+    """The sizes the decoder and its dummy forward pass are allocated from."""
     if not 2 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes: {num_classes} must lie in [2, {MAX_CLASSES}]")
     shape = list(input_shape)
@@ -30,6 +31,7 @@ def check_model(num_classes: int, input_shape: Sequence[int], bottleneck: int) -
 
 
 def check_optim(lr: float, momentum: float, weight_decay: float) -> None:
+    """SGD's settings, as the edge's encoder uses them too: torch accepts lr 0, which trains nothing."""
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr: {lr} must be finite and > 0")
     for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
