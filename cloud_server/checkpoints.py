@@ -8,8 +8,8 @@ mid-write leaves the previous checkpoint intact.
 
 The file format (header, checksum, safe loading) is `splitnet.checkpoint_file`, shared
 with the attacker that reads a decoder out of a checkpoint. On top of it, `check_state`
-refuses data that does not fit a job (wrong keys, types or shapes, NaN / Inf) with the
-file's name and the reason.
+refuses data that does not fit a job (wrong keys, types or shapes, NaN / Inf, numbers out
+of range) with the file's name and the reason.
 """
 
 from __future__ import annotations
@@ -23,10 +23,15 @@ from pathlib import Path
 
 import torch
 
+from cloud_server import bounds
 from cloud_server.job import Job
 from splitnet.checkpoint_file import CheckpointError, read, write
+from splitnet.models import OptimSpec, SplitSpec
+from splitnet.schedule import LrSchedule
 
 log = logging.getLogger(__name__)
+
+MAX_COUNT = 2**63 - 1  # step ids and counters
 
 # key -> type of every field of `Job.state`
 _FIELDS = {"name": str, "spec": dict, "optim": dict, "seed": int, "steps_applied": int, "client_last_step": dict,
@@ -34,20 +39,64 @@ _FIELDS = {"name": str, "spec": dict, "optim": dict, "seed": int, "steps_applied
 
 
 def check_state(path: Path, state) -> None:
-    """Refuse a state that is not a job's: missing keys, wrong types, NaN / Inf tensors."""
+    """Refuse a state that is not a job's: missing keys, wrong types, NaN / Inf tensors, numbers out of range."""
     if not isinstance(state, dict):
         raise CheckpointError(path, f"holds a {type(state).__name__}, not a job's state")
     for key, kind in _FIELDS.items():
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
             raise CheckpointError(path, f"'{key}' is missing or not a {kind.__name__}")
-    if not isinstance(state.get("client_replies", {}), dict):  # optional: absent in older checkpoints
-        raise CheckpointError(path, "'client_replies' is not a dict")
+    for key in ("client_replies", "client_schedule"):  # optional: absent in older checkpoints
+        if not isinstance(state.get(key, {}), dict):
+            raise CheckpointError(path, f"'{key}' is not a dict")
     for part in ("decoder", "optimizer", "client_replies"):
         for key, value in _tensors(state.get(part, {}), part):
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise CheckpointError(path, f"{key} holds NaN or Inf")
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in state["optim"].values()):
-        raise CheckpointError(path, "'optim' holds a value that is not a finite number")
+    _check_ranges(path, state)
+
+
+def _check_ranges(path: Path, state: dict) -> None:
+    """Refuse numbers of the right type but out of range, naming the field. A negative step count
+    used to be resumed as it was, and then failed every Stats call (its fields are unsigned) and
+    the job's OpenSession; a model or optimizer setting a peer could not have asked for (see
+    `cloud_server.bounds`) would build a decoder nobody can train, or exhaust memory."""
+    if not _count(state["steps_applied"]):
+        raise CheckpointError(path, f"'steps_applied': {state['steps_applied']} must lie in [0, {MAX_COUNT}]")
+    if not 0 <= state["seed"] < 2**64:  # a SessionSpec's seed is a uint64
+        raise CheckpointError(path, f"'seed': {state['seed']} must lie in [0, 2^64)")
+    for client, last in state["client_last_step"].items():
+        if not (isinstance(client, str) and _count(last)):
+            raise CheckpointError(path, f"'client_last_step' of client {client!r}: {last!r} is not a step id in "
+                                        f"[0, {MAX_COUNT}]")
+    if not all(isinstance(c, str) and isinstance(o, str) for c, o in state["client_owner"].items()):
+        raise CheckpointError(path, "'client_owner' maps something other than client ids to principals")
+    try:
+        spec = SplitSpec.from_dict(state["spec"])
+        bounds.check_model(spec.num_classes, spec.input_shape, spec.bottleneck)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(path, f"'spec': {err}") from None
+    try:
+        optim = OptimSpec(**state["optim"])
+        bounds.check_optim(optim.lr, optim.momentum, optim.weight_decay)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(path, f"'optim': {err}") from None
+    for client, schedule in state.get("client_schedule", {}).items():
+        try:
+            LrSchedule.from_dict(schedule)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(path, f"'client_schedule' of client {client!r}: {err}") from None
+    for client, entries in state.get("client_replies", {}).items():
+        for i, entry in enumerate(entries if isinstance(entries, list) else [None]):
+            if not (isinstance(entry, dict) and _count(entry.get("step")) and _count(entry.get("correct"))
+                    and all(isinstance(entry.get(k), float) and math.isfinite(entry[k]) for k in ("loss", "lr"))
+                    and entry["lr"] >= 0):
+                raise CheckpointError(path, f"'client_replies' of client {client!r}, entry {i}: its step, correct, "
+                                            "loss or lr is missing or out of range")
+
+
+def _count(value) -> bool:
+    """An int (not a bool) that fits the unsigned and signed 64-bit fields it is sent and kept in."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
 
 
 def _tensors(obj, prefix: str):

@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                    help="open Train + Infer streams; more are refused at once. Keep it below --max-workers so health "
                         "checks, Stats and OpenSession always find a worker (default %(default)s)")
     p.add_argument("--max-streams-per-peer", type=int, default=d.max_streams_per_peer,
-                   help="open Train + Infer streams of one connection (default %(default)s)")
+                   help="open Train + Infer streams of one peer, over all its connections: a peer is the remote "
+                        "address (without port) plus, with --auth-token or mutual TLS, the caller's token or "
+                        "certificate; clients behind one NAT without tokens share it (default %(default)s)")
     p.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, default=d.idle_timeout_s, metavar="SECONDS",
                    help="end a Train / Infer stream that sends no message for this long (default %(default)s)")
     p.add_argument("--max-jobs", type=int, default=d.max_jobs,

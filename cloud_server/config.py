@@ -18,7 +18,7 @@ class ServerConfig:
     max_message_mb: float = DEFAULT_MAX_MESSAGE_MB
     max_workers: int = 64  # concurrent RPCs (each Train / Infer stream holds a thread); more are refused
     max_streams: int = 48  # open Train + Infer streams; below max_workers so health, Stats and sessions find a worker
-    max_streams_per_peer: int = 16  # open Train + Infer streams of one connection
+    max_streams_per_peer: int = 16  # open Train + Infer streams of one peer (host + credential), all its connections
     idle_timeout_s: float = 300.0  # a Train / Infer stream without a message for this long is ended
     max_jobs: int = 256  # each job holds a decoder in memory: a cap so peers cannot exhaust it
     job_memory_mb: float = 1024.0  # a new job whose estimated memory exceeds this is refused (cloud_server.memory)

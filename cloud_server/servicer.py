@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -26,13 +25,13 @@ from typing import Callable, Iterator
 import grpc
 import torch
 
-from cloud_server import memory
+from cloud_server import bounds, memory
 from cloud_server.checkpoints import Checkpointer, file_stem
 from cloud_server.config import ServerConfig
 from cloud_server.job import Job, NotFinite, Retired, StepOrderError, StepOutcome
 from cloud_server.keyed_lock import KeyedLocks
 from cloud_server.memory import OverBudget
-from cloud_server.streams import StreamSlots, StreamsExhausted, within_idle
+from cloud_server.streams import StreamSlots, StreamsExhausted, peer_key, within_idle
 from splitnet import codec, security, wire
 from splitnet.checkpoint_file import CheckpointError
 from splitnet.models import OptimSpec, SplitSpec
@@ -47,13 +46,6 @@ log = logging.getLogger(__name__)
 # request id, the features as decoded, their wire dtype, labels): the curious-server tap
 # hooks in here.
 StepObserver = Callable[[str, "SessionState", int, torch.Tensor, int, list[int]], None]
-
-# Bounds on what a SessionSpec may ask the server to build: a decoder and a dummy forward
-# pass are allocated from these numbers, so unbounded ones would let a peer exhaust memory.
-MAX_NAME_CHARS = 128
-MAX_CLASSES = 100_000
-MAX_INPUT_ELEMENTS = 2**22  # C * H * W, e.g. 3 x 1024 x 1024
-MAX_BOTTLENECK = 4096
 
 
 class Rejected(Exception):
@@ -295,7 +287,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
 
     def Train(self, request_iterator: Iterator[pb.TrainStep], context: grpc.ServicerContext) -> Iterator[pb.TrainResult]:
         caller = self._caller(context)
-        for request in self._stream(request_iterator, context):
+        for request in self._stream(request_iterator, context, caller):
             try:
                 with self.drain.work():
                     result = self._train_one(request, caller)
@@ -342,7 +334,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
 
     def Infer(self, request_iterator: Iterator[pb.InferRequest], context: grpc.ServicerContext) -> Iterator[pb.Prediction]:
         caller = self._caller(context)
-        for request in self._stream(request_iterator, context):
+        for request in self._stream(request_iterator, context, caller):
             try:
                 with self.drain.work():
                     size = request.ByteSize()
@@ -410,10 +402,10 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         for job in jobs:
             with job.lock:
                 last = {client: st.last_step for client, st in job.clients.items()}
-            reply.jobs.add(job=job.name, steps_applied=job.steps_applied, sessions_open=open_by_job.get(job.name, 0),
-                           checkpoints_written=job.checkpoints_written, client_last_step=last)
+            _add_job(reply, job=job.name, steps_applied=job.steps_applied, sessions_open=open_by_job.get(job.name, 0),
+                     checkpoints_written=job.checkpoints_written, client_last_step=last)
         for name, saved in on_disk.items():  # checkpointed, not in memory (not yet loaded, or evicted)
-            reply.jobs.add(job=name, steps_applied=saved["steps_applied"], client_last_step=saved["client_last_step"])
+            _add_job(reply, job=name, steps_applied=saved["steps_applied"], client_last_step=saved["client_last_step"])
         return reply
 
     # -- helpers
@@ -424,10 +416,11 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         for job in jobs:
             self.checkpointer.save(job)
 
-    def _stream(self, requests: Iterator, context: grpc.ServicerContext) -> Iterator:
+    def _stream(self, requests: Iterator, context: grpc.ServicerContext, caller: str) -> Iterator:
         """Hold a stream slot for the call's lifetime (RESOURCE_EXHAUSTED at once if none is
-        free) and end the call if it sits idle (see `cloud_server.streams`)."""
-        peer = context.peer()
+        free, overall or for this caller's peer) and end the call if it sits idle (see
+        `cloud_server.streams`)."""
+        peer = peer_key(context.peer(), caller)
         try:
             self.streams.take(peer)
         except StreamsExhausted as err:
@@ -476,6 +469,18 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         return features
 
 
+def _add_job(reply: pb.StatsReply, **fields) -> None:
+    """Add one job's line to a Stats reply. A number that does not fit its unsigned field (none
+    should: checkpoints are range-checked at start) costs that job its line, with an error in the
+    log, instead of failing Stats for every job and every caller with UNKNOWN."""
+    try:
+        line = pb.JobStats(**fields)
+    except (TypeError, ValueError) as err:
+        log.error("Stats: job %r left out of the reply: %s", fields["job"], err)
+        return
+    reply.jobs.append(line)
+
+
 def _quote(text: str, limit: int = 64) -> str:
     """A peer-supplied string for an error message, cut short: status details must stay small."""
     return repr(text if len(text) <= limit else text[:limit] + "...")
@@ -508,26 +513,15 @@ def _labels(values, batch: int, num_classes: int) -> torch.Tensor:
 def _session_spec(request: pb.SessionSpec) -> tuple[SplitSpec, OptimSpec]:
     """Validate a SessionSpec; ValueErrors name the field."""
     for name in ("job", "client_id", "arch", "cut", "grad_codec", "init_from_job"):
-        if len(getattr(request, name)) > MAX_NAME_CHARS:
-            raise ValueError(f"{name}: longer than {MAX_NAME_CHARS} characters")
+        if len(getattr(request, name)) > bounds.MAX_NAME_CHARS:
+            raise ValueError(f"{name}: longer than {bounds.MAX_NAME_CHARS} characters")
     if not request.job:
         raise ValueError("job: must not be empty")
     if not request.client_id:
         raise ValueError("client_id: must not be empty")
-    if not 2 <= request.num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes: {request.num_classes} must lie in [2, {MAX_CLASSES}]")
     shape = list(request.input_shape)
-    if len(shape) != 3 or min(shape) < 1 or math.prod(shape) > MAX_INPUT_ELEMENTS:
-        raise ValueError(f"input_shape: {shape[:4]} must be [C, H, W] with positive sides and at most "
-                         f"{MAX_INPUT_ELEMENTS} elements")
-    if not 0 <= request.bottleneck <= MAX_BOTTLENECK:
-        raise ValueError(f"bottleneck: {request.bottleneck} must lie in [0, {MAX_BOTTLENECK}]")
-    if not (math.isfinite(request.lr) and request.lr > 0):
-        raise ValueError(f"lr: {request.lr} must be finite and > 0")
-    for name in ("momentum", "weight_decay"):
-        value = getattr(request, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name}: {value} must be finite and >= 0")
+    bounds.check_model(request.num_classes, shape, request.bottleneck)
+    bounds.check_optim(request.lr, request.momentum, request.weight_decay)
     codec.check_codec(request.grad_codec, "grad_codec")
     spec = SplitSpec(request.arch, request.cut, request.num_classes, tuple(shape), request.bottleneck,
                      request.width or 1.0)

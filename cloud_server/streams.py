@@ -5,8 +5,8 @@ lasts. Without limits, a peer that opens streams and sends nothing would hold ev
 worker: health checks, reflection, Stats and OpenSession would then be refused. So:
 
 - `StreamSlots` caps the open streams below the worker count, overall (`--max-streams`)
-  and per connection (`--max-streams-per-peer`), and refuses an extra stream at once with
-  RESOURCE_EXHAUSTED instead of letting it take the workers the other calls need;
+  and per peer (`--max-streams-per-peer`, see `peer_key`), and refuses an extra stream at
+  once with RESOURCE_EXHAUSTED instead of letting it take the workers the other calls need;
 - `within_idle` ends a stream on which no message arrived for `--idle-timeout` seconds,
   with UNAVAILABLE and a message that says so (the edge reconnects and replays, as after
   any dropped stream).
@@ -22,6 +22,27 @@ import grpc
 
 T = TypeVar("T")
 _END = object()
+
+
+def peer_key(peer: str, principal: str) -> str:
+    """Who a stream counts against for `--max-streams-per-peer`: the remote host, without the port,
+    together with the caller's principal (token fingerprint / certificate name; '' without auth).
+
+    Not the connection (`context.peer()` itself, with its port): a peer could then open as many
+    connections as it liked and take every slot. Not the host alone: behind a NAT or a proxy,
+    honest clients share one address, and with tokens each of them can still be told apart by
+    its credential. Not the session's client id: a stream names its session only in its first
+    message, and an idle flood sends none. So one credential on one host is one peer; clients
+    that share both (a NAT without tokens) share one peer's streams, and the flag sizes it.
+    """
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        host = rest.rpartition(":")[0]
+    elif kind == "ipv6":  # ipv6:[::1]:PORT
+        host = rest.rpartition("]")[0].lstrip("[")
+    else:  # e.g. a unix socket: no port to strip
+        host = peer
+    return f"{host} {principal}" if principal else host
 
 
 class StreamsExhausted(Exception):
@@ -40,14 +61,15 @@ class StreamSlots:
         return self._open
 
     def take(self, peer: str) -> None:
-        """Take a slot for a stream from `peer` (gRPC's `context.peer()`: one per connection)."""
+        """Take a slot for a stream of `peer` (its `peer_key`, the same over all its connections)."""
         with self._lock:
             if self._open >= self.total:
                 raise StreamsExhausted(f"the server already serves {self._open} Train / Infer streams; workers stay "
                                        "free for health checks and sessions (cloud-server --max-streams)")
             if self._by_peer.get(peer, 0) >= self.per_peer:
-                raise StreamsExhausted(f"this connection already holds {self.per_peer} open Train / Infer streams "
-                                       "(cloud-server --max-streams-per-peer)")
+                raise StreamsExhausted(f"this peer (its address and credential, over all its connections) already "
+                                       f"holds {self.per_peer} open Train / Infer streams, its share of the server's "
+                                       f"{self.total} (cloud-server --max-streams-per-peer)")
             self._open += 1
             self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
 

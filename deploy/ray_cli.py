@@ -8,7 +8,8 @@ A thousand virtual clients over two worker actors, a tenth of them in each round
 
     split-ray --clients 1000 --workers 2 --fraction 0.1 --start-server --mode splitfed --epochs 3
 
-A Ray cluster (`ray start --head` / `ray start --address`) and a cloud server elsewhere:
+A Ray cluster (`ray start --head` / `ray start --address`, with RAY_AUTH_MODE=token: docs/DEPLOY.md)
+and a cloud server elsewhere:
 
     split-ray --address auto --server 10.0.0.5:50051 --clients 8 --mode parallel --partition dirichlet:0.5
 
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     import grpc
     import ray
 
+    from cloud_server.config import ServerConfig
     from deploy.processes import start_server
     from deploy.ray_clients import run_clients
     from splitnet.data import DatasetNotFound
@@ -118,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     # The clients' token, if any, is the one the server accepts (through the environment,
     # not its command line, which any local user can read).
     token = {AUTH_ENV: edge.connection.auth_token} if edge.connection.auth_token else {}
-    server = start_server(env=token) if args.start_server else None
+    # Every client of this server runs on this host, so they are all one peer to its stream caps
+    # (cloud_server.streams.peer_key): their share is the whole of --max-streams.
+    one_peer = ("--max-streams-per-peer", str(ServerConfig.max_streams))
+    server = start_server(*one_peer, env=token) if args.start_server else None
     if server:
         log.info("cloud-server started at %s", server.address)
         connection = dataclasses.replace(edge.connection, server=server.address)
@@ -141,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = report.pop("client_reports")
     for c in rows if len(rows) <= SHOWN_CLIENTS else [c for c in rows if c["error"]][:SHOWN_CLIENTS]:
         accuracy = "-" if c["test_accuracy"] is None else f"{c['test_accuracy']:.4f}"
-        print(f"  {c['client_id']}  {c['status']:6}  shard {c['shard_size']:5}  steps {c['steps'] or 0:5}  "
-              f"test_accuracy {accuracy}" + (f"  {c['error']}" if c["error"] else ""))
+        print(f"  {c['client_id']}  {c['status']:6}  node {c['node_ip'] or '-'}  shard {c['shard_size']:5}  "
+              f"steps {c['steps'] or 0:5}  test_accuracy {accuracy}" + (f"  {c['error']}" if c["error"] else ""))
     if args.report:
         beside = Path(args.report).with_suffix(".clients.jsonl")
         report_mod.write({**report, "client_rows": beside.name}, args.report)

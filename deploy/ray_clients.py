@@ -54,6 +54,21 @@ log = logging.getLogger("deploy.ray")
 CLIENT_KEYS = ("test_accuracy", "train_loss", "epochs", "steps", "train_samples", "bytes_up", "bytes_down",
                "samples_per_second", "rtt_ms_p50", "rtt_ms_p99", "reconnects", "duplicate_steps", "resent_steps",
                "lr_mismatch_steps", "durable")
+# Where each client ran (keys of its entry): its Ray node's id and IP address.
+NODE_KEYS = ("node_id", "node_ip")
+
+
+def running_on() -> dict[str, str]:
+    """The Ray node of the calling actor, asked inside it: the report says where each client ran,
+    so a user can see whether `SPREAD` did spread the clients over the cluster."""
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+
+def cluster_nodes() -> list[dict]:
+    """The cluster's alive nodes as a run starts (the report's `ray_nodes`): what the clients could
+    be spread over, beside where they went."""
+    return [{"node_id": n["NodeID"], "node_ip": n["NodeManagerAddress"], "cpus": n["Resources"].get("CPU", 0.0)}
+            for n in ray.nodes() if n["Alive"]]
 
 
 class EdgeClient:
@@ -69,8 +84,10 @@ class EdgeClient:
         splits = data.load(config.data)
         self.trainer = EdgeTrainer(config, RemoteCloud(config.connection), splits, Subset(splits.train, indices))
 
-    def open(self) -> None:
+    def open(self) -> dict[str, str]:
+        """Open the client's session; the node this actor runs on."""
         self.trainer.open()
+        return running_on()
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
         return self.trainer.encoder_state()
@@ -106,6 +123,7 @@ class _Client:
     client_id: str
     shard_size: int
     handle: ActorHandle
+    node: dict = field(default_factory=dict)  # where its actor runs (`running_on`), once its session is open
     progress: dict = field(default_factory=dict)  # the last counters it returned
     report: dict | None = None
     error: str = ""
@@ -154,8 +172,9 @@ class _Run:
             handle = actor.options(num_cpus=cpus, scheduling_strategy="SPREAD").remote(client, shard, cfg.threads)
             self.clients.append(_Client(i, client.client_id, len(shard), handle))
         # The first session of a new job fixes the decoder (and its seed): client 0 opens first.
-        self.gather(self.clients[:1], "open")
-        self.gather(self.clients[1:], "open")
+        nodes = {**self.gather(self.clients[:1], "open"), **self.gather(self.clients[1:], "open")}
+        for index, node in nodes.items():
+            self.clients[index].node = node
         first = self.live()[:1]
         self.shared = self.gather(first, "encoder_state").get(first[0].index) if first else None
         return partition.label_skew(labels, shards)
@@ -276,10 +295,11 @@ def run_clients(config: RayRunConfig) -> dict:
     between sending steps and reporting them (its entry's `server_last_step` then says
     how far the server got with it).
     """
+    nodes = cluster_nodes()
     if config.virtual:
         from deploy.virtual_clients import run_virtual
 
-        return run_virtual(config)
+        return run_virtual(config, nodes)
     started = time.perf_counter()
     run = _Run(config)
     try:
@@ -292,22 +312,24 @@ def run_clients(config: RayRunConfig) -> dict:
         job = run.server.stats()
     finally:
         run.stop()
-    return _report(run, skew, job.steps_applied - before, dict(job.client_last_step), time.perf_counter() - started)
+    return _report(run, skew, job.steps_applied - before, dict(job.client_last_step), time.perf_counter() - started,
+                   nodes)
 
 
-def _report(run: _Run, skew: float, server_steps: int, last_steps: dict[str, int], wall: float) -> dict:
+def _report(run: _Run, skew: float, server_steps: int, last_steps: dict[str, int], wall: float,
+            nodes: list[dict]) -> dict:
     entries = []
     for c in run.clients:
         source = c.report or c.progress
         entries.append({"client_id": c.client_id, "index": c.index, "shard_size": c.shard_size,
                         "status": "ok" if c.ok else "failed", "error": c.error or None,
                         "server_last_step": last_steps.get(c.client_id, 0),
-                        **{k: source.get(k) for k in CLIENT_KEYS}})
-    return report(run.config, entries, run.rounds, skew, server_steps, wall)
+                        **{k: source.get(k) for k in CLIENT_KEYS}, **{k: c.node.get(k) for k in NODE_KEYS}})
+    return report(run.config, entries, run.rounds, skew, server_steps, wall, nodes)
 
 
 def report(config: RayRunConfig, entries: list[dict], rounds: list[dict], skew: float, server_steps: int,
-           wall: float, **extra) -> dict:
+           wall: float, nodes: list[dict], **extra) -> dict:
     """The run's report (keys in docs/DEPLOY.md): aggregates, `rounds`, and `client_reports`, one entry
     a client, which `split-ray --report` writes beside the rest as JSON lines."""
     ok = [e for e in entries if e["status"] == "ok"]
@@ -342,6 +364,7 @@ def report(config: RayRunConfig, entries: list[dict], rounds: list[dict], skew: 
         "batch_size": edge.batch_size,
         "codec": edge.codec,
         "seed": edge.seed,
+        "ray_nodes": nodes,
         "rounds": rounds,
         "client_reports": entries,
     }

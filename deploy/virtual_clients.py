@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from deploy import partition
 from deploy.fedavg import FedAvg
-from deploy.ray_clients import CLIENT_KEYS, ServerView, error_text, report
+from deploy.ray_clients import CLIENT_KEYS, NODE_KEYS, ServerView, error_text, report, running_on
 from deploy.ray_config import RayRunConfig
 from edge_client.config import EdgeConfig
 from edge_client.remote import RemoteCloud, open_channel
@@ -86,6 +86,7 @@ class Worker:
         self.config, self.keep_encoder, self.spill_dir = config, keep_encoder, spill_dir
         self.splits = data.load(config.data)
         self.channel = open_channel(config.connection)
+        self.node = running_on()  # goes with every turn's counters: the client's row says where it last ran
 
     def initial_encoder(self, client: ClientSpec) -> State:
         """Open `client`'s session before anyone else's (the first session of a new job fixes the
@@ -111,7 +112,7 @@ class Worker:
             trainer.close()
         new = trainer.snapshot(encoder=self.keep_encoder)
         counters = {**trainer.counters(), "train_loss": record.get("train_loss"), "turn_samples": trainer.samples - samples,
-                    "state_bytes": len(pickle.dumps(new, protocol=pickle.HIGHEST_PROTOCOL))}
+                    "state_bytes": len(pickle.dumps(new, protocol=pickle.HIGHEST_PROTOCOL)), **self.node}
         return counters, self._store(client, new), None if self.keep_encoder else trainer.encoder_state()
 
     def recalibrated(self, client: ClientSpec, encoder: State) -> State:
@@ -140,7 +141,7 @@ class Worker:
             accuracy = trainer.evaluate()
         finally:
             trainer.close()
-        return {**trainer.counters(), "test_accuracy": accuracy}
+        return {**trainer.counters(), "test_accuracy": accuracy, **self.node}
 
     def _trainer(self, client: ClientSpec, state: TrainerState | str | None = None) -> EdgeTrainer:
         config = dataclasses.replace(self.config, client_id=client.client_id, seed=client.seed,
@@ -439,9 +440,9 @@ class _VirtualRun:
                  entry["samples_per_second"], f"{entry['train_loss']:.4f}" if losses else "-")
 
 
-def run_virtual(config: RayRunConfig) -> dict:
+def run_virtual(config: RayRunConfig, nodes: list[dict]) -> dict:
     """Train `config.clients` virtual clients over a pool of workers on an initialised Ray; the report
-    (as `deploy.ray_clients.run_clients`, plus the pool's figures)."""
+    (as `deploy.ray_clients.run_clients`, plus the pool's figures). `nodes`: the cluster's, at the start."""
     started = time.perf_counter()
     run = _VirtualRun(config)
     try:
@@ -458,11 +459,11 @@ def run_virtual(config: RayRunConfig) -> dict:
         entries.append({"client_id": c.spec.client_id, "index": c.spec.index, "shard_size": len(c.spec.indices),
                         "status": "ok" if c.ok else "failed", "error": c.error or None,
                         "server_last_step": last_steps.get(c.spec.client_id, 0), "turns": c.turns_done,
-                        "retries": c.retries, **{k: c.counters.get(k) for k in CLIENT_KEYS}})
+                        "retries": c.retries, **{k: c.counters.get(k) for k in (*CLIENT_KEYS, *NODE_KEYS)}})
     sizes = [c.counters["state_bytes"] for c in run.clients if "state_bytes" in c.counters]
     virtual = config.virtual
     assert virtual is not None and run.pool is not None
-    return report(config, entries, run.rounds, skew, job.steps_applied - before, time.perf_counter() - started,
+    return report(config, entries, run.rounds, skew, job.steps_applied - before, time.perf_counter() - started, nodes,
                   workers=len(run.pool.workers), fraction=virtual.fraction, min_clients=virtual.min_clients,
                   local_steps=virtual.local_steps, retries=sum(c.retries for c in run.clients),
                   workers_replaced=run.pool.replaced, state_bytes_mean=sum(sizes) / len(sizes) if sizes else None,

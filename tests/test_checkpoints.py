@@ -1,7 +1,7 @@
 """Checkpoints carry a format version and a sha256 of their payload; a file that cannot be
-resumed (damaged, truncated, empty, foreign, wrong shapes, NaN / Inf, or a second file for
-one job) stops the server with the file's name and the reason, or is skipped with
---skip-bad-checkpoints."""
+resumed (damaged, truncated, empty, foreign, wrong shapes, NaN / Inf, numbers out of range,
+or a second file for one job) stops the server with the file's name and the reason, or is
+skipped with --skip-bad-checkpoints."""
 
 import shutil
 
@@ -13,11 +13,13 @@ from cloud_server import cli as cloud_cli
 from cloud_server.checkpoints import Checkpointer
 from cloud_server.config import ServerConfig
 from cloud_server.server import CloudServer
+from cloud_server.servicer import SplitLearningServicer
 from cloud_server.job import MAX_KEPT_REPLIES, Job
 from deploy.processes import start_server
 from splitnet import checkpoint_file
 from splitnet.checkpoint_file import CheckpointError
 from splitnet.models import OptimSpec, SplitSpec
+from splitnet.schedule import LrSchedule
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
@@ -78,6 +80,39 @@ def _kept_reply_ahead(state) -> None:
     state["client_replies"]["c"][0]["step"] = 2  # the client's last step is 1
 
 
+def _set(*keys, value):
+    """A change that sets state[keys[0]][keys[1]]... to `value`: a well-typed number out of range."""
+    def change(state) -> None:
+        target = state
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = value
+    return change
+
+
+def _schedule(**fields):
+    def change(state) -> None:
+        state["client_schedule"] = {"c": {**LrSchedule().as_dict(), **fields}}
+    return change
+
+
+# numbers of the right type but out of range: each refused by field, before a job is built
+OUT_OF_RANGE = [
+    ("negative steps_applied", _set("steps_applied", value=-5), "'steps_applied': -5"),
+    ("negative client step id", _set("client_last_step", "c", value=-1), "'client_last_step' of client 'c': -1"),
+    ("negative seed", _set("seed", value=-1), "'seed': -1"),
+    ("negative lr", _set("optim", "lr", value=-0.05), "'optim': lr: -0.05 must be finite and > 0"),
+    ("zero lr", _set("optim", "lr", value=0.0), "'optim': lr: 0.0"),
+    ("negative momentum", _set("optim", "momentum", value=-0.9), "'optim': momentum: -0.9"),
+    ("negative weight decay", _set("optim", "weight_decay", value=-1e-4), "'optim': weight_decay: -0.0001"),
+    ("zero schedule epochs", _schedule(epochs=0), "'client_schedule' of client 'c': lr_schedule.epochs: 0"),
+    ("zero steps per epoch", _schedule(steps_per_epoch=0), "lr_schedule.steps_per_epoch: 0"),
+    ("one class", _set("spec", "num_classes", value=1), "'spec': num_classes: 1"),
+    ("huge input", _set("spec", "input_shape", value=[3, 4096, 4096]), "'spec': input_shape: [3, 4096, 4096]"),
+    ("negative kept correct count", lambda state: state["client_replies"]["c"][0].update(correct=-3),
+     "'client_replies' of client 'c', entry 0"),
+]
+
 DAMAGE = [
     ("empty", lambda p: p.write_bytes(b""), "empty"),
     ("truncated", lambda p: p.write_bytes(p.read_bytes()[:-500]), "checksum mismatch"),
@@ -93,6 +128,7 @@ DAMAGE = [
     ("NaN kept gradient", lambda p: _rewrite(p, _nan_kept_gradient), "client_replies.c.0.grad holds NaN or Inf"),
     ("kept reply ahead", lambda p: _rewrite(p, _kept_reply_ahead), "after the last step 1"),
     ("kept gradient reshaped", lambda p: _rewrite(p, _kept_gradient_reshaped), "shape [batch, 32, 8, 8]"),
+    *[(name, lambda p, change=change: _rewrite(p, change), reason) for name, change, reason in OUT_OF_RANGE],
 ]
 
 
@@ -185,3 +221,41 @@ def test_a_job_that_never_trained_leaves_no_checkpoint(tmp_path):
     finally:
         server.stop()  # checkpoints every job that trained
     assert [p.name for p in tmp_path.glob("*.ckpt")] == [Checkpointer(str(tmp_path), 1).path("trained").name]
+
+
+@pytest.mark.slow
+def test_a_negative_step_count_stops_the_server_or_is_skipped_and_stats_answers(folder):
+    """The issue's file: a valid header and checksum, steps_applied -5. It was resumed ("at step
+    -5"); Stats then failed with UNKNOWN for every job, and the job's OpenSession with
+    INVALID_ARGUMENT. Now it stops the server naming the file and the field; with the flag the
+    server starts without it, Stats answers for the other job, and the job starts afresh."""
+    directory, path = folder
+    _rewrite(path, _set("steps_applied", value=-5))
+    with pytest.raises(RuntimeError) as err:  # the server exits before it listens
+        start_server("--checkpoint-dir", str(directory))
+    assert str(path) in str(err.value) and "'steps_applied': -5" in str(err.value), str(err.value)
+
+    server = start_server("--checkpoint-dir", str(directory), "--skip-bad-checkpoints")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = split_pb2_grpc.SplitLearningStub(channel)
+            before = stub.Stats(pb.StatsRequest(), timeout=10)
+            session = stub.OpenSession(spec("victim"), timeout=10)
+            after = stub.Stats(pb.StatsRequest(), timeout=10)
+    finally:
+        server.stop()
+    assert [j.job for j in before.jobs] == ["good"] and before.jobs[0].steps_applied == 1
+    assert not session.resumed and session.job_steps_applied == 0
+    assert sorted(j.job for j in after.jobs) == ["good", "victim"]
+    assert "'steps_applied': -5" in server.output() and "--skip-bad-checkpoints" in server.output()
+
+
+def test_stats_leaves_out_a_job_whose_numbers_do_not_fit_and_answers_for_the_rest(tmp_path, caplog):
+    """Stats' fields are unsigned: a number that does not fit one costs that job its line, not
+    every caller's Stats (gRPC would answer UNKNOWN for an exception escaping the handler)."""
+    servicer = SplitLearningServicer(Checkpointer(str(tmp_path), 1))
+    servicer.checkpointer.on_disk.update(good={"steps_applied": 3, "client_last_step": {"c": 3}},
+                                         broken={"steps_applied": -5, "client_last_step": {"c": -5}})
+    reply = servicer.Stats(pb.StatsRequest(), context=None)
+    assert [(j.job, j.steps_applied) for j in reply.jobs] == [("good", 3)]
+    assert "'broken' left out" in caplog.text

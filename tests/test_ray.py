@@ -125,6 +125,10 @@ def test_killed_client_leaves_the_others_finishing(ray_local, server):
     assert (victim["epochs"], victim["server_last_step"] > victim["steps"]) in {(1, True), (2, False)}
     assert report["server_steps_applied"] == sum(c["server_last_step"] for c in report["client_reports"])
     assert report["client_steps_sent"] == sum(c["steps"] for c in report["client_reports"])
+    # where each client ran, the killed one included, and the cluster it could have gone to
+    (node,) = report["ray_nodes"]
+    assert node["node_ip"] == "127.0.0.1" and node["cpus"] == 2 and node["node_id"] == ray.nodes()[0]["NodeID"]
+    assert all((c["node_id"], c["node_ip"]) == (node["node_id"], "127.0.0.1") for c in report["client_reports"])
 
 
 def test_workers_inherit_the_ray_environment(ray_local):

@@ -31,6 +31,13 @@ def test_fifty_virtual_clients_over_two_workers(ray_local, server, mode):
     else:  # one shared encoder, evaluated once
         assert len({c["test_accuracy"] for c in clients}) == 1
     assert 0 < report["test_accuracy"] <= 1 and report["state_bytes_mean"] > 0
+    # where each client last ran (a turn or the evaluation; nowhere for one that ran neither), and the
+    # cluster at the start
+    (node,) = report["ray_nodes"]
+    assert node["node_ip"] == "127.0.0.1" and node["cpus"] == 2
+    assert all((c["node_id"], c["node_ip"]) == ((node["node_id"], "127.0.0.1") if c["bytes_down"] else (None, None))
+               for c in clients)
+    assert all(c["node_ip"] for c in clients if c["turns"])
 
 
 def test_a_worker_killed_mid_turn_has_the_turn_run_again_on_another(ray_local, server, tmp_path):
