@@ -36,6 +36,13 @@ Config (TOML):
     rmle_iterations = 500   # rMLE: steps, and (optional) rmle_lr, rmle_tv_weight
     # aux_dataset, aux_data_root: the attacker's own data (default: the edge's dataset and root);
     # aux_limit; args = ["--flag", "value"]: any other `attacker run` flags
+    # two-phase sweeps and the attack's scoring sample, its extra attackers (see README,
+    # "Continuing a trained model, and two-phase sweeps"):
+    # [base]                # phase A: a base trained once per seed (and model), continued by every point:
+    # epochs = 30           #   [model]'s settings, then these, then the point's cut, bottleneck, width,
+    # lr_schedule = "cosine"#   data, codec and seed (SHARED_WITH_BASE)
+    # [attack] per_class = 100                       # score on 100 test images of each class
+    # [attack] variants = {large = {blocks = 4, width = 64}}  # another attacker on the same capture
     [run]
     workers = 1
     timeout_s = 1800        # the longest any one process of a point may run (training, attack, scoring)
@@ -123,6 +130,9 @@ ATTACK_FLAGS = {"epochs": "--inverse-epochs", "blocks": "--inverse-blocks", "wid
                 "rmle_tv_weight": "--rmle-tv-weight", "aux_dataset": "--aux-dataset",
                 "aux_data_root": "--aux-data-root", "aux_limit": "--aux-limit"}
 SECTIONS = ("model", "base", "grid", "defenses", "attack", "run")
+# Where data lives on this machine: not part of what a point is, so that a study's kept results
+# name the same points on a machine that holds the data elsewhere.
+WHERE = frozenset({"data_root", "aux_data_root"})
 # Settings a point's base (phase A) takes from the point: what fixes the model, its data and its
 # seed, so that the continuation can load it. Its other settings are [model]'s, then [base]'s.
 SHARED_WITH_BASE = frozenset({"arch", "cut", "bottleneck", "width", "dataset", "data_root", "image_size", "download",
@@ -271,14 +281,15 @@ class Point:
 
     def identity(self, seed: bool = True) -> str:
         """A hash of everything that shapes the point's result (with `seed=False`: its group over seeds)."""
-        edge = {k: v for k, v in self.edge if seed or k != "seed"}
+        edge = {k: v for k, v in self.edge if (seed or k != "seed") and k not in WHERE}
         # link and latency only where set: the points of sweeps older than them keep their names
         measured = {**({"link": self.link} if self.link != DIRECT else {}),
                     **({"latency_images": self.latency_images} if self.latency_images else {}),
                     **({"base": self.base.identity} if self.base else {}),
                     **({"variants": [[name, dict(s)] for name, s in self.variants]} if self.variants else {}),
                     **({"per_class": self.per_class} if self.per_class else {})}
-        text = json.dumps({"edge": edge, "attack": dict(self.attack), "methods": list(self.methods),
+        attack = {k: v for k, v in self.attack if k not in WHERE}
+        text = json.dumps({"edge": edge, "attack": attack, "methods": list(self.methods),
                            "attack_args": list(self.attack_args), **measured}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
@@ -302,7 +313,8 @@ class Base:
 
     @property
     def identity(self) -> str:
-        return hashlib.sha256(json.dumps(dict(self.edge), sort_keys=True).encode()).hexdigest()[:8]
+        edge = {k: v for k, v in self.edge if k not in WHERE}
+        return hashlib.sha256(json.dumps(edge, sort_keys=True).encode()).hexdigest()[:8]
 
     @property
     def key(self) -> str:
