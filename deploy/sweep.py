@@ -94,6 +94,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -112,6 +113,7 @@ from deploy.link import DIRECT, PROFILES
 from deploy.processes import ServerProcess, start_process, start_server
 from splitnet import tracking
 from splitnet.cli_util import config_setting, names_missing_extra, new_parser, setup_logging
+from splitnet.wire import MAX_KEPT_REPLIES
 
 log = logging.getLogger("deploy.sweep")
 
@@ -130,6 +132,10 @@ ATTACK_FLAGS = {"epochs": "--inverse-epochs", "blocks": "--inverse-blocks", "wid
                 "rmle_tv_weight": "--rmle-tv-weight", "aux_dataset": "--aux-dataset",
                 "aux_data_root": "--aux-data-root", "aux_limit": "--aux-limit"}
 SECTIONS = ("model", "base", "grid", "defenses", "attack", "run")
+# Steps between the edge's saved states and the server's checkpoints of a point's job: the same
+# steps on both sides, so that the server's checkpoint is never behind the edge's state, and at
+# most the replies the server keeps per client (a resumed edge gets them again).
+STATE_EVERY = MAX_KEPT_REPLIES
 # Where data lives on this machine: not part of what a point is, so that a study's kept results
 # name the same points on a machine that holds the data elsewhere.
 WHERE = frozenset({"data_root", "aux_data_root"})
@@ -562,9 +568,6 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
     and the row as HParams."""
     out.mkdir(parents=True, exist_ok=True)
     track = ["--log-dir", str(Path(log_dir) / point.key)] if log_dir else []
-    # A fresh job (a fresh decoder) per attempt: a retried point must not train against the
-    # decoder an interrupted attempt left half-trained on the long-lived server.
-    job = f"sweep-{point.key}-{uuid.uuid4().hex[:6]}"
     edge_settings = dict(point.edge)
     base = read_base(out.parent.parent, point.base) if point.base else None
     init = ["--init-from", base["encoder"], "--init-job", base["job"]] if base else []
@@ -573,9 +576,8 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
         r"listening on (\S+) ->")
     try:
         server = link.address if link else proxy
-        _python(out / "edge-client.log", "edge_client", "--server", server, "--job", job, "--report",
-                str(out / "edge.json"), "--save-encoder", str(out / "encoder.pt"), "--no-progress", *track,
-                *_flags(edge_settings), *init, timeout=config.timeout_s)
+        _train_edge(config, out, ["--server", server, "--report", str(out / "edge.json"), "--save-encoder",
+                                  str(out / "encoder.pt"), "--no-progress", *track, *_flags(edge_settings), *init])
         if point.latency_images:  # a session of its own: the attacker, which reads the training session, skips it
             _python(out / "edge-client-infer.log", "edge_client", "--infer-only", "--server", server, "--encoder",
                     str(out / "encoder.pt"), "--max-images", str(point.latency_images), "--report",
@@ -623,6 +625,30 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
     return row
 
 
+def _train_edge(config: SweepConfig, out: Path, flags: list[str]) -> None:
+    """The point's edge-client, resumable: it keeps its state in `out/state` every STATE_EVERY steps
+    (the server checkpoints its job at the same steps), so a point whose sweep was killed carries
+    on from there when the sweep runs again, in the job it trained in (`out/attempt.json`), and
+    ends as it would have uninterrupted. A resume that fails (the server's checkpoint of the job
+    is gone or behind the state) starts the point over, in a fresh job: a retried point never
+    trains against a decoder an interrupted attempt left half-trained."""
+    state, attempt_file = out / "state", out / "attempt.json"
+    resuming = attempt_file.exists() and any(state.glob("*.ckpt"))
+    for fresh in ([False, True] if resuming else [True]):
+        if fresh:
+            shutil.rmtree(state, ignore_errors=True)
+            write_atomic(attempt_file, json.dumps({"job": f"{out.name}-{uuid.uuid4().hex[:6]}"}) + "\n")
+        job = json.loads(attempt_file.read_text())["job"]
+        try:
+            _python(out / "edge-client.log", "edge_client", "--job", job, "--state-dir", str(state), "--state-every",
+                    str(STATE_EVERY), *([] if fresh else ["--resume"]), *flags, timeout=config.timeout_s)
+            return
+        except PointFailed as err:
+            if fresh:
+                raise
+            log.warning("%s: the interrupted run could not be resumed (%s); starting the point over", out.name, err)
+
+
 def read_base(out: Path, base: Base) -> dict:
     """A finished base's record (`bases/KEY/base.json`): `key`, `job` (its job on the sweep's server,
     whose checkpoint is `jobs/CHECKPOINT`), `checkpoint`, `encoder` (its encoder file),
@@ -646,11 +672,10 @@ def run_base(config: SweepConfig, base: Base, server: str, out: Path) -> dict:
 
     folder = out / "bases" / base.key
     folder.mkdir(parents=True, exist_ok=True)
-    job = f"{base.key}-{uuid.uuid4().hex[:6]}"  # an interrupted attempt's half-trained decoder is not re-joined
-    _python(folder / "edge-client.log", "edge_client", "--server", server, "--job", job, "--report",
-            str(folder / "edge.json"), "--save-encoder", str(folder / "encoder.pt"), "--no-progress",
-            *_flags(dict(base.edge)), timeout=config.timeout_s)
+    _train_edge(config, folder, ["--server", server, "--report", str(folder / "edge.json"), "--save-encoder",
+                                 str(folder / "encoder.pt"), "--no-progress", *_flags(dict(base.edge))])
     edge = json.loads((folder / "edge.json").read_text())
+    job = edge["job"]
     if not edge["durable"]:
         raise PointFailed(f"base {base.key}: the server did not checkpoint its decoder", folder / "edge-client.log")
     record = {"key": base.key, "job": job, "checkpoint": f"{file_stem(job)}.ckpt", "encoder": str(folder / "encoder.pt"),
@@ -732,14 +757,14 @@ def write_results(config: SweepConfig, rows: list[dict], out: Path) -> list[dict
 class Services:
     """The sweep's long-lived processes: one cloud-server and the eavesdropping proxy in front of it."""
 
-    def __init__(self, out: Path, jobs: int, checkpoints: bool = False) -> None:
-        """`checkpoints`: the server keeps its jobs in `out/jobs` (a two-phase sweep: the points of a
-        later run continue the bases' decoders from there); otherwise nothing reads a finished
-        point's decoder again, and none is written."""
+    def __init__(self, out: Path, jobs: int) -> None:
+        """The server keeps its jobs in `out/jobs`, checkpointed every STATE_EVERY steps: where the
+        bases' decoders wait for the points of later runs, and where an interrupted point's job
+        resumes from (see `_train_edge`)."""
         self.capture = str(out / "capture")
         # Every point is a job of its own, kept until the sweep ends: room for all of them.
-        stored = ["--checkpoint-dir", str(out / "jobs"), "--checkpoint-every", str(2**62)] if checkpoints else []
-        self.server: ServerProcess = start_server("--max-jobs", str(max(jobs, 1)), *stored)
+        self.server: ServerProcess = start_server("--max-jobs", str(max(jobs, 1)), "--checkpoint-dir", str(out / "jobs"),
+                                                  "--checkpoint-every", str(STATE_EVERY))
         try:
             self.proxy = start_process(["attacks", "proxy", "--listen", "127.0.0.1:0", "--upstream",
                                         self.server.address, "--capture", self.capture], r"listening on (\S+) ->")
@@ -785,7 +810,7 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, keep_going:
     failures: dict[str, dict] = {}
     if todo:
         bases = list(dict.fromkeys(p.base for p in todo if p.base and not base_ready(out, p.base)))
-        services = Services(out, jobs=4 * (len(todo) + len(bases)), checkpoints=bool(config.base))
+        services = Services(out, jobs=4 * (len(todo) + len(bases)))
         try:
             if bases:
                 log.info("phase A: %d base(s) to train", len(bases))
