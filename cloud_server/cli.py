@@ -13,6 +13,7 @@ from splitnet import security
 from splitnet import cli_util
 from splitnet.cli_util import (add_config_args, add_threads_arg, names_missing_extra, new_parser, port, set_threads,
                                setup_logging)
+from splitnet.settings import InvalidSetting
 
 log = logging.getLogger("cloud_server")
 
@@ -79,12 +80,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
         args.auth_tokens = security.tokens_from(args.auth_tokens or [])
     except ValueError as err:
         p.error(str(err))
-    if args.checkpoint_every < 1:
-        p.error("--checkpoint-every must be >= 1")
-    if args.max_message_mb <= 0:
-        p.error("--max-message-mb must be > 0")
     fields = {k: v for k, v in vars(args).items() if k in ServerConfig.__dataclass_fields__}
-    return ServerConfig(**fields), args
+    try:
+        return ServerConfig(**fields), args
+    except InvalidSetting as err:
+        p.error(err.message(p.flag))
 
 
 @names_missing_extra("cloud-server")

@@ -9,7 +9,7 @@ CUTS = {"cnn": models.cut_points("cnn"), "vgg11_bn": ["conv1", "pool2", "conv5",
         "resnet20": models.cut_points("resnet20")}
 
 
-@pytest.mark.parametrize("arch", sorted(models.ARCHS))
+@pytest.mark.parametrize("arch", models.architectures())
 @pytest.mark.parametrize("bottleneck", [0, 8])
 def test_every_cut_composes(arch, bottleneck):
     for cut in CUTS[arch]:
