@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from splitnet.settings import require
+from splitnet.settings import at_least, require
 from splitnet.wire import DEFAULT_MAX_MESSAGE_MB
 
 
@@ -40,7 +40,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         counts = ("max_jobs", "max_workers", "max_streams", "max_streams_per_peer")
         require("ServerConfig", [
-            ("checkpoint_every", self.checkpoint_every >= 1, lambda name: f"{name('checkpoint_every')} must be >= 1"),
+            at_least("checkpoint_every", self.checkpoint_every, 1),
             ("max_message_mb", self.max_message_mb > 0, lambda name: f"{name('max_message_mb')} must be > 0"),
             *((count, getattr(self, count) >= 1, lambda name: f"{', '.join(map(name, counts[:-1]))} and "
                                                                f"{name(counts[-1])} must be >= 1") for count in counts),

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from splitnet.schedule import LrSchedule
-from splitnet.settings import (ARCHS, Check, DataSpec, InvalidSetting, ObfuscationConfig, finite, must_be,
-                               obfuscation_checks, require, width_check)
+from splitnet.settings import (ARCHS, DataSpec, InvalidSetting, ObfuscationConfig, at_least, finite,
+                               obfuscation_checks, require, require_fields, width_check)
 from splitnet.wire import DEFAULT_MAX_MESSAGE_MB, MAX_KEPT_REPLIES
 
 DEFAULT_SCHEDULE = "cosine"
@@ -47,7 +47,7 @@ class DefenseConfig(ObfuscationConfig):
             ("cem_warmup", self.cem_warmup is None or (isinstance(self.cem_warmup, int) and self.cem_warmup >= 0),
              "None or an int >= 0"),
         ]
-        require("DefenseConfig", [(name, ok, must_be(name, expected, getattr(self, name))) for name, ok, expected in checks])
+        require_fields(self, checks)
 
     @property
     def scale(self) -> float:
@@ -113,10 +113,6 @@ class ConnectionConfig:
         require("ConnectionConfig", [("pipeline", self.pipeline >= 0, lambda name: f"{name('pipeline')} must be >= 0")])
 
 
-def _at_least(field: str, value: int | float, lowest: int) -> Check:
-    return field, value >= lowest, lambda name: f"{name(field)} must be >= {lowest}"
-
-
 @dataclass(frozen=True)
 class EdgeConfig:
     """An edge run's settings, checked as they are made (InvalidSetting naming the field), so that
@@ -166,9 +162,9 @@ class EdgeConfig:
     def __post_init__(self) -> None:
         d = self.defense
         require("EdgeConfig", [
-            _at_least("epochs", self.epochs, 1), _at_least("batch_size", self.batch_size, 1),
-            _at_least("bottleneck", self.bottleneck, 0), _at_least("max_steps", self.max_steps, 0),
-            _at_least("epoch_steps", self.epoch_steps, 0),
+            at_least("epochs", self.epochs, 1), at_least("batch_size", self.batch_size, 1),
+            at_least("bottleneck", self.bottleneck, 0), at_least("max_steps", self.max_steps, 0),
+            at_least("epoch_steps", self.epoch_steps, 0),
             ("lr", finite(self.lr) and self.lr > 0, lambda name: f"{name('lr')} must be > 0"),
             ("defense.lam", d.cem == "none" or d.lam > 0,
              lambda name: f"{name('defense.cem')} {d.cem} needs a positive CEM weight: pass {name('defense.lam')} "

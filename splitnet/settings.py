@@ -47,9 +47,18 @@ def require(config: str, checks: Iterable[Check]) -> None:
             raise InvalidSetting(config, field, explain)
 
 
-def must_be(field: str, expected: str, value: Any) -> Callable[[Callable[[str], str]], str]:
-    """The explanation `<field> must be <expected>, got <value>`."""
-    return lambda name: f"{name(field)} must be {expected}, got {value!r}"
+def require_fields(config: Any, checks: Iterable[tuple[str, bool, str]]) -> None:
+    """For (field, valid, what it must be) checks of `config`'s fields: raise InvalidSetting
+    `<field> must be <expected>, got <value>` for the first that fails."""
+    def must_be(field: str, expected: str) -> Callable[[Callable[[str], str]], str]:
+        return lambda name: f"{name(field)} must be {expected}, got {getattr(config, field)!r}"
+
+    require(type(config).__name__, [(field, ok, must_be(field, expected)) for field, ok, expected in checks])
+
+
+def at_least(field: str, value: int | float, lowest: int) -> Check:
+    """The check `<field> must be >= <lowest>`."""
+    return field, value >= lowest, lambda name: f"{name(field)} must be >= {lowest}"
 
 
 def width_check(width: Any) -> Check:
@@ -111,8 +120,7 @@ class ObfuscationConfig:
     topk: float = 0.0  # r: share of the smallest |features| zeroed per sample
 
     def __post_init__(self) -> None:
-        require("ObfuscationConfig", [(name, ok, must_be(name, expected, getattr(self, name))) for name, ok, expected
-                                      in obfuscation_checks(self.noise, self.noise_kind, self.dropout, self.topk)])
+        require_fields(self, obfuscation_checks(self.noise, self.noise_kind, self.dropout, self.topk))
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "ObfuscationConfig":
