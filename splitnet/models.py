@@ -203,18 +203,22 @@ class ArchInfo:
     head: tuple[str, ...]  # the classifier head's layers, which end the decoder after the last stage
 
 
-def describe(arch: str, input_shape: tuple[int, int, int] = (1, 16, 16), num_classes: int = 10,
+def describe(arch: str, input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
              width: float = 1.0) -> ArchInfo:
     """An architecture's cut points with the feature shape each sends for inputs of `input_shape`
-    (channels, height, width), its default cut and its head: what to know to choose a cut (the
-    wire carries the feature shape's size per sample) without building a split model per cut."""
+    (channels, height, width; default a CIFAR image, which every architecture takes), its default
+    cut and its head: what to know to choose a cut (the wire carries the feature shape's size per
+    sample) without building a split model per cut. An input too small for a stage: ValueError."""
     spec = SplitSpec(arch, "", num_classes, tuple(input_shape), width=width).resolved()
     with private_rng():  # building layers draws weights: keep callers' seeds intact
         stages, head = _REGISTRY[arch].stages(input_shape[0], num_classes, width)
     cuts, x = {}, torch.zeros(1, *input_shape)
     with torch.no_grad():
         for name, stage in stages:
-            x = stage.eval()(x)
+            try:
+                x = stage.eval()(x)
+            except RuntimeError as err:  # e.g. a pooling stage left with less than one pixel
+                raise ValueError(f"input {tuple(input_shape)} is too small for {arch} at {name}: {err}") from None
             cuts[name] = tuple(x.shape[1:])
     return ArchInfo(arch, spec.cut, cuts, tuple(repr(layer) for layer in head))
 

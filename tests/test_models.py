@@ -71,3 +71,5 @@ def test_describe_keeps_the_callers_random_stream_and_refuses_what_build_refuses
         models.describe("alexnet")
     with pytest.raises(ValueError, match="width"):
         models.describe("cnn", width=0.0)
+    with pytest.raises(ValueError, match=r"input \(1, 16, 16\) is too small for vgg11_bn at pool5"):
+        models.describe("vgg11_bn", (1, 16, 16), width=0.25)
