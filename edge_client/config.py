@@ -110,14 +110,14 @@ class ConnectionConfig:
     auth_token: str = field(default="", repr=False)  # bearer token; out of repr so logs never show it
 
     def __post_init__(self) -> None:
-        require("ConnectionConfig", [("pipeline", self.pipeline >= 0, lambda name: f"{name('pipeline')} must be >= 0")])
+        require("ConnectionConfig", [at_least("pipeline", self.pipeline, 0)])
 
 
 @dataclass(frozen=True)
 class EdgeConfig:
     """An edge run's settings, checked as they are made (InvalidSetting naming the field), so that
-    the Python API and Ray runs refuse what `edge-client` refuses. What the files named exist is
-    left to whoever reads them: a config is data, and may be made where they do not exist."""
+    the Python API and Ray runs refuse what `edge-client` refuses. Whether the files it names exist
+    is checked where they are read: a config is data, and may be made where they do not exist."""
 
     connection: ConnectionConfig = field(default_factory=ConnectionConfig)
     data: DataSpec = field(default_factory=DataSpec)

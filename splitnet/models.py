@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from splitnet.schedule import LrSchedule
-from splitnet.settings import Check, require, width_check
+from splitnet.settings import Check, at_least, require, width_check
 
 Stage = tuple[str, nn.Module]
 
@@ -64,7 +64,7 @@ class SplitSpec:
                                lambda name: f"unknown arch {self.arch!r}; choose one of {architectures()}")])
         cut = self.cut or _REGISTRY[self.arch].default_cut
         require("SplitSpec", [cut_check(self.arch, cut),
-                              ("bottleneck", self.bottleneck >= 0, lambda name: f"{name('bottleneck')} must be >= 0"),
+                              at_least("bottleneck", self.bottleneck, 0),
                               width_check(self.width)])
         return SplitSpec(self.arch, cut, self.num_classes, tuple(self.input_shape), self.bottleneck, self.width)
 
