@@ -162,7 +162,8 @@ class Parser(argparse.ArgumentParser):
 
 
 class _RecordingGroup:
-    """An argument group whose add_argument also records the flag in its Parser; all else is the group's."""
+    """An argument group whose add_argument also records the flag in its Parser; all else is the
+    group's own (argparse itself adds each of the parser's flags through its default groups)."""
 
     def __init__(self, parser: Parser, group) -> None:
         self._parser, self._group = parser, group
