@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from attacks.config import LIGHT_INVERSE, METHODS, RGB_INVERSE, AttackConfig
-from splitnet.cli_util import (HelpFormatter, add_config_args, add_threads_arg, listen_address, names_missing_extra,
-                               new_parser, parse_args, set_threads, setup_logging)
+from splitnet.cli_util import (HelpFormatter, Parser, add_config_args, add_threads_arg, listen_address,
+                               names_missing_extra, new_parser, parse_args, set_threads, setup_logging)
 from splitnet.settings import DATASETS, DataSpec
 from splitnet.tracking import Tracker
 
@@ -142,8 +142,10 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = new_parser("attacker", __doc__)
+def build_parser(parser_class: type[Parser] = Parser) -> Parser:
+    """The attacker's parser and its subcommands' (`.subcommand("run")`), all of `parser_class`
+    (a StrictParser for a caller that checks settings as `attacker run` reads them: a sweep)."""
+    p = new_parser("attacker", __doc__, parser_class)
     p.add_argument("--verbose", action="store_true", help="debug logging")
     add_threads_arg(p)
     sub = p.add_subparsers(dest="command", required=True)

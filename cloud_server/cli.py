@@ -11,13 +11,14 @@ import threading
 from cloud_server.config import ServerConfig
 from splitnet import security
 from splitnet import cli_util
-from splitnet.cli_util import (add_config_args, add_threads_arg, names_missing_extra, new_parser, port, set_threads,
-                               setup_logging)
+from splitnet.cli_util import (Parser, add_config_args, add_threads_arg, names_missing_extra, new_parser, port,
+                               set_threads, setup_logging)
+from splitnet.settings import InvalidSetting
 
 log = logging.getLogger("cloud_server")
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
+def build_parser() -> Parser:
     d = ServerConfig()
     p = new_parser("cloud-server", __doc__)
     p.add_argument("--host", default=d.host, help="interface to bind (default %(default)s: loopback only)")
@@ -74,17 +75,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
                         f"${security.AUTH_ENV} if set, else no token auth). Prefer the variable: "
                         "arguments show in the process list")
     add_config_args(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
+    """The ServerConfig of the command line: the config checks the values, naming each field's flag."""
+    p = build_parser()
     args = cli_util.parse_args(p, argv)
     try:
         args.auth_tokens = security.tokens_from(args.auth_tokens or [])
     except ValueError as err:
         p.error(str(err))
-    if args.checkpoint_every < 1:
-        p.error("--checkpoint-every must be >= 1")
-    if args.max_message_mb <= 0:
-        p.error("--max-message-mb must be > 0")
     fields = {k: v for k, v in vars(args).items() if k in ServerConfig.__dataclass_fields__}
-    return ServerConfig(**fields), args
+    try:
+        return ServerConfig(**fields), args
+    except InvalidSetting as err:
+        p.error(err.message(p.flag))
 
 
 @names_missing_extra("cloud-server")

@@ -1,14 +1,18 @@
-"""Server settings; the CLI maps its flags one to one onto these fields."""
+"""Server settings; the CLI maps its flags one to one onto these fields, and the config checks them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from splitnet.settings import at_least, require
 from splitnet.wire import DEFAULT_MAX_MESSAGE_MB
 
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """A server's settings, checked as they are made (InvalidSetting naming the field), so that a
+    server started from Python or a test refuses what `cloud-server` refuses."""
+
     host: str = "127.0.0.1"
     port: int = 50051  # 0: pick a free port (printed on start)
     device: str = "cpu"
@@ -32,3 +36,16 @@ class ServerConfig:
     tls_ca: str = ""  # PEM CA: require client certificates it signed (mutual TLS)
     # Accepted bearer tokens (empty: no token auth). Kept out of repr so logs never show them.
     auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        counts = ("max_jobs", "max_workers", "max_streams", "max_streams_per_peer")
+        require("ServerConfig", [
+            at_least("checkpoint_every", self.checkpoint_every, 1),
+            ("max_message_mb", self.max_message_mb > 0, lambda name: f"{name('max_message_mb')} must be > 0"),
+            *((count, getattr(self, count) >= 1, lambda name: f"{', '.join(map(name, counts[:-1]))} and "
+                                                               f"{name(counts[-1])} must be >= 1") for count in counts),
+            ("idle_timeout_s", self.idle_timeout_s > 0, lambda name: f"{name('idle_timeout_s')} must be > 0"),
+            ("job_memory_mb", 0 < self.job_memory_mb <= self.max_memory_mb,
+             lambda name: f"{name('job_memory_mb')} must be > 0 and at most {name('max_memory_mb')}"),
+            ("job_idle_s", self.job_idle_s >= 0, lambda name: f"{name('job_idle_s')} must be >= 0 (0: never evict)"),
+        ])

@@ -112,14 +112,6 @@ class CloudServer:
 
             if not torch.cuda.is_available():
                 raise ValueError(f"--device {config.device}: CUDA is not available on this machine (use --device cpu)")
-        if min(config.max_jobs, config.max_workers, config.max_streams, config.max_streams_per_peer) < 1:
-            raise ValueError("--max-jobs, --max-workers, --max-streams and --max-streams-per-peer must be >= 1")
-        if not config.idle_timeout_s > 0:
-            raise ValueError("--idle-timeout must be > 0")
-        if not 0 < config.job_memory_mb <= config.max_memory_mb:
-            raise ValueError("--job-memory-mb must be > 0 and at most --max-memory-mb")
-        if config.job_idle_s < 0:
-            raise ValueError("--job-idle-seconds must be >= 0 (0: never evict)")
         if config.max_streams >= config.max_workers:
             log.warning("--max-streams %d >= --max-workers %d: open streams can hold every worker, and health "
                         "checks and Stats are then refused", config.max_streams, config.max_workers)

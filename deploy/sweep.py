@@ -112,7 +112,7 @@ from deploy.gains import cem_gains
 from deploy.link import DIRECT, PROFILES
 from deploy.processes import ServerProcess, start_process, start_server
 from splitnet import tracking
-from splitnet.cli_util import config_setting, names_missing_extra, new_parser, setup_logging
+from splitnet.cli_util import StrictParser, config_setting, names_missing_extra, new_parser, setup_logging
 from splitnet.wire import MAX_KEPT_REPLIES
 
 log = logging.getLogger("deploy.sweep")
@@ -152,41 +152,29 @@ NAMED_AXES = {"cuts": "cut", "codecs": "codec", "seeds": "seed"}
 LINKS = "links"  # the [grid] axis of link profiles: not an edge-client setting but where its traffic goes
 
 
-def _raise(message: str):
-    raise ValueError(message)
+@functools.cache
+def _edge_parser() -> StrictParser:
+    """edge-client's own flags (the parser is built without importing torch): the valid sweep keys,
+    less those the sweep sets itself; a usage error raises ValueError, as a sweep reports a bad
+    config rather than exiting mid-parse."""
+    from edge_client.cli import add_training_args
 
-
-def _strict(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """`parser`, whose usage errors raise ValueError: a sweep reports a bad config, it does not exit mid-parse."""
-    parser.error = _raise  # type: ignore[method-assign]
+    parser = StrictParser(prog="edge-client", add_help=False)
+    add_training_args(parser)
+    parser.not_settings |= set(SWEEP_OWNED)  # not a sweep key, nor listed as one; its default stays for `check_points`
     return parser
 
 
 @functools.cache
-def _edge_parser() -> argparse.ArgumentParser:
-    """edge-client's own flags (the parser is built without importing torch): the valid sweep keys."""
-    from edge_client.cli import add_training_args
-
-    parser = argparse.ArgumentParser(prog="edge-client", add_help=False)
-    add_training_args(parser)
-    for name in SWEEP_OWNED:  # not a sweep key, nor listed as one; its default stays for `check_points`
-        action = parser._option_string_actions.pop("--" + name.replace("_", "-"))
-        parser._remove_action(action)
-        parser.set_defaults(**{action.dest: action.default})
-    return _strict(parser)
-
-
-@functools.cache
-def _attacker_parser() -> argparse.ArgumentParser:
+def _attacker_parser() -> StrictParser:
     """`attacker run`'s own flags, which check the [attack] values as they will be read."""
     from attacks.cli import build_parser
 
-    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return _strict(subcommands.choices["run"])
+    return build_parser(StrictParser).subcommand("run")
 
 
 def _edge_action(key: str) -> argparse.Action:
-    return _edge_parser()._option_string_actions["--" + key.replace("_", "-")]
+    return _edge_parser().settings()[key.replace("_", "-")]
 
 
 def _edge_setting(where: str, key: str, value) -> tuple[str, object]:
@@ -377,11 +365,10 @@ class SweepConfig:
         set_("seeds", tuple(_edge_setting("[grid] seeds", "seed", s)[1] for s in self.seeds))
         axes = []
         for key, values in self.axes:
-            flags = _edge_parser()._option_string_actions
-            if key.replace("-", "_") not in SWEEP_OWNED and "--" + key.replace("_", "-") not in flags:
+            flags = _edge_parser().settings()
+            if key.replace("-", "_") not in SWEEP_OWNED and key.replace("_", "-") not in flags:
                 raise ValueError(f"[grid]: unknown axis {key!r}; valid axes: {', '.join(NAMED_AXES)}, attack.NAME "
-                                 "(an [attack] setting) and any edge-client setting: "
-                                 + ", ".join(sorted(flag[2:] for flag in flags)))
+                                 "(an [attack] setting) and any edge-client setting: " + ", ".join(sorted(flags)))
             name = _edge_setting("[grid]", key, _values(f"[grid] {key}", values)[0])[0]
             plural = next((p for p, n in NAMED_AXES.items() if n == name), None)
             if plural:

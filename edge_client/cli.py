@@ -8,21 +8,16 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from edge_client.config import CEM_CHOICES, ConnectionConfig, DefenseConfig, EdgeConfig, InvalidDefense
+from edge_client.config import CEM_CHOICES, ConnectionConfig, DefenseConfig, EdgeConfig
 from splitnet import security, tracking
-from splitnet.cli_util import (add_config_args, add_threads_arg, names_missing_extra, new_parser, parse_args,
-                               set_threads, setup_logging)
-from splitnet.schedule import LrSchedule
-from splitnet.settings import ARCHS, CODECS, DATASETS, NOISE_KINDS, DatasetNotFound, DataSpec
+from splitnet.cli_util import (Parser, add_config_args, add_threads_arg, names_missing_extra, new_parser,
+                               parse_args, set_threads, setup_logging)
+from splitnet.settings import ARCHS, CODECS, DATASETS, NOISE_KINDS, DatasetNotFound, DataSpec, InvalidSetting
 from splitnet.wire import MAX_KEPT_REPLIES, parse_address
 
 log = logging.getLogger("edge_client")
 
-# DefenseConfig fields whose flag is not `--` + the field name with dashes
-_DEFENSE_FLAGS = {"lam": "--lambda"}
-
-
-def add_training_args(p: argparse.ArgumentParser) -> None:
+def add_training_args(p: Parser) -> None:
     """Flags shared by every command that runs edge clients (edge-client, split-ray, sweeps)."""
     e, c = EdgeConfig(), ConnectionConfig()
     g = p.add_argument_group("connection")
@@ -114,9 +109,11 @@ def _data(args: argparse.Namespace) -> DataSpec:
     return DataSpec(args.dataset, args.data_root, args.download, args.image_size)
 
 
-def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> EdgeConfig:
-    from splitnet import models
-
+def config_from_args(args: argparse.Namespace, p: Parser) -> EdgeConfig:
+    """The EdgeConfig of parsed flags: the configs check the values (their message names `p`'s flag
+    of each field); here only what is not data, the files named and the server's address."""
+    if args.init_from and not Path(args.init_from).is_file():
+        p.error(f"--init-from {args.init_from}: no such file (an encoder file of edge-client --save-encoder)")
     try:
         parse_address(args.server)
         tokens = security.tokens_from([args.auth_token] if args.auth_token else [])
@@ -133,54 +130,24 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ed
                                 cem_scale=args.cem_scale, cem_warmup=args.cem_warmup,
                                 cem_gates=None if args.cem_gates is None else args.cem_gates == "on",
                                 learn_gates=not args.freeze_gates)
-    except InvalidDefense as err:
-        p.error(f"{_DEFENSE_FLAGS.get(err.field, '--' + err.field.replace('_', '-'))} must be {err.expected}, "
-                f"got {err.value!r}")
+        return EdgeConfig(
+            connection=connection,
+            data=_data(args),
+            defense=defense, arch=args.arch, cut=args.cut, bottleneck=args.bottleneck, width=args.width,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+            weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
+            augment=args.augment,
+            codec=args.codec, grad_codec=args.grad_codec, seed=args.seed, job=args.job,
+            client_id=getattr(args, "client_id", ""), max_steps=args.max_steps, device=args.device,
+            report=getattr(args, "report", ""), save_encoder=getattr(args, "save_encoder", ""),
+            init_from=args.init_from, init_job=args.init_job,
+            log_dir=tracking.prepared(args.log_dir), progress=not args.no_progress,
+            state_dir=getattr(args, "state_dir", ""), state_every=getattr(args, "state_every", EdgeConfig.state_every),
+            resume=getattr(args, "resume", False), fresh_on_bad_state=getattr(args, "fresh_on_bad_state", False))
+    except InvalidSetting as err:
+        p.error(err.message(p.flag))
     except ValueError as err:
         p.error(str(err))
-    for flag, lowest in (("epochs", 1), ("batch_size", 1), ("bottleneck", 0), ("max_steps", 0)):
-        if getattr(args, flag) < lowest:
-            p.error(f"--{flag.replace('_', '-')} must be >= {lowest}")
-    if args.cem != "none" and not args.lam > 0:
-        p.error(f"--cem {args.cem} needs a positive CEM weight: pass --lambda (e.g. --lambda 16)")
-    if args.pipeline < 0:
-        p.error("--pipeline must be >= 0")
-    if args.lr <= 0:
-        p.error("--lr must be > 0")
-    if args.init_from and not Path(args.init_from).is_file():
-        p.error(f"--init-from {args.init_from}: no such file (an encoder file of edge-client --save-encoder)")
-    if args.init_job and args.init_job == args.job:
-        p.error(f"--init-job {args.init_job} names this run's own --job; a continuation trains a new job")
-    if getattr(args, "resume", False) and not args.state_dir:
-        p.error("--resume needs --state-dir DIR (where an earlier run wrote its state)")
-    if not 1 <= getattr(args, "state_every", 1) <= MAX_KEPT_REPLIES:
-        p.error(f"--state-every must be 1..{MAX_KEPT_REPLIES} (the server keeps the replies of at most "
-                f"{MAX_KEPT_REPLIES} steps after a state, for a resumed edge to get them again)")
-    try:
-        LrSchedule.parse(args.lr_schedule, args.epochs, warmup_epochs=args.warmup_epochs)
-        models.SplitSpec(args.arch, args.cut, width=args.width).resolved()
-    except ValueError as err:
-        names = {"lr_schedule.warmup_epochs": "--warmup-epochs", "lr_schedule.": "--lr-schedule ", "width:": "--width"}
-        message = str(err)
-        for field_name, flag in names.items():
-            message = message.replace(field_name, flag)
-        p.error(message)
-    if args.cut and args.cut not in models.cut_points(args.arch):
-        p.error(f"--cut {args.cut!r} is not a cut of {args.arch}; valid: {models.cut_points(args.arch)}")
-    return EdgeConfig(
-        connection=connection,
-        data=_data(args),
-        defense=defense, arch=args.arch, cut=args.cut, bottleneck=args.bottleneck, width=args.width,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
-        augment=args.augment,
-        codec=args.codec, grad_codec=args.grad_codec, seed=args.seed, job=args.job,
-        client_id=getattr(args, "client_id", ""), max_steps=args.max_steps, device=args.device,
-        report=getattr(args, "report", ""), save_encoder=getattr(args, "save_encoder", ""),
-        init_from=args.init_from, init_job=args.init_job,
-        log_dir=tracking.prepared(args.log_dir), progress=not args.no_progress,
-        state_dir=getattr(args, "state_dir", ""), state_every=getattr(args, "state_every", EdgeConfig.state_every),
-        resume=getattr(args, "resume", False), fresh_on_bad_state=getattr(args, "fresh_on_bad_state", False))
 
 
 @names_missing_extra("edge-client")
@@ -218,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_cuts:
         from splitnet import models
 
-        for arch in ARCHS:
-            print(f"{arch}: {' '.join(models.cut_points(arch))}")
+        for arch in models.architectures():
+            info = models.describe(arch)
+            print(f"{arch}: {' '.join(info.cuts)} (default {info.default_cut})")
         return 0
     if not args.infer_only:  # a missing dataset folder is refused at once, not after seconds of importing torch
         try:

@@ -9,19 +9,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from splitnet.settings import DataSpec, ObfuscationConfig, finite, obfuscation_checks
-from splitnet.wire import DEFAULT_MAX_MESSAGE_MB
+from splitnet.schedule import LrSchedule
+from splitnet.settings import (ARCHS, DataSpec, InvalidSetting, ObfuscationConfig, at_least, finite,
+                               obfuscation_checks, require, require_fields, width_check)
+from splitnet.wire import DEFAULT_MAX_MESSAGE_MB, MAX_KEPT_REPLIES
 
 DEFAULT_SCHEDULE = "cosine"
 CEM_CHOICES = ("none", "gmm", "gated", "slot")  # "none" and cem.SURROGATES' names
-
-
-class InvalidDefense(ValueError):
-    """A DefenseConfig field out of range; `field` lets a command line name its own flag."""
-
-    def __init__(self, field: str, expected: str, value) -> None:
-        super().__init__(f"DefenseConfig.{field} must be {expected}, got {value!r}")
-        self.field, self.expected, self.value = field, expected, value
 
 
 @dataclass(frozen=True)
@@ -41,7 +35,7 @@ class DefenseConfig(ObfuscationConfig):
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
+        """Raise InvalidSetting naming the first bad field."""
         checks: list[tuple[str, bool, str]] = [
             *obfuscation_checks(self.noise, self.noise_kind, self.dropout, self.topk),
             ("nopeek", finite(self.nopeek) and self.nopeek >= 0, "a finite number >= 0"),
@@ -53,9 +47,7 @@ class DefenseConfig(ObfuscationConfig):
             ("cem_warmup", self.cem_warmup is None or (isinstance(self.cem_warmup, int) and self.cem_warmup >= 0),
              "None or an int >= 0"),
         ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise InvalidDefense(name, expected, getattr(self, name))
+        require_fields(self, checks)
 
     @property
     def scale(self) -> float:
@@ -117,9 +109,16 @@ class ConnectionConfig:
     tls_server_name: str = ""  # verify the server certificate for this name (connecting via a forwarder / IP)
     auth_token: str = field(default="", repr=False)  # bearer token; out of repr so logs never show it
 
+    def __post_init__(self) -> None:
+        require("ConnectionConfig", [at_least("pipeline", self.pipeline, 0)])
+
 
 @dataclass(frozen=True)
 class EdgeConfig:
+    """An edge run's settings, checked as they are made (InvalidSetting naming the field), so that
+    the Python API and Ray runs refuse what `edge-client` refuses. Whether the files it names exist
+    is checked where they are read: a config is data, and may be made where they do not exist."""
+
     connection: ConnectionConfig = field(default_factory=ConnectionConfig)
     data: DataSpec = field(default_factory=DataSpec)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
@@ -159,3 +158,36 @@ class EdgeConfig:
     state_every: int = 10  # at most MAX_KEPT_REPLIES: the server keeps the replies of the steps after a state
     resume: bool = False  # carry on from state_dir's state if it holds one
     fresh_on_bad_state: bool = False  # a damaged or another run's state: start fresh (warning) instead of refusing
+
+    def __post_init__(self) -> None:
+        d = self.defense
+        require("EdgeConfig", [
+            at_least("epochs", self.epochs, 1), at_least("batch_size", self.batch_size, 1),
+            at_least("bottleneck", self.bottleneck, 0), at_least("max_steps", self.max_steps, 0),
+            at_least("epoch_steps", self.epoch_steps, 0),
+            ("lr", finite(self.lr) and self.lr > 0, lambda name: f"{name('lr')} must be > 0"),
+            ("defense.lam", d.cem == "none" or d.lam > 0,
+             lambda name: f"{name('defense.cem')} {d.cem} needs a positive CEM weight: pass {name('defense.lam')} "
+                          f"(e.g. {name('defense.lam')} 16)"),
+            ("init_job", not self.init_job or self.init_job != self.job,
+             lambda name: f"{name('init_job')} {self.init_job} names this run's own {name('job')}; a continuation "
+                          "trains a new job"),
+            ("resume", not self.resume or bool(self.state_dir),
+             lambda name: f"{name('resume')} needs {name('state_dir')} DIR (where an earlier run wrote its state)"),
+            ("state_every", 1 <= self.state_every <= MAX_KEPT_REPLIES,
+             lambda name: f"{name('state_every')} must be 1..{MAX_KEPT_REPLIES} (the server keeps the replies of at "
+                          f"most {MAX_KEPT_REPLIES} steps after a state, for a resumed edge to get them again)"),
+            ("arch", self.arch in ARCHS, lambda name: f"{name('arch')} must be one of {ARCHS}, got {self.arch!r}"),
+            width_check(self.width),
+        ])
+        try:
+            LrSchedule.parse(self.lr_schedule, self.epochs, warmup_epochs=self.warmup_epochs)
+        except ValueError as err:
+            message = str(err)
+            raise InvalidSetting("EdgeConfig", "lr_schedule", lambda name: message.replace(
+                "lr_schedule.warmup_epochs", name("warmup_epochs")).replace("lr_schedule.", name("lr_schedule") + " ")
+            ) from None
+        if self.cut:  # the cut names come from building the stages (torch): only a cut that is set needs them
+            from splitnet import models
+
+            require("EdgeConfig", [models.cut_check(self.arch, self.cut)])

@@ -106,9 +106,86 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return f"{text} (default %(default)s)"
 
 
-def new_parser(prog: str, description: str | None, **kwargs) -> argparse.ArgumentParser:
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that knows the flags added to it (through its argument groups too) and
+    its subcommands, by public means.
+
+    `--config` files, `--print-config`, the sweep's keys and the messages that name a config
+    field's flag need a parser's flags; argparse keeps them in private attributes that change
+    between its releases. So every add_argument is recorded here: the parser's own, and its
+    groups' (`add_argument_group` hands out a recording view of the group). Subcommand parsers
+    made with `add_subparsers().add_parser` are of the parser's own class.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.added: list[argparse.Action] = []  # every flag and positional, in the order added
+        self.repeated: set[str] = set()  # the dests of `action="append"` flags
+        self.not_settings: set[str] = set(_NOT_SETTINGS)  # dests that are no file keys nor printed settings
+        self._subcommands: argparse.Action | None = None
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        return self.record(super().add_argument(*args, **kwargs), kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        return _RecordingGroup(self, super().add_argument_group(*args, **kwargs))
+
+    def add_subparsers(self, **kwargs):
+        self._subcommands = super().add_subparsers(**kwargs)
+        return self._subcommands
+
+    def record(self, action: argparse.Action, kwargs: dict) -> argparse.Action:
+        """Note `action`, added with `kwargs`; returns it, as add_argument does."""
+        self.added.append(action)
+        if kwargs.get("action") == "append":
+            self.repeated.add(action.dest)
+        return action
+
+    def subcommand(self, name: str) -> "Parser":
+        """The parser of subcommand `name` (e.g. `attacker run`'s)."""
+        if self._subcommands is None:
+            raise KeyError(f"{self.prog} has no subcommands")
+        return self._subcommands.choices[name]
+
+    def settings(self) -> dict[str, argparse.Action]:
+        """Flag name without dashes -> its action, for every flag that holds a setting (aliases too)."""
+        return {flag[2:]: action for action in self.added if action.dest not in self.not_settings
+                for flag in action.option_strings if flag.startswith("--")}
+
+    def flag(self, field: str) -> str:
+        """The first long flag whose dest is config field `field` (a nested one, `defense.lam`, by its
+        own name): `lam` -> `--lambda`; a field without a flag here is spelt as one would be,
+        `state_every` -> `--state-every`. A command line names its flags in a config's message with this."""
+        dest = field.rpartition(".")[2]
+        return next((flag for action in self.added if action.dest == dest for flag in action.option_strings
+                     if flag.startswith("--")), "--" + dest.replace("_", "-"))
+
+
+class _RecordingGroup:
+    """An argument group whose add_argument also records the flag in its Parser; all else is the
+    group's own (argparse itself adds each of the parser's flags through its default groups)."""
+
+    def __init__(self, parser: Parser, group) -> None:
+        self._parser, self._group = parser, group
+
+    def add_argument(self, *args, **kwargs) -> argparse.Action:
+        return self._parser.record(self._group.add_argument(*args, **kwargs), kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._group, name)
+
+
+class StrictParser(Parser):
+    """A Parser whose usage errors raise ValueError (the message alone) instead of exiting: for a
+    caller that checks settings through a command's flags and reports them its own way (a sweep)."""
+
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+def new_parser(prog: str, description: str | None, parser_class: type[Parser] = Parser, **kwargs) -> Parser:
     """The parser every console script starts from: its formatter and `--version`."""
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter, **kwargs)
+    p = parser_class(prog=prog, description=description, formatter_class=HelpFormatter, **kwargs)
     p.add_argument("--version", action="version", version=f"%(prog)s {version(DISTRIBUTION)}")
     return p
 
@@ -127,7 +204,7 @@ class _ConfigFile(argparse.Action):
         setattr(namespace, self.dest, path)
 
 
-def add_config_args(parser: argparse.ArgumentParser) -> None:
+def add_config_args(parser: Parser) -> None:
     """`--config FILE.toml` and `--print-config` for `parser`'s own flags (see `parse_args`)."""
     parser.add_argument("--config", action=_ConfigFile, metavar="FILE.toml",
                         help="take settings from this TOML file: keys are this command's flag names (dashes or "
@@ -137,7 +214,7 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_settings_parser=parser)
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(parser: Parser, argv: list[str] | None = None) -> argparse.Namespace:
     """`parser.parse_args`, with the file of a `--config` (on the parser or a subcommand) applied.
 
     The file's values become the parser's defaults and the command line is parsed again,
@@ -160,13 +237,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     return args
 
 
-def _settings(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """Flag name without dashes -> its action, for every flag that holds a setting (aliases too)."""
-    return {flag[2:]: action for action in parser._actions if action.dest not in _NOT_SETTINGS
-            for flag in action.option_strings if flag.startswith("--")}
-
-
-def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
+def apply_config_file(parser: Parser, path: str) -> None:
     """Make the settings in TOML file `path` the defaults of `parser`, each converted and
     checked as its flag's own value would be; a bad file or value is a usage error naming it."""
     try:
@@ -178,7 +249,7 @@ def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
     defaults = {}
     for key, value in table.items():
         action, value = config_setting(parser, f"--config {path}", key, value)
-        if isinstance(action, argparse._AppendAction):
+        if action.dest in parser.repeated:
             # As a default, argparse would add the command line's values to the file's; `parse_args`
             # uses the file's only where the flag is not given.
             parser.__dict__.setdefault("_file_lists", {})[action.dest] = (action, value)
@@ -188,29 +259,29 @@ def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
     parser.set_defaults(**defaults)
 
 
-def config_setting(parser: argparse.ArgumentParser, where: str, key: str, value) -> tuple[argparse.Action, object]:
+def config_setting(parser: Parser, where: str, key: str, value) -> tuple[argparse.Action, object]:
     """The flag of file key `key` (its name, dashes or underscores) and `value` converted and checked
     as that flag's own value would be; an unknown key or a bad value is `parser.error` naming `where`."""
-    actions = _settings(parser)
+    actions = parser.settings()
     action = actions.get(key.replace("_", "-"))
     if action is None:
         parser.error(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(actions))}")
     return action, _file_value(parser, f"{where}: {key}", action, value)
 
 
-def _file_value(parser: argparse.ArgumentParser, where: str, action: argparse.Action, value):
+def _file_value(parser: Parser, where: str, action: argparse.Action, value):
     if action.nargs == 0:  # an on/off flag (store_true)
         if not isinstance(value, bool):
             parser.error(f"{where}: expected true or false, got {value!r}")
         return action.const if value else action.default
-    repeated = isinstance(action, argparse._AppendAction)
+    repeated = action.dest in parser.repeated
     if repeated != isinstance(value, list):
         parser.error(f"{where}: expected {'a list of values' if repeated else 'one value'}, got {value!r}")
     converted = [_converted(parser, where, action, item) for item in (value if repeated else [value])]
     return converted if repeated else converted[0]
 
 
-def _converted(parser: argparse.ArgumentParser, where: str, action: argparse.Action, value):
+def _converted(parser: Parser, where: str, action: argparse.Action, value):
     """`value` through the flag's own argparse type and choices, as if typed after it."""
     if isinstance(value, (bool, dict, list)):
         parser.error(f"{where}: expected a value as its flag takes one, got {value!r}")
@@ -226,10 +297,10 @@ def _converted(parser: argparse.ArgumentParser, where: str, action: argparse.Act
     return result
 
 
-def settings_toml(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+def settings_toml(parser: Parser, args: argparse.Namespace) -> str:
     """`parser`'s settings in `args` as TOML, one key per flag (its first long name)."""
     lines, seen = [], set()
-    for key, action in _settings(parser).items():
+    for key, action in parser.settings().items():
         if action.dest in seen:
             continue
         seen.add(action.dest)

@@ -1,5 +1,9 @@
 """Model zoo: each architecture is a list of named stages, and a cut splits it in two.
 
+The public registry: `architectures()` names them, `cut_points(arch)` lists an architecture's
+cuts, `describe(arch, ...)` adds each cut's feature shape, the default cut and the classifier
+head, and `build(spec)` builds both halves of a `SplitSpec`. The builders behind it are private.
+
 Both ends build the same architecture from the same spec; the edge keeps the stages up
 to and including the cut (the encoder F_e), the cloud keeps the rest (the decoder F_d).
 A bottleneck of C channels with a sigmoid can be inserted at the cut so that features
@@ -11,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from splitnet.schedule import LrSchedule
+from splitnet.settings import Check, at_least, require, width_check
 
 Stage = tuple[str, nn.Module]
 
@@ -55,18 +59,13 @@ class SplitSpec:
         return None
 
     def resolved(self) -> "SplitSpec":
-        """The same spec with the default cut filled in and checked."""
-        arch = ARCHS.get(self.arch)
-        if arch is None:
-            raise ValueError(f"unknown arch {self.arch!r}; choose one of {sorted(ARCHS)}")
-        cut = self.cut or arch.default_cut
-        names = cut_points(self.arch)
-        if cut not in names:
-            raise ValueError(f"unknown cut {cut!r} for arch {self.arch!r}; valid cuts: {names}")
-        if self.bottleneck < 0:
-            raise ValueError("bottleneck must be >= 0")
-        if not (math.isfinite(self.width) and MIN_WIDTH <= self.width <= MAX_WIDTH):
-            raise ValueError(f"width: {self.width} must lie in [{MIN_WIDTH}, {MAX_WIDTH}]")
+        """The same spec with the default cut filled in and checked (InvalidSetting naming the field)."""
+        require("SplitSpec", [("arch", self.arch in _REGISTRY,
+                               lambda name: f"unknown arch {self.arch!r}; choose one of {architectures()}")])
+        cut = self.cut or _REGISTRY[self.arch].default_cut
+        require("SplitSpec", [cut_check(self.arch, cut),
+                              at_least("bottleneck", self.bottleneck, 0),
+                              width_check(self.width)])
         return SplitSpec(self.arch, cut, self.num_classes, tuple(self.input_shape), self.bottleneck, self.width)
 
 
@@ -99,9 +98,6 @@ class SplitModel:
 class _Arch:
     stages: Callable[[int, int, float], tuple[list[Stage], nn.Module]]  # (in_ch, classes, width)
     default_cut: str
-
-
-MIN_WIDTH, MAX_WIDTH = 1 / 64, 4.0
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -174,16 +170,57 @@ def _resnet20(in_ch: int, classes: int, width: float) -> tuple[list[Stage], nn.M
     return stages, head
 
 
-ARCHS: dict[str, _Arch] = {
+_REGISTRY: dict[str, _Arch] = {
     "cnn": _Arch(_cnn, "block1"),
     "vgg11_bn": _Arch(_vgg11_bn, "pool2"),
     "resnet20": _Arch(_resnet20, "layer1"),
 }
 
 
+def architectures() -> tuple[str, ...]:
+    """The names `SplitSpec.arch` takes, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
 def cut_points(arch: str) -> list[str]:
     """The valid cut names of an architecture, input side first."""
     return list(_cut_points(arch))
+
+
+def cut_check(arch: str, cut: str) -> Check:
+    """Whether `cut` is a cut of `arch`: SplitSpec and EdgeConfig refuse others with this message."""
+    return ("cut", cut in _cut_points(arch),
+            lambda name: f"unknown cut {cut!r} for arch {arch!r}; valid cuts: {cut_points(arch)}")
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """What `describe` tells about an architecture at one input shape, class count and width."""
+
+    arch: str
+    default_cut: str
+    cuts: dict[str, tuple[int, ...]]  # cut name -> shape of the features it sends (no batch dim), input side first
+    head: tuple[str, ...]  # the classifier head's layers, which end the decoder after the last stage
+
+
+def describe(arch: str, input_shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
+             width: float = 1.0) -> ArchInfo:
+    """An architecture's cut points with the feature shape each sends for inputs of `input_shape`
+    (channels, height, width; default a CIFAR image, which every architecture takes), its default
+    cut and its head: what to know to choose a cut (the wire carries the feature shape's size per
+    sample) without building a split model per cut. An input too small for a stage: ValueError."""
+    spec = SplitSpec(arch, "", num_classes, tuple(input_shape), width=width).resolved()
+    with private_rng():  # building layers draws weights: keep callers' seeds intact
+        stages, head = _REGISTRY[arch].stages(input_shape[0], num_classes, width)
+    cuts, x = {}, torch.zeros(1, *input_shape)
+    with torch.no_grad():
+        for name, stage in stages:
+            try:
+                x = stage.eval()(x)
+            except RuntimeError as err:  # e.g. a pooling stage left with less than one pixel
+                raise ValueError(f"input {tuple(input_shape)} is too small for {arch} at {name}: {err}") from None
+            cuts[name] = tuple(x.shape[1:])
+    return ArchInfo(arch, spec.cut, cuts, tuple(repr(layer) for layer in head))
 
 
 _RNG = threading.RLock()
@@ -207,14 +244,14 @@ def private_rng(seed: int | None = None) -> Iterator[None]:
 @functools.cache
 def _cut_points(arch: str) -> tuple[str, ...]:
     with private_rng():  # building layers draws weights: keep callers' seeds intact
-        stages, _ = ARCHS[arch].stages(1, 2, 1.0)
+        stages, _ = _REGISTRY[arch].stages(1, 2, 1.0)
     return tuple(name for name, _ in stages)
 
 
 def build(spec: SplitSpec) -> SplitModel:
     """Build both halves and measure the feature shape at the cut (batch dim dropped)."""
     spec = spec.resolved()
-    stages, head = ARCHS[spec.arch].stages(spec.input_shape[0], spec.num_classes, spec.width)
+    stages, head = _REGISTRY[spec.arch].stages(spec.input_shape[0], spec.num_classes, spec.width)
     idx = [name for name, _ in stages].index(spec.cut) + 1
     enc_layers = [m for _, m in stages[:idx]]
     dec_layers = [m for _, m in stages[idx:]]

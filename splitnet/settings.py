@@ -10,11 +10,61 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
 CODECS = ("fp32", "fp16", "bf16", "int8")
-ARCHS = ("cnn", "resnet20", "vgg11_bn")  # the keys of splitnet.models.ARCHS
+ARCHS = ("cnn", "resnet20", "vgg11_bn")  # splitnet.models.architectures()
+MIN_WIDTH, MAX_WIDTH = 1 / 64, 4.0  # the channel multipliers an architecture takes
+
+
+class InvalidSetting(ValueError):
+    """A config field out of range, raised by the config itself, so that the Python API, Ray runs
+    and sweeps refuse exactly what the command lines refuse.
+
+    `field` is the first bad field. The message names fields through a speller: `str(err)`
+    names them as the Python API does (`EdgeConfig.epochs must be >= 1`), and a command line
+    passes its own speller to `message` to name its flags (`--epochs must be >= 1`).
+    """
+
+    def __init__(self, config: str, field: str, explain: Callable[[Callable[[str], str]], str]) -> None:
+        self.config, self.field, self._explain = config, field, explain
+        super().__init__(explain(lambda name: f"{config}.{name}"))
+
+    def message(self, spell: Callable[[str], str]) -> str:
+        """The message with every field spelt by `spell` (e.g. a command line's flag of the field)."""
+        return self._explain(spell)
+
+
+# (field, valid, explain): explain writes the message, spelling fields with the function it gets
+Check = tuple[str, bool, Callable[[Callable[[str], str]], str]]
+
+
+def require(config: str, checks: Iterable[Check]) -> None:
+    """Raise InvalidSetting for the first check that fails."""
+    for field, ok, explain in checks:
+        if not ok:
+            raise InvalidSetting(config, field, explain)
+
+
+def require_fields(config: Any, checks: Iterable[tuple[str, bool, str]]) -> None:
+    """For (field, valid, what it must be) checks of `config`'s fields: raise InvalidSetting
+    `<field> must be <expected>, got <value>` for the first that fails."""
+    def must_be(field: str, expected: str) -> Callable[[Callable[[str], str]], str]:
+        return lambda name: f"{name(field)} must be {expected}, got {getattr(config, field)!r}"
+
+    require(type(config).__name__, [(field, ok, must_be(field, expected)) for field, ok, expected in checks])
+
+
+def at_least(field: str, value: int | float, lowest: int) -> Check:
+    """The check `<field> must be >= <lowest>`."""
+    return field, value >= lowest, lambda name: f"{name(field)} must be >= {lowest}"
+
+
+def width_check(width: Any) -> Check:
+    """The width a model takes; SplitSpec and EdgeConfig both check it (the latter without torch)."""
+    return ("width", finite(width) and MIN_WIDTH <= width <= MAX_WIDTH,
+            lambda name: f"{name('width')} {width} must lie in [{MIN_WIDTH}, {MAX_WIDTH}]")
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -70,9 +120,7 @@ class ObfuscationConfig:
     topk: float = 0.0  # r: share of the smallest |features| zeroed per sample
 
     def __post_init__(self) -> None:
-        for name, ok, expected in obfuscation_checks(self.noise, self.noise_kind, self.dropout, self.topk):
-            if not ok:
-                raise ValueError(f"ObfuscationConfig.{name} must be {expected}, got {getattr(self, name)!r}")
+        require_fields(self, obfuscation_checks(self.noise, self.noise_kind, self.dropout, self.topk))
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> "ObfuscationConfig":

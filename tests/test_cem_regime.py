@@ -1,14 +1,13 @@
 """CEM in the paper's regime on the edge: the pull it reports, the full-lambda phase, and the
 calibrated defaults of the gated and slot surrogates (docs/CEM.md §4)."""
 
-import argparse
-
 import pytest
 
 from cloud_server.local import LocalCloud
 from edge_client.cli import add_training_args, config_from_args
 from edge_client.config import DefenseConfig, EdgeConfig
 from edge_client.trainer import EdgeTrainer, run
+from splitnet.cli_util import Parser
 
 
 @pytest.mark.slow
@@ -52,7 +51,7 @@ def test_slot_shutoff_spans_a_quarter_epoch_on_any_dataset():
 def test_gated_and_slot_run_without_their_gates_unless_asked():
     """The calibrated default (docs/CEM.md §4.1): the soft and SNR gates closed most of the
     penalty on sigmoid features; `--cem-gates on` brings the seeds' gated variant back."""
-    p = argparse.ArgumentParser()
+    p = Parser()
     add_training_args(p)
     for argv, gates in (([], False), (["--cem-gates", "on"], True), (["--cem-gates", "off"], False)):
         config = config_from_args(p.parse_args(["--noise", "0.1", "--cem", "gated", "--lambda", "8", *argv]), p)

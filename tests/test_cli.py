@@ -64,7 +64,7 @@ def test_light_names_match_their_implementations():
     from edge_client.config import CEM_CHOICES
     from splitnet import models, settings
 
-    assert settings.ARCHS == tuple(sorted(models.ARCHS))
+    assert settings.ARCHS == models.architectures()
     assert CEM_CHOICES == ("none", *cem.SURROGATES)
 
 
@@ -155,3 +155,36 @@ def test_a_repeatable_flag_on_the_command_line_replaces_the_files_list(tmp_path,
     assert cloud_cli.parse_args(["--auth-token", third, "--config", config])[0].auth_tokens == (third,)
     later = _toml(tmp_path, f'auth-token = ["{third}"]\n', "later.toml")
     assert cloud_cli.parse_args(["--config", config, "--config", later])[0].auth_tokens == (third,)
+
+
+def test_a_parser_knows_its_flags_groups_and_subcommands_without_argparse_internals():
+    parser = cli_util.new_parser("tool", None)
+    group = parser.add_argument_group("g")
+    group.add_argument("--lambda", dest="lam", type=float, default=0.0)
+    parser.add_argument("--token", dest="tokens", action="append")
+    run = parser.add_subparsers(dest="command").add_parser("run")
+    run.add_argument("--out", required=True)
+    assert set(parser.settings()) == {"lambda", "token"}  # --help and --version are no settings
+    assert parser.settings()["lambda"].default == 0.0 and parser.repeated == {"tokens"}
+    assert (parser.flag("lam"), parser.flag("defense.lam"), parser.flag("state_every")) == \
+        ("--lambda", "--lambda", "--state-every")
+    assert parser.subcommand("run") is run and set(run.settings()) == {"out"}
+    assert parser.parse_args(["--lambda", "2", "run", "--out", "o"]).lam == 2.0  # the group's flag still parses
+
+
+def test_a_strict_parser_raises_its_usage_errors():
+    parser = cli_util.new_parser("tool", None, cli_util.StrictParser)
+    parser.add_subparsers(dest="command").add_parser("run").add_argument("--out", required=True)
+    with pytest.raises(ValueError, match="the following arguments are required: --out"):
+        parser.parse_args(["run"])  # a subcommand's parser is strict too
+    with pytest.raises(ValueError, match="invalid choice: 'walk'"):
+        parser.parse_args(["walk"])
+
+
+def test_list_cuts_prints_the_model_registry(capsys):
+    from splitnet import models
+
+    assert edge_cli.main(["--list-cuts"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == list(models.architectures())
+    assert lines[0] == "cnn: conv1 block1 block2 (default block1)"

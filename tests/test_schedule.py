@@ -14,6 +14,7 @@ from edge_client.cli import add_training_args, config_from_args
 from edge_client.config import EdgeConfig
 from edge_client.trainer import EdgeTrainer, run
 from splitnet import data, models
+from splitnet.cli_util import Parser
 from splitnet.schedule import LrSchedule
 
 from messages import rejected, spec
@@ -64,9 +65,7 @@ def test_bad_schedules_are_refused_naming_what_is_wrong(text, flag):
 
 
 def test_the_cli_refuses_a_bad_schedule_or_width_naming_the_flag(capsys):
-    import argparse
-
-    p = argparse.ArgumentParser()
+    p = Parser()
     add_training_args(p)
     for argv, flag in ((["--lr-schedule", "multistep:3:2"], "--lr-schedule gamma"),
                        (["--warmup-epochs", "20", "--epochs", "5"], "--warmup-epochs"),
