@@ -31,7 +31,7 @@ from tqdm import tqdm
 from edge_client.cem_hook import CemHook
 from edge_client.config import EdgeConfig
 from edge_client.defense import nopeek_loss
-from edge_client.report import percentile
+from edge_client.report import generalization, percentile
 from splitnet import data, encoder_file, models
 from splitnet.cloud_api import Cloud, StepReply
 from splitnet.obfuscation import Obfuscation
@@ -121,7 +121,7 @@ class EdgeTrainer:
         self.split = models.build(models.SplitSpec(config.arch, config.cut, self.splits.num_classes,
                                                    self.splits.input_shape, config.bottleneck, config.width))
         self.encoder = self.split.encoder.to(config.device)
-        self.augment = (data.augment_by_default(self.splits.input_shape) if config.augment == "auto"
+        self.augment = (data.augment_by_default(self.train_set) if config.augment == "auto"
                         else config.augment == "on")
         self.augmented = data.Augmented(self.train_set, config.seed) if self.augment else None
         self.loader = data.training_loader(self.augmented or self.train_set, config.batch_size, config.seed)
@@ -406,9 +406,14 @@ class EdgeTrainer:
         """The JSON report (keys documented in README.md)."""
         cfg, spec = self.config, self.split.spec
         last = self.history[-1] if self.history else {}
+        gap, warnings = generalization(last.get("train_accuracy"), accuracy)
+        for warning in warnings:
+            log.warning("%s", warning)
         return {
             "test_accuracy": accuracy,
             "train_loss": last.get("train_loss"),
+            "generalization_gap": gap,
+            "warnings": warnings,
             **self.counters(),
             "codec": cfg.codec,
             "grad_codec": cfg.grad_codec,

@@ -197,10 +197,29 @@ class Augmented(Dataset):
         return augment(x, self.seed, self.epoch, index), y
 
 
-def augment_by_default(input_shape: tuple[int, ...]) -> bool:
-    """`--augment auto`: on for RGB images (CIFAR-style sets), off for grey digits, where a 4-pixel
-    crop of a 16-pixel image would cut off strokes."""
-    return input_shape[0] == 3
+GREY_SAMPLE = 32  # images looked at to tell a grey set from a colour one
+
+
+def is_grey(dataset: Dataset, sample: int = GREY_SAMPLE) -> bool:
+    """One channel, or three equal ones on `sample` images spread over the set.
+
+    Not the channel count alone: torchvision's ImageFolder loader converts every image to
+    RGB, so a folder of grey PNGs arrives with three (identical) channels. An empty set is
+    not grey (nothing says so).
+    """
+    size = len(dataset)  # type: ignore[arg-type]
+    for index in torch.linspace(0, size - 1, min(size, sample)).long().tolist():
+        x = dataset[index][0]
+        if not all(torch.equal(x[0], channel) for channel in x[1:]):
+            return False
+    return size > 0
+
+
+def augment_by_default(dataset: Dataset) -> bool:
+    """`--augment auto`: on for colour images (CIFAR-style sets), off for grey ones (digits, and
+    grey images an ImageFolder converted to RGB): a 4-pixel crop of a small grey image cuts
+    strokes and shapes off (docs/TRAINING.md, "Augmentation")."""
+    return not is_grey(dataset)
 
 
 def training_loader(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:

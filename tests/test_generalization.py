@@ -1,0 +1,82 @@
+"""Grey image sets are not augmented by `--augment auto`, and a test accuracy far below the
+training accuracy is reported (`generalization_gap`, `warnings`) and logged."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import TensorDataset
+
+from cloud_server.local import LocalCloud
+from edge_client.config import EdgeConfig
+from edge_client.report import GAP_WARNING, generalization
+from edge_client.trainer import EdgeTrainer
+from splitnet import data
+
+
+def _write_folder(root, colour: bool, per_class: int = 6) -> None:
+    """Two classes of small random PNGs: grey ("L") or colour ("RGB") files."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            shape = (20, 20, 3) if colour else (20, 20)
+            pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+            Image.fromarray(pixels, "RGB" if colour else "L").save(root / name / f"{i}.png")
+
+
+@pytest.mark.slow  # torchvision's import: seconds
+@pytest.mark.parametrize("colour", [False, True])
+def test_augment_auto_follows_the_pixels_not_the_channel_count(tmp_path, colour):
+    """ImageFolder converts grey PNGs to three equal channels: still grey, so auto leaves them alone."""
+    _write_folder(tmp_path, colour)
+    spec = data.DataSpec("imagefolder", str(tmp_path), image_size=20)
+    splits = data.load(spec)
+    assert splits.input_shape == (3, 20, 20)  # the loader's RGB, either way
+    trainer = EdgeTrainer(EdgeConfig(data=spec, augment="auto", progress=False), LocalCloud(), splits)
+    assert trainer.augment is colour and (trainer.augmented is not None) is colour
+
+
+def test_grey_digits_and_one_colour_image_among_grey_ones():
+    digits = data.load(data.DataSpec("digits")).train
+    assert data.is_grey(digits) and not data.augment_by_default(digits)
+    grey = torch.rand(10, 1, 4, 4).expand(10, 3, 4, 4).clone()
+    assert data.is_grey(TensorDataset(grey, torch.zeros(10)))
+    grey[9, 0] += 0.1  # the last image has colour: sampled, so the set is colour
+    assert not data.is_grey(TensorDataset(grey, torch.zeros(10)))
+
+
+@pytest.mark.parametrize("train, test, warned", [(1.0, 0.275, True), (1.0, 0.75, False),
+                                                  (0.9, 0.9 - GAP_WARNING, False), (None, 0.5, False)])
+def test_generalization_gap_threshold(train, test, warned):
+    gap, warnings = generalization(train, test)
+    assert (gap is None) == (train is None)
+    assert bool(warnings) is warned
+
+
+@pytest.mark.slow
+def test_a_run_that_does_not_generalise_says_so(caplog):
+    """Digits, tested on its own training images with every label shifted by one: training
+    accuracy high, test accuracy near 0; the report carries the gap and a warning, and the log
+    a WARNING line."""
+    torch.set_num_threads(1)
+    splits = data.load(data.DataSpec("digits"))
+    x, y = splits.train.tensors
+    wrong = data.Splits(splits.train, TensorDataset(x[:300], (y[:300] + 1) % 10), 10, splits.input_shape)
+    trainer = EdgeTrainer(EdgeConfig(epochs=3, progress=False), LocalCloud(), wrong)
+    trainer.open()
+    for _ in range(3):
+        trainer.train_epoch()
+    accuracy = trainer.evaluate()
+    trainer.close()
+    with caplog.at_level(logging.WARNING, logger="edge_client.trainer"):
+        report = trainer.report(accuracy)
+    train_accuracy = trainer.history[-1]["train_accuracy"]
+    assert train_accuracy > 0.8 and accuracy < 0.2
+    assert report["generalization_gap"] == pytest.approx(train_accuracy - accuracy)
+    assert len(report["warnings"]) == 1 and "below training accuracy" in report["warnings"][0]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == report["warnings"]
