@@ -80,3 +80,19 @@ def test_a_run_that_does_not_generalise_says_so(caplog):
     assert report["generalization_gap"] == pytest.approx(train_accuracy - accuracy)
     assert len(report["warnings"]) == 1 and "below training accuracy" in report["warnings"][0]
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == report["warnings"]
+
+
+@pytest.mark.parametrize("size, lengths", [(193, [64, 64, 64]), (200, [64, 64, 64, 8]), (5, [5])])
+def test_training_batches_leave_out_a_short_last_batch_in_the_same_order(size, lengths):
+    """193 = 3 x 64 + 1: the old loader ended each pass with a step on one sample, which kept a
+    small grey set at chance. The batches kept are DataLoader(shuffle=True)'s, pass after pass
+    (the attack harness replays them through `training_order`)."""
+    loader = data.training_loader(range(size), 64, seed=3)
+    plain = torch.utils.data.DataLoader(range(size), batch_size=64, shuffle=True,
+                                        generator=torch.Generator().manual_seed(3))
+    order = data.training_order(size, 64, seed=3)
+    for _ in range(3):
+        batches, reference = [b.tolist() for b in loader], [b.tolist() for b in plain]
+        assert [len(b) for b in batches] == lengths == [len(b) for b in [next(order) for _ in lengths]]
+        assert batches == reference[:len(batches)] and len(loader) == len(lengths)
+        assert min(lengths) >= min(data.MIN_LAST_BATCH, size)
