@@ -222,31 +222,34 @@ def augment_by_default(dataset: Dataset) -> bool:
     return not is_grey(dataset)
 
 
-# A pass's last batch smaller than this is left out of it (shuffled, so a different few samples
-# each pass). One sample in a step of its own wrecked training: a grey two-class set of 193
-# training images at batch 64 (64 + 64 + 64 + 1) ended at chance at every seed tried, the same
-# images at batch 50 (last batch 43) at test accuracy 0.88-0.98 (docs/TRAINING.md).
+# A pass's last batch smaller than this, and than 1/8 of a batch, is left out of it (shuffled,
+# so a different few samples each pass). One sample in a step of its own wrecked training: a
+# grey two-class set of 193 training images at batch 64 (64 + 64 + 64 + 1) ended at chance at
+# every seed tried, the same images at batch 50 (last batch 43) at test accuracy 0.88-0.98
+# (docs/TRAINING.md, "Short last batch").
 MIN_LAST_BATCH = 8
 
 
+def batches_per_pass(size: int, batch_size: int) -> int:
+    """How many batches `training_loader` makes of `size` samples: ceil(size / batch_size), less
+    a last batch under min(MIN_LAST_BATCH, batch_size // 8) (never the only one)."""
+    full, tail = divmod(size, batch_size)
+    return full + (tail > 0 and (tail >= min(MIN_LAST_BATCH, batch_size // 8) or full == 0))
+
+
 class _Batches(Sampler):
-    """Shuffled batches of `batch_size` indices, without a last batch under MIN_LAST_BATCH (one
-    that is the whole set stays: a set smaller than that still trains)."""
+    """Shuffled batches of `batch_size` indices, `batches_per_pass` of them."""
 
     def __init__(self, size: int, batch_size: int, generator: torch.Generator) -> None:
         self.batches = BatchSampler(RandomSampler(range(size), generator=generator), batch_size, drop_last=False)
-        self.size, self.batch_size = size, batch_size
-
-    def _short_tail(self) -> bool:
-        tail = self.size % self.batch_size
-        return 0 < tail < MIN_LAST_BATCH and self.size > self.batch_size
+        self.count = batches_per_pass(size, batch_size)
 
     def __len__(self) -> int:
-        return len(self.batches) - self._short_tail()
+        return self.count
 
     def __iter__(self) -> Iterator[list[int]]:
         for number, batch in enumerate(self.batches):
-            if number < len(self):
+            if number < self.count:
                 yield batch
 
 

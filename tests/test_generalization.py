@@ -95,4 +95,4 @@ def test_training_batches_leave_out_a_short_last_batch_in_the_same_order(size, l
         batches, reference = [b.tolist() for b in loader], [b.tolist() for b in plain]
         assert [len(b) for b in batches] == lengths == [len(b) for b in [next(order) for _ in lengths]]
         assert batches == reference[:len(batches)] and len(loader) == len(lengths)
-        assert min(lengths) >= min(data.MIN_LAST_BATCH, size)
+        assert len(loader) == data.batches_per_pass(size, 64) and min(lengths) >= min(data.MIN_LAST_BATCH, size)
