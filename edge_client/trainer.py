@@ -446,7 +446,8 @@ class EdgeTrainer:
 
 def run(config: EdgeConfig, cloud: Cloud, splits: data.Splits | None = None,
         train_set: Dataset | None = None) -> dict:
-    """Open, train all epochs (or max_steps), make them durable, evaluate, close; return the report."""
+    """Open, train all epochs (or max_steps), make them durable, measure the encoder's batch-norm
+    statistics on the training set, evaluate, close; return the report."""
     trainer = EdgeTrainer(config, cloud, splits, train_set)
     trainer.open()
     try:
@@ -455,6 +456,10 @@ def run(config: EdgeConfig, cloud: Cloud, splits: data.Splits | None = None,
             if trainer.done:
                 break
         trainer.make_durable()
+        # Running statistics are an average over the last ~10 steps (momentum 0.1): on a small set
+        # that is the last few epochs' weights, not the final ones (docs/TRAINING.md, "Batch-norm
+        # statistics"); measured afresh, evaluation and the saved encoder use the final weights'.
+        trainer.recalibrate_batch_norm()
         accuracy = trainer.evaluate()
     finally:
         trainer.close()
