@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
 from dataclasses import dataclass
 from itertools import islice
@@ -82,7 +81,7 @@ class PrivateSession:
         self.requests = private_requests(splits.test, self.eval_batch_size)
         self.train_set = splits.train
         self.first_step = report.get("first_step_id", 0)
-        self.steps_per_epoch = max(1, math.ceil(report["train_set_size"] / report["batch_size"]))
+        self.steps_per_epoch = max(1, data.batches_per_pass(report["train_set_size"], report["batch_size"]))
         self.augment_seed = report["seed"] if report.get("augment") else None
         self.batches: list[torch.Tensor] = []  # dataset indices of the k-th training step
         if not report.get("train_shard") and report["train_set_size"] == len(splits.train):

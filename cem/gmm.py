@@ -99,7 +99,7 @@ class GMMCEM(Surrogate):
             self.centroids[c, :k] = centers
             self.weights[c, :k] = counts / len(xc)
             self.spread[c, :k] = torch.zeros(k, device=z.device).index_add_(0, assign, dev.square().mean(1)) / counts
-            logdets.append((self.weights[c, :k] * self._logdet(dev, assign, sigma)).sum() / self.feature_dim)
+            logdets.append((self.weights[c, :k] * self._logdet(dev, assign, sigma, k)).sum() / self.feature_dim)
         self.refits += 1
         self.logdet_per_dim.copy_(torch.stack(logdets).mean() if logdets else torch.tensor(float("nan")))
         return {"refit": True, "warm_start": warm, "iterations": iterations, "clusters": self.clusters,
@@ -107,18 +107,30 @@ class GMMCEM(Surrogate):
                 "logdet_per_dim": float(self.logdet_per_dim)}
 
     @staticmethod
-    def _logdet(dev: torch.Tensor, assign: torch.Tensor, sigma: float) -> torch.Tensor:
-        """log det(Sigma_k + sigma^2 I) per cluster, logged as in the original, never optimised.
+    def _logdet(dev: torch.Tensor, assign: torch.Tensor, sigma: float, k: int) -> torch.Tensor:
+        """log det(Sigma_k + sigma^2 I) for each of the k clusters, logged as in the original, never
+        optimised; NaN where it cannot be computed (non-finite features), 0 for an empty cluster.
 
-        Through the n x n Gram matrix: det(Y'Y/n + s I_D) = s^D det(I_n + YY'/(n s)), a
-        few members per cluster instead of a D x D matrix. Padded members (zero rows) add
-        identity rows, which leave the determinant unchanged.
+        With Y the n x D block of a cluster's deviations, det(Y'Y/n + s I_D) = s^D det(I + A) for
+        A = YY'/(n s) (n x n) or Y'Y/(n s) (D x D), the same determinant (Sylvester): the smaller
+        side is used, so a cluster of thousands of members (a collapsed class) costs a D x D
+        matrix, not an n x n one. Padded members (zero rows) change neither.
+
+        I + A is symmetric positive definite, so a Cholesky factor gives the determinant, in
+        float64. Not LU (`slogdet`): PyTorch's batched CPU LU runs LAPACK getrf on several
+        threads at once, and from 151 x 151 up MKL's pivoting then breaks (pytorch/pytorch#142815):
+        "Intel oneMKL ERROR: Parameter 6 was incorrect on entry to SLASWP" on stdout, a hang or
+        garbage. Any process with more than one torch thread and a cluster of over 150
+        members hit it (the Python API keeps torch's one thread per core; the CLIs pin 1).
         """
         s = sigma**2
-        groups = group_by_class(dev, assign, min_count=1)
-        gram = groups.x @ groups.x.transpose(1, 2) / (groups.counts.to(dev.dtype).view(-1, 1, 1) * s)
-        eye = torch.eye(gram.shape[-1], dtype=dev.dtype, device=dev.device)
-        return dev.shape[1] * math.log(s) + torch.linalg.slogdet(eye + gram).logabsdet
+        groups = group_by_class(dev.double(), assign, min_count=1)
+        y = groups.x / (groups.counts.double().view(-1, 1, 1) * s).sqrt()
+        a = y @ y.transpose(1, 2) if y.shape[1] <= y.shape[2] else y.transpose(1, 2) @ y
+        factor, info = torch.linalg.cholesky_ex(torch.eye(a.shape[-1], dtype=a.dtype, device=a.device) + a)
+        logdet = 2 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1) + dev.shape[1] * math.log(s)
+        out = torch.zeros(k, dtype=dev.dtype, device=dev.device)
+        return out.index_put_((groups.classes,), torch.where(info == 0, logdet, math.nan).to(dev.dtype))
 
     def _loss(self, groups: ClassGroups, sigma: float) -> tuple[torch.Tensor, torch.Tensor, Diagnostics]:
         own: Diagnostics = {"fitted": int(self.refits) > 0, "shutoff": False,

@@ -64,7 +64,8 @@ def add_training_args(p: Parser) -> None:
                    help="ramp the rate linearly from lr/steps to lr over the first E epochs (default %(default)s)")
     g.add_argument("--augment", default=e.augment, choices=("auto", "on", "off"),
                    help="random crop (padding 4) + horizontal flip of training images, seeded so the attack "
-                        "harness can replay them (auto: on for RGB sets, off for digits)")
+                        "harness can replay them (auto: on for colour images, off for grey ones, also grey files an "
+                        "ImageFolder loads as RGB)")
     g.add_argument("--momentum", type=float, default=e.momentum, help="SGD momentum (encoder and decoder)")
     g.add_argument("--weight-decay", type=float, default=e.weight_decay, help="SGD weight decay (encoder and decoder)")
     g.add_argument("--max-steps", type=int, default=0, help="stop after N training steps (0: all epochs)")

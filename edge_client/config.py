@@ -133,7 +133,7 @@ class EdgeConfig:
     weight_decay: float = 5e-4
     lr_schedule: str = DEFAULT_SCHEDULE  # constant | cosine | multistep:E1,E2,...:GAMMA (splitnet.schedule)
     warmup_epochs: float = 0.0
-    augment: str = "auto"  # auto | on | off: seeded crop + flip of the training images (auto: on for RGB)
+    augment: str = "auto"  # auto | on | off: seeded crop + flip of the training images (auto: on unless grey)
     codec: str = "fp32"
     grad_codec: str = "fp32"
     seed: int = 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -301,8 +303,10 @@ def test_gmm_refit_kmeanspp_then_warm_start(bounded, clusters):
     assert diag["fitted"] and diag["logdet_per_dim"] == pytest.approx(second["logdet_per_dim"])
 
 
-def test_gmm_logdet_matches_dense_covariance():
-    z, labels = clustered(0.2, per_class=12, classes=1, dim=6)
+@pytest.mark.parametrize("per_class", [12, 60])  # clusters smaller, then larger than D = 6
+def test_gmm_logdet_matches_dense_covariance(per_class):
+    """The n x n Gram form (n <= D) and the D x D covariance form (n > D) give the same number."""
+    z, labels = clustered(0.2, per_class=per_class, classes=1, dim=6)
     module = cem.build("gmm", 6, num_classes=1, bounded=True)
     torch.manual_seed(0)
     module.refit(z, labels, SIGMA)
@@ -314,6 +318,49 @@ def test_gmm_logdet_matches_dense_covariance():
         dense += float(module.weights[0, k]) * float(torch.logdet(cov)) / 6
     assert float(module.logdet_per_dim) == pytest.approx(dense, rel=1e-4)
 
+
+
+def test_gmm_logdet_is_nan_on_nonfinite_features_not_an_error():
+    """A NaN feature (a diverged encoder) leaves the diagnostic NaN; the refit itself goes on."""
+    z, labels = clustered(0.2, per_class=20, classes=2, dim=6)
+    z[3, 2] = math.nan
+    module = cem.build("gmm", 6, num_classes=2, bounded=True)
+    diag = module.refit(z, labels, SIGMA)
+    assert diag["refit"] and math.isnan(diag["logdet_per_dim"])
+
+
+# Run in a child process: MKL prints its errors from C to fd 1, which pytest's capture of
+# sys.stdout does not see, and the old code hung there.
+_LOGDET_THREADS = """
+import math, torch
+import cem
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+modes = torch.randn(5, 512, generator=g) * 4
+assign = torch.arange(5).repeat_interleave(200)  # 5 modes of 200 members: clusters over 150
+z = torch.sigmoid(modes[assign] + 0.3 * torch.randn(len(assign), 512, generator=g))
+labels = torch.zeros(len(z), dtype=torch.long)
+module = cem.build("gmm", 512, num_classes=1, bounded=True)
+got = module.refit(z.view(-1, 8, 8, 8), labels, 0.1)["logdet_per_dim"]
+near = torch.cdist(z, module.centroids[0]).argmin(1)
+dense = 0.0  # the D x D covariance, one unbatched float64 LU per cluster (no batch: no race)
+for k in range(5):
+    dev = (z - module.centroids[0, k]).double()[near == k]
+    cov = dev.T @ dev / len(dev) + 0.01 * torch.eye(512, dtype=torch.float64)
+    dense += float(module.weights[0, k]) * float(torch.linalg.slogdet(cov).logabsdet) / 512
+print("logdet", got, dense)
+"""
+
+
+@pytest.mark.slow
+def test_gmm_logdet_with_threads_and_large_clusters():
+    """Clusters of over 150 members in a process with 2 torch threads: the batched LU of the old
+    `slogdet` printed "Intel oneMKL ERROR: Parameter 6 ... SLASWP" and hung (pytorch#142815)."""
+    done = subprocess.run([sys.executable, "-c", _LOGDET_THREADS], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "LASWP" not in done.stdout + done.stderr
+    got, dense = map(float, done.stdout.split("logdet")[-1].split())
+    assert got == pytest.approx(dense, rel=1e-4)
 
 # ---- merge --------------------------------------------------------------------------------
 
