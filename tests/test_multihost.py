@@ -43,6 +43,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certs import make_cert, write_cert
 from deploy.processes import start_command
+from deploy.ray_cli import absolute_paths
+from edge_client.config import ConnectionConfig, EdgeConfig
+from splitnet.settings import DataSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the entry points (ray, cloud-server, split-ray) of this environment
@@ -84,6 +87,18 @@ def test_deploy_md_shows_the_commands_this_file_runs() -> None:
     missing += [line.format(**DOC_RECIPE) for line in BRIDGE_SETUP + HOST_SETUP
                 if line.format(**DOC_RECIPE) not in text]
     assert not missing, "docs/DEPLOY.md lacks:\n" + "\n".join(missing)
+
+
+def test_split_ray_hands_its_actors_absolute_paths(tmp_path, monkeypatch) -> None:
+    """An actor on a cluster node opens files in the folder `ray start` ran in there, not the driver's:
+    the multi-host test below starts its nodes in their homes and runs split-ray with `--tls-ca ca.pem`."""
+    monkeypatch.chdir(tmp_path)
+    edge = absolute_paths(EdgeConfig(connection=ConnectionConfig(tls_ca="ca.pem", tls_cert="/etc/edge.pem"),
+                                     data=DataSpec("imagefolder", "data")))
+    here = Path.cwd()
+    assert (edge.connection.tls_ca, edge.connection.tls_cert, edge.connection.tls_key) == \
+        (str(here / "ca.pem"), "/etc/edge.pem", "")
+    assert edge.data.data_root == str(here / "data")
 
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -221,10 +236,12 @@ def test_split_ray_drives_clients_on_two_nodes_against_a_tls_server_on_a_third(h
         assert server.address == f"{cloud.address}:50051"
 
         head.run(GENERATE_TOKEN, cwd=work, timeout=60)
-        head.run(HEAD_START.format(**where), *small_node, "--temp-dir", str(ray_temp / "h"), cwd=work, timeout=120)
+        # each node started in its home, not the driver's folder: the folder its actors run in
+        head.run(HEAD_START.format(**where), *small_node, "--temp-dir", str(ray_temp / "h"), cwd=head.home,
+                 timeout=120)
         (worker.home / ".ray").mkdir()
         shutil.copy(head.home / ".ray" / "auth_token", worker.home / ".ray" / "auth_token")  # "copy the file"
-        worker.run(WORKER_START.format(**where), *small_node, "--temp-dir", str(ray_temp / "w"), cwd=work,
+        worker.run(WORKER_START.format(**where), *small_node, "--temp-dir", str(ray_temp / "w"), cwd=worker.home,
                    timeout=120)
         deadline = time.monotonic() + 60  # the autoscaler's view of the cluster lags the worker's start
         while active_nodes(status := worker.run(STATUS.format(**where), cwd=work, timeout=60)) < 2:
