@@ -254,6 +254,10 @@ def test_split_ray_drives_clients_on_two_nodes_against_a_tls_server_on_a_third(h
         while active_nodes(status := worker.run(STATUS.format(**where), cwd=work, timeout=60)) < 2:
             assert time.monotonic() < deadline, f"ray status never listed both nodes:\n{status}"
             time.sleep(2)
+        # Ray's token authentication is on: the same command with another token is turned away
+        refused = subprocess.run(worker.command(STATUS.format(**where)), env=worker.env(RAY_AUTH_TOKEN="0" * 64),
+                                 cwd=work, capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "InvalidAuthToken" in refused.stderr, refused.stdout + refused.stderr
 
         report = tmp_path / "ray.json"
         out = head.run(DRIVER.format(**where), "--clients", str(CLIENTS), "--mode", "splitfed", "--epochs", "1",
