@@ -118,6 +118,7 @@ class Host:
     veth: str  # the end of its veth pair on the bridge
     address: str
     home: Path
+    ray_temp: Path  # its Ray node's --temp-dir
 
     def command(self, line: str, *extra: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns, *shlex.split(line), *extra]
@@ -181,14 +182,16 @@ def build(line: str) -> None:
 
 @pytest.fixture
 def hosts(tmp_path):
-    """cloud, head and worker: namespaces on a bridge of their own; all of it gone afterwards."""
+    """cloud, head and worker: namespaces on a bridge of their own, and a short folder for their Ray temp
+    dirs; all of it gone afterwards."""
     reason = can_make_namespaces()
     if reason:
         pytest.skip(reason)
     suffix = secrets.token_hex(2)
     bridge = f"br-splt-{suffix}"
-    made = {name: Host(f"splt-{suffix}-{name}", f"v{suffix}-{name}", address, tmp_path / f"home-{name}")
-            for name, address in ADDRESSES.items()}
+    ray_temp = Path(tempfile.mkdtemp(prefix="rmh-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
+    made = {name: Host(f"splt-{suffix}-{name}", f"v{suffix}-{name}", address, tmp_path / f"home-{name}",
+                       ray_temp / name) for name, address in ADDRESSES.items()}
     try:
         for line in BRIDGE_SETUP:
             build(line.format(bridge=bridge))
@@ -205,6 +208,7 @@ def hosts(tmp_path):
             ip("link", "del", host.veth, check=False)  # with its peer: the namespace keeps no link
             ip("netns", "del", host.ns, check=False)
         ip("link", "del", bridge, check=False)
+        shutil.rmtree(ray_temp, ignore_errors=True)
         leftovers = [f"processes {left}"] if left else []
         listed = ip("-br", "link", check=False).stdout + ip("netns", "list", check=False).stdout
         leftovers += [line for line in listed.splitlines() if suffix in line]
@@ -234,7 +238,6 @@ def test_split_ray_drives_clients_on_two_nodes_against_a_tls_server_on_a_third(h
     work.mkdir()
     make_pki(work, cloud.address)
     token = secrets.token_hex(32)
-    ray_temp = Path(tempfile.mkdtemp(prefix="rmh-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
     small_node = ("--num-cpus", "1", "--object-store-memory", str(100 * 2**20))
     server = None
     try:
@@ -244,11 +247,11 @@ def test_split_ray_drives_clients_on_two_nodes_against_a_tls_server_on_a_third(h
 
         head.run(GENERATE_TOKEN, cwd=work, timeout=60)
         # each node started in its home, not the driver's folder: the folder its actors run in
-        head.run(HEAD_START.format(**where), *small_node, "--temp-dir", str(ray_temp / "h"), cwd=head.home,
+        head.run(HEAD_START.format(**where), *small_node, "--temp-dir", str(head.ray_temp), cwd=head.home,
                  timeout=120)
         (worker.home / ".ray").mkdir()
         shutil.copy(head.home / ".ray" / "auth_token", worker.home / ".ray" / "auth_token")  # "copy the file"
-        worker.run(WORKER_START.format(**where), *small_node, "--temp-dir", str(ray_temp / "w"), cwd=worker.home,
+        worker.run(WORKER_START.format(**where), *small_node, "--temp-dir", str(worker.ray_temp), cwd=worker.home,
                    timeout=120)
         deadline = time.monotonic() + 60  # the autoscaler's view of the cluster lags the worker's start
         while active_nodes(status := worker.run(STATUS.format(**where), cwd=work, timeout=60)) < 2:
@@ -264,10 +267,8 @@ def test_split_ray_drives_clients_on_two_nodes_against_a_tls_server_on_a_third(h
                        "--max-steps", str(MAX_STEPS), "--report", str(report), cwd=work, timeout=300,
                        SPLIT_AUTH_TOKEN=token)
     finally:
-        if server:
+        if server:  # the Ray processes are stopped with the rest of the namespaces' (fixture)
             server.stop(timeout=10)
-        # the Ray processes are the namespaces' and go with them (fixture); their files here
-        shutil.rmtree(ray_temp, ignore_errors=True)
 
     assert "serving TLS, 1 auth token(s)" in server.output(), server.output()
     summary = json.loads(report.read_text())
