@@ -39,8 +39,16 @@ class ServerProcess:
 def start_process(module_args: list[str], ready: str, timeout: float = 60.0,
                   env: dict | None = None) -> ServerProcess:
     """`python -m MODULE ARGS...`, waiting for the line that matches `ready` (its group 1: the address)."""
+    return start_command([sys.executable, "-m", *module_args], ready, timeout, env, name=module_args[0])
+
+
+def start_command(command: list[str], ready: str, timeout: float = 60.0, env: dict | None = None,
+                  name: str = "", cwd: str | None = None) -> ServerProcess:
+    """Any command (an entry point run in another network namespace: tests/test_multihost.py), waiting
+    for the line that matches `ready` (its group 1: the address). `name` in errors; default: the command."""
+    name = name or " ".join(command)
     pattern = re.compile(ready)
-    proc = subprocess.Popen([sys.executable, "-m", *module_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     lines: list[str] = []
     found = threading.Event()
@@ -60,10 +68,10 @@ def start_process(module_args: list[str], ready: str, timeout: float = 60.0,
     while not found.wait(0.1):
         if time.monotonic() > deadline:
             proc.kill()
-            raise TimeoutError(f"{module_args[0]} did not start: {''.join(lines)}")
+            raise TimeoutError(f"{name} did not start: {''.join(lines)}")
     if not address:
         proc.wait(5)
-        raise RuntimeError(f"{module_args[0]} exited: {''.join(lines)}")
+        raise RuntimeError(f"{name} exited: {''.join(lines)}")
     return ServerProcess(proc, address[0], lines)
 
 

@@ -11,7 +11,7 @@ A thousand virtual clients over two worker actors, a tenth of them in each round
 A Ray cluster (`ray start --head` / `ray start --address`, with RAY_AUTH_MODE=token: docs/DEPLOY.md)
 and a cloud server elsewhere:
 
-    split-ray --address auto --server 10.0.0.5:50051 --clients 8 --mode parallel --partition dirichlet:0.5
+    split-ray --address 10.0.0.10:6379 --server 10.0.0.5:50051 --clients 8 --mode parallel --partition dirichlet:0.5
 
 Exit status: 0 when every client finished, 1 when some failed (the report names them),
 2 for a usage or data error.
@@ -30,6 +30,7 @@ from deploy.ray_config import (MODES, Kill, PartitionSpec, RayRunConfig, Virtual
                                runtime_env)
 from edge_client import cli as edge_cli
 from edge_client import report as report_mod
+from edge_client.config import EdgeConfig
 from splitnet.cli_util import add_config_args, names_missing_extra, new_parser, parse_args, setup_logging
 from splitnet.security import AUTH_ENV
 
@@ -76,6 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def absolute_paths(edge: EdgeConfig) -> EdgeConfig:
+    """`edge` with its TLS files and data folder as absolute paths (the driver's folder for a relative one).
+
+    An actor opens them in its own working directory, which on a node of a cluster is the folder
+    `ray start` ran in there, not the driver's: `--tls-ca ca.pem` that the driver reads would fail in
+    every actor (tests/test_multihost.py starts its nodes elsewhere and saw exactly that)."""
+    def absolute(path: str) -> str:
+        return str(Path(path).resolve()) if path else path
+
+    connection = dataclasses.replace(edge.connection, **{name: absolute(getattr(edge.connection, name))
+                                                          for name in ("tls_ca", "tls_cert", "tls_key")})
+    data = dataclasses.replace(edge.data, data_root=absolute(edge.data.data_root))
+    return dataclasses.replace(edge, connection=connection, data=data)
+
+
 @names_missing_extra("split-ray")
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
@@ -85,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.start_server and args.address:
         p.error("--start-server binds 127.0.0.1, out of reach of other machines' actors: with --address, start "
                 "cloud-server --host ADDRESS yourself and pass --server")
-    edge = edge_cli.config_from_args(args, p)
+    edge = absolute_paths(edge_cli.config_from_args(args, p))
     if args.start_server and (edge.connection.tls_ca or edge.connection.tls_cert):
         p.error("--start-server starts a plain loopback server: for TLS, start cloud-server --tls-cert/--tls-key "
                 "yourself and pass --server")

@@ -1,7 +1,6 @@
 """TLS, mutual TLS, bearer tokens, session ownership, the CLIs' security flags, and
 checkpoints that refuse pickled objects. Certificates are made at test time."""
 
-import datetime
 import ipaddress
 import os
 import subprocess
@@ -12,9 +11,7 @@ import grpc
 import pytest
 import torch
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -32,6 +29,7 @@ from splitnet import capture, checkpoint_file, codec, security, wire
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
+from certs import make_cert, write_cert
 from messages import rejected, spec, step, tensor
 
 TOKEN_A, TOKEN_B = "token-a-0123456789abcdef", "token-b-0123456789abcdef"
@@ -40,48 +38,23 @@ TOKEN_A, TOKEN_B = "token-a-0123456789abcdef", "token-b-0123456789abcdef"
 # -- certificates
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(subject: str, issuer_key, issuer: str, *, ca: bool = False, sans: list | None = None,
-          usage=None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    if usage:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    return builder.sign(issuer_key or key, hashes.SHA256()), key
-
-
-def _write(folder: Path, name: str, cert: x509.Certificate, key) -> None:
-    (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                           serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()))
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     """ca, server (localhost / 127.0.0.1), named (only 'cloud.internal'), clients edge-1 and edge-2,
     and rogue: a client certificate from another CA."""
     folder = tmp_path_factory.mktemp("pki")
     for ca_name in ("ca", "other-ca"):
-        ca_cert, ca_key = _cert(ca_name, None, ca_name, ca=True)
-        _write(folder, ca_name, ca_cert, ca_key)
+        ca_cert, ca_key = make_cert(ca_name, None, ca_name, ca=True)
+        write_cert(folder, ca_name, ca_cert, ca_key)
         if ca_name == "ca":
             server_sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
             for name, sans in (("server", server_sans), ("named", [x509.DNSName("cloud.internal")])):
-                _write(folder, name, *_cert(name, ca_key, ca_name, sans=sans, usage=ExtendedKeyUsageOID.SERVER_AUTH))
+                write_cert(folder, name,
+                           *make_cert(name, ca_key, ca_name, sans=sans, usage=ExtendedKeyUsageOID.SERVER_AUTH))
             for name in ("edge-1", "edge-2"):
-                _write(folder, name, *_cert(name, ca_key, ca_name, usage=ExtendedKeyUsageOID.CLIENT_AUTH))
+                write_cert(folder, name, *make_cert(name, ca_key, ca_name, usage=ExtendedKeyUsageOID.CLIENT_AUTH))
         else:
-            _write(folder, "rogue", *_cert("edge-1", ca_key, ca_name, usage=ExtendedKeyUsageOID.CLIENT_AUTH))
+            write_cert(folder, "rogue", *make_cert("edge-1", ca_key, ca_name, usage=ExtendedKeyUsageOID.CLIENT_AUTH))
     return folder
 
 
