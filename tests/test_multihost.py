@@ -124,10 +124,13 @@ class Host:
         return ["ip", "netns", "exec", self.ns, *shlex.split(line), *extra]
 
     def env(self, **extra: str) -> dict[str, str]:
-        """This environment with the venv's commands first on PATH, this host's HOME and RAY_ENV's variables."""
+        """This environment with the venv's commands first on PATH, this host's HOME and RAY_ENV's
+        variables, and no other Ray variable: those of this process are not the hosts' (pytest-xdist
+        imports every test module in every worker, and tests/test_ray.py sets a one-machine Ray's,
+        which refuses `ray start --address`)."""
         ray_vars = dict(pair.split("=", 1) for pair in RAY_ENV.split()[1:])
-        return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(self.home),
-                **ray_vars, **extra}
+        own = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        return {**own, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(self.home), **ray_vars, **extra}
 
     def run(self, line: str, *extra: str, cwd: Path, timeout: float, **env: str) -> str:
         """Run a command on this host to its end; its output, or a failure that shows it."""
