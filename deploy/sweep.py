@@ -132,9 +132,8 @@ ATTACK_FLAGS = {"epochs": "--inverse-epochs", "blocks": "--inverse-blocks", "wid
                 "rmle_tv_weight": "--rmle-tv-weight", "aux_dataset": "--aux-dataset",
                 "aux_data_root": "--aux-data-root", "aux_limit": "--aux-limit"}
 SECTIONS = ("model", "base", "grid", "defenses", "attack", "run")
-# Steps between the edge's saved states and the server's checkpoints of a point's job: the same
-# steps on both sides, so that the server's checkpoint is never behind the edge's state, and at
-# most the replies the server keeps per client (a resumed edge gets them again).
+# Steps between the edge's saved states: at most the replies the server keeps per client (a
+# resumed edge gets them again).
 STATE_EVERY = MAX_KEPT_REPLIES
 # Where data lives on this machine: not part of what a point is, so that a study's kept results
 # name the same points on a machine that holds the data elsewhere.
@@ -614,7 +613,7 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
 
 def _train_edge(config: SweepConfig, out: Path, flags: list[str]) -> None:
     """The point's edge-client, resumable: it keeps its state in `out/state` every STATE_EVERY steps
-    (the server checkpoints its job at the same steps), so a point whose sweep was killed carries
+    (each time after the server checkpointed its job), so a point whose sweep was killed carries
     on from there when the sweep runs again, in the job it trained in (`out/attempt.json`), and
     ends as it would have uninterrupted. A resume that fails (the server's checkpoint of the job
     is gone or behind the state) starts the point over, in a fresh job: a retried point never
@@ -633,7 +632,9 @@ def _train_edge(config: SweepConfig, out: Path, flags: list[str]) -> None:
         except PointFailed as err:
             if fresh:
                 raise
-            log.warning("%s: the interrupted run could not be resumed (%s); starting the point over", out.name, err)
+            shutil.copy(out / "edge-client.log", out / "edge-client-resume.log")  # why, for the curious
+            log.warning("%s: the interrupted run could not be resumed (%s; log: edge-client-resume.log); starting "
+                        "the point over", out.name, err)
 
 
 def read_base(out: Path, base: Base) -> dict:
@@ -745,13 +746,11 @@ class Services:
     """The sweep's long-lived processes: one cloud-server and the eavesdropping proxy in front of it."""
 
     def __init__(self, out: Path, jobs: int) -> None:
-        """The server keeps its jobs in `out/jobs`, checkpointed every STATE_EVERY steps: where the
-        bases' decoders wait for the points of later runs, and where an interrupted point's job
-        resumes from (see `_train_edge`)."""
+        """The server keeps its jobs in `out/jobs`: where the bases' decoders wait for the points of
+        later runs, and where an interrupted point's job resumes from (see `_train_edge`)."""
         self.capture = str(out / "capture")
         # Every point is a job of its own, kept until the sweep ends: room for all of them.
-        self.server: ServerProcess = start_server("--max-jobs", str(max(jobs, 1)), "--checkpoint-dir", str(out / "jobs"),
-                                                  "--checkpoint-every", str(STATE_EVERY))
+        self.server: ServerProcess = start_server("--max-jobs", str(max(jobs, 1)), "--checkpoint-dir", str(out / "jobs"))
         try:
             self.proxy = start_process(["attacks", "proxy", "--listen", "127.0.0.1:0", "--upstream",
                                         self.server.address, "--capture", self.capture], r"listening on (\S+) ->")

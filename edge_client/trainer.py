@@ -402,7 +402,11 @@ class EdgeTrainer:
     def save_state(self, path: str | Path | None = None) -> None:
         """Write this trainer's whole state (edge_client.state) to `path` (default: the config's
         state_dir), with no step in flight; from now on the cloud keeps the replies of later steps,
-        for a trainer that resumes from this state to get them again."""
+        for a trainer that resumes from this state to get them again. The cloud first makes the
+        steps the state covers durable (Flush: a server with --checkpoint-dir checkpoints the job),
+        so that the server is never behind a state, even when both ends crash together (a machine
+        that went away): a state ahead of the server's checkpoint could not be resumed."""
+        self.durable_step_id = self.cloud.flush()
         state_file.write(path or state_file.path_in(self.config.state_dir), {
             "identity": state_file.identity(self.config, self.split), "client_id": self.client_id,
             "trainer": asdict(self.snapshot(encoder=True)), "epoch": copy.deepcopy(self._epoch),
