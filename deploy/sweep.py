@@ -808,10 +808,12 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, keep_going:
                         failures[point.key] = {"error": f"its base {point.base.key} failed", "log":
                                                failures[point.base.key]["log"]}
             if not failures or keep_going:
-                runnable = [p for p in todo if p.key not in failures]
-                failures |= _run_all(config, {p.key: functools.partial(
-                    attempt, run_point, config, p, services.proxy.address, services.capture, out / "points" / p.key,
-                    log_dir, out=out / "points" / p.key) for p in runnable}, progress, keep_going, "sweep")
+                runnable = {p.key: p for p in todo if p.key not in failures}
+                kept = (lambda key: keep_results(finished_rows([runnable[key]], out), results)) if results else None
+                failures |= _run_all(config, {key: functools.partial(
+                    attempt, run_point, config, p, services.proxy.address, services.capture, out / "points" / key,
+                    log_dir, out=out / "points" / key) for key, p in runnable.items()}, progress, keep_going, "sweep",
+                    kept)
         finally:
             services.stop()
     rows = finished_rows(points, out, results)
@@ -849,8 +851,10 @@ def keep_results(rows: list[dict], results: Path) -> None:
 
 
 def _run_all(config: SweepConfig, work: dict[str, Callable[[], dict]], progress: bool, keep_going: bool,
-             desc: str) -> dict[str, dict]:
-    """Run each of `work` (key -> a call of `attempt`), `config.workers` at a time; returns the failures."""
+             desc: str, done: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Run each of `work` (key -> a call of `attempt`), `config.workers` at a time, calling `done`
+    with the key of each that succeeds (a point's result is kept at once: a study stopped
+    midway keeps what finished); returns the failures."""
     bar = tqdm(total=len(work), desc=desc, unit="run", disable=not progress)
     start = time.monotonic()
     failures: dict[str, dict] = {}
@@ -863,6 +867,8 @@ def _run_all(config: SweepConfig, work: dict[str, Callable[[], dict]], progress:
             log.error("%s failed: %s (log: %s)", key, result["error"], result["log"])
             return keep_going
         log.info("%s done (%.0f s elapsed)", key, time.monotonic() - start)
+        if done:
+            done(key)
         return True
 
     if config.workers <= 1:
@@ -942,6 +948,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = finished_rows(points, out, results)
         if not rows:
             p.error(f"--report-only: no finished point in {out / 'points'}" + (f" or {results}" if results else ""))
+        if results:
+            keep_results(rows, results)
         _report(config, rows, out)
         print(f"{len(rows)} of {len(points)} points finished; results in {out / 'results.csv'}, "
               f"report in {out / 'report.md'}")
