@@ -252,6 +252,16 @@ def _label(value) -> str:
     return re.sub(r"[^\w.+@=-]", "_", str(value))[:24]
 
 
+def _placeless(settings: tuple[tuple[str, object], ...]) -> dict:
+    """`settings` without where the data lives (WHERE): what a point's or a base's identity hashes."""
+    return {k: v for k, v in settings if k not in WHERE}
+
+
+def _digest(obj) -> str:
+    """A short, stable hash of plain JSON-able settings: the last part of a point's or base's key."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
+
+
 @dataclass(frozen=True)
 class Point:
     """One combination of the grid, fully resolved: what runs is what names it."""
@@ -274,17 +284,15 @@ class Point:
 
     def identity(self, seed: bool = True) -> str:
         """A hash of everything that shapes the point's result (with `seed=False`: its group over seeds)."""
-        edge = {k: v for k, v in self.edge if (seed or k != "seed") and k not in WHERE}
+        edge = {k: v for k, v in _placeless(self.edge).items() if seed or k != "seed"}
         # link and latency only where set: the points of sweeps older than them keep their names
         measured = {**({"link": self.link} if self.link != DIRECT else {}),
                     **({"latency_images": self.latency_images} if self.latency_images else {}),
                     **({"base": self.base.identity} if self.base else {}),
                     **({"variants": [[name, dict(s)] for name, s in self.variants]} if self.variants else {}),
                     **({"per_class": self.per_class} if self.per_class else {})}
-        attack = {k: v for k, v in self.attack if k not in WHERE}
-        text = json.dumps({"edge": edge, "attack": attack, "methods": list(self.methods),
-                           "attack_args": list(self.attack_args), **measured}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:8]
+        return _digest({"edge": edge, "attack": _placeless(self.attack), "methods": list(self.methods),
+                        "attack_args": list(self.attack_args), **measured})
 
     @property
     def key(self) -> str:
@@ -306,8 +314,7 @@ class Base:
 
     @property
     def identity(self) -> str:
-        edge = {k: v for k, v in self.edge if k not in WHERE}
-        return hashlib.sha256(json.dumps(edge, sort_keys=True).encode()).hexdigest()[:8]
+        return _digest(_placeless(self.edge))
 
     @property
     def key(self) -> str:
