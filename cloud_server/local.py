@@ -77,7 +77,7 @@ class LocalCloud:
     def hold_replies_after(self, step_id: int) -> None:
         pass  # an in-process job dies with the edge: no restarted edge can ask it for a reply again
 
-    def flush(self) -> int:
+    def flush(self, strict: bool = False) -> int:
         return 0  # nothing of an in-process job outlives the process
 
     def infer(self, batches: Iterable[torch.Tensor], codec_name: str) -> Iterator[torch.Tensor]:

@@ -33,7 +33,7 @@ import torch
 from edge_client.config import ConnectionConfig
 from splitnet.models import OptimSpec, SplitModel
 from splitnet import codec, security, wire
-from splitnet.cloud_api import StepReply
+from splitnet.cloud_api import NotDurable, StepReply
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
@@ -223,11 +223,12 @@ class RemoteCloud:
                 log.warning("Train step %d: %s; reconnecting", step_id, err.details())
                 self._reconnect(deadline)
 
-    def flush(self) -> int:
+    def flush(self, strict: bool = False) -> int:
         """Ask the server to checkpoint this client's last step and return the last durable step
         id. If the server restarted meanwhile, reconnect first and wait until the replayed steps
-        are applied. A server older than Flush (UNIMPLEMENTED) or one that fails to write gets a
-        warning and the last durable step id its replies reported."""
+        are applied. A server older than Flush (UNIMPLEMENTED) gets a warning and the last durable
+        step id its replies reported; so does one that fails to write or to answer in time, or
+        NotDurable where `strict` (an edge state must not get ahead of the server's checkpoint)."""
         deadline = time.monotonic() + self.config.reconnect_s
         while True:
             try:
@@ -236,8 +237,11 @@ class RemoteCloud:
                 return reply.durable_step_id
             except grpc.RpcError as err:  # NOT_FOUND: a restarted server does not know the session
                 if err.code() not in {*_RETRYABLE, grpc.StatusCode.NOT_FOUND} or time.monotonic() > deadline:
-                    log.warning("Flush: %s: %s; the server's last reply said its checkpoint holds steps up to %d",
-                                err.code().name, err.details(), self.durable_step_id)
+                    what = (f"Flush on {self.config.server}: {err.code().name}: {err.details()}; the server's last "
+                            f"reply said its checkpoint holds steps up to {self.durable_step_id}")
+                    if strict and err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise NotDurable(what) from None
+                    log.warning("%s", what)
                     return self.durable_step_id
             self._replay(deadline)
 

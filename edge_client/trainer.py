@@ -35,7 +35,7 @@ from edge_client.config import EdgeConfig
 from edge_client.defense import nopeek_loss
 from edge_client.report import generalization, percentile
 from splitnet import data, encoder_file, models
-from splitnet.cloud_api import Cloud, StepReply
+from splitnet.cloud_api import Cloud, NotDurable, StepReply
 from splitnet.obfuscation import Obfuscation
 from splitnet.schedule import LrSchedule
 from splitnet.tracking import Tracker
@@ -405,8 +405,15 @@ class EdgeTrainer:
         for a trainer that resumes from this state to get them again. The cloud first makes the
         steps the state covers durable (Flush: a server with --checkpoint-dir checkpoints the job),
         so that the server is never behind a state, even when both ends crash together (a machine
-        that went away): a state ahead of the server's checkpoint could not be resumed."""
-        self.durable_step_id = self.cloud.flush()
+        that went away): a state ahead of the server's checkpoint could not be resumed. Where the
+        cloud does not confirm (NotDurable), no state is written: the last one stays, and the next
+        step tries again."""
+        try:
+            self.durable_step_id = self.cloud.flush(strict=True)
+        except NotDurable as err:
+            log.warning("client %s: no state at step %d, the one of step %d stays: %s", self.client_id,
+                        self.step_id, self._state_step, err)
+            return
         state_file.write(path or state_file.path_in(self.config.state_dir), {
             "identity": state_file.identity(self.config, self.split), "client_id": self.client_id,
             "trainer": asdict(self.snapshot(encoder=True)), "epoch": copy.deepcopy(self._epoch),

@@ -32,6 +32,12 @@ class StepReply:
         return cls(grad, result.loss, result.correct, result.duplicate, result.lr)
 
 
+class NotDurable(RuntimeError):
+    """The cloud did not confirm that the steps applied so far survive a crash (its Flush timed
+    out, failed to write, or the cloud was unreachable): an edge state written now could be ahead
+    of the server's checkpoint, and a crash of both ends would leave it unresumable."""
+
+
 class Cloud(Protocol):
     bytes_up: int
     bytes_down: int
@@ -55,9 +61,10 @@ class Cloud(Protocol):
         """Acknowledge no reply after `step_id`, so that the cloud keeps them: an edge that restarts
         from its state of that step re-sends the later steps and must get their gradients again."""
 
-    def flush(self) -> int:
+    def flush(self, strict: bool = False) -> int:
         """Once every reply is collected: have the cloud make the steps applied so far survive
-        a crash; return the last step id that does (0: none)."""
+        a crash; return the last step id that does (0: none). Where the cloud does not answer,
+        `strict` raises NotDurable instead of returning the last id it confirmed."""
 
     def infer(self, batches: Iterable[torch.Tensor], codec_name: str) -> Iterator[torch.Tensor]: ...
 

@@ -208,6 +208,36 @@ def test_an_edge_finishing_against_a_server_without_flush_says_what_is_durable(t
         server.stop()
 
 
+class _FlushFailsAfterTheFirst(SplitLearningServicer):
+    """Confirms the first Flush (the edge's state at start), then answers every later one as a
+    server whose checkpoint write failed does."""
+
+    flushes = 0
+
+    def Flush(self, request, context):
+        type(self).flushes += 1
+        if self.flushes > 1:
+            context.abort(grpc.StatusCode.INTERNAL, "the checkpoint could not be written")
+        return super().Flush(request, context)
+
+
+def test_an_edge_writes_no_state_the_server_did_not_make_durable(tmp_path, caplog):
+    """A state is the promise that the server holds its steps: where the Flush before it fails,
+    the edge keeps its last state (a crash of both ends resumes from it) and trains on."""
+    server, address = _serve(_FlushFailsAfterTheFirst, checkpoint_dir=str(tmp_path / "ckpt"))
+    try:
+        config = _edge(address, "unconfirmed", max_steps=6, client_id="e", state_dir=str(tmp_path / "state"),
+                       state_every=2)
+        result = run(config, RemoteCloud(config.connection))
+        assert result["last_step_id"] == 6 and server.servicer.jobs["unconfirmed"].steps_applied == 6
+        state = checkpoint_file.read(tmp_path / "state" / "edge-state.ckpt")
+        assert state["trainer"]["step_id"] == 0  # the start's, the last one the server confirmed
+        assert _FlushFailsAfterTheFirst.flushes > 3  # steps 2, 4, 6 and the end each tried again
+        assert "no state at step 2, the one of step 0 stays" in caplog.text and address in caplog.text
+    finally:
+        server.stop()
+
+
 class _SlowStepTwo(SplitLearningServicer):
     """Step 2 waits inside the servicer until the test lets it finish."""
 
