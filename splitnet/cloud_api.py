@@ -23,6 +23,9 @@ class StepReply:
     correct: int
     duplicate: bool
     lr: float = 0.0  # the rate the decoder stepped with (0 when it did not step)
+    step_id: int = 0
+    job_steps_applied: int = 0
+    durable_step_id: int = 0  # the last step id of this client that a written checkpoint holds
 
     @classmethod
     def from_wire(cls, result: pb.TrainResult) -> "StepReply":
