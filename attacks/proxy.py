@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from splitnet.capture import CaptureWriter, session_model
-from splitnet import codec, wire
+from splitnet import codec, serde, wire
 from splitnet.v1 import split_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,11 @@ class _Forwarder(grpc.GenericRpcHandler):
         """Record features; a message that does not parse is forwarded all the same."""
         try:
             if method == _SPLIT + "Train":
-                step = pb.TrainStep.FromString(raw)
+                step = serde.train_step_from_proto(pb.TrainStep.FromString(raw))
                 self.writer.record("Train", step.session_id, step.step_id, codec.decode(step.features, "features"),
                                    step.features.dtype, list(step.labels))
             elif method == _SPLIT + "Infer":
-                req = pb.InferRequest.FromString(raw)
+                req = serde.infer_request_from_proto(pb.InferRequest.FromString(raw))
                 self.writer.record("Infer", req.session_id, req.request_id, codec.decode(req.features, "features"),
                                    req.features.dtype, [])
         except Exception as err:  # noqa: BLE001 - the proxy must forward whatever it cannot read
@@ -104,9 +104,9 @@ class _Forwarder(grpc.GenericRpcHandler):
     def _note_session(self, request: bytes, response: bytes) -> None:
         if self.writer is None:
             return
-        spec = pb.SessionSpec.FromString(request)
-        session = pb.Session.FromString(response)
-        self.writer.record_session(session.session_id, session_model(spec, spec.feature_shape, spec.job))
+        spec = serde.session_spec_from_proto(pb.SessionSpec.FromString(request))
+        session = serde.session_from_proto(pb.Session.FromString(response))
+        self.writer.record_session(session.session_id, session_model(spec.split, spec.feature_shape, spec.job))
 
 
 def _metadata(context: grpc.ServicerContext) -> list[tuple[str, str | bytes]]:

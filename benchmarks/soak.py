@@ -32,7 +32,8 @@ import torch
 
 from edge_client.remote import TrainStream
 from edge_client.report import percentile
-from splitnet import codec
+from splitnet import codec, serde
+from splitnet.models import OptimSpec, SplitSpec
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
@@ -40,9 +41,8 @@ FEATURE_SHAPE = (64, 4, 4)  # cnn cut block2 of a 16x16 input: 4 KiB a sample in
 
 
 def session_spec(job: str, client_id: str) -> pb.SessionSpec:
-    return pb.SessionSpec(job=job, client_id=client_id, arch="cnn", cut="block2", num_classes=10,
-                          input_shape=[1, 16, 16], feature_shape=list(FEATURE_SHAPE), lr=0.01, momentum=0.9,
-                          grad_codec="fp32")
+    return serde.session_spec_to_proto(serde.SessionSpec(job, client_id, SplitSpec("cnn", "block2", 10, (1, 16, 16)),
+                                                         FEATURE_SHAPE, OptimSpec(0.01, 0.9, 0.0), "fp32"))
 
 
 class LoadClient:
@@ -50,7 +50,8 @@ class LoadClient:
 
     def __init__(self, stub: split_pb2_grpc.SplitLearningStub, job: str, client_id: str, batch: int = 2,
                  deadline_s: float = 30.0) -> None:
-        self.session_id = stub.OpenSession(session_spec(job, client_id), timeout=deadline_s).session_id
+        self.session_id = serde.session_from_proto(stub.OpenSession(session_spec(job, client_id),
+                                                                    timeout=deadline_s)).session_id
         self.deadline_s = deadline_s
         generator = torch.Generator().manual_seed(zlib.crc32(client_id.encode()))
         # A few batches, re-sent in turn: building tensors is not what is measured.
@@ -68,10 +69,11 @@ class LoadClient:
                 step_id += 1
                 features, labels = self._batches[step_id % len(self._batches)]
                 sent = time.perf_counter()
-                self._stream.send(pb.TrainStep(session_id=self.session_id, step_id=step_id, features=features,
-                                               labels=labels))
-                reply = self._stream.receive(self.deadline_s)  # a hung server fails the run, not hangs it
+                self._stream.send(serde.train_step_to_proto(serde.TrainStep(self.session_id, step_id, features,
+                                                                            labels)))
+                result = self._stream.receive(self.deadline_s)  # a hung server fails the run, not hangs it
                 self.latency_ms.append((time.perf_counter() - sent) * 1e3)
+                reply = serde.train_result_from_proto(result)
                 if reply.step_id != step_id:
                     raise RuntimeError(f"reply for step {reply.step_id}, expected {step_id}")
                 self.duplicates += reply.duplicate
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples.append((time.monotonic() - start, rss_bytes(server.proc.pid) / 2**20))
                 time.sleep(min(args.sample_every, max(0.0, until - time.monotonic()) + 0.1))
             samples.append((time.monotonic() - start, rss_bytes(server.proc.pid) / 2**20))
-            stats = stub.Stats(pb.StatsRequest(job="soak"), timeout=30)
+            stats = serde.stats_reply_from_proto(stub.Stats(serde.stats_request_to_proto("soak"), timeout=30))
     finally:
         server.stop()
     latencies = [ms for c in clients for ms in c.latency_ms]

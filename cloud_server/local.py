@@ -15,11 +15,10 @@ from typing import Iterable, Iterator
 import torch
 
 from cloud_server.job import Job
-from cloud_server.servicer import model_mismatch, prediction, train_result
-from splitnet import codec
+from cloud_server.servicer import model_mismatch, train_result
+from splitnet import codec, serde
 from splitnet.cloud_api import StepReply
 from splitnet.models import OptimSpec, SplitModel
-from splitnet.v1 import split_pb2 as pb
 
 
 class LocalCloud:
@@ -62,14 +61,13 @@ class LocalCloud:
         # received_step_id=step_id: the reply never crosses a network here, so the job need keep none
         # for a re-send; and with no checkpoint the last applied step is the durable one, as a server
         # without --checkpoint-dir reports.
-        request = pb.TrainStep(session_id=self.session_id, step_id=step_id,
-                               features=codec.encode(features, codec_name), labels=labels.tolist(),
+        step = serde.TrainStep(self.session_id, step_id, codec.encode(features, codec_name), labels.tolist(),
                                received_step_id=step_id)
-        out = self.job.train_step(self._client, step_id, codec.decode(request.features, "features"),  # type: ignore[union-attr]
-                                  labels, request.received_step_id)
+        out = self.job.train_step(self._client, step_id, codec.decode(step.features, "features"),  # type: ignore[union-attr]
+                                  labels, step.received_step_id)
         result = train_result(step_id, out, step_id, self.grad_codec)
-        self._count(request, result)
-        self._replies[step_id] = StepReply.from_wire(result)
+        self._count(serde.train_step_to_proto(step), result)
+        self._replies[step_id] = serde.train_result_from_proto(result)
 
     def collect(self, step_id: int) -> StepReply:
         return self._replies.pop(step_id)
@@ -82,11 +80,11 @@ class LocalCloud:
 
     def infer(self, batches: Iterable[torch.Tensor], codec_name: str) -> Iterator[torch.Tensor]:
         for i, features in enumerate(batches):
-            request = pb.InferRequest(session_id=self.session_id, request_id=i,
-                                      features=codec.encode(features, codec_name))
-            reply = prediction(i, self.job.infer(codec.decode(request.features, "features")))  # type: ignore[union-attr]
-            self._count(request, reply)
-            yield codec.decode(reply.logits, "logits")
+            request = serde.InferRequest(self.session_id, i, codec.encode(features, codec_name))
+            logits = self.job.infer(codec.decode(request.features, "features"))  # type: ignore[union-attr]
+            reply = serde.prediction_to_proto(serde.Prediction(i, logits))
+            self._count(serde.infer_request_to_proto(request), reply)
+            yield serde.prediction_from_proto(reply).logits
 
     def close(self) -> None:
         pass

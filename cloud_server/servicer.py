@@ -19,7 +19,7 @@ import contextlib
 import logging
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import grpc
@@ -32,9 +32,10 @@ from cloud_server.job import Job, NotFinite, Retired, StepOrderError, StepOutcom
 from cloud_server.keyed_lock import KeyedLocks
 from cloud_server.memory import OverBudget
 from cloud_server.streams import StreamSlots, StreamsExhausted, peer_key, within_idle
-from splitnet import codec, security, wire
+from splitnet import codec, security, serde, wire
+from splitnet.cloud_api import StepReply
 from splitnet.checkpoint_file import CheckpointError
-from splitnet.models import OptimSpec, SplitSpec
+from splitnet.models import SplitSpec
 from splitnet.schedule import LrSchedule
 from splitnet.tracking import JobTrackers
 from splitnet.v1 import split_pb2 as pb
@@ -167,65 +168,66 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
     def _open(self, request: pb.SessionSpec, caller: str) -> pb.Session:
         """A new job is estimated, then built under the lock of its name only (see
         `cloud_server.keyed_lock`), so a slow build never stalls other jobs' sessions and steps."""
-        spec, optim = _session_spec(request)
-        schedule = wire.schedule_from_message(request.lr_schedule)
-        with self._job_names.hold(request.job):
+        spec = serde.session_spec_from_proto(request)
+        _check_spec(spec)
+        with self._job_names.hold(spec.job):
             with self._lock:
-                job = self.jobs.get(request.job)
+                job = self.jobs.get(spec.job)
             new = job is None
             if new:
-                job = self._new_job(request, spec, optim)
+                job = self._new_job(spec)
             try:
-                session = self._accept(job, spec, request, caller, schedule)
+                session = self._accept(job, spec, caller)
             except Rejected:
                 if new:  # a refused OpenSession leaves no job behind
-                    self.budget.release(request.job)
+                    self.budget.release(spec.job)
                 raise
-        return pb.Session(session_id=session.session_id, last_step_id=job.last_step(request.client_id),
-                          job_steps_applied=job.steps_applied, resumed=job.restored)
+        return serde.session_to_proto(serde.Session(session.session_id, job.last_step(spec.client_id),
+                                                    job.steps_applied, job.restored))
 
-    def _accept(self, job: Job, spec: SplitSpec, request: pb.SessionSpec, caller: str,
-                schedule: LrSchedule) -> SessionState:
-        key = (request.job, request.client_id)
+    def _accept(self, job: Job, spec: serde.SessionSpec, caller: str) -> SessionState:
+        key = (spec.job, spec.client_id)
         with self._lock:
-            _check_compatible(job, spec, request)
+            _check_compatible(job, spec)
             with job.lock:  # a checkpoint may be copying the owners meanwhile
-                owner = job.owners.setdefault(request.client_id, caller)
+                owner = job.owners.setdefault(spec.client_id, caller)
             if owner != caller:
                 raise Rejected(grpc.StatusCode.PERMISSION_DENIED,
-                               f"client_id {_quote(request.client_id)} of job {_quote(request.job)} belongs to "
+                               f"client_id {_quote(spec.client_id)} of job {_quote(spec.job)} belongs to "
                                "another principal (each edge needs its own --client-id)")
-            job.set_schedule(request.client_id, schedule)
-            self.jobs[request.job] = job  # a new job is kept only once its first session is accepted
+            job.set_schedule(spec.client_id, spec.optim.schedule)
+            self.jobs[spec.job] = job  # a new job is kept only once its first session is accepted
             # A re-open (reconnect) replaces the client's previous session: one per client.
             self.sessions.pop(self._client_session.get(key, ""), None)
-            session = SessionState(uuid.uuid4().hex, job, request.client_id, request.grad_codec, caller)
+            session = SessionState(uuid.uuid4().hex, job, spec.client_id, spec.grad_codec, caller)
             self.sessions[session.session_id] = session
             self._client_session[key] = session.session_id
         return session
 
-    def _new_job(self, request: pb.SessionSpec, spec: SplitSpec, optim: OptimSpec) -> Job:
+    def _new_job(self, spec: serde.SessionSpec) -> Job:
         """Hold the job's estimated memory in the budget (RESOURCE_EXHAUSTED if it does not fit),
         then load it from its checkpoint (an evicted job) or build it; the caller releases the
         hold if the session is refused after all."""
+        split = spec.split
         try:
-            self.budget.reserve(request.job, spec)
+            self.budget.reserve(spec.job, split)
         except OverBudget as err:
             raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
         except RuntimeError as err:  # the input is too small for the encoder's pooling
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"input_shape: {list(request.input_shape)} does not fit {spec.arch} up to cut "
-                           f"{spec.resolved().cut}: {str(err)[:200]}") from None
+                           f"input_shape: {list(split.input_shape)} does not fit {split.arch} up to cut "
+                           f"{split.resolved().cut}: {str(err)[:200]}") from None
         try:
-            job = self._resume(request.job)
+            job = self._resume(spec.job)
             if job is None:
-                job = Job(request.job, spec, optim, self.device, request.seed)
-                if request.init_from_job:
-                    self._init_from(job, request.init_from_job)
-                log.info("job %r: new decoder %s cut %s%s", request.job, spec.arch, job.spec.cut,
-                         f", from job {request.init_from_job!r}'s weights" if request.init_from_job else "")
+                # The decoder's optimizer is the job's; each client's schedule is its own (`_accept`).
+                job = Job(spec.job, split, replace(spec.optim, schedule=LrSchedule()), self.device, spec.seed)
+                if spec.init_from_job:
+                    self._init_from(job, spec.init_from_job)
+                log.info("job %r: new decoder %s cut %s%s", spec.job, split.arch, job.spec.cut,
+                         f", from job {spec.init_from_job!r}'s weights" if spec.init_from_job else "")
         except BaseException:
-            self.budget.release(request.job)
+            self.budget.release(spec.job)
             raise
         return job
 
@@ -301,14 +303,15 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
     def _train_one(self, request: pb.TrainStep, caller: str) -> pb.TrainResult:
         size = request.ByteSize()
         self._check_size("TrainStep", size)
-        if request.step_id < 1:
+        step = serde.train_step_from_proto(request)
+        if step.step_id < 1:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "step_id: must be >= 1 (a client counts its steps from 1)")
-        session = self._session(request.session_id, caller)
+        session = self._session(step.session_id, caller)
         job = session.job
-        features = self._features(request.features, job, "features")
-        labels = _labels(request.labels, features.shape[0], job.spec.num_classes)
+        features = self._features(step.features, job, "features")
+        labels = _labels(step.labels, features.shape[0], job.spec.num_classes)
         try:
-            outcome = job.train_step(session.client_id, request.step_id, features, labels, request.received_step_id)
+            outcome = job.train_step(session.client_id, step.step_id, features, labels, step.received_step_id)
         except StepOrderError as err:
             raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
         except Retired as err:  # retryable: the edge re-opens its session, which reloads the job
@@ -323,11 +326,10 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             self.job_log.step(file_stem(job.name), outcome.job_steps_applied, outcome.loss,
                               outcome.correct / max(len(labels), 1))
             if self.observer:
-                self.observer("Train", session, request.step_id, features, request.features.dtype,
-                              list(request.labels))
+                self.observer("Train", session, step.step_id, features, step.features.dtype, list(step.labels))
             self.checkpointer.maybe_save(job)
-        durable = job.durable.get(session.client_id, 0) if self.checkpointer.enabled else request.step_id
-        result = train_result(request.step_id, outcome, durable, session.grad_codec)
+        durable = job.durable.get(session.client_id, 0) if self.checkpointer.enabled else step.step_id
+        result = train_result(step.step_id, outcome, durable, session.grad_codec)
         self.counters.add(steps_applied=0 if outcome.duplicate else 1, steps_duplicate=int(outcome.duplicate),
                           bytes_in=size, bytes_out=result.ByteSize())
         return result
@@ -339,34 +341,36 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                 with self.drain.work():
                     size = request.ByteSize()
                     self._check_size("InferRequest", size)
-                    session = self._session(request.session_id, caller)
-                    features = self._features(request.features, session.job, "features")
+                    infer = serde.infer_request_from_proto(request)
+                    session = self._session(infer.session_id, caller)
+                    features = self._features(infer.features, session.job, "features")
                     try:
                         logits = session.job.infer(features)
                     except NotFinite as err:
                         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"features of request {request.request_id}: {err}") from None
+                                       f"features of request {infer.request_id}: {err}") from None
             except Rejected as err:
                 log.debug("Infer request refused: %s", err.message)
                 context.abort(err.code, err.message)
             if self.observer:
-                self.observer("Infer", session, request.request_id, features, request.features.dtype, [])
-            reply = prediction(request.request_id, logits)
+                self.observer("Infer", session, infer.request_id, features, infer.features.dtype, [])
+            reply = serde.prediction_to_proto(serde.Prediction(infer.request_id, logits))
             self.counters.add(infer_batches=1, bytes_in=size, bytes_out=reply.ByteSize())
             yield reply
 
     def CloseSession(self, request: pb.CloseRequest, context: grpc.ServicerContext) -> pb.CloseReply:
+        close = serde.close_request_from_proto(request)
         try:
-            session = self._session(request.session_id, self._caller(context))
+            session = self._session(close.session_id, self._caller(context))
         except Rejected as err:
             context.abort(err.code, err.message)
         key = (session.job.name, session.client_id)
-        session.job.forget_replies(session.client_id, request.received_step_id)
+        session.job.forget_replies(session.client_id, close.received_step_id)
         with self._lock:
             self.sessions.pop(session.session_id, None)
             if self._client_session.get(key) == session.session_id:
                 del self._client_session[key]
-        return pb.CloseReply(steps_applied=session.steps_applied)
+        return serde.close_reply_to_proto(session.steps_applied)
 
     def Flush(self, request: pb.FlushRequest, context: grpc.ServicerContext) -> pb.FlushReply:
         """Checkpoint the job now if it lacks this client's last step: the edge asks when it has
@@ -375,7 +379,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         to write costs no write, so repeating it is cheap."""
         try:
             with self.drain.work():
-                session = self._session(request.session_id, self._caller(context))
+                session = self._session(serde.flush_request_from_proto(request), self._caller(context))
                 job, client = session.job, session.client_id
                 if self.checkpointer.enabled and job.durable.get(client, 0) < job.last_step(client):
                     self.checkpointer.save(job)
@@ -385,28 +389,29 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             log.error("job %r: checkpoint for Flush failed: %s", job.name, err)
             context.abort(grpc.StatusCode.INTERNAL, f"job {_quote(job.name)}: the checkpoint could not be written "
                                                     "(the server's log says why)")
-        return pb.FlushReply(durable_step_id=job.durable.get(client, 0))
+        return serde.flush_reply_to_proto(job.durable.get(client, 0))
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
+        asked = serde.stats_request_from_proto(request)
         c = self.counters
         with self._lock:
             open_by_job: dict[str, int] = {}
             for s in self.sessions.values():
                 open_by_job[s.job.name] = open_by_job.get(s.job.name, 0) + 1
-            jobs = [j for name, j in self.jobs.items() if not request.job or name == request.job]
+            jobs = [j for name, j in self.jobs.items() if not asked or name == asked]
             on_disk = {name: saved for name, saved in dict(self.checkpointer.on_disk).items()
-                       if name not in self.jobs and (not request.job or name == request.job)}
-        reply = pb.StatsReply(steps_applied=c.steps_applied, steps_duplicate=c.steps_duplicate,
-                              steps_rejected=c.steps_rejected, infer_batches=c.infer_batches, bytes_in=c.bytes_in,
-                              bytes_out=c.bytes_out, sessions_open=sum(open_by_job.values()))
+                       if name not in self.jobs and (not asked or name == asked)}
+        lines = []
         for job in jobs:
             with job.lock:
                 last = {client: st.last_step for client, st in job.clients.items()}
-            _add_job(reply, job=job.name, steps_applied=job.steps_applied, sessions_open=open_by_job.get(job.name, 0),
-                     checkpoints_written=job.checkpoints_written, client_last_step=last)
+            lines.append(serde.JobStats(job.name, job.steps_applied, open_by_job.get(job.name, 0),
+                                        job.checkpoints_written, last))
         for name, saved in on_disk.items():  # checkpointed, not in memory (not yet loaded, or evicted)
-            _add_job(reply, job=name, steps_applied=saved["steps_applied"], client_last_step=saved["client_last_step"])
-        return reply
+            lines.append(serde.JobStats(name, saved["steps_applied"], client_last_step=saved["client_last_step"]))
+        return serde.stats_reply_to_proto(serde.StatsReply(
+            c.steps_applied, c.steps_duplicate, c.steps_rejected, c.infer_batches, c.bytes_in, c.bytes_out,
+            sum(open_by_job.values()), tuple(line for line in lines if _fits(line))))
 
     # -- helpers
 
@@ -469,16 +474,16 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         return features
 
 
-def _add_job(reply: pb.StatsReply, **fields) -> None:
-    """Add one job's line to a Stats reply. A number that does not fit its unsigned field (none
-    should: checkpoints are range-checked at start) costs that job its line, with an error in the
-    log, instead of failing Stats for every job and every caller with UNKNOWN."""
+def _fits(line: serde.JobStats) -> bool:
+    """Whether a job's line converts. A number that does not fit its unsigned field (none should:
+    checkpoints are range-checked at start) costs that job its line, with an error in the log,
+    instead of failing Stats for every job and every caller with UNKNOWN."""
     try:
-        line = pb.JobStats(**fields)
+        serde.job_stats_to_proto(line)
     except (TypeError, ValueError) as err:
-        log.error("Stats: job %r left out of the reply: %s", fields["job"], err)
-        return
-    reply.jobs.append(line)
+        log.error("Stats: job %r left out of the reply: %s", line.job, err)
+        return False
+    return True
 
 
 def _quote(text: str, limit: int = 64) -> str:
@@ -488,17 +493,9 @@ def _quote(text: str, limit: int = 64) -> str:
 
 def train_result(step_id: int, outcome: StepOutcome, durable: int, grad_codec: str) -> pb.TrainResult:
     """The reply to a training step; `cloud_server.local.LocalCloud` builds the same one."""
-    result = pb.TrainResult(step_id=step_id, loss=outcome.loss, correct=outcome.correct,
-                            duplicate=outcome.duplicate, job_steps_applied=outcome.job_steps_applied,
-                            durable_step_id=durable, lr=outcome.lr)
-    if outcome.grad is not None:
-        result.grad.CopyFrom(codec.encode(outcome.grad, grad_codec))
-    return result
-
-
-def prediction(request_id: int, logits: torch.Tensor) -> pb.Prediction:
-    """The reply to an inference request: logits always travel as fp32, whatever the features' codec."""
-    return pb.Prediction(request_id=request_id, logits=codec.encode(logits, "fp32"))
+    reply = StepReply(outcome.grad, outcome.loss, outcome.correct, outcome.duplicate, outcome.lr, step_id=step_id,
+                      job_steps_applied=outcome.job_steps_applied, durable_step_id=durable)
+    return serde.train_result_to_proto(reply, grad_codec)
 
 
 def _labels(values, batch: int, num_classes: int) -> torch.Tensor:
@@ -510,23 +507,22 @@ def _labels(values, batch: int, num_classes: int) -> torch.Tensor:
     return labels
 
 
-def _session_spec(request: pb.SessionSpec) -> tuple[SplitSpec, OptimSpec]:
+def _check_spec(spec: serde.SessionSpec) -> None:
     """Validate a SessionSpec; ValueErrors name the field."""
-    for name in ("job", "client_id", "arch", "cut", "grad_codec", "init_from_job"):
-        if len(getattr(request, name)) > bounds.MAX_NAME_CHARS:
+    split, optim = spec.split, spec.optim
+    names = {"job": spec.job, "client_id": spec.client_id, "arch": split.arch, "cut": split.cut,
+             "grad_codec": spec.grad_codec, "init_from_job": spec.init_from_job}
+    for name, value in names.items():
+        if len(value) > bounds.MAX_NAME_CHARS:
             raise ValueError(f"{name}: longer than {bounds.MAX_NAME_CHARS} characters")
-    if not request.job:
+    if not spec.job:
         raise ValueError("job: must not be empty")
-    if not request.client_id:
+    if not spec.client_id:
         raise ValueError("client_id: must not be empty")
-    shape = list(request.input_shape)
-    bounds.check_model(request.num_classes, shape, request.bottleneck)
-    bounds.check_optim(request.lr, request.momentum, request.weight_decay)
-    codec.check_codec(request.grad_codec, "grad_codec")
-    spec = SplitSpec(request.arch, request.cut, request.num_classes, tuple(shape), request.bottleneck,
-                     request.width or 1.0)
-    spec.resolved()  # raises ValueError naming arch / cut
-    return spec, OptimSpec(request.lr, request.momentum, request.weight_decay)
+    bounds.check_model(split.num_classes, split.input_shape, split.bottleneck)
+    bounds.check_optim(optim.lr, optim.momentum, optim.weight_decay)
+    codec.check_codec(spec.grad_codec, "grad_codec")
+    split.resolved()  # raises ValueError naming arch / cut
 
 
 def model_mismatch(job: Job, spec: SplitSpec) -> str:
@@ -535,12 +531,12 @@ def model_mismatch(job: Job, spec: SplitSpec) -> str:
     return f"{field_[0]}: {field_[1]!r} differs from job {_quote(job.name)}'s {field_[2]!r}" if field_ else ""
 
 
-def _check_compatible(job: Job, spec: SplitSpec, request: pb.SessionSpec) -> None:
+def _check_compatible(job: Job, spec: serde.SessionSpec) -> None:
     """A job's first session fixes its model and optimizer; later ones must declare the same model."""
-    mismatch = model_mismatch(job, spec)
+    mismatch = model_mismatch(job, spec.split)
     if mismatch:
         raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, f"{mismatch} (use another --job name for another model)")
-    if tuple(request.feature_shape) != tuple(job.feature_shape):
+    if spec.feature_shape != tuple(job.feature_shape):
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
-                       f"feature_shape: the edge computed {list(request.feature_shape)[:codec.MAX_DIMS]} but the "
+                       f"feature_shape: the edge computed {list(spec.feature_shape)[:codec.MAX_DIMS]} but the "
                        f"server's model gives {list(job.feature_shape)} (edge and server versions differ?)")

@@ -44,9 +44,8 @@ from deploy.ray_config import RayRunConfig
 from edge_client.config import ConnectionConfig, EdgeConfig
 from edge_client.remote import RemoteCloud
 from edge_client.trainer import EdgeTrainer
-from splitnet import data
+from splitnet import data, serde
 from splitnet.cli_util import set_threads, setup_logging
-from splitnet.v1 import split_pb2 as pb
 
 log = logging.getLogger("deploy.ray")
 
@@ -139,8 +138,8 @@ class ServerView:
     def __init__(self, connection: ConnectionConfig, job: str) -> None:
         self.cloud, self.job = RemoteCloud(connection), job
 
-    def stats(self) -> pb.JobStats:
-        return next((j for j in self.cloud.stats().jobs if j.job == self.job), pb.JobStats(job=self.job))
+    def stats(self) -> serde.JobStats:
+        return next((j for j in self.cloud.stats().jobs if j.job == self.job), serde.JobStats(self.job))
 
     def close(self) -> None:
         self.cloud.close()

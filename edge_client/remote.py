@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Iterable, Iterator
 
 import grpc
@@ -32,7 +33,7 @@ import torch
 
 from edge_client.config import ConnectionConfig
 from splitnet.models import OptimSpec, SplitModel
-from splitnet import codec, security, wire
+from splitnet import codec, security, serde, wire
 from splitnet.cloud_api import NotDurable, StepReply
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
@@ -133,14 +134,14 @@ class RemoteCloud:
         self._own_channel = channel is None
         self._channel = channel or open_channel(config)
         self._stub = split_pb2_grpc.SplitLearningStub(self._channel)
-        self._spec: pb.SessionSpec | None = None
+        self._spec: serde.SessionSpec | None = None
         self._stream: TrainStream | None = None
-        self._unacked: OrderedDict[int, pb.TrainStep] = OrderedDict()  # sent, not yet durable on the server
-        self._sent_at: dict[int, float] = {}  # sent, reply not yet received
+        self._unacked: OrderedDict[int, serde.TrainStep] = OrderedDict()  # sent, not yet durable on the server
+        self._in_flight: dict[int, tuple[float, int]] = {}  # sent, reply not yet received: when, and its bytes
         self._received = 0  # the highest step id whose reply came: acknowledged in every TrainStep
         self._held_after: int | None = None  # acknowledge no step after this one (`hold_replies_after`)
         self.durable_step_id = 0  # the last step id the server said a checkpoint holds
-        self.session: pb.Session | None = None
+        self.session: serde.Session | None = None
         self.bytes_up = 0
         self.bytes_down = 0
         self.rtt_ms: list[float] = []
@@ -154,46 +155,41 @@ class RemoteCloud:
     def session_id(self) -> str:
         return self.session.session_id if self.session else ""
 
-    def _opened(self, session: pb.Session) -> None:
-        self.session = session
-        self.session_ids.append(session.session_id)
+    def _open_session(self, wait_for_ready: bool) -> tuple[int, int]:
+        """Open a session for `self._spec`; return the bytes sent and received."""
+        request = serde.session_spec_to_proto(self._spec)  # type: ignore[arg-type]
+        reply = self._stub.OpenSession(request, timeout=self.config.deadline_s, wait_for_ready=wait_for_ready)
+        self.session = serde.session_from_proto(reply)
+        self.session_ids.append(self.session.session_id)
+        return request.ByteSize(), reply.ByteSize()
 
     def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str, seed: int,
              init_job: str = "") -> int:
         """Open (or re-join) the session; return the last step id the server applied for this client."""
-        spec = split.spec
-        self._spec = pb.SessionSpec(job=job, client_id=client_id, arch=spec.arch, cut=spec.cut,
-                                    num_classes=spec.num_classes, input_shape=spec.input_shape,
-                                    feature_shape=split.feature_shape, bottleneck=spec.bottleneck, lr=optim.lr,
-                                    momentum=optim.momentum, weight_decay=optim.weight_decay,
-                                    grad_codec=grad_codec, seed=seed,
-                                    lr_schedule=wire.schedule_message(optim.schedule), width=spec.width,
-                                    init_from_job=init_job)
+        self._spec = serde.SessionSpec(job, client_id, split.spec, tuple(split.feature_shape), optim, grad_codec,
+                                       seed, init_job)
         # wait_for_ready=False: a try fails at once with gRPC's reason (refused, closed, TLS
         # handshake), which `_unreachable` turns into advice; _with_retry still waits for a
         # server that comes up late, for --connect-seconds (not --reconnect-seconds: a wrong
         # address should not cost a minute before the user hears of it).
-        self._opened(self._with_retry(lambda: self._stub.OpenSession(self._spec, timeout=self.config.deadline_s,
-                                                                    wait_for_ready=False), "OpenSession"))
-        self._count(self._spec, self.session)
-        return self.session.last_step_id
+        self._count(*self._with_retry(lambda: self._open_session(wait_for_ready=False), "OpenSession"))
+        return self.session.last_step_id  # type: ignore[union-attr]
 
     def close(self) -> None:
         if self._stream:
             self._stream.close()
         if self.session:
             try:  # with the acknowledgement: the server need keep no reply for this client now
-                self._stub.CloseSession(pb.CloseRequest(session_id=self.session.session_id,
-                                                        received_step_id=self._acknowledged),
-                                        timeout=self.config.deadline_s)
+                request = serde.CloseRequest(self.session.session_id, self._acknowledged)
+                self._stub.CloseSession(serde.close_request_to_proto(request), timeout=self.config.deadline_s)
             except grpc.RpcError as err:
                 log.warning("CloseSession failed: %s", err.details() if hasattr(err, "details") else err)
         if self._own_channel:
             self._channel.close()
 
-    def stats(self) -> pb.StatsReply:
-        return self._stub.Stats(pb.StatsRequest(job=self._spec.job if self._spec else ""),
-                                timeout=self.config.deadline_s)
+    def stats(self) -> serde.StatsReply:
+        request = serde.stats_request_to_proto(self._spec.job if self._spec else "")
+        return serde.stats_reply_from_proto(self._stub.Stats(request, timeout=self.config.deadline_s))
 
     # -- training
 
@@ -207,10 +203,11 @@ class RemoteCloud:
 
     def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> None:
         """Send a step without waiting; `collect` gets its reply (replies come in order)."""
-        request = pb.TrainStep(step_id=step_id, features=codec.encode(features, codec_name), labels=labels.tolist())
+        step = serde.TrainStep("", step_id, codec.encode(features, codec_name), labels.tolist())
+        request = self._addressed(step)
         self._check_size(request)
-        self._unacked[step_id] = request
-        self._send(request)  # only queued: a broken stream shows in collect(), which reconnects and re-sends
+        self._unacked[step_id] = step
+        self._send(step_id, request)  # only queued: a broken stream shows in collect(), which reconnects and re-sends
 
     def collect(self, step_id: int) -> StepReply:
         deadline = time.monotonic() + self.config.reconnect_s
@@ -232,9 +229,9 @@ class RemoteCloud:
         deadline = time.monotonic() + self.config.reconnect_s
         while True:
             try:
-                reply = self._stub.Flush(pb.FlushRequest(session_id=self.session_id), timeout=self.config.deadline_s)
-                self.durable_step_id = reply.durable_step_id
-                return reply.durable_step_id
+                reply = self._stub.Flush(serde.flush_request_to_proto(self.session_id), timeout=self.config.deadline_s)
+                self.durable_step_id = serde.flush_reply_from_proto(reply)
+                return self.durable_step_id
             except grpc.RpcError as err:  # NOT_FOUND: a restarted server does not know the session
                 if err.code() not in {*_RETRYABLE, grpc.StatusCode.NOT_FOUND} or time.monotonic() > deadline:
                     what = (f"Flush on {self.config.server}: {err.code().name}: {err.details()}; the server's last "
@@ -257,12 +254,15 @@ class RemoteCloud:
                 if err.code() not in _RETRYABLE or time.monotonic() > deadline:
                     raise _cloud_error(err, "Flush") from None
 
-    def _send(self, request: pb.TrainStep) -> None:
+    def _addressed(self, step: serde.TrainStep) -> pb.TrainStep:
+        """The step as sent now: to the session open now, acknowledging the replies received by now."""
+        return serde.train_step_to_proto(replace(step, session_id=self.session.session_id,  # type: ignore[union-attr]
+                                                 received_step_id=self._acknowledged))
+
+    def _send(self, step_id: int, request: pb.TrainStep) -> None:
         if self._stream is None:
             self._stream = TrainStream(self._stub)
-        request.session_id = self.session.session_id  # type: ignore[union-attr]
-        request.received_step_id = self._acknowledged
-        self._sent_at[request.step_id] = time.perf_counter()
+        self._in_flight[step_id] = (time.perf_counter(), request.ByteSize())
         self._stream.send(request)
 
     def _receive(self, step_id: int) -> StepReply:
@@ -271,18 +271,18 @@ class RemoteCloud:
             if self._stream is None:
                 raise _LocalRpcError(grpc.StatusCode.UNAVAILABLE, "the Train stream is closed")
             result = self._stream.receive(self.config.deadline_s)
-            request = self._unacked.get(result.step_id)
-            self._count(request or pb.TrainStep(), result)
-            sent = self._sent_at.pop(result.step_id, None)
-            self._received = max(self._received, result.step_id)
-            self.durable_step_id = result.durable_step_id
-            for old in [s for s in self._unacked if s <= result.durable_step_id]:
+            reply = serde.train_result_from_proto(result)
+            sent_at, sent_bytes = self._in_flight.pop(reply.step_id, (None, 0))
+            self._count(sent_bytes, result.ByteSize())
+            self._received = max(self._received, reply.step_id)
+            self.durable_step_id = reply.durable_step_id
+            for old in [s for s in self._unacked if s <= reply.durable_step_id]:
                 del self._unacked[old]
-            if result.step_id < step_id:  # a replay after a restart: its gradient was applied before
+            if reply.step_id < step_id:  # a replay after a restart: its gradient was applied before
                 continue
-            if sent is not None:
-                self.rtt_ms.append((time.perf_counter() - sent) * 1e3)
-            return StepReply.from_wire(result)
+            if sent_at is not None:
+                self.rtt_ms.append((time.perf_counter() - sent_at) * 1e3)
+            return reply
 
     def _reconnect(self, deadline: float) -> list[int]:
         """Re-open the session and re-send, in order, every buffered step the server lacks and
@@ -294,12 +294,12 @@ class RemoteCloud:
         while True:
             time.sleep(backoff)
             try:
-                self._opened(self._stub.OpenSession(self._spec, timeout=self.config.deadline_s, wait_for_ready=True))
+                self._open_session(wait_for_ready=True)
                 self.reconnects += 1
                 last = self.session.last_step_id
                 # A step in flight that the server had applied is re-sent to fetch its kept reply.
                 # In flight means not received, so it is after every acknowledged step, hence kept.
-                pending = [s for s in self._unacked if s > last or s in self._sent_at]
+                pending = [s for s in self._unacked if s > last or s in self._in_flight]
                 after = [s for s in pending if s > last]
                 lost = list(range(last + 1, after[0] if after else last + 1))
                 if lost:
@@ -307,7 +307,7 @@ class RemoteCloud:
                                      f"the server restarted without steps {lost[0]}..{lost[-1]} and they are no "
                                      "longer buffered here (was its --checkpoint-dir changed?)")
                 for step_id in pending:
-                    self._send(self._unacked[step_id])
+                    self._send(step_id, self._addressed(self._unacked[step_id]))
                 self.replayed_steps += len(pending)
                 return pending
             except grpc.RpcError as err:
@@ -325,15 +325,15 @@ class RemoteCloud:
         session_id = self.session.session_id  # type: ignore[union-attr]
         requests = []
         for i, features in enumerate(batches):
-            request = pb.InferRequest(session_id=session_id, request_id=i,
-                                      features=codec.encode(features, codec_name))
+            encoded = codec.encode(features, codec_name)
+            request = serde.infer_request_to_proto(serde.InferRequest(session_id, i, encoded))
             self._check_size(request)
             requests.append(request)
         try:
             for request, reply in zip(requests, self._stub.Infer(iter(requests),
                                                                  timeout=self.config.deadline_s * max(1, len(requests)))):
-                self._count(request, reply)
-                yield codec.decode(reply.logits, "logits")
+                self._count(request.ByteSize(), reply.ByteSize())
+                yield serde.prediction_from_proto(reply).logits
         except grpc.RpcError as err:
             raise _cloud_error(err, "Infer") from None
 
@@ -377,9 +377,9 @@ class RemoteCloud:
         if message:
             raise CloudError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
-    def _count(self, up, down) -> None:
-        self.bytes_up += up.ByteSize()
-        self.bytes_down += down.ByteSize()
+    def _count(self, up: int, down: int) -> None:
+        self.bytes_up += up
+        self.bytes_down += down
 
 
 def _cloud_error(err: grpc.RpcError, what: str, advice: str = "") -> CloudError:

@@ -28,7 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from splitnet.v1 import split_pb2 as pb
+from splitnet import codec
+from splitnet.models import SplitSpec
 
 
 @dataclass(frozen=True)
@@ -77,20 +78,16 @@ class CaptureWriter:
             np.save(self.root / name, array, allow_pickle=False)
             _append(self.root / "records.jsonl", {
                 "seq": seq, "source": self.source, "method": method, "session_id": session_id,
-                "step_id": int(step_id), "wire_dtype": pb.DType.Name(wire_dtype), "shape": list(array.shape),
+                "step_id": int(step_id), "wire_dtype": codec.dtype_name(wire_dtype), "shape": list(array.shape),
                 "labels": list(labels), "file": name, "time": time.time()})
 
 
-def session_model(spec: object, feature_shape: Sequence[int], job: str) -> dict:
-    """What `sessions.jsonl` holds of a session's model, the same from the proxy (a SessionSpec)
-    and from the tap (the job's SplitSpec)."""
-    fields = {k: plain(getattr(spec, k)) for k in ("arch", "cut", "num_classes", "input_shape", "bottleneck")}
-    return {**fields, "feature_shape": list(feature_shape), "job": job}
-
-
-def plain(value):
-    """Tuples and protobuf repeated fields as JSON lists."""
-    return value if isinstance(value, (str, int, float, bool)) else list(value)
+def session_model(spec: SplitSpec, feature_shape: Sequence[int], job: str) -> dict:
+    """What `sessions.jsonl` holds of a session's model, the same from the proxy (as the edge declared
+    it) and from the tap (the job's)."""
+    return {"arch": spec.arch, "cut": spec.cut, "num_classes": spec.num_classes,
+            "input_shape": list(spec.input_shape), "bottleneck": spec.bottleneck,
+            "feature_shape": list(feature_shape), "job": job}
 
 
 def _append(path: Path, obj: dict) -> None:

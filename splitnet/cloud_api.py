@@ -11,25 +11,22 @@ from typing import Iterable, Iterator, Protocol, Sequence
 
 import torch
 
-from splitnet import codec
 from splitnet.models import OptimSpec, SplitModel
-from splitnet.v1 import split_pb2 as pb
 
 
 @dataclass
 class StepReply:
+    """A `TrainResult` on either end (`splitnet.serde` converts): the trainer takes the gradient and the
+    figures, the edge's connection the step ids it replays and acknowledges by."""
+
     grad: torch.Tensor | None  # None: the server had applied this step before and no longer has its reply
     loss: float
     correct: int
     duplicate: bool
     lr: float = 0.0  # the rate the decoder stepped with (0 when it did not step)
-
-    @classmethod
-    def from_wire(cls, result: pb.TrainResult) -> "StepReply":
-        """What an edge takes from a `TrainResult`. `LocalCloud` reads its replies through this
-        too, so an in-process run sees the same float32 loss and codec-rounded gradient."""
-        grad = codec.decode(result.grad, "grad") if result.HasField("grad") else None
-        return cls(grad, result.loss, result.correct, result.duplicate, result.lr)
+    step_id: int = 0
+    job_steps_applied: int = 0
+    durable_step_id: int = 0  # the last step id of this client that a written checkpoint holds
 
 
 class NotDurable(RuntimeError):

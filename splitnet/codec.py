@@ -68,6 +68,11 @@ def _quantize(t: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     return q, scale, zero_point
 
 
+def dtype_name(wire_dtype: int) -> str:
+    """A wire dtype as the proto names it (FLOAT32, ..., INT8): for records and messages people read."""
+    return pb.DType.Name(wire_dtype)
+
+
 def decode(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     """Rebuild a float32 tensor, checking every peer-controlled value first."""
     dtype = _TORCH_DTYPE.get(msg.dtype)
@@ -81,7 +86,7 @@ def decode(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     expected = math.prod(shape) * itemsize
     if len(msg.data) != expected:
         raise CodecError(f"{field}.data: {len(msg.data)} bytes, but shape {shape} of "
-                         f"{pb.DType.Name(msg.dtype)} needs {expected}")
+                         f"{dtype_name(msg.dtype)} needs {expected}")
     if expected == 0:
         return torch.zeros(shape, dtype=torch.float32)
     raw = torch.frombuffer(bytearray(msg.data), dtype=torch.int16 if dtype == torch.bfloat16 else dtype)

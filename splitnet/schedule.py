@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 KINDS = ("constant", "multistep", "cosine")
+MAX_MILESTONES = 64
 
 # The CEM paper's recipe, lr 0.05 dropped x0.2 at epochs 60/120/180/210 of 240, as fractions of
 # any run's length. Its last two phases run below lr 4.1e-4 (0.05 * 0.2^3 = 4e-4), where CEM's
@@ -45,8 +46,8 @@ class LrSchedule:
             raise ValueError(f"lr_schedule.kind: {self.kind!r} is not one of {list(KINDS)}")
         if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
             raise ValueError(f"lr_schedule.milestones: {list(self.milestones)[:8]} must be increasing epochs >= 1")
-        if len(self.milestones) > 64:
-            raise ValueError("lr_schedule.milestones: at most 64")
+        if len(self.milestones) > MAX_MILESTONES:
+            raise ValueError(f"lr_schedule.milestones: at most {MAX_MILESTONES}")
         if self.kind == "multistep" and not self.milestones:
             raise ValueError("lr_schedule.milestones: multistep needs at least one milestone")
         if not (math.isfinite(self.gamma) and 0 < self.gamma <= 1):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import socket
 
-from splitnet.schedule import LrSchedule
 from splitnet.v1 import split_pb2
 
 SERVICE_NAME = split_pb2.DESCRIPTOR.services_by_name["SplitLearning"].full_name
@@ -99,17 +98,3 @@ def parse_address(address: str, listen: bool = False) -> tuple[str, int]:
                          "(e.g. 127.0.0.1:50051)")
     return host.strip("[]"), int(port)
 
-
-def schedule_message(schedule: LrSchedule) -> split_pb2.LrSchedule:
-    return split_pb2.LrSchedule(kind=schedule.kind, milestones=schedule.milestones, gamma=schedule.gamma,
-                                warmup_epochs=schedule.warmup_epochs, epochs=schedule.epochs,
-                                steps_per_epoch=schedule.steps_per_epoch)
-
-
-def schedule_from_message(msg: split_pb2.LrSchedule) -> LrSchedule:
-    """An absent schedule (an edge older than schedules) is a constant rate; ValueErrors name the field."""
-    if not msg.kind:
-        return LrSchedule()
-    if len(msg.milestones) > 64:
-        raise ValueError("lr_schedule.milestones: at most 64")
-    return LrSchedule(msg.kind, tuple(msg.milestones), msg.gamma, msg.warmup_epochs, msg.epochs, msg.steps_per_epoch)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from splitnet.v1 import split_pb2
+
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = {"edge_client", "cloud_server", "attacks", "cem", "splitnet", "deploy"}
 ALLOWED = {  # project packages each package may import, besides itself
@@ -103,3 +105,69 @@ def test_the_argparse_check_sees_each_kind_of_use() -> None:
               "p._remove_action(a)\nsub_parser.error = fail\nclient.error = text\nargparse.ArgumentParser()\n")
     assert argparse_internals(source) == [(2, "argparse._SubParsersAction"), (3, "._option_string_actions"),
                                           (4, "._remove_action"), (5, "parser.error replaced")]
+
+
+# The SplitLearning messages are built in `splitnet.serde` alone (Tensors in `splitnet.codec`), so that
+# what one end writes and the other reads is one mapping, pinned by a round trip (tests/test_serde.py).
+# Parsing bytes with `pb.X.FromString` is what gRPC's stubs do and is no building: the proxy does it and
+# converts with serde. Tests are outside the rule: they forge what a hostile peer sends, which no serde
+# value can express.
+MESSAGES = set(split_pb2.DESCRIPTOR.message_types_by_name)
+MESSAGE_BUILDERS = {ROOT / "splitnet" / "serde.py", ROOT / "splitnet" / "codec.py"}
+SPLIT_PB2 = {(0, "splitnet.v1.split_pb2"), (1, "v1.split_pb2")}  # (import level, module): inside splitnet, relative
+
+
+def message_constructions(source: str) -> list[tuple[int, str]]:
+    """(line, message) of every call of a `splitnet.v1.split_pb2` message class, however it was imported."""
+    tree = ast.parse(source)
+    modules, classes = set(), {}  # names bound to split_pb2; names bound to its message classes
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {alias.asname or alias.name for alias in node.names if (0, alias.name) in SPLIT_PB2}
+        elif isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                if (node.level, f"{node.module}.{alias.name}" if node.module else alias.name) in SPLIT_PB2:
+                    modules.add(alias.asname or alias.name)
+                elif (node.level, node.module) in SPLIT_PB2 and alias.name in MESSAGES:
+                    classes[alias.asname or alias.name] = alias.name
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = dotted(node.func)
+            owner, _, last = name.rpartition(".")
+            if owner in modules and last in MESSAGES:
+                found.append((node.lineno, last))
+            elif not owner and last in classes:
+                found.append((node.lineno, classes[last]))
+    return sorted(found)
+
+
+def dotted(node: ast.expr) -> str:
+    """`a.b.c` for a chain of names and attributes, '' for anything else (a call's result, a subscript)."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        owner = dotted(node.value)
+        return f"{owner}.{node.attr}" if owner else ""
+    return ""
+
+
+def test_only_serde_and_the_codec_build_messages() -> None:
+    files = [path for path in SOURCES if path not in MESSAGE_BUILDERS
+             and not {ROOT / "tests", ROOT / "splitnet" / "v1"} & set(path.parents)]
+    assert ROOT / "edge_client" / "remote.py" in files and ROOT / "benchmarks" / "soak.py" in files
+    bad = [f"{path.relative_to(ROOT)}:{line} builds {message} (convert with splitnet.serde)" for path in files
+           for line, message in message_constructions(path.read_text())]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_message_check_sees_each_way_of_building_one() -> None:
+    source = ("from splitnet.v1 import split_pb2 as pb\nimport splitnet.v1.split_pb2\n"
+              "from splitnet.v1.split_pb2 import TrainStep as Step, DType\nfrom splitnet import serde\n"
+              "pb.SessionSpec(job='j')\n"
+              "splitnet.v1.split_pb2.FlushReply()\n"
+              "Step(step_id=1)\n"
+              "def late():\n    from .v1 import split_pb2\n    return split_pb2.Tensor()\n"
+              "pb.TrainStep.FromString(raw)\npb.DType.Name(1)\nDType.Value('INT8')\npb.DESCRIPTOR\n"
+              "serde.TrainStep('', 1, features, [])\nserde.session_spec_to_proto(spec)\nother.TrainStep()\n")
+    assert message_constructions(source) == [(5, "SessionSpec"), (6, "FlushReply"), (7, "TrainStep"), (10, "Tensor")]
