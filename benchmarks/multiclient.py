@@ -19,7 +19,7 @@ import os
 import statistics
 import sys
 
-from deploy.ray_config import RayRunConfig, ray_environment
+from deploy.sim.config import RayRunConfig, ray_environment
 from edge_client.config import ConnectionConfig, EdgeConfig
 
 # Loopback only, and no token file in ~/.ray: this cluster lives only as long as the benchmark.
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from deploy.processes import start_server
-    from deploy.ray_clients import run_clients
+    from deploy.sim.actors import run_clients
 
     server = start_server()
     ray.init(include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)  # inherits ENV

@@ -94,7 +94,7 @@ class TreeMemory:
 def measure(clients: int, args: argparse.Namespace, virtual: bool) -> dict:
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     try:
-        command = [sys.executable, "-m", "deploy.ray_cli", "--start-server", "--clients", str(clients), "--mode",
+        command = [sys.executable, "-m", "deploy.sim.cli", "--start-server", "--clients", str(clients), "--mode",
                    args.mode, "--epochs", str(args.rounds), "--no-progress", "--report", f"{temp}/ray.json"]
         if virtual:
             command += ["--workers", str(args.workers), "--fraction", str(args.fraction), "--local-steps",

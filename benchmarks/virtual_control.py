@@ -1,6 +1,6 @@
 """The control for `split-ray --workers`' accuracy: the same clients, samples and schedules, in one process.
 
-Trains N clients the way `deploy.virtual_clients` does (the seeded sample of each round,
+Trains N clients the way `deploy.sim.virtual` does (the seeded sample of each round,
 a turn of a local epoch or `--local-steps`, each client's schedule spanning its turns,
 every client starting from client 0's initial encoder), but as N `EdgeTrainer`s that
 stay alive in this process against one in-process job (`LocalCloud`): no Ray, no
@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import Subset
 
 from cloud_server.local import LocalCloud
-from deploy import partition
-from deploy.ray_config import PartitionSpec, VirtualClients
+from deploy.sim import partition
+from deploy.sim.config import PartitionSpec, VirtualClients
 from edge_client.config import EdgeConfig
 from edge_client.trainer import EdgeTrainer
 from splitnet import data

@@ -72,7 +72,7 @@ CLOUD_COUNTERS = ("bytes_up", "bytes_down", "reconnects", "replayed_steps", "rtt
 class TrainerState:
     """What an `EdgeTrainer` needs to carry on where another one stopped, in another process.
 
-    A virtual client (`deploy.virtual_clients`) is this between its turns: the worker that
+    A virtual client (`deploy.sim.virtual`) is this between its turns: the worker that
     runs its next turn builds a trainer for it and restores this; an edge-client's state file
     (`edge_client.state`) holds it as a dict. The data position and the
     random generators are in it, so a turn that is run again (its worker died) sends the

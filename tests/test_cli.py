@@ -11,7 +11,7 @@ import pytest
 
 from attacks import cli as attacker_cli
 from cloud_server import cli as cloud_cli
-from deploy import ray_cli
+from deploy.sim import cli as ray_cli
 from edge_client import cli as edge_cli
 from splitnet import cli_util
 

@@ -43,7 +43,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certs import make_cert, write_cert
 from deploy.processes import start_command
-from deploy.ray_cli import absolute_paths
+from deploy.sim.cli import absolute_paths
 from edge_client.config import ConnectionConfig, EdgeConfig
 from splitnet.settings import DataSpec
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from deploy.plan import PlanConfig, PlanError, nondominated, plan
+from deploy.experiments.plan import PlanConfig, PlanError, nondominated, plan
 
 
 def _row(link, cut, codec, seconds, ssim, accuracy, latency=None, defense="none"):
@@ -87,7 +87,7 @@ def test_a_sweep_without_latency_says_how_to_get_it(tmp_path):
 
 
 def test_the_command_prints_the_front_and_exits_1_without_a_recommendation(results):
-    cmd = [sys.executable, "-m", "deploy.plan", "--results", results, "--link", "constrained"]
+    cmd = [sys.executable, "-m", "deploy.experiments.plan", "--results", results, "--link", "constrained"]
     done = subprocess.run(cmd + ["--max-ssim", "0.8"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "| block2-b8 / int8 / none **(recommended)** | 4.00 | 0.700 | 0.940 | yes |" in done.stdout

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from deploy.ray_config import Kill, PartitionSpec, RayRunConfig, ray_environment
+from deploy.sim.config import Kill, PartitionSpec, RayRunConfig, ray_environment
 
 RAY_ENV = {**ray_environment(local=True), "RAY_AUTH_MODE": "disabled"}  # no token written to ~/.ray
 os.environ.update(RAY_ENV)
@@ -25,11 +25,11 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import Subset, TensorDataset  # noqa: E402
 
-from deploy import partition  # noqa: E402
-from deploy.fedavg import fedavg  # noqa: E402
+from deploy.sim import partition  # noqa: E402
+from deploy.sim.fedavg import fedavg  # noqa: E402
 from deploy.processes import descendants  # noqa: E402
 from cloud_server.local import LocalCloud  # noqa: E402
-from deploy.ray_clients import run_clients  # noqa: E402
+from deploy.sim.actors import run_clients  # noqa: E402
 from edge_client.config import ConnectionConfig, EdgeConfig  # noqa: E402
 from edge_client.remote import RemoteCloud  # noqa: E402
 from edge_client.trainer import EdgeTrainer, run  # noqa: E402
@@ -51,7 +51,7 @@ def _start_ray(attempts: int = 2) -> str:
     for attempt in range(attempts):
         temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
         try:
-            # no runtime_env: the cluster inherits RAY_ENV from this process (deploy.ray_config.runtime_env)
+            # no runtime_env: the cluster inherits RAY_ENV from this process (deploy.sim.config.runtime_env)
             ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, _temp_dir=temp,
                      log_to_driver=False)
             return temp
@@ -133,7 +133,7 @@ def test_killed_client_leaves_the_others_finishing(ray_local, server):
 
 def test_workers_inherit_the_ray_environment(ray_local):
     """Started without a runtime_env, the cluster's workers still see every variable the driver set
-    before importing Ray (deploy.ray_config.runtime_env)."""
+    before importing Ray (deploy.sim.config.runtime_env)."""
 
     @ray.remote(num_cpus=0)
     def environment() -> dict:
@@ -162,7 +162,7 @@ def test_one_command_run_starts_and_stops_its_server(tmp_path):
 
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     try:
-        done = subprocess.run([sys.executable, "-m", "deploy.ray_cli", "--clients", "2", "--start-server", "--epochs",
+        done = subprocess.run([sys.executable, "-m", "deploy.sim.cli", "--clients", "2", "--start-server", "--epochs",
                                "2", "--mode", "splitfed", "--partition", "dirichlet:1",
                                "--report", f"{temp}/ray.json", "--log-dir", str(tmp_path / "tb")],
                               env={**os.environ, "RAY_TMPDIR": temp}, capture_output=True, text=True, timeout=240)

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from test_ray import edge, ray_local  # noqa: F401 - ray_local is a fixture (Ray's environment set there)
-from deploy.ray_clients import run_clients
-from deploy.ray_config import Kill, RayRunConfig, VirtualClients
+from deploy.sim.actors import run_clients
+from deploy.sim.config import Kill, RayRunConfig, VirtualClients
 
 
 @pytest.mark.parametrize("mode", ["sequential", "parallel", "splitfed"])

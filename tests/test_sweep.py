@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.plots import markdown_table, pareto_front
-from deploy.sweep import SweepConfig, metric_names
+from deploy.experiments.plots import markdown_table, pareto_front
+from deploy.experiments.sweep import SweepConfig, metric_names
 
 CONFIG = """
 [model]
@@ -37,7 +37,7 @@ args = ["--aux-limit", "300"]
 
 
 def _sweep(config: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy.sweep", "--config", str(config), "--out", str(out), *flags],
+    return subprocess.run([sys.executable, "-m", "deploy.experiments.sweep", "--config", str(config), "--out", str(out), *flags],
                           capture_output=True, text=True, timeout=600)
 
 
@@ -95,7 +95,7 @@ def test_with_keep_going_a_failing_point_does_not_stop_the_others(digits_sweep):
 
 @pytest.mark.slow
 def test_report_only_reports_the_finished_points_and_runs_nothing(digits_sweep, tmp_path, capsys):
-    from deploy.sweep import main
+    from deploy.experiments.sweep import main
 
     out = tmp_path / "out"
     (out / "points").mkdir(parents=True)
@@ -156,7 +156,7 @@ def test_a_changed_setting_reruns_exactly_its_point(digits_sweep):
 ])
 def test_bad_config_is_a_clear_error(tmp_path, text, named):
     (tmp_path / "bad.toml").write_text(text)
-    done = subprocess.run([sys.executable, "-m", "deploy.sweep", "--config", str(tmp_path / "bad.toml"), "--out",
+    done = subprocess.run([sys.executable, "-m", "deploy.experiments.sweep", "--config", str(tmp_path / "bad.toml"), "--out",
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and named in done.stderr, done.stderr
     assert not (tmp_path / "o").exists()  # nothing ran
@@ -206,7 +206,7 @@ def test_the_documented_config_loads():
     ({"model": {"lr_schedule": "zigzag"}}, "--lr-schedule kind: 'zigzag'"),
 ])
 def test_a_point_edge_client_would_refuse_is_an_error_before_anything_runs(config, named):
-    from deploy.sweep import check_points
+    from deploy.experiments.sweep import check_points
 
     with pytest.raises(ValueError, match="edge-client would refuse its settings") as err:
         check_points(SweepConfig.from_dict(config).points())
@@ -245,7 +245,7 @@ def test_a_point_is_named_by_its_resolved_settings():
 
 
 def test_a_link_names_its_points_and_a_sweep_without_one_keeps_its_names():
-    from deploy.sweep import aggregate, time_to_accuracy
+    from deploy.experiments.sweep import aggregate, time_to_accuracy
 
     plain = SweepConfig.from_dict({"grid": {"codecs": ["fp32", "int8"]}}).points()
     linked = SweepConfig.from_dict({"grid": {"codecs": ["fp32", "int8"], "links": ["none", "wifi"]}}).points()
@@ -281,7 +281,7 @@ def test_table_shows_the_spread_over_seeds_even_when_it_is_zero():
 
 
 def test_flags_mapping():
-    from deploy.sweep import _flags
+    from deploy.experiments.sweep import _flags
 
     assert _flags({"noise": 0.1, "freeze_gates": True, "download": False}) == ["--noise", "0.1", "--freeze-gates"]
     with pytest.raises(ValueError):
@@ -309,7 +309,7 @@ def test_attack_table_and_per_cut_bottleneck_parse():
 
 
 def test_data_roots_become_absolute_and_the_cli_one_wins(tmp_path, monkeypatch):
-    from deploy.sweep import with_absolute_roots
+    from deploy.experiments.sweep import with_absolute_roots
 
     monkeypatch.chdir(tmp_path)
     config = SweepConfig.from_dict({"model": {"dataset": "imagefolder", "data_root": "data/a"},
@@ -327,7 +327,7 @@ def test_plot_labels_of_close_points_neither_overlap_nor_leave_the_axes():
     import matplotlib.pyplot as plt
     from matplotlib.text import Text
 
-    from deploy.plots import _place_labels
+    from deploy.experiments.plots import _place_labels
 
     fig, ax = plt.subplots(figsize=(7, 5))
     close = [(0.950 + 1e-4 * i, 0.980 + 1e-4 * i) for i in range(6)]  # more than the four corners of a point
@@ -388,8 +388,8 @@ def _point(defense: str, seed: int, accuracy: float, mse: float, **settings) -> 
 
 
 def test_cem_gains_pair_each_cem_point_with_its_noise_alone_twin_at_the_same_seed():
-    from deploy.demo import verdict
-    from deploy.gains import cem_gains, markdown
+    from deploy.experiments.demo import verdict
+    from deploy.experiments.gains import cem_gains, markdown
 
     rows = [_point("noise", 0, 0.90, 0.010), _point("noise", 1, 0.80, 0.020),
             _point("gmm", 0, 0.895, 0.013, cem="gmm", **{"lambda": 8}),
@@ -419,7 +419,7 @@ def test_cem_gains_pair_each_cem_point_with_its_noise_alone_twin_at_the_same_see
 def test_cem_is_also_compared_with_noise_alone_at_its_own_accuracy():
     """Where CEM costs accuracy at the same noise, the fair baseline is more noise: the noise-alone
     curve (one seed, several noise levels) read at the CEM point's accuracy."""
-    from deploy.gains import cem_gains, markdown, noise_curve_mse
+    from deploy.experiments.gains import cem_gains, markdown, noise_curve_mse
 
     curve = [(0.90, 0.010), (0.80, 0.030)]
     assert noise_curve_mse(0.85, curve) == pytest.approx(0.020)  # linear between the bracketing levels

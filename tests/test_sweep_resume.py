@@ -30,7 +30,7 @@ methods = []
 
 
 def sweep(config, out) -> list[str]:
-    return [sys.executable, "-m", "deploy.sweep", "--config", str(config), "--out", str(out)]
+    return [sys.executable, "-m", "deploy.experiments.sweep", "--config", str(config), "--out", str(out)]
 
 
 @pytest.mark.slow

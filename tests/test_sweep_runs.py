@@ -70,7 +70,7 @@ latency_images = 3
 target_accuracy = 0.05
 """)
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "deploy.sweep", "--config", str(tmp_path / "sweep.toml"), "--out",
+    done = subprocess.run([sys.executable, "-m", "deploy.experiments.sweep", "--config", str(tmp_path / "sweep.toml"), "--out",
                            str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (point,) = json.loads((out / "results.json").read_text())["points"]

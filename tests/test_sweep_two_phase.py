@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from deploy.sweep import SweepConfig
+from deploy.experiments.sweep import SweepConfig
 
 CONFIG = """
 [model]
@@ -42,7 +42,7 @@ variants = {wide = {width = 16, blocks = 2}}
 
 
 def sweep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy.sweep", *args], capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-m", "deploy.experiments.sweep", *args], capture_output=True, text=True, timeout=900)
 
 
 def test_points_share_their_base_and_name_it():

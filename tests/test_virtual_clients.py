@@ -7,8 +7,8 @@ from torch.utils.data import Subset
 
 from cloud_server.job import Job
 from cloud_server.local import LocalCloud
-from deploy import ray_cli
-from deploy.ray_config import Kill, RayRunConfig, VirtualClients
+from deploy.sim import cli as ray_cli
+from deploy.sim.config import Kill, RayRunConfig, VirtualClients
 from edge_client.config import DefenseConfig, EdgeConfig
 from edge_client.trainer import EdgeTrainer, StepsLost
 from splitnet import data

@@ -108,7 +108,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from deploy.gains import cem_gains
+from deploy.experiments.gains import cem_gains
 from deploy.link import DIRECT, PROFILES
 from deploy.processes import ServerProcess, start_process, start_server
 from splitnet import tracking
@@ -883,7 +883,7 @@ def _run_all(config: SweepConfig, work: dict[str, Callable[[], dict]], progress:
             if not finished(key, call()):
                 break
     else:
-        from deploy.ray_config import ray_environment
+        from deploy.sim.config import ray_environment
 
         os.environ.update(ray_environment(local=True))  # the cluster started here inherits it
         import ray
@@ -911,7 +911,7 @@ def _call(work: Callable[[], dict]) -> dict:
 
 def _report(config: SweepConfig, rows: list[dict], out: Path) -> None:
     """results.json / results.csv, report.md and its plots, from these rows."""
-    from deploy.plots import write_report
+    from deploy.experiments.plots import write_report
 
     out.mkdir(parents=True, exist_ok=True)
     write_report(config, write_results(config, rows, out), out, gains=cem_gains(rows, config.scored))
@@ -937,7 +937,7 @@ def main(argv: list[str] | None = None) -> int:
                         "study resumed on another machine, or its report rebuilt with --report-only")
     add_log_dir_arg(p)
     args = p.parse_args(argv)
-    import deploy.plots  # noqa: F401 - without the 'plot' extra this fails now, not after the points ran
+    import deploy.experiments.plots  # noqa: F401 - without the 'plot' extra this fails now, not after the points ran
 
     setup_logging()
     try:
@@ -977,8 +977,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # As deploy.sweep, not __main__: Ray ships what a task needs from __main__ by value, and a
+    # As deploy.experiments.sweep, not __main__: Ray ships what a task needs from __main__ by value, and a
     # cached function (the parsers) cannot travel so; a module's names travel by reference.
-    from deploy.sweep import main as module_main
+    from deploy.experiments.sweep import main as module_main
 
     sys.exit(module_main())

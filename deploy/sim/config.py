@@ -1,6 +1,6 @@
 """Settings of a many-client Ray run, and the environment Ray needs; imports no Ray.
 
-Kept apart from `deploy.ray_clients` because some of Ray's settings are environment
+Kept apart from `deploy.sim.actors` because some of Ray's settings are environment
 variables it reads once, when it is imported: the command line and the tests have to
 know them (and parse their flags) before Ray is imported.
 """
@@ -22,7 +22,7 @@ FORWARDED_ENV = ("SPLIT_LOG_LEVEL",)
 
 @dataclass(frozen=True)
 class PartitionSpec:
-    """How the training set is shared out among the clients (`deploy.partition` does it)."""
+    """How the training set is shared out among the clients (`deploy.sim.partition` does it)."""
 
     kind: str = "iid"
     alpha: float = 0.0  # dirichlet concentration; unused for iid
@@ -66,7 +66,7 @@ class Kill:
 @dataclass(frozen=True)
 class VirtualClients:
     """Clients as states run in turns by a pool of worker actors (`split-ray --workers`,
-    `deploy.virtual_clients`), instead of one actor each. Error messages name the flags."""
+    `deploy.sim.virtual`), instead of one actor each. Error messages name the flags."""
 
     workers: int = 0  # worker actors; 0: as many as the Ray cluster's CPUs allow
     fraction: float = 1.0  # of the clients, sampled afresh (seeded) every round

@@ -13,7 +13,7 @@ rate the same lambda pulls 50x less and CEM barely moves the attack.
 
 Writes to the output folder: `report.json` (a list `rows`, each with `defense`, `codec`,
 `test_accuracy`, `bytes_up_per_sample`, `attack_mse`, `attack_ssim`, `attack_psnr`; `cem_gains`:
-`deploy.gains.cem_gains`; `verdict`), `report.md`, `accuracy_vs_ssim.png`, `bytes_vs_ssim.png`,
+`deploy.experiments.gains.cem_gains`; `verdict`), `report.md`, `accuracy_vs_ssim.png`, `bytes_vs_ssim.png`,
 and per point its edge report, encoder, reconstructions and `recon.png` under `points/`.
 """
 
@@ -26,8 +26,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from deploy.gains import MATCHED_POINTS, cem_gains
-from deploy.sweep import SweepConfig, add_log_dir_arg, aggregate, run_sweep
+from deploy.experiments.gains import MATCHED_POINTS, cem_gains
+from deploy.experiments.sweep import SweepConfig, add_log_dir_arg, aggregate, run_sweep
 from splitnet import tracking
 from splitnet.cli_util import names_missing_extra, new_parser, setup_logging
 
@@ -55,7 +55,7 @@ def demo_rows(table: list[dict]) -> list[dict]:
 
 
 def verdict(gains: list[dict]) -> str:
-    """What the run says about CEM, in words, from its paired gains (`deploy.gains.cem_gains`)."""
+    """What the run says about CEM, in words, from its paired gains (`deploy.experiments.gains.cem_gains`)."""
     return "\n".join(
         f"- {g['codec']}: noise + CEM changes attack MSE by {g['inversion_mse_gain_pct']:+.1f}% over noise alone "
         f"(attack SSIM {g['inversion_ssim_delta']:+.3f}), accuracy {g['accuracy_delta_points']:+.1f} points: "
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="its residual blocks (default: the attacker's for digits, 2)")
     add_log_dir_arg(p)
     args = p.parse_args(argv)
-    from deploy.plots import markdown_table, write_report
+    from deploy.experiments.plots import markdown_table, write_report
 
     setup_logging()
     out = Path(args.out)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from deploy.ray_config import PartitionSpec
+from deploy.sim.config import PartitionSpec
 from splitnet import data
 
 

@@ -38,9 +38,9 @@ import torch
 from ray.actor import ActorHandle
 from torch.utils.data import Subset
 
-from deploy import partition
-from deploy.fedavg import fedavg
-from deploy.ray_config import RayRunConfig
+from deploy.sim import partition
+from deploy.sim.fedavg import fedavg
+from deploy.sim.config import RayRunConfig
 from edge_client.config import ConnectionConfig, EdgeConfig
 from edge_client.remote import RemoteCloud
 from edge_client.trainer import EdgeTrainer
@@ -296,7 +296,7 @@ def run_clients(config: RayRunConfig) -> dict:
     """
     nodes = cluster_nodes()
     if config.virtual:
-        from deploy.virtual_clients import run_virtual
+        from deploy.sim.virtual import run_virtual
 
         return run_virtual(config, nodes)
     started = time.perf_counter()

@@ -11,8 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
-from deploy.gains import MATCHED_POINTS, markdown  # noqa: E402
-from deploy.plan import nondominated  # noqa: E402
+from deploy.experiments.gains import MATCHED_POINTS, markdown  # noqa: E402
+from deploy.experiments.plan import nondominated  # noqa: E402
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -208,7 +208,7 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 def write_report(config, rows: list[dict], out: Path, title: str = "Sweep: accuracy vs leakage vs communication",
                  preface: str = "", gains: list[dict] | None = None) -> None:
-    """report.md and the plots; `gains`: `deploy.gains.cem_gains` of the sweep's points."""
+    """report.md and the plots; `gains`: `deploy.experiments.gains.cem_gains` of the sweep's points."""
     method = config.attacks[0] if config.attacks else None
     columns = [("defense", "{}"), ("codec", "{}"), ("cut", "{}"), ("bottleneck", "{}"), ("test_accuracy", "{:.3f}"),
                ("bytes_up_per_sample", "{:.0f}"), ("rtt_ms_p50", "{:.1f}"), ("intra_mse", "{:.4f}")]

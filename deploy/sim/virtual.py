@@ -1,6 +1,6 @@
 """Many virtual clients over a few Ray workers: `split-ray --clients N --workers W`.
 
-One actor per client (`deploy.ray_clients`) costs a process each, with torch, a copy of
+One actor per client (`deploy.sim.actors`) costs a process each, with torch, a copy of
 the data and a gRPC channel: several hundred MB, so a machine holds tens of clients, not
 thousands. Here W worker actors run the turns of N virtual clients, as Flower's
 simulation engine multiplexes its clients over a pool of actors. Between its turns a
@@ -48,10 +48,10 @@ from ray.actor import ActorHandle
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from deploy import partition
-from deploy.fedavg import FedAvg
-from deploy.ray_clients import CLIENT_KEYS, NODE_KEYS, ServerView, error_text, report, running_on
-from deploy.ray_config import RayRunConfig
+from deploy.sim import partition
+from deploy.sim.fedavg import FedAvg
+from deploy.sim.actors import CLIENT_KEYS, NODE_KEYS, ServerView, error_text, report, running_on
+from deploy.sim.config import RayRunConfig
 from edge_client.config import EdgeConfig
 from edge_client.remote import RemoteCloud, open_channel
 from edge_client.trainer import EdgeTrainer, TrainerState
@@ -442,7 +442,7 @@ class _VirtualRun:
 
 def run_virtual(config: RayRunConfig, nodes: list[dict]) -> dict:
     """Train `config.clients` virtual clients over a pool of workers on an initialised Ray; the report
-    (as `deploy.ray_clients.run_clients`, plus the pool's figures). `nodes`: the cluster's, at the start."""
+    (as `deploy.sim.actors.run_clients`, plus the pool's figures). `nodes`: the cluster's, at the start."""
     started = time.perf_counter()
     run = _VirtualRun(config)
     try:

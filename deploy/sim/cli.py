@@ -26,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from deploy.ray_config import (MODES, Kill, PartitionSpec, RayRunConfig, VirtualClients, ray_environment,
+from deploy.sim.config import (MODES, Kill, PartitionSpec, RayRunConfig, VirtualClients, ray_environment,
                                runtime_env)
 from edge_client import cli as edge_cli
 from edge_client import report as report_mod
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cloud_server.config import ServerConfig
     from deploy.processes import start_server
-    from deploy.ray_clients import run_clients
+    from deploy.sim.actors import run_clients
     from splitnet.data import DatasetNotFound
 
     # The clients' token, if any, is the one the server accepts (through the environment,
