@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from deploy.processes import start_server
-    from deploy.sim.actors import run_clients
+    from deploy.sim.run import run_clients
 
     server = start_server()
     ray.init(include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)  # inherits ENV

@@ -29,7 +29,7 @@ from deploy.sim import partition  # noqa: E402
 from deploy.sim.fedavg import fedavg  # noqa: E402
 from deploy.processes import descendants  # noqa: E402
 from cloud_server.local import LocalCloud  # noqa: E402
-from deploy.sim.actors import run_clients  # noqa: E402
+from deploy.sim.run import run_clients  # noqa: E402
 from edge_client.config import ConnectionConfig, EdgeConfig  # noqa: E402
 from edge_client.remote import RemoteCloud  # noqa: E402
 from edge_client.trainer import EdgeTrainer, run  # noqa: E402

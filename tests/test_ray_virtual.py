@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from test_ray import edge, ray_local  # noqa: F401 - ray_local is a fixture (Ray's environment set there)
-from deploy.sim.actors import run_clients
+from deploy.sim.run import run_clients
 from deploy.sim.config import Kill, RayRunConfig, VirtualClients
 
 

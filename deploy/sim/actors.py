@@ -21,6 +21,9 @@ encoders are combined, and FedAvg averages models that share an initialisation.
 
 Failures are per client: an actor that dies (or whose trainer raises) is marked failed
 with its error and left out of later rounds and averages; the others carry on.
+
+`deploy.sim.run.run_clients` drives this engine's `ActorRun` (what it shares with the
+virtual clients' engine is `deploy.sim.bookkeeping`).
 """
 
 from __future__ import annotations
@@ -39,35 +42,16 @@ from ray.actor import ActorHandle
 from torch.utils.data import Subset
 
 from deploy.sim import partition
-from deploy.sim.fedavg import fedavg
+from deploy.sim.bookkeeping import ClientRecord, Run, error_text, running_on
 from deploy.sim.config import RayRunConfig
-from edge_client.config import ConnectionConfig, EdgeConfig
+from deploy.sim.fedavg import fedavg
+from edge_client.config import EdgeConfig
 from edge_client.remote import RemoteCloud
 from edge_client.trainer import EdgeTrainer
-from splitnet import data, serde
+from splitnet import data
 from splitnet.cli_util import set_threads, setup_logging
 
 log = logging.getLogger("deploy.ray")
-
-# What each client entry of the report carries from its trainer's report (README keys).
-CLIENT_KEYS = ("test_accuracy", "train_loss", "epochs", "steps", "train_samples", "bytes_up", "bytes_down",
-               "samples_per_second", "rtt_ms_p50", "rtt_ms_p99", "reconnects", "duplicate_steps", "resent_steps",
-               "lr_mismatch_steps", "durable")
-# Where each client ran (keys of its entry): its Ray node's id and IP address.
-NODE_KEYS = ("node_id", "node_ip")
-
-
-def running_on() -> dict[str, str]:
-    """The Ray node of the calling actor, asked inside it: the report says where each client ran,
-    so a user can see whether `SPREAD` did spread the clients over the cluster."""
-    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
-
-
-def cluster_nodes() -> list[dict]:
-    """The cluster's alive nodes as a run starts (the report's `ray_nodes`): what the clients could
-    be spread over, beside where they went."""
-    return [{"node_id": n["NodeID"], "node_ip": n["NodeManagerAddress"], "cpus": n["Resources"].get("CPU", 0.0)}
-            for n in ray.nodes() if n["Alive"]]
 
 
 class EdgeClient:
@@ -117,42 +101,24 @@ class EdgeClient:
 
 
 @dataclass
-class _Client:
-    index: int
-    client_id: str
-    shard_size: int
+class ActorClient(ClientRecord):
+    """A client as the driver keeps it: its actor, and what the actor last returned."""
+
     handle: ActorHandle
     node: dict = field(default_factory=dict)  # where its actor runs (`running_on`), once its session is open
     progress: dict = field(default_factory=dict)  # the last counters it returned
     report: dict | None = None
-    error: str = ""
 
-    @property
-    def ok(self) -> bool:
-        return not self.error
+    def figures(self) -> dict:
+        return {**(self.report or self.progress), **self.node}
 
 
-class ServerView:
-    """The job as the cloud server counts it (Stats), through a channel of the driver's own."""
-
-    def __init__(self, connection: ConnectionConfig, job: str) -> None:
-        self.cloud, self.job = RemoteCloud(connection), job
-
-    def stats(self) -> serde.JobStats:
-        return next((j for j in self.cloud.stats().jobs if j.job == self.job), serde.JobStats(self.job))
-
-    def close(self) -> None:
-        self.cloud.close()
-
-
-class _Run:
-    """One run's clients, rounds and shared encoder, driven from the Ray driver."""
+class ActorRun(Run):
+    """One run's clients, rounds and shared encoder, driven from the Ray driver: a Ray actor per client."""
 
     def __init__(self, config: RayRunConfig) -> None:
-        self.config = config
-        self.server = ServerView(config.edge.connection, config.edge.job)
-        self.clients: list[_Client] = []
-        self.rounds: list[dict] = []
+        super().__init__(config)
+        self.clients: list[ActorClient] = []
         self.shared: dict[str, torch.Tensor] | None = None  # the encoder every client starts the next round from
 
     def start(self) -> float:
@@ -169,24 +135,24 @@ class _Run:
                                          log_dir=edge.log_dir and str(Path(edge.log_dir) / f"client-{i}"))
             # SPREAD: on a cluster the clients go to different machines, as devices would be.
             handle = actor.options(num_cpus=cpus, scheduling_strategy="SPREAD").remote(client, shard, cfg.threads)
-            self.clients.append(_Client(i, client.client_id, len(shard), handle))
+            self.clients.append(ActorClient(i, client.client_id, len(shard), handle))
         # The first session of a new job fixes the decoder (and its seed): client 0 opens first.
         nodes = {**self.gather(self.clients[:1], "open"), **self.gather(self.clients[1:], "open")}
         for index, node in nodes.items():
             self.clients[index].node = node
         first = self.live()[:1]
         self.shared = self.gather(first, "encoder_state").get(first[0].index) if first else None
-        return partition.label_skew(labels, shards)
+        skew = partition.label_skew(labels, shards)
+        log.info("%d clients (%s, %s partition, label skew %.3f) on job %r at %s", cfg.clients, cfg.mode,
+                 cfg.partition, skew, edge.job, edge.connection.server)
+        return skew
 
-    def live(self) -> list[_Client]:
-        return [c for c in self.clients if c.ok]
-
-    def gather(self, clients: list[_Client], method: str, args: tuple = (), round_: int = 0) -> dict[int, Any]:
+    def gather(self, clients: list[ActorClient], method: str, args: tuple = (), round_: int = 0) -> dict[int, Any]:
         """Call `method` on every client at once; results by client index, failures recorded."""
         refs = {c.index: getattr(c.handle, method).remote(*args) for c in clients}
-        kill = self.config.kill
-        if kill and kill.round == round_ and method == "train_round" and kill.client in refs:
-            self._kill_mid_round(self.clients[kill.client])
+        victims = [i for i in refs if self.is_victim(i, round_)]
+        if victims and method == "train_round":
+            self._kill_mid_round(self.clients[victims[0]])
         results = {}
         for c in clients:
             try:
@@ -224,7 +190,7 @@ class _Run:
     def stop(self) -> None:
         for client in self.clients:
             ray.kill(client.handle, no_restart=True)
-        self.server.close()
+        super().stop()
 
     def _average(self) -> None:
         """FedAvg of the encoders, then of the batch-norm statistics every client measures for the average.
@@ -244,18 +210,13 @@ class _Run:
             pooled = fedavg(buffers, [self.clients[i].shard_size for i in measured], base)
             self.shared = {**self.shared, **pooled}
 
-    def _kill_mid_round(self, client: _Client) -> None:
+    def _kill_mid_round(self, client: ActorClient) -> None:
         """Kill `client` once the server has applied one of its steps of this round (or after a deadline)."""
-        start = client.progress.get("steps", 0)
-        deadline = time.monotonic() + self.config.edge.connection.deadline_s
-        while self.server.stats().client_last_step.get(client.client_id, 0) <= start and time.monotonic() < deadline:
-            time.sleep(0.02)
-        log.warning("fault injection: killing client %d (%s)", client.index, client.client_id)
-        ray.kill(client.handle, no_restart=True)
+        self.kill_after_a_step(client, client.progress.get("steps", 0), client.handle,
+                               f"client {client.index} ({client.client_id})")
 
-    def _fail(self, client: _Client, err: ray.exceptions.RayError) -> None:
-        client.error = error_text(err)
-        log.error("client %d (%s) failed: %s", client.index, client.client_id, client.error)
+    def _fail(self, client: ActorClient, err: ray.exceptions.RayError) -> None:
+        self.fail(client, error_text(err))
         ray.kill(client.handle, no_restart=True)
 
     def _record(self, results: dict[int, Any]) -> None:
@@ -265,105 +226,6 @@ class _Run:
     def _log_round(self, round_: int, seconds: float, before: dict[int, int]) -> None:
         samples = sum(c.progress.get("train_samples", 0) - before[c.index] for c in self.clients)
         losses = [c.progress["train_loss"] for c in self.live() if c.progress.get("train_loss") is not None]
-        entry = {"round": round_, "seconds": seconds, "samples": samples,
-                 "samples_per_second": samples / seconds if seconds else 0.0, "clients_ok": len(self.live()),
-                 "train_loss": sum(losses) / len(losses) if losses else None}
-        self.rounds.append(entry)
-        log.info("round %d/%d (%s): %d/%d clients ok, %d samples in %.1f s = %.0f samples/s, loss %s", round_,
-                 self.config.edge.epochs, self.config.mode, entry["clients_ok"], len(self.clients), samples, seconds,
-                 entry["samples_per_second"], f"{entry['train_loss']:.4f}" if losses else "-")
+        self.log_round(round_, self.config.edge.epochs, seconds, samples, losses, len(self.live()), len(self.clients),
+                       "clients")
 
-
-def error_text(err: ray.exceptions.RayError) -> str:
-    """A client's failure in one line: the trainer's own exception, or why Ray lost the actor."""
-    cause = getattr(err, "cause", None) or err  # RayTaskError wraps the trainer's own exception
-    # Ray's actor errors put the reason ("killed by `ray.kill`", "OOM", ...) on a line of its
-    # own after indented details (actor id, pid, ...): keep the unindented lines.
-    text = " ".join(line for line in str(cause).strip().splitlines() if line[:1] not in ("\t", " "))
-    return f"{type(cause).__name__}: {text[:500]}"
-
-
-def run_clients(config: RayRunConfig) -> dict:
-    """Train `config.clients` edge clients on an initialised Ray; the run's JSON report.
-
-    The report's `server_steps_applied` is how many steps the server applied to the
-    job's decoder during the run (a Stats difference, so other users of the same job
-    would be counted too) and `client_steps_sent` the sum of the steps the clients last
-    reported sending. Each step id is applied exactly once, and a step the server reports
-    as a duplicate is one it had already applied, so the two agree unless a client died
-    between sending steps and reporting them (its entry's `server_last_step` then says
-    how far the server got with it).
-    """
-    nodes = cluster_nodes()
-    if config.virtual:
-        from deploy.sim.virtual import run_virtual
-
-        return run_virtual(config, nodes)
-    started = time.perf_counter()
-    run = _Run(config)
-    try:
-        before = run.server.stats().steps_applied
-        skew = run.start()
-        log.info("%d clients (%s, %s partition, label skew %.3f) on job %r at %s", config.clients, config.mode,
-                 config.partition, skew, config.edge.job, config.edge.connection.server)
-        run.train()
-        run.finish()
-        job = run.server.stats()
-    finally:
-        run.stop()
-    return _report(run, skew, job.steps_applied - before, dict(job.client_last_step), time.perf_counter() - started,
-                   nodes)
-
-
-def _report(run: _Run, skew: float, server_steps: int, last_steps: dict[str, int], wall: float,
-            nodes: list[dict]) -> dict:
-    entries = []
-    for c in run.clients:
-        source = c.report or c.progress
-        entries.append({"client_id": c.client_id, "index": c.index, "shard_size": c.shard_size,
-                        "status": "ok" if c.ok else "failed", "error": c.error or None,
-                        "server_last_step": last_steps.get(c.client_id, 0),
-                        **{k: source.get(k) for k in CLIENT_KEYS}, **{k: c.node.get(k) for k in NODE_KEYS}})
-    return report(run.config, entries, run.rounds, skew, server_steps, wall, nodes)
-
-
-def report(config: RayRunConfig, entries: list[dict], rounds: list[dict], skew: float, server_steps: int,
-           wall: float, nodes: list[dict], **extra) -> dict:
-    """The run's report (keys in docs/DEPLOY.md): aggregates, `rounds`, and `client_reports`, one entry
-    a client, which `split-ray --report` writes beside the rest as JSON lines."""
-    ok = [e for e in entries if e["status"] == "ok"]
-    train_seconds = sum(r["seconds"] for r in rounds)
-    samples = sum(r["samples"] for r in rounds)
-    accuracies = [e["test_accuracy"] for e in ok if e["test_accuracy"] is not None]
-    edge = config.edge
-    return {
-        "mode": config.mode,
-        "clients": config.clients,
-        **extra,
-        "partition": str(config.partition),
-        "label_skew": skew,
-        "test_accuracy": sum(accuracies) / len(accuracies) if accuracies else None,
-        "shared_encoder": config.mode != "parallel",
-        "clients_ok": len(ok),
-        "failed": [e["client_id"] for e in entries if e["status"] == "failed"],
-        "bytes_up": sum(e["bytes_up"] or 0 for e in entries),
-        "bytes_down": sum(e["bytes_down"] or 0 for e in entries),
-        "train_samples": samples,
-        "samples_per_second": samples / train_seconds if train_seconds else 0.0,
-        "train_seconds": train_seconds,
-        "wall_seconds": wall,
-        "server_steps_applied": server_steps,
-        "client_steps_sent": sum(e["steps"] or 0 for e in entries),
-        "job": edge.job,
-        "server": edge.connection.server,
-        "dataset": edge.data.name,
-        "arch": edge.arch,
-        "epochs": edge.epochs,
-        "lr_schedule": edge.lr_schedule,
-        "batch_size": edge.batch_size,
-        "codec": edge.codec,
-        "seed": edge.seed,
-        "ray_nodes": nodes,
-        "rounds": rounds,
-        "client_reports": entries,
-    }

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cloud_server.config import ServerConfig
     from deploy.processes import start_server
-    from deploy.sim.actors import run_clients
+    from deploy.sim.run import run_clients
     from splitnet.data import DatasetNotFound
 
     # The clients' token, if any, is the one the server accepts (through the environment,

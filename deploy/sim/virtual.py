@@ -27,6 +27,9 @@ another worker, from the state its client had before it. A turn's steps then go 
 again under the same step ids, and the server, which applies each client's step ids once,
 answers those it had already applied as duplicates. A second failure marks the client
 failed (the report says why) and it takes no further part. A dead worker is replaced.
+
+`deploy.sim.run.run_clients` drives this engine's `VirtualRun` (what it shares with the
+engine of one actor per client is `deploy.sim.bookkeeping`).
 """
 
 from __future__ import annotations
@@ -49,9 +52,9 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from deploy.sim import partition
-from deploy.sim.fedavg import FedAvg
-from deploy.sim.actors import CLIENT_KEYS, NODE_KEYS, ServerView, error_text, report, running_on
+from deploy.sim.bookkeeping import ClientRecord, Run, error_text, running_on
 from deploy.sim.config import RayRunConfig
+from deploy.sim.fedavg import FedAvg
 from edge_client.config import EdgeConfig
 from edge_client.remote import RemoteCloud, open_channel
 from edge_client.trainer import EdgeTrainer, TrainerState
@@ -167,22 +170,25 @@ class Worker:
 
 
 @dataclass
-class _Client:
+class VirtualClient(ClientRecord):
+    """A virtual client as the driver keeps it between its turns: who it is, and its state."""
+
     spec: ClientSpec
     state: Any = None  # ObjectRef of its TrainerState, or its file in the spill folder; None before its first turn
-    counters: dict = field(default_factory=dict)  # as its last call returned them
+    counters: dict = field(default_factory=dict)  # as its last call returned them (with where it ran)
     turns_done: int = 0
     retries: int = 0
-    error: str = ""
 
-    @property
-    def ok(self) -> bool:
-        return not self.error
+    def figures(self) -> dict:
+        return self.counters
+
+    def engine_keys(self) -> dict:
+        return {"turns": self.turns_done, "retries": self.retries}
 
 
 @dataclass
 class _Call:
-    client: _Client
+    client: VirtualClient
     method: str
     args: tuple
     returns: int = 1
@@ -229,7 +235,7 @@ class _Pool:
                     call.failed_on = where
                     call.client.retries += 1
                     log.warning("client %s: %s failed (%s); running it again on another worker",
-                                call.client.spec.client_id, call.method, error_text(err))
+                                call.client.client_id, call.method, error_text(err))
                     queue.appendleft(call)
                     continue
                 yield call, None, [], error_text(err)
@@ -253,16 +259,15 @@ class _Pool:
             ray.kill(worker, no_restart=True)
 
 
-class _VirtualRun:
-    """One run's virtual clients, rounds and shared encoder, driven from the Ray driver."""
+class VirtualRun(Run):
+    """One run's virtual clients, rounds and shared encoder, driven from the Ray driver: a pool of workers."""
 
     def __init__(self, config: RayRunConfig) -> None:
         assert config.virtual is not None
-        self.config, self.virtual = config, config.virtual
-        self.server = ServerView(config.edge.connection, config.edge.job)
+        super().__init__(config)
+        self.virtual = config.virtual
         self.participants = config.participants()
-        self.clients: list[_Client] = []
-        self.rounds: list[dict] = []
+        self.clients: list[VirtualClient] = []
         self.shared: ray.ObjectRef | None = None  # the encoder the next turn starts from (all but parallel)
         self.initial: ray.ObjectRef | None = None  # client 0's initial encoder: every client's first
         self.pool: _Pool | None = None
@@ -279,7 +284,8 @@ class _VirtualRun:
             for index in taking_part:
                 turns[index] += 1
         run_id = uuid.uuid4().hex[:6]  # fresh ids: a re-run against a long-lived server starts at step 1
-        self.clients = [_Client(ClientSpec(i, f"ray-{run_id}-{i}", edge.seed + i, shard, turns[i]))
+        ids = [f"ray-{run_id}-{i}" for i in range(len(shards))]
+        self.clients = [VirtualClient(i, ids[i], len(shard), ClientSpec(i, ids[i], edge.seed + i, shard, turns[i]))
                         for i, shard in enumerate(shards)]
         workers = self.virtual.workers or self._cpu_workers()
         cpus = cfg.cpus_per_client or min(1.0, ray.cluster_resources().get("CPU", 1.0) / workers)
@@ -321,7 +327,7 @@ class _VirtualRun:
             bar.update(1)
         bar.close()
 
-    def _turns(self, clients: list[_Client], progress: Callable[[dict], None]) -> None:
+    def _turns(self, clients: list[VirtualClient], progress: Callable[[dict], None]) -> None:
         """Sequential: one at a time, passing the encoder on; parallel: up to W at once, each its own."""
         if self.config.mode == "sequential":
             for client in clients:
@@ -333,7 +339,7 @@ class _VirtualRun:
                                            else None):
                 progress(counters)
 
-    def _splitfed(self, clients: list[_Client], progress: Callable[[dict], None]) -> None:
+    def _splitfed(self, clients: list[VirtualClient], progress: Callable[[dict], None]) -> None:
         """Parallel turns from the shared encoder, averaged as they end (weighted by the samples each
         trained), then the average's batch-norm statistics measured on the participants' shards and
         pooled (measured from scratch: the pooled batch count is the sum of theirs)."""
@@ -350,27 +356,27 @@ class _VirtualRun:
         measured = None
         for call, buffers, _, error in self.pool.run(calls, len(self.pool.workers)):
             if error:
-                self._fail(call.client, f"batch-norm measurement: {error}")
+                self.fail(call.client, f"batch-norm measurement: {error}")
                 continue
             if measured is None:
                 measured = FedAvg({k: v if v.is_floating_point() else torch.zeros_like(v) for k, v in buffers.items()})
             measured.add(buffers, len(call.client.spec.indices))
         self.shared = ray.put({**ray.get(averaged), **measured.result()} if measured else ray.get(averaged))
 
-    def _train(self, clients: list[_Client], limit: int,
-               encoder: Callable[[_Client], Any]) -> Iterator[tuple[dict, list]]:
+    def _train(self, clients: list[VirtualClient], limit: int,
+               encoder: Callable[[VirtualClient], Any]) -> Iterator[tuple[dict, list]]:
         """Each client's turn, from its state and `encoder(client)`; yields (counters, refs) as turns end."""
         calls = [_Call(c, "train", (c.spec, c.state, encoder(c)), returns=3) for c in clients]
         for call, counters, refs, error in self.pool.run(calls, limit, self._maybe_kill):
             client = call.client
             if error:
-                self._fail(client, error)
+                self.fail(client, error)
                 continue
             self._keep_state(client, refs[1])
             client.counters, client.turns_done = counters, client.turns_done + 1
             yield counters, refs
 
-    def _keep_state(self, client: _Client, ref: ray.ObjectRef) -> None:
+    def _keep_state(self, client: VirtualClient, ref: ray.ObjectRef) -> None:
         if not self.virtual.spill_dir:
             client.state = ref
             return
@@ -389,7 +395,7 @@ class _VirtualRun:
             calls = [_Call(live[0], "evaluate", (live[0].spec, live[0].state, self.shared))]
         for call, counters, _, error in self.pool.run(calls, len(self.pool.workers)):
             if error:
-                self._fail(call.client, f"evaluation: {error}")
+                self.fail(call.client, f"evaluation: {error}")
             else:  # the evaluation's bytes added, the last turn's figures kept
                 call.client.counters = {**call.client.counters, **counters}
         if self.config.mode != "parallel" and live[0].ok:
@@ -403,68 +409,33 @@ class _VirtualRun:
     def stop(self) -> None:
         if self.pool:
             self.pool.stop()
-        self.server.close()
         self.tracker.close()
+        super().stop()
+
+    def report_keys(self) -> dict:
+        """The pool's figures: workers, sampling, retries, the states' size and where they were kept."""
+        sizes = [c.counters["state_bytes"] for c in self.clients if "state_bytes" in c.counters]
+        return {"workers": len(self.pool.workers) if self.pool else 0, "fraction": self.virtual.fraction,
+                "min_clients": self.virtual.min_clients, "local_steps": self.virtual.local_steps,
+                "retries": sum(c.retries for c in self.clients),
+                "workers_replaced": self.pool.replaced if self.pool else 0,
+                "state_bytes_mean": sum(sizes) / len(sizes) if sizes else None,
+                "state_store": self.virtual.spill_dir or "object store"}
 
     def _maybe_kill(self, call: _Call, worker: ActorHandle) -> None:
         """Fault injection: kill the worker running the victim's turn once the server has applied one of its
         steps (or after a deadline); the turn then runs again on another worker."""
-        kill, client = self.config.kill, call.client
-        if not (kill and kill.round == self._round and kill.client == client.spec.index and call.failed_on is None):
-            return
-        start = client.counters.get("last_step_id", 0)
-        deadline = time.monotonic() + self.config.edge.connection.deadline_s
-        while self.server.stats().client_last_step.get(client.spec.client_id, 0) <= start \
-                and time.monotonic() < deadline:
-            time.sleep(0.02)
-        log.warning("fault injection: killing the worker running client %d's turn (%s)", client.spec.index,
-                    client.spec.client_id)
-        ray.kill(worker, no_restart=True)
-
-    def _fail(self, client: _Client, error: str) -> None:
-        client.error = error
-        log.error("client %d (%s) failed: %s", client.spec.index, client.spec.client_id, error)
+        client = call.client
+        if call.failed_on is None and self.is_victim(client.index, self._round):
+            self.kill_after_a_step(client, client.counters.get("last_step_id", 0), worker,
+                                   f"the worker running client {client.index}'s turn ({client.client_id})")
 
     def _log_round(self, seconds: float, done: list[dict], taking_part: int) -> None:
         samples = sum(c["turn_samples"] for c in done)
         losses = [c["train_loss"] for c in done if c.get("train_loss") is not None]
-        entry = {"round": self._round, "seconds": seconds, "samples": samples,
-                 "samples_per_second": samples / seconds if seconds else 0.0, "participants": taking_part,
-                 "clients_ok": len(done), "train_loss": sum(losses) / len(losses) if losses else None}
-        self.rounds.append(entry)
+        entry = self.log_round(self._round, len(self.participants), seconds, samples, losses, len(done), taking_part,
+                               "turns", participants=taking_part)
         self.tracker.scalars(self._round, {"train/loss": entry["train_loss"],
                                            "train/samples_per_second": entry["samples_per_second"],
                                            "round/participants": taking_part})
-        log.info("round %d/%d (%s): %d/%d turns ok, %d samples in %.1f s = %.0f samples/s, loss %s", self._round,
-                 len(self.participants), self.config.mode, len(done), taking_part, samples, seconds,
-                 entry["samples_per_second"], f"{entry['train_loss']:.4f}" if losses else "-")
 
-
-def run_virtual(config: RayRunConfig, nodes: list[dict]) -> dict:
-    """Train `config.clients` virtual clients over a pool of workers on an initialised Ray; the report
-    (as `deploy.sim.actors.run_clients`, plus the pool's figures). `nodes`: the cluster's, at the start."""
-    started = time.perf_counter()
-    run = _VirtualRun(config)
-    try:
-        before = run.server.stats().steps_applied
-        skew = run.start()
-        run.train()
-        run.finish()
-        job = run.server.stats()
-    finally:
-        run.stop()
-    last_steps = dict(job.client_last_step)
-    entries = []
-    for c in run.clients:
-        entries.append({"client_id": c.spec.client_id, "index": c.spec.index, "shard_size": len(c.spec.indices),
-                        "status": "ok" if c.ok else "failed", "error": c.error or None,
-                        "server_last_step": last_steps.get(c.spec.client_id, 0), "turns": c.turns_done,
-                        "retries": c.retries, **{k: c.counters.get(k) for k in (*CLIENT_KEYS, *NODE_KEYS)}})
-    sizes = [c.counters["state_bytes"] for c in run.clients if "state_bytes" in c.counters]
-    virtual = config.virtual
-    assert virtual is not None and run.pool is not None
-    return report(config, entries, run.rounds, skew, job.steps_applied - before, time.perf_counter() - started, nodes,
-                  workers=len(run.pool.workers), fraction=virtual.fraction, min_clients=virtual.min_clients,
-                  local_steps=virtual.local_steps, retries=sum(c.retries for c in run.clients),
-                  workers_replaced=run.pool.replaced, state_bytes_mean=sum(sizes) / len(sizes) if sizes else None,
-                  state_store=virtual.spill_dir or "object store")
