@@ -30,7 +30,7 @@ import uuid
 import torch
 
 from cloud_server.local import LocalCloud
-from deploy.link import PROFILES
+from deploy.link_profiles import PROFILES
 from deploy.processes import start_process, start_server
 from edge_client.config import ConnectionConfig
 from edge_client.infer import latency_summary, timed_requests

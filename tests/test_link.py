@@ -20,7 +20,8 @@ import time
 
 import pytest
 
-from deploy.link import PROFILES, LinkProfile, main
+from deploy.link import main
+from deploy.link_profiles import PROFILES, LinkProfile
 from deploy.processes import start_process
 
 

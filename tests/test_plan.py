@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from deploy.experiments.plan import PlanConfig, PlanError, nondominated, plan
+from deploy.experiments.pareto import nondominated
+from deploy.experiments.plan import PlanConfig, PlanError, plan
 
 
 def _row(link, cut, codec, seconds, ssim, accuracy, latency=None, defense="none"):

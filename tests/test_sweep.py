@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy.experiments.plots import markdown_table, pareto_front
-from deploy.experiments.sweep import SweepConfig, metric_names
+from deploy.experiments.config import SweepConfig
+from deploy.experiments.pareto import pareto_front
+from deploy.experiments.plots import markdown_table
+from deploy.experiments.results import metric_names
 
 CONFIG = """
 [model]
@@ -190,7 +192,7 @@ def test_every_misspelt_or_misplaced_key_is_an_error_naming_it(config, named):
 def test_the_documented_config_loads():
     import textwrap
 
-    from deploy import sweep
+    from deploy.experiments import sweep
 
     doc = sweep.__doc__
     text = textwrap.dedent(doc[doc.index("    [model]"):doc.index("\nPrecedence")])
@@ -206,7 +208,7 @@ def test_the_documented_config_loads():
     ({"model": {"lr_schedule": "zigzag"}}, "--lr-schedule kind: 'zigzag'"),
 ])
 def test_a_point_edge_client_would_refuse_is_an_error_before_anything_runs(config, named):
-    from deploy.experiments.sweep import check_points
+    from deploy.experiments.config import check_points
 
     with pytest.raises(ValueError, match="edge-client would refuse its settings") as err:
         check_points(SweepConfig.from_dict(config).points())
@@ -245,7 +247,7 @@ def test_a_point_is_named_by_its_resolved_settings():
 
 
 def test_a_link_names_its_points_and_a_sweep_without_one_keeps_its_names():
-    from deploy.experiments.sweep import aggregate, time_to_accuracy
+    from deploy.experiments.results import aggregate, time_to_accuracy
 
     plain = SweepConfig.from_dict({"grid": {"codecs": ["fp32", "int8"]}}).points()
     linked = SweepConfig.from_dict({"grid": {"codecs": ["fp32", "int8"], "links": ["none", "wifi"]}}).points()
@@ -281,9 +283,9 @@ def test_table_shows_the_spread_over_seeds_even_when_it_is_zero():
 
 
 def test_flags_mapping():
-    from deploy.experiments.sweep import _flags
+    from deploy.experiments.config import as_flags
 
-    assert _flags({"noise": 0.1, "freeze_gates": True, "download": False}) == ["--noise", "0.1", "--freeze-gates"]
+    assert as_flags({"noise": 0.1, "freeze_gates": True, "download": False}) == ["--noise", "0.1", "--freeze-gates"]
     with pytest.raises(ValueError):
         SweepConfig.from_dict({"oops": {}})
 
@@ -309,7 +311,7 @@ def test_attack_table_and_per_cut_bottleneck_parse():
 
 
 def test_data_roots_become_absolute_and_the_cli_one_wins(tmp_path, monkeypatch):
-    from deploy.experiments.sweep import with_absolute_roots
+    from deploy.experiments.config import with_absolute_roots
 
     monkeypatch.chdir(tmp_path)
     config = SweepConfig.from_dict({"model": {"dataset": "imagefolder", "data_root": "data/a"},

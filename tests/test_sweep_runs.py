@@ -105,7 +105,7 @@ target_accuracy = 0.05
 
 @pytest.mark.slow
 def test_demo_attacker_flags_reach_the_attacker_and_the_report(tmp_path, monkeypatch):
-    from deploy import demo
+    from deploy.experiments import demo
 
     tiny = replace(demo.DEMO, model={"dataset": "digits", "bottleneck": 8, "epochs": 1, "max_steps": 4},
                    codecs=("fp32",), defenses={"none": {}}, attack_args=("--aux-limit", "200"))

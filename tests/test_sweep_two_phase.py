@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from deploy.experiments.sweep import SweepConfig
+from deploy.experiments.config import SweepConfig
 
 CONFIG = """
 [model]

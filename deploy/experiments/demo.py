@@ -27,7 +27,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from deploy.experiments.gains import MATCHED_POINTS, cem_gains
-from deploy.experiments.sweep import SweepConfig, add_log_dir_arg, aggregate, run_sweep
+from deploy.experiments.config import SweepConfig
+from deploy.experiments.results import aggregate
+from deploy.experiments.runner import add_log_dir_arg, run_sweep
 from splitnet import tracking
 from splitnet.cli_util import names_missing_extra, new_parser, setup_logging
 

@@ -30,7 +30,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.link import DIRECT, PROFILES
+from deploy.experiments.pareto import nondominated
+from deploy.link_profiles import DIRECT, PROFILES
 from splitnet.cli_util import new_parser
 
 METRICS = {"epoch": ("seconds_per_epoch", "s/epoch", "{:.2f}"), "latency": ("latency_ms_p50", "latency ms p50", "{:.1f}"),
@@ -48,14 +49,6 @@ class PlanConfig:
     max_latency_ms: float | None = None
     max_epoch_seconds: float | None = None
     time_tolerance: float = 0.1
-
-
-def nondominated(points: list[tuple[float, ...]]) -> list[int]:
-    """Indices of the points no other point dominates, every coordinate minimised."""
-    def dominates(a, b) -> bool:
-        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
-
-    return [i for i, p in enumerate(points) if not any(dominates(q, p) for j, q in enumerate(points) if j != i)]
 
 
 def choice(row: dict) -> str:

@@ -12,13 +12,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
 from deploy.experiments.gains import MATCHED_POINTS, markdown  # noqa: E402
-from deploy.experiments.plan import nondominated  # noqa: E402
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points not dominated when leakage (x) is minimised and accuracy (y) maximised."""
-    return sorted(nondominated([(x, -y) for x, y in points]), key=lambda i: points[i][0])
-
+from deploy.experiments.pareto import pareto_front  # noqa: E402
 
 MARKERS = "osD^vP*Xh<>p"
 LABEL_ALL_UP_TO = 8  # more points than this: only the Pareto front is labelled, the rest read from the legends
