@@ -1,17 +1,28 @@
-"""No role imports another role: what two roles share lives in `splitnet`.
+"""The layout's rules (docs/ARCHITECTURE.md §2 and §7), checked on every import the sources make.
 
+No role imports another role: what two roles share lives in `splitnet`.
 A role (edge_client, cloud_server, attacks) that imports another drags that role's
 dependencies and start-up cost along and couples two programs that are deployed apart:
 an attacker that needs the edge's package, a server that needs the attacker's. The
 pieces they agree on (the tap's record format, the obfuscation chain, the checkpoint
 file format) are contracts and belong to the shared package. Beyond the roles: `cem` is
 a pure algorithm (torch only) that the edge uses, `splitnet` depends on no role and not
-on `cem`, and `deploy` orchestrates everything, so it may import anything.
+on `cem`, and `deploy` orchestrates everything, so it may import any role.
+
+Inside `deploy`, each room imports only itself and what its entry in ROOMS names (the
+simulation never the experiments; the experiments only the simulation's Ray settings).
+Anywhere in the project: no import circle (function-level imports count: they run too),
+and no library module imports a command module (a console script's, a `python -m` one's),
+except where COMMAND_IMPORTS_ALLOWED says why. Only `splitnet.serde` and `splitnet.codec`
+build SplitLearning messages (§3).
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -171,3 +182,249 @@ def test_the_message_check_sees_each_way_of_building_one() -> None:
               "pb.TrainStep.FromString(raw)\npb.DType.Name(1)\nDType.Value('INT8')\npb.DESCRIPTOR\n"
               "serde.TrainStep('', 1, features, [])\nserde.session_spec_to_proto(spec)\nother.TrainStep()\n")
     assert message_constructions(source) == [(5, "SessionSpec"), (6, "FlushReply"), (7, "TrainStep"), (10, "Tensor")]
+
+
+# --- the module graph: every project module and the project modules it imports -----------------------------
+
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules(root: Path = ROOT, packages=PROJECT) -> dict[str, Path]:
+    return {module_name(path, root): path for package in sorted(packages) for path in sorted((root / package).rglob("*.py"))}
+
+
+def imports_of(name: str, path: Path, modules) -> list[tuple[int, str]]:
+    """(line, module) of every project module that module `name` imports, wherever the import sits
+    (function-level ones too): the deepest module each name reaches (`from P import N`: P.N where that
+    is a module, else P), relative imports resolved."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            targets = [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target:
+                found.append((node.lineno, target))
+    return found
+
+
+def import_graph(modules: dict[str, Path]) -> dict[str, dict[str, int]]:
+    """module -> {module it loads: the line of the import}. Importing a.b.c loads the packages a and a.b
+    as well, unless they are the importer's own (already loaded before it runs)."""
+    graph: dict[str, dict[str, int]] = {}
+    for name, path in modules.items():
+        edges = graph.setdefault(name, {})
+        for line, target in imports_of(name, path, modules):
+            parts = target.split(".")
+            for loaded in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
+                if loaded in modules and loaded != name and not name.startswith(loaded + "."):
+                    edges.setdefault(loaded, line)
+    return graph
+
+
+def import_circles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan): each holds an import circle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return sorted(circles)
+
+
+MODULES = project_modules()
+GRAPH = import_graph(MODULES)
+
+
+def test_no_import_circle_anywhere() -> None:
+    """An import circle is two modules that cannot be understood, tested or moved apart, and one import
+    reordered away from a partly initialised module; a function-level import only hides it."""
+    bad = [" <-> ".join(group) + ": " + ", ".join(f"{MODULES[a].relative_to(ROOT)}:{line} imports {b}"
+                                                  for a in group for b, line in GRAPH[a].items() if b in group)
+           for group in import_circles(GRAPH)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_circle_check_finds_a_circle_through_a_function_level_import(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    for path, text in {"__init__.py": "", "a.py": "def later():\n    from pkg import b\n",
+                       "b.py": "from .sub.c import thing\n", "sub/__init__.py": "", "sub/c.py": "from .. import a\n",
+                       "d.py": "import pkg.a\nimport numpy\n"}.items():
+        (pkg / path).write_text(text)
+    modules = project_modules(tmp_path, {"pkg"})
+    graph = import_graph(modules)
+    assert graph["pkg.a"] == {"pkg.b": 2} and graph["pkg.b"] == {"pkg.sub": 1, "pkg.sub.c": 1}
+    assert graph["pkg.d"] == {"pkg.a": 1}
+    assert import_circles(graph) == [["pkg.a", "pkg.b", "pkg.sub.c"]]
+    (pkg / "a.py").write_text("")
+    assert import_circles(import_graph(project_modules(tmp_path, {"pkg"}))) == []
+
+
+# --- deploy's rooms (docs/ARCHITECTURE.md §7) --------------------------------------------------------------
+
+# A deploy module may import the modules of its own room and those its room names here (a name covers
+# the modules under it); any role besides.
+ROOMS = {
+    "deploy": set(),  # the package itself: a docstring
+    "deploy.processes": set(),
+    "deploy.link_profiles": set(),
+    "deploy.link": {"deploy.link_profiles"},
+    "deploy.sim": {"deploy.processes"},
+    # the experiments run points as Ray tasks with the simulation's Ray settings, and nothing else of it
+    "deploy.experiments": {"deploy.processes", "deploy.link_profiles", "deploy.sim.config"},
+}
+# Old paths kept for one release, for `python -m` only: each runs its command and imports nothing else.
+ALIASES = {"deploy.plan": "deploy.experiments.plan", "deploy.ray_cli": "deploy.sim.cli"}
+
+
+def room_of(module: str) -> str | None:
+    rooms = [room for room in ROOMS if module == room or module.startswith(room + ".")]
+    return max(rooms, key=len) if rooms and module not in ALIASES else None
+
+
+def within(module: str, names) -> bool:
+    return any(module == name or module.startswith(name + ".") for name in names)
+
+
+def test_every_deploy_module_is_in_a_room() -> None:
+    deploy = [name for name in MODULES if within(name, {"deploy"})]
+    assert "deploy.sim.run" in deploy and "deploy.experiments.runner" in deploy
+    homeless = [name for name in deploy if room_of(name) is None and name not in ALIASES]
+    assert not homeless, f"give these a room in ROOMS (and docs/ARCHITECTURE.md §7): {homeless}"
+    # the package's room holds the package alone: a module beside the rooms gets a room of its own
+    assert [name for name in deploy if room_of(name) == "deploy"] == ["deploy"]
+
+
+def test_each_deploy_room_imports_only_itself_and_what_it_may() -> None:
+    bad = []
+    for name, path in MODULES.items():
+        room = room_of(name)
+        if room is None:
+            continue
+        allowed = {room} if room != "deploy" else set()
+        for line, target in imports_of(name, path, MODULES):
+            if within(target, {"deploy"}) and not within(target, allowed | ROOMS[room]):
+                bad.append(f"{path.relative_to(ROOT)}:{line} imports {target} (room {room} may import "
+                           f"{sorted(ROOMS[room]) or 'no other room'})")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_simulation_does_not_import_the_experiments() -> None:
+    sim = [(name, target) for name in MODULES if within(name, {"deploy.sim"})
+           for _, target in imports_of(name, MODULES[name], MODULES) if within(target, {"deploy.experiments"})]
+    assert not sim
+
+
+@pytest.mark.parametrize("alias", sorted(ALIASES))
+def test_an_old_path_is_a_thin_alias_that_runs_its_command(alias: str) -> None:
+    target = ALIASES[alias]
+    assert [t for _, t in imports_of(alias, MODULES[alias], MODULES)] == [target]
+    assert alias in COMMANDS and target in COMMANDS
+    done = subprocess.run([sys.executable, "-m", alias, "--help"], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout and f"`python -m {alias}` is deprecated" in done.stderr
+    assert f"python -m {target}" in done.stderr
+
+
+# --- command modules are imported by commands only ---------------------------------------------------------
+
+def command_modules(modules: dict[str, Path], scripts: dict[str, str]) -> set[str]:
+    """The modules a command runs: those console `scripts` name (`module:function`), each `__main__`,
+    and each module that runs under `python -m` (an `if __name__ == "__main__":` block)."""
+    def runs_as_main(path: Path) -> bool:
+        return any(isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+                   and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"
+                   and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in node.test.comparators)
+                   for node in ast.parse(path.read_text()).body)
+
+    return ({target.partition(":")[0] for target in scripts.values()}
+            | {name for name, path in modules.items() if name.endswith("__main__") or runs_as_main(path)})
+
+
+SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+COMMANDS = command_modules(MODULES, SCRIPTS)
+# (library module, command module it imports): why. A command module's job is the command line
+# (flags, messages, exit codes); a library that imports one takes its argparse setup and its imports
+# along, and a command cannot be rewritten without breaking a library.
+COMMAND_IMPORTS_ALLOWED = {
+    ("deploy.experiments.config", "edge_client.cli"):
+        "a sweep's [model] keys are edge-client's flags, read and checked by edge-client's own parser",
+    ("deploy.experiments.config", "attacks.cli"):
+        "a sweep's [attack] keys are `attacker run`'s flags, read and checked by the attacker's own parser",
+}
+
+
+def command_imports(modules: dict[str, Path], commands: set[str]) -> list[tuple[str, int, str]]:
+    """(library module, line, command module) of each import of a command module by a module that is not one."""
+    return [(name, line, target) for name, path in modules.items() if name not in commands
+            for line, target in imports_of(name, path, modules) if target in commands]
+
+
+def test_every_console_script_names_a_main_of_a_project_module() -> None:
+    assert {"split-ray", "split-sweep", "split-plan", "split-demo", "split-link"} <= set(SCRIPTS)
+    for script, target in SCRIPTS.items():
+        module, _, function = target.partition(":")
+        assert module in MODULES, f"{script} = {target}: no module {module}"
+        functions = {node.name for node in ast.parse(MODULES[module].read_text()).body
+                     if isinstance(node, ast.FunctionDef)}
+        assert function in functions, f"{script} = {target}: {module} defines no {function}"
+
+
+def test_no_library_module_imports_a_command_module() -> None:
+    assert {"deploy.sim.cli", "deploy.experiments.sweep", "deploy.link", "edge_client.cli"} <= COMMANDS
+    found = command_imports(MODULES, COMMANDS)
+    bad = [f"{MODULES[name].relative_to(ROOT)}:{line} imports the command module {target}"
+           for name, line, target in found if (name, target) not in COMMAND_IMPORTS_ALLOWED]
+    assert not bad, "\n".join(bad)
+    stale = set(COMMAND_IMPORTS_ALLOWED) - {(name, target) for name, _, target in found}
+    assert not stale, f"COMMAND_IMPORTS_ALLOWED names imports no module makes any more: {sorted(stale)}"
+
+
+def test_the_command_check_sees_a_library_importing_a_command(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    for path, text in {"__init__.py": "", "__main__.py": "from pkg.cli import main\nmain()\n",
+                       "cli.py": "def main():\n    pass\n", "tool.py": "import sys\nif __name__ == '__main__':\n    pass\n",
+                       "lib.py": "def f():\n    from pkg import tool\n", "helpers.py": "from pkg.cli import main\n",
+                       "other.py": "from pkg import lib\n"}.items():
+        (pkg / path).write_text(text)
+    modules = project_modules(tmp_path, {"pkg"})
+    commands = command_modules(modules, {"pkg-cli": "pkg.cli:main"})
+    assert commands == {"pkg.__main__", "pkg.cli", "pkg.tool"}
+    assert sorted(command_imports(modules, commands)) == [("pkg.helpers", 1, "pkg.cli"), ("pkg.lib", 2, "pkg.tool")]
