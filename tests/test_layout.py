@@ -351,6 +351,15 @@ def test_the_simulation_does_not_import_the_experiments() -> None:
     assert not sim
 
 
+def test_the_simulation_settings_import_no_ray() -> None:
+    """The one module of the simulation the experiments use is the one that loads no Ray: Ray reads
+    some of its settings from the environment when it is imported, so they are set first."""
+    nodes = list(ast.walk(ast.parse(MODULES["deploy.sim.config"].read_text())))
+    names = {alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
+    assert "edge_client.config" in names and not [name for name in names if name.split(".")[0] == "ray"]
+
+
 @pytest.mark.parametrize("alias", sorted(ALIASES))
 def test_an_old_path_is_a_thin_alias_that_runs_its_command(alias: str) -> None:
     target = ALIASES[alias]

@@ -1,8 +1,9 @@
 """Settings of a many-client Ray run, and the environment Ray needs; imports no Ray.
 
-Kept apart from `deploy.sim.actors` because some of Ray's settings are environment
-variables it reads once, when it is imported: the command line and the tests have to
-know them (and parse their flags) before Ray is imported.
+Kept apart from the engines (`deploy.sim.actors`, `deploy.sim.virtual`) because some of
+Ray's settings are environment variables it reads once, when it is imported: the command
+line, the tests and a parallel sweep (`deploy.experiments.runner`) have to know them (and
+parse their flags) before Ray is imported.
 """
 
 from __future__ import annotations
