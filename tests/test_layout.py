@@ -192,7 +192,8 @@ def module_name(path: Path, root: Path = ROOT) -> str:
 
 
 def project_modules(root: Path = ROOT, packages=PROJECT) -> dict[str, Path]:
-    return {module_name(path, root): path for package in sorted(packages) for path in sorted((root / package).rglob("*.py"))}
+    return {module_name(path, root): path for package in sorted(packages)
+            for path in sorted((root / package).rglob("*.py"))}
 
 
 def imports_of(name: str, path: Path, modules) -> list[tuple[int, str]]:
@@ -430,7 +431,8 @@ def test_the_command_check_sees_a_library_importing_a_command(tmp_path: Path) ->
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     for path, text in {"__init__.py": "", "__main__.py": "from pkg.cli import main\nmain()\n",
-                       "cli.py": "def main():\n    pass\n", "tool.py": "import sys\nif __name__ == '__main__':\n    pass\n",
+                       "cli.py": "def main():\n    pass\n",
+                       "tool.py": "import sys\nif __name__ == '__main__':\n    pass\n",
                        "lib.py": "def f():\n    from pkg import tool\n", "helpers.py": "from pkg.cli import main\n",
                        "other.py": "from pkg import lib\n"}.items():
         (pkg / path).write_text(text)

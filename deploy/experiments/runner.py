@@ -72,8 +72,9 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
         if point.latency_images:  # a session of its own: the attacker, which reads the training session, skips it
             _python(out / "edge-client-infer.log", "edge_client", "--infer-only", "--server", server, "--encoder",
                     str(out / "encoder.pt"), "--max-images", str(point.latency_images), "--report",
-                    str(out / "latency.json"),
-                    *as_flags({**scorer_data_of(edge_settings), "codec": point.setting("codec")}), timeout=config.timeout_s)
+                    str(out / "latency.json"), *as_flags({**scorer_data_of(edge_settings),
+                                                          "codec": point.setting("codec")}),
+                    timeout=config.timeout_s)
     finally:
         if link:
             link.stop()
