@@ -2,6 +2,7 @@
 and the config parsed into settings that name a point and refuse a key they do not know."""
 
 import csv
+import functools
 import json
 import math
 import subprocess
@@ -435,3 +436,18 @@ def test_cem_is_also_compared_with_noise_alone_at_its_own_accuracy():
     # ... but +25% over noise alone at 0.85 (seed 0); seed 1 has one noise level only, so no curve
     assert gmm["inversion_mse_gain_at_accuracy_pct_each"] == pytest.approx([25.0])
     assert "| +25% |" in markdown([gmm], ("inversion",))
+
+
+@pytest.mark.slow
+def test_runs_in_parallel_as_ray_tasks_each_success_handed_on_as_it_ends(monkeypatch):
+    """workers > 1: each run is a Ray task (its work travels by reference to deploy.experiments.runner);
+    a success goes to `done` at once (a study keeps the point's result then), a failure is recorded."""
+    from deploy.experiments.runner import _run_all
+    from deploy.sim.config import ray_environment
+
+    for key, value in ray_environment(local=True).items():
+        monkeypatch.setenv(key, value)  # _run_all sets them for its cluster: restored after the test
+    work = {"a": functools.partial(dict, rows=1), "b": functools.partial(dict, error="boom", log="b.log")}
+    kept: list[str] = []
+    failures = _run_all(SweepConfig(workers=2), work, False, True, "test", kept.append)
+    assert kept == ["a"] and failures == {"b": {"error": "boom", "log": "b.log"}}

@@ -312,8 +312,8 @@ def _run_all(config: SweepConfig, work: dict[str, Callable[[], dict]], progress:
             task = ray.remote(num_cpus=1)(_call)
             pending = {task.remote(call): key for key, call in work.items()}
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                if not finished(pending.pop(done[0]), ray.get(done[0])):
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                if not finished(pending.pop(ready[0]), ray.get(ready[0])):
                     for ref in pending:
                         ray.cancel(ref, force=True)
                     break
