@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from attacks._common import Obfuscate, device_of, evaluating, fit, seeded, shuffled
-from attacks.inversion_models import InversionDecoder
+from splitnet.inverse_models import InversionDecoder
 
 
 def train_inversion(encoder: nn.Module, aux_images: Tensor | Dataset, feature_shape: tuple[int, int, int],

@@ -19,10 +19,10 @@ from torch.utils.data import Dataset
 
 from attacks.config import AttackConfig
 from attacks.inversion import reconstruct, train_inversion
-from attacks.inversion_models import InversionDecoder
 from attacks.rmle import rmle
 from attacks.shadow import train_shadow_encoder
 from splitnet import checkpoint_file, encoder_file, models
+from splitnet.inverse_models import InversionDecoder
 
 log = logging.getLogger(__name__)
 

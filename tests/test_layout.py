@@ -5,7 +5,8 @@ A role (edge_client, cloud_server, attacks) that imports another drags that role
 dependencies and start-up cost along and couples two programs that are deployed apart:
 an attacker that needs the edge's package, a server that needs the attacker's. The
 pieces they agree on (the tap's record format, the obfuscation chain, the checkpoint
-file format) are contracts and belong to the shared package. Beyond the roles: `cem` is
+file format, the inverse network both the attacker and the edge's simulated attacker
+train) are contracts and belong to the shared package. Beyond the roles: `cem` is
 a pure algorithm (torch only) that the edge uses, `splitnet` depends on no role and not
 on `cem`, and `deploy` orchestrates everything, so it may import any role.
 
