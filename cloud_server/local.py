@@ -10,7 +10,7 @@ sizes of those messages, as `RemoteCloud` counts its own.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -57,12 +57,13 @@ class LocalCloud:
         self.jobs[name] = job
         return job
 
-    def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> None:
+    def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str,
+               channels: Sequence[int] | None = None) -> None:
         # received_step_id=step_id: the reply never crosses a network here, so the job need keep none
         # for a re-send; and with no checkpoint the last applied step is the durable one, as a server
         # without --checkpoint-dir reports.
-        step = serde.TrainStep(self.session_id, step_id, codec.encode(features, codec_name), labels.tolist(),
-                               received_step_id=step_id)
+        step = serde.TrainStep(self.session_id, step_id, codec.encode(features, codec_name, channels),
+                               labels.tolist(), received_step_id=step_id)
         out = self.job.train_step(self._client, step_id, codec.decode(step.features, "features"),  # type: ignore[union-attr]
                                   labels, step.received_step_id)
         result = train_result(step_id, out, step_id, self.grad_codec)
@@ -78,9 +79,10 @@ class LocalCloud:
     def flush(self, strict: bool = False) -> int:
         return 0  # nothing of an in-process job outlives the process
 
-    def infer(self, batches: Iterable[torch.Tensor], codec_name: str) -> Iterator[torch.Tensor]:
+    def infer(self, batches: Iterable[torch.Tensor], codec_name: str,
+              channels: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
         for i, features in enumerate(batches):
-            request = serde.InferRequest(self.session_id, i, codec.encode(features, codec_name))
+            request = serde.InferRequest(self.session_id, i, codec.encode(features, codec_name, channels))
             logits = self.job.infer(codec.decode(request.features, "features"))  # type: ignore[union-attr]
             reply = serde.prediction_to_proto(serde.Prediction(i, logits))
             self._count(serde.infer_request_to_proto(request), reply)

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import replace
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import grpc
 import torch
@@ -201,9 +201,10 @@ class RemoteCloud:
         """The step id acknowledged to the server: the last reply received, but none after a held step."""
         return self._received if self._held_after is None else min(self._received, self._held_after)
 
-    def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> None:
+    def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str,
+               channels: Sequence[int] | None = None) -> None:
         """Send a step without waiting; `collect` gets its reply (replies come in order)."""
-        step = serde.TrainStep("", step_id, codec.encode(features, codec_name), labels.tolist())
+        step = serde.TrainStep("", step_id, codec.encode(features, codec_name, channels), labels.tolist())
         request = self._addressed(step)
         self._check_size(request)
         self._unacked[step_id] = step
@@ -320,12 +321,13 @@ class RemoteCloud:
 
     # -- inference
 
-    def infer(self, batches: Iterable[torch.Tensor], codec_name: str) -> Iterator[torch.Tensor]:
+    def infer(self, batches: Iterable[torch.Tensor], codec_name: str,
+              channels: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
         """Stream feature batches, yield logits in order."""
         session_id = self.session.session_id  # type: ignore[union-attr]
         requests = []
         for i, features in enumerate(batches):
-            encoded = codec.encode(features, codec_name)
+            encoded = codec.encode(features, codec_name, channels)
             request = serde.infer_request_to_proto(serde.InferRequest(session_id, i, encoded))
             self._check_size(request)
             requests.append(request)

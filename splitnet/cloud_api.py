@@ -49,8 +49,10 @@ class Cloud(Protocol):
         """Open or re-join a session; return the last step id already applied for this client.
         `init_job`: a new job's decoder starts from that job's trained weights."""
 
-    def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str) -> None:
-        """Send a training step; its reply is fetched by `collect`, in step order."""
+    def submit(self, step_id: int, features: torch.Tensor, labels: torch.Tensor, codec_name: str,
+               channels: Sequence[int] | None = None) -> None:
+        """Send a training step; its reply is fetched by `collect`, in step order. `channels`: only
+        these channels of the features travel, the others being zero (`splitnet.codec.encode`)."""
 
     def collect(self, step_id: int) -> StepReply: ...
 
@@ -63,6 +65,7 @@ class Cloud(Protocol):
         a crash; return the last step id that does (0: none). Where the cloud does not answer,
         `strict` raises NotDurable instead of returning the last id it confirmed."""
 
-    def infer(self, batches: Iterable[torch.Tensor], codec_name: str) -> Iterator[torch.Tensor]: ...
+    def infer(self, batches: Iterable[torch.Tensor], codec_name: str,
+              channels: Sequence[int] | None = None) -> Iterator[torch.Tensor]: ...
 
     def close(self) -> None: ...

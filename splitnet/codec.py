@@ -9,6 +9,7 @@ crashing. Bytes are little-endian (every platform torch ships for).
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -32,10 +33,16 @@ def check_codec(name: str, flag: str = "codec") -> str:
     return name
 
 
-def encode(tensor: torch.Tensor, codec: str = "fp32") -> pb.Tensor:
-    """Serialise a float tensor with the named codec (int8: affine, per tensor)."""
-    t = tensor.detach().to("cpu", torch.float32).contiguous()
+def encode(tensor: torch.Tensor, codec: str = "fp32", channels: Sequence[int] | None = None) -> pb.Tensor:
+    """Serialise a float tensor with the named codec (int8: affine, per tensor). `channels`: only
+    these indices along dimension 1 travel (strictly increasing); the receiver restores the others
+    as zeros, so it is for tensors whose other channels are zero (pruned features)."""
+    t = tensor.detach().to("cpu", torch.float32)
     msg = pb.Tensor(dtype=_WIRE_DTYPE[check_codec(codec)], shape=list(t.shape))
+    if channels is not None:
+        msg.channels.extend(channels)
+        t = t.index_select(1, torch.tensor(list(channels), dtype=torch.long))
+    t = t.contiguous()
     if codec == "int8":
         q, scale, zero_point = _quantize(t)
         msg.scale, msg.zero_point = scale, zero_point
@@ -82,21 +89,41 @@ def decode(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     if len(shape) > MAX_DIMS or any(not 0 <= d <= MAX_DIM_SIZE for d in shape):
         raise CodecError(f"{field}.shape: {shape} is not a valid shape (at most {MAX_DIMS} dims, "
                          f"each in [0, {MAX_DIM_SIZE}])")
+    channels = list(msg.channels)
+    sent = _sent_shape(shape, channels, field)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = math.prod(shape) * itemsize
+    expected = math.prod(sent) * itemsize
     if len(msg.data) != expected:
-        raise CodecError(f"{field}.data: {len(msg.data)} bytes, but shape {shape} of "
+        kept = f" ({len(channels)} of its channels)" if channels else ""
+        raise CodecError(f"{field}.data: {len(msg.data)} bytes, but shape {shape}{kept} of "
                          f"{dtype_name(msg.dtype)} needs {expected}")
     if expected == 0:
         return torch.zeros(shape, dtype=torch.float32)
     raw = torch.frombuffer(bytearray(msg.data), dtype=torch.int16 if dtype == torch.bfloat16 else dtype)
     if dtype == torch.bfloat16:
         raw = raw.view(torch.bfloat16)
-    t = raw.reshape(shape)
+    t = raw.reshape(sent)
     if dtype == torch.int8:
         if not (math.isfinite(msg.scale) and msg.scale > 0):
             raise CodecError(f"{field}.scale: {msg.scale} must be finite and > 0 for INT8")
         if not -128 <= msg.zero_point <= 127:
             raise CodecError(f"{field}.zero_point: {msg.zero_point} outside [-128, 127]")
-        return (t.to(torch.float32) - msg.zero_point) * msg.scale
-    return t.to(torch.float32)
+        t = (t.to(torch.float32) - msg.zero_point) * msg.scale
+    t = t.to(torch.float32)
+    if not channels:
+        return t
+    full = torch.zeros(shape, dtype=torch.float32)
+    full[:, channels] = t
+    return full
+
+
+def _sent_shape(shape: list[int], channels: list[int], field: str) -> list[int]:
+    """The shape of what `data` holds: `shape` with dimension 1 cut to the channels sent, which
+    must be strictly increasing indices of it (checked before any size is computed from them)."""
+    if not channels:
+        return shape
+    if len(shape) < 2 or any(not 0 <= c < shape[1] for c in channels) \
+            or any(a >= b for a, b in zip(channels, channels[1:])):
+        raise CodecError(f"{field}.channels: must be strictly increasing indices of dimension 1 of shape "
+                         f"{shape}, got {channels[:8]}{' ...' if len(channels) > 8 else ''}")
+    return [shape[0], len(channels), *shape[2:]]

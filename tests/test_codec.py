@@ -74,3 +74,37 @@ def test_int8_bad_quant_params(features, scale, zp, field):
     msg.scale, msg.zero_point = scale, zp
     with pytest.raises(codec.CodecError, match=field):
         codec.decode(msg, "features")
+
+
+KEPT = [1, 4, 5, 11]
+
+
+@pytest.mark.parametrize("name,itemsize", [("fp32", 4), ("fp16", 2), ("bf16", 2), ("int8", 1)])
+def test_only_the_channels_named_travel_and_the_rest_come_back_zero(features, name, itemsize):
+    pruned = torch.zeros_like(features)
+    pruned[:, KEPT] = features[:, KEPT]
+    msg = codec.encode(pruned, name, channels=KEPT)
+    assert list(msg.channels) == KEPT and list(msg.shape) == list(features.shape)
+    assert len(msg.data) == features.numel() // features.shape[1] * len(KEPT) * itemsize
+    out = codec.decode(pb.Tensor.FromString(msg.SerializeToString()))
+    assert out.shape == features.shape
+    assert torch.equal(out[:, [c for c in range(16) if c not in KEPT]], torch.zeros(8, 12, 4, 4))
+    assert torch.allclose(out, codec.decode(codec.encode(pruned, name)), atol=1e-6)  # as if sent whole
+
+
+@pytest.mark.parametrize("channels", [[3, 3], [5, 2], [16], [-1]])
+def test_channels_that_are_not_increasing_indices_are_refused_by_name(features, channels):
+    msg = codec.encode(features)
+    msg.channels.extend(channels)
+    with pytest.raises(codec.CodecError, match=r"features\.channels: must be strictly increasing indices"):
+        codec.decode(msg, "features")
+
+
+def test_a_receiver_refuses_channels_whose_bytes_do_not_fit(features):
+    """A whole tensor with a channel list (or a pruned one read as whole, by a receiver older than
+    the field) fails on its byte length, naming the channels."""
+    msg = codec.encode(features)
+    msg.channels.extend(KEPT)
+    with pytest.raises(codec.CodecError, match=r"features\.data: 8192 bytes, but shape \[8, 16, 4, 4\] \(4 of its "
+                                               r"channels\) of FLOAT32 needs 2048"):
+        codec.decode(msg, "features")

@@ -21,18 +21,20 @@ BFLOAT16: DType
 INT8: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "scale", "zero_point")
+    __slots__ = ("dtype", "shape", "data", "scale", "zero_point", "channels")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     ZERO_POINT_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     scale: float
     zero_point: int
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scale: _Optional[float] = ..., zero_point: _Optional[int] = ...) -> None: ...
+    channels: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scale: _Optional[float] = ..., zero_point: _Optional[int] = ..., channels: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionSpec(_message.Message):
     __slots__ = ("job", "client_id", "arch", "cut", "num_classes", "input_shape", "feature_shape", "bottleneck", "lr", "momentum", "weight_decay", "grad_codec", "seed", "lr_schedule", "width", "init_from_job")
