@@ -48,7 +48,6 @@ def _run(args: argparse.Namespace) -> int:
     from attacks.runner import Attacker, load_decoder, load_encoder
     from splitnet import capture, data, models
     from splitnet.obfuscation import Obfuscation
-    from splitnet.settings import ObfuscationConfig
 
     records = [r for r in capture.read_records(args.capture) if (args.only == "all" or r.method == args.only)
                and (not args.session or r.session_id == args.session)]
@@ -69,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
     aux_set = aux.train if args.aux_split == "train" else aux.test
     if args.aux_limit:
         aux_set = data.shard(aux_set, 0, max(1, len(aux_set) // args.aux_limit))
-    obfuscate = Obfuscation(ObfuscationConfig.from_settings(defense))
+    obfuscate = Obfuscation.from_settings(defense)
     config = AttackConfig(args.method, args.epochs, args.shadow_epochs, args.rmle_iterations,
                           not args.no_noise_aware, args.seed, width=args.width, blocks=args.inverse_blocks,
                           rmle_lr=args.rmle_lr, rmle_tv_weight=args.rmle_tv_weight)

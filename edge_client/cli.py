@@ -98,6 +98,19 @@ def add_training_args(p: Parser) -> None:
                    help="gated / slot: per-dimension soft and SNR gates (default: the surrogate's, off; "
                         "docs/CEM.md §4.1)")
     g.add_argument("--freeze-gates", action="store_true", help="CEM gates do not learn from rob_loss")
+    g.add_argument("--adv-weight", type=float, default=d.adv_weight, metavar="A",
+                   help="attacker-aware training: train a simulated inverse network on the sent features and add "
+                        "-A times its reconstruction MSE to the encoder's loss (0: off; docs/DEFENSES.md)")
+    g.add_argument("--adv-blocks", type=int, default=d.adv_blocks, metavar="B",
+                   help="residual blocks of the simulated attacker (default %(default)s)")
+    g.add_argument("--adv-width", type=int, default=d.adv_width, metavar="W",
+                   help="channels of the simulated attacker (default %(default)s)")
+    g.add_argument("--adv-every", type=int, default=d.adv_every, metavar="K",
+                   help="train the simulated attacker, and penalise the encoder, every K steps (default %(default)s)")
+    g.add_argument("--adv-lr", type=float, default=d.adv_lr, help="Adam rate of the simulated attacker")
+    g.add_argument("--prune-ratio", type=float, default=d.prune_ratio, metavar="R",
+                   help="learned channel pruning: zero, and do not send, this share of the feature channels, chosen "
+                        "by a score per channel trained with the encoder (and against --adv-weight's attacker)")
     add_threads_arg(p)
     p.add_argument("--log-dir", default="", metavar="DIR",
                    help="write TensorBoard event files here: per-epoch loss, accuracy, bytes, rtt, CEM diagnostics "
@@ -130,7 +143,9 @@ def config_from_args(args: argparse.Namespace, p: Parser) -> EdgeConfig:
                                 nopeek=args.nopeek, cem=args.cem, lam=args.lam, var_threshold=args.var_threshold,
                                 cem_scale=args.cem_scale, cem_warmup=args.cem_warmup,
                                 cem_gates=None if args.cem_gates is None else args.cem_gates == "on",
-                                learn_gates=not args.freeze_gates)
+                                learn_gates=not args.freeze_gates, adv_weight=args.adv_weight,
+                                adv_blocks=args.adv_blocks, adv_width=args.adv_width, adv_every=args.adv_every,
+                                adv_lr=args.adv_lr, prune_ratio=args.prune_ratio)
         return EdgeConfig(
             connection=connection,
             data=_data(args),
@@ -160,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-encoder", default="", help="write the trained encoder (and its defense settings) here")
     g = p.add_argument_group("resumable runs (README: Resuming a killed edge)")
     g.add_argument("--state-dir", default="", metavar="DIR",
-                   help="write the edge's state (encoder, optimizer, data position, random generators, CEM) to "
-                        "DIR/edge-state.ckpt at the start, every --state-every steps, at each epoch's end and at "
-                        "the end, so that a killed run can --resume")
+                   help="write the edge's state (encoder, optimizer, data position, random generators, CEM, the "
+                        "simulated attacker and channel gate) to DIR/edge-state.ckpt at the start, every "
+                        "--state-every steps, at each epoch's end and at the end, so that a killed run can --resume")
     g.add_argument("--state-every", type=int, default=EdgeConfig.state_every, metavar="N",
                    help=f"steps between state writes, 1..{MAX_KEPT_REPLIES} (default %(default)s; with --pipeline "
                         "each write first waits for the steps in flight)")

@@ -20,7 +20,8 @@ CEM_CHOICES = ("none", "gmm", "gated", "slot")  # "none" and cem.SURROGATES' nam
 
 @dataclass(frozen=True)
 class DefenseConfig(ObfuscationConfig):
-    """The obfuscation fields (noise, noise_kind, dropout, topk) and the training-time losses."""
+    """The obfuscation fields (noise, noise_kind, dropout, topk), the training-time losses and the
+    learned channel pruning."""
 
     nopeek: float = 0.0  # w: weight of dCor(x, z) in the task loss
     cem: str = "none"
@@ -30,6 +31,16 @@ class DefenseConfig(ObfuscationConfig):
     cem_warmup: int | None = None  # epochs without CEM; None: cem.DEFAULTS
     cem_gates: bool | None = None  # gated / slot: soft and SNR gates on; None: cem.DEFAULTS
     learn_gates: bool = True
+    # Attacker-aware training (docs/DEFENSES.md §1): a simulated inverse network trained on the sent
+    # features every adv_every steps; the encoder's loss adds -adv_weight times its reconstruction MSE.
+    adv_weight: float = 0.0  # A; 0: no simulated attacker
+    adv_blocks: int = 2  # its residual blocks
+    adv_width: int = 32  # its channels
+    adv_every: int = 1  # steps between its steps (and the encoder's penalty)
+    adv_lr: float = 1e-3  # its Adam rate
+    # Learned channel pruning (docs/DEFENSES.md §2): this share of the feature channels is zeroed
+    # and not sent, which ones decided by a learned score per channel.
+    prune_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -46,6 +57,12 @@ class DefenseConfig(ObfuscationConfig):
              "None or a finite number >= 0"),
             ("cem_warmup", self.cem_warmup is None or (isinstance(self.cem_warmup, int) and self.cem_warmup >= 0),
              "None or an int >= 0"),
+            ("adv_weight", finite(self.adv_weight) and self.adv_weight >= 0, "a finite number >= 0"),
+            ("adv_blocks", isinstance(self.adv_blocks, int) and self.adv_blocks >= 0, "an int >= 0"),
+            ("adv_width", isinstance(self.adv_width, int) and self.adv_width >= 1, "an int >= 1"),
+            ("adv_every", isinstance(self.adv_every, int) and self.adv_every >= 1, "an int >= 1"),
+            ("adv_lr", finite(self.adv_lr) and self.adv_lr > 0, "a finite number > 0"),
+            ("prune_ratio", finite(self.prune_ratio) and 0 <= self.prune_ratio < 1, "in [0, 1)"),
         ]
         require_fields(self, checks)
 

@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -31,7 +31,7 @@ from edge_client.report import percentile
 from splitnet import data, encoder_file, models
 from splitnet.cloud_api import Cloud
 from splitnet.obfuscation import Obfuscation
-from splitnet.settings import DataSpec, ObfuscationConfig
+from splitnet.settings import DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,13 @@ class InferConfig:
 
 
 def timed_requests(encode: Callable[[torch.Tensor], torch.Tensor], cloud: Cloud, batches: Iterable[torch.Tensor],
-                   codec: str) -> list[tuple[torch.Tensor, float]]:
-    """(logits, milliseconds from pixels to logits) per batch, one request in flight at a time."""
+                   codec: str, channels: Sequence[int] | None = None) -> list[tuple[torch.Tensor, float]]:
+    """(logits, milliseconds from pixels to logits) per batch, one request in flight at a time; `channels`:
+    the only ones sent (an encoder that learned to prune the others)."""
     out = []
     for x in batches:
         start = time.perf_counter()
-        (logits,) = list(cloud.infer([encode(x)], codec))
+        (logits,) = list(cloud.infer([encode(x)], codec, channels))
         out.append((logits, (time.perf_counter() - start) * 1e3))
     return out
 
@@ -107,8 +108,7 @@ def run(config: EdgeConfig, infer: InferConfig, cloud: RemoteCloud) -> dict:
             raise ValueError(f"the {config.data.name} images are {list(images.shape[1:])}, the encoder takes "
                              f"{list(spec.input_shape)}: pass the --image-size it trained with")
     job = config.job if config.job != EdgeConfig.job else (saved.job or config.job)
-    obfuscate = Obfuscation(ObfuscationConfig.from_settings(saved.defense),
-                            generator=torch.Generator().manual_seed(config.seed + 1))
+    obfuscate = Obfuscation.from_settings(saved.defense, generator=torch.Generator().manual_seed(config.seed + 1))
     client_id = config.client_id or f"infer-{time.time_ns():x}"
     cloud.open(job, client_id, saved.split, models.OptimSpec(), config.grad_codec, config.seed)
     try:
@@ -123,7 +123,7 @@ def run(config: EdgeConfig, infer: InferConfig, cloud: RemoteCloud) -> dict:
 
         batches = list(torch.split(images, infer.batch_size))
         start = time.perf_counter()
-        answers = timed_requests(encode, cloud, batches, config.codec)
+        answers = timed_requests(encode, cloud, batches, config.codec, obfuscate.channels)
         wall = time.perf_counter() - start
     finally:
         cloud.close()

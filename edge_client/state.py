@@ -8,7 +8,8 @@ file, fsync, rename), so a kill mid-write leaves the previous state whole. It ho
 - `trainer`: `TrainerState` as a dict: the encoder and its optimizer (momentum, and CEM's
   parameters once they joined it), the step counters and step id, the history, the data
   position (the shuffling generator before the open pass and the batches taken from it),
-  the obfuscation noise generator and the cloud counters;
+  the obfuscation noise generator, the cloud counters, and the simulated attacker (weights and
+  Adam state) and channel gate of attacker-aware training and pruning (`adversary`);
 - `epoch`: the running tally of an epoch the state was written in (None between epochs);
 - `torch_rng`: the global torch generator (GMM's k-means++ seeding and the slot surrogate draw from it);
 - `cem`: the surrogate's weights and buffers (GMM fit, gates), whether it joined the optimizer,
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from edge_client.config import EdgeConfig
+from edge_client.config import DefenseConfig, EdgeConfig
 from splitnet import checkpoint_file
 from splitnet.checkpoint_file import CheckpointError
 from splitnet.models import SplitModel
@@ -68,6 +69,13 @@ def identity(config: EdgeConfig, split: SplitModel) -> dict:
             **{f"defense.{key}": value for key, value in config.defense.as_dict().items()}}
 
 
+def _default(name: str) -> object:
+    """The value of a defense setting that a state's identity lacks: the setting came after the state
+    was written, and that run ran with its default (None for any other name)."""
+    field = DefenseConfig.__dataclass_fields__.get(name.removeprefix("defense."))
+    return field.default if name.startswith("defense.") and field is not None else None
+
+
 def write(path: str | Path, state: dict) -> None:
     """`state` holds _KEYS (built by `EdgeTrainer.save_state`)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -88,8 +96,9 @@ def read(path: str | Path, expected: dict, client_id: str) -> dict:
         raise StateError(path, f"lacks {missing or ['identity']}")
     saved = {**state["identity"], "client_id": state["client_id"]}
     for name, now in {**expected, "client_id": client_id or state["client_id"]}.items():
-        if saved.get(name) != now:
-            raise StateMismatch(path, f"written by a run with {name} {saved.get(name)!r}, this run has {now!r}")
+        was = saved.get(name, _default(name))
+        if was != now:
+            raise StateMismatch(path, f"written by a run with {name} {was!r}, this run has {now!r}")
     if not isinstance(state["torch_rng"], torch.Tensor):
         raise StateError(path, "'torch_rng' is not a tensor")
     return state

@@ -1,7 +1,8 @@
 """Train the encoder through a (remote) decoder, then evaluate through it; build the report.
 
-One step: z = F_e(x); z' = obfuscate(z); send z' and y; the cloud returns dL/dz'; the
-encoder backpropagates it (plus NoPeek and, through the two-phase merge, CEM) and steps.
+One step: z = F_e(x); z' = obfuscate(z), its pruned channels zeroed; send z' (the kept
+channels) and y; the cloud returns dL/dz'; the encoder backpropagates it (plus NoPeek, the
+simulated attacker's penalty and, through the two-phase merge, CEM) and steps.
 
 Pipelining (`ConnectionConfig.pipeline = k`): up to k further steps are sent before the
 gradient of the oldest returns, so the edge's encoder work overlaps the transport and the
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from edge_client import state as state_file
+from edge_client.adversary_hook import AdversaryHook
 from edge_client.cem_hook import CemHook
 from edge_client.config import EdgeConfig
 from edge_client.defense import nopeek_loss
@@ -101,6 +103,9 @@ class TrainerState:
     # None where every turn starts from an encoder handed in (sequential, splitfed).
     encoder: dict[str, torch.Tensor] | None = None
     optimizer: dict | None = None
+    # The simulated attacker and the channel gate (AdversaryHook.state): the device's own, so every
+    # client carries its own from turn to turn. None where neither defense is on.
+    adversary: dict | None = None
 
 
 def encoder_momentum(momentum: float, pipeline: int) -> float:
@@ -148,6 +153,7 @@ class EdgeTrainer:
         self.obfuscation = Obfuscation(config.defense.obfuscation,
                                        generator=torch.Generator().manual_seed(config.seed + 1))
         self.cem = CemHook.create(config, self.encoder, self.optimizer, self.split, len(self.loader))
+        self.adversary = AdversaryHook.create(config, self.split, self.optimizer)
         self.lr = config.lr  # the rate of the last step applied
         self.lr_mismatches = 0  # steps where the decoder stepped with another rate than the encoder
         self.client_id = config.client_id or uuid.uuid4().hex[:12]
@@ -220,8 +226,8 @@ class EdgeTrainer:
             x, y = x.to(self.config.device), y.to(self.config.device)
             self.step_id += 1
             z = self._forward(x, stash=depth > 0)
-            z_sent = self.obfuscation(z)
-            self.cloud.submit(self.step_id, z_sent.detach(), y.cpu(), self.config.codec)
+            z_sent, channels = self.adversary.prune(self.obfuscation(z))
+            self.cloud.submit(self.step_id, z_sent.detach(), y.cpu(), self.config.codec, channels)
             inflight.append(_InFlight(x, y, z, z_sent, self.step_id, epoch))
             self.steps += 1
             self._settle(inflight, depth, tally, bar)
@@ -239,11 +245,12 @@ class EdgeTrainer:
         self.samples += seen
         record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                   "lr": self.lr, "seconds": elapsed, "samples_per_second": seen / elapsed if elapsed else 0.0,
-                  **self.cem.end_epoch(epoch, self.train_set)}
+                  **self.cem.end_epoch(epoch, self.train_set), **self.adversary.end_epoch(elapsed)}
         self.history.append(record)
         self.tracker.edge_epoch(record, self.counters())
-        log.info("epoch %d: loss %.4f acc %.3f, %.0f samples/s%s", epoch, record["train_loss"],
-                 record["train_accuracy"], record["samples_per_second"], self.cem.summary(record))
+        log.info("epoch %d: loss %.4f acc %.3f, %.0f samples/s%s%s", epoch, record["train_loss"],
+                 record["train_accuracy"], record["samples_per_second"], self.cem.summary(record),
+                 self.adversary.summary(record))
         if self.config.state_dir:
             self.save_state()
         return record
@@ -302,6 +309,9 @@ class EdgeTrainer:
         task = (item.z_sent * reply.grad.to(item.z_sent.device)).sum()  # d task / d z_sent == the cloud's grad
         if self.config.defense.nopeek > 0:
             task = task + self.config.defense.nopeek * nopeek_loss(item.x, item.z)
+        penalty = self.adversary.penalty(item.z_sent, item.x, item.step_id)
+        if penalty is not None:
+            task = task + penalty
         self.cem.backward(task, item.z, item.y, item.epoch)
         self.optimizer.step()
         return reply
@@ -319,11 +329,16 @@ class EdgeTrainer:
                 log.warning("step %d: the decoder stepped at lr %.6g, the encoder at %.6g (the server's job has "
                             "another base --lr or schedule?)", step_id, decoder_lr, self.lr)
 
+    def to_wire(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder features as the wire carries them: obfuscated, the pruned channels zero (the chain a
+        noise-aware attacker replays)."""
+        return self.adversary.prune(self.obfuscation(z))[0]
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Features as the cloud receives them at inference (eval mode, obfuscation on)."""
+        """Features as the cloud receives them at inference (eval mode, `to_wire`)."""
         self.encoder.eval()
-        return self.obfuscation(self.encoder(x.to(self.config.device)))
+        return self.to_wire(self.encoder(x.to(self.config.device)))
 
     def evaluate(self, test_set: Dataset | None = None) -> float:
         labels: deque[torch.Tensor] = deque()
@@ -335,7 +350,7 @@ class EdgeTrainer:
                 yield self.encode(x)
 
         correct = total = 0
-        for logits in self.cloud.infer(batches(), self.config.codec):
+        for logits in self.cloud.infer(batches(), self.config.codec, self.adversary.channels()):
             y = labels.popleft()
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
@@ -375,7 +390,7 @@ class EdgeTrainer:
             self.obfuscation.generator.get_state(),
             {key: copy.copy(getattr(self.cloud, key)) for key in CLOUD_COUNTERS},
             self.encoder_state() if encoder else None,
-            copy.deepcopy(self.optimizer.state_dict()) if encoder else None)
+            copy.deepcopy(self.optimizer.state_dict()) if encoder else None, copy.deepcopy(self.adversary.state()))
 
     def restore(self, state: TrainerState) -> None:
         """Carry on from `state` (a fresh trainer of the same config, before `open(own_count=True)`)."""
@@ -398,6 +413,7 @@ class EdgeTrainer:
         if state.encoder is not None:
             self.encoder.load_state_dict(state.encoder)
             self.optimizer.load_state_dict(state.optimizer)
+        self.adversary.load_state(state.adversary)
 
     def save_state(self, path: str | Path | None = None) -> None:
         """Write this trainer's whole state (edge_client.state) to `path` (default: the config's
@@ -470,8 +486,10 @@ class EdgeTrainer:
             self.save_state()
 
     def save_encoder(self, path: str) -> None:
-        """Encoder weights with the model, defense, job and codec (`splitnet.encoder_file`)."""
-        encoder_file.write(path, self.split, self.config.defense.as_dict(), self.config.job, self.config.codec)
+        """Encoder weights with the model, defense (and the channels it sends), job and codec
+        (`splitnet.encoder_file`)."""
+        encoder_file.write(path, self.split, {**self.config.defense.as_dict(), **self.adversary.wire_settings()},
+                           self.config.job, self.config.codec)
 
     def counters(self) -> dict:
         """The running figures of the report, cheap enough to read after every epoch (no evaluation)."""
@@ -541,6 +559,7 @@ class EdgeTrainer:
             "init_from": cfg.init_from,
             "init_job": cfg.init_job,
             **self.cem.report(self.train_set),
+            **self.adversary.report(),
             "history": self.history,
         }
 

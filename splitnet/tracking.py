@@ -96,11 +96,18 @@ class Tracker:
             self._writer.close()
 
 
+# History key prefix -> section of the defenses that report under a prefix of their own.
+DEFENSE_SECTIONS = {"adv_": "adversary/", "prune_": "prune/"}
+
+
 def epoch_tag(key: str) -> str:
-    """The tag of an edge history key: the rest of a record past the training figures is CEM's
-    diagnostics (`cem_pull` -> `cem/pull`, `soft_gate_mean` -> `cem/soft_gate`), whichever the
+    """The tag of an edge history key: the rest of a record past the training figures is a defense's
+    diagnostics, attacker-aware training's and pruning's by their prefix (`adv_mse` -> `adversary/mse`),
+    the others CEM's (`cem_pull` -> `cem/pull`, `soft_gate_mean` -> `cem/soft_gate`), whichever the
     surrogate reports."""
-    return EDGE_EPOCH_TAGS.get(key) or "cem/" + key.removeprefix("cem_").removesuffix("_mean")
+    section = next((name + key.removeprefix(prefix) for prefix, name in DEFENSE_SECTIONS.items()
+                    if key.startswith(prefix)), None)
+    return EDGE_EPOCH_TAGS.get(key) or section or "cem/" + key.removeprefix("cem_").removesuffix("_mean")
 
 
 def _is_number(value: object) -> bool:

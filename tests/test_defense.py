@@ -9,7 +9,7 @@ import torch
 
 from edge_client.config import DefenseConfig
 from edge_client.defense import nopeek_loss
-from splitnet.obfuscation import Obfuscation, topk_prune
+from splitnet.obfuscation import KEPT_CHANNELS, Obfuscation, topk_prune
 from splitnet.settings import ObfuscationConfig
 
 
@@ -121,6 +121,8 @@ def test_dcor_is_differentiable_and_finite_with_duplicates():
     ("noise", -0.1), ("noise", float("nan")), ("noise_kind", "uniform"), ("dropout", 1.0), ("dropout", -0.1),
     ("topk", 1.0), ("nopeek", -1.0), ("cem", "vae"), ("lam", -8.0), ("var_threshold", 0.0),
     ("cem_scale", -0.1), ("cem_warmup", -1), ("cem_warmup", 1.5),
+    ("adv_weight", -1.0), ("adv_weight", float("inf")), ("adv_blocks", -1), ("adv_width", 0), ("adv_width", 8.0),
+    ("adv_every", 0), ("adv_lr", 0.0), ("prune_ratio", 1.0), ("prune_ratio", -0.5),
 ])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=rf"DefenseConfig\.{field} "):
@@ -151,6 +153,17 @@ def test_attacker_rebuilds_the_edge_chain_from_the_saved_defense_record():
     seed = torch.Generator().manual_seed
     assert torch.equal(Obfuscation(edge.obfuscation, seed(3))(z),
                        Obfuscation(ObfuscationConfig.from_settings(edge.as_dict()), seed(3))(z))
+
+
+def test_attacker_replays_the_channels_a_pruning_edge_kept():
+    """An encoder file of a pruning edge records the channels it sent: the attacker's chain zeroes the
+    others after the noise, as the wire did."""
+    record = {**DefenseConfig(noise=0.1, prune_ratio=0.5).as_dict(), KEPT_CHANNELS: [0, 2]}
+    z = torch.rand(5, 4, 3, 3)
+    sent = Obfuscation.from_settings(record, torch.Generator().manual_seed(1))(z)
+    assert torch.equal(sent[:, [1, 3]], torch.zeros(5, 2, 3, 3))
+    assert torch.equal(sent[:, [0, 2]], chain(1, noise=0.1)(z)[:, [0, 2]])
+    assert Obfuscation.from_settings(DefenseConfig(noise=0.1).as_dict()).channels is None
 
 
 @pytest.mark.parametrize("field, value", [("noise", -1.0), ("noise_kind", "uniform"), ("dropout", 1.0),

@@ -177,6 +177,27 @@ def test_a_state_of_another_run_is_refused_naming_the_field(written, tmp_path, f
                                   f"this run has {now[field]!r}")
 
 
+ADDED_SINCE = ("adv_weight", "adv_blocks", "adv_width", "adv_every", "adv_lr", "prune_ratio")
+
+
+def test_a_state_from_before_a_defense_setting_came_resumes_at_its_default(written, tmp_path):
+    """A state written before attacker-aware training and pruning existed ran without them: this run
+    carries it on while it leaves them off, and is refused naming the setting where it turns one on."""
+    state = checkpoint_file.read(written)
+    for key in ADDED_SINCE:
+        del state["identity"][f"defense.{key}"]
+    del state["trainer"]["adversary"]
+    checkpoint_file.write(written, state)
+    trainer = EdgeTrainer(_config(tmp_path, max_steps=3), LocalCloud())
+    trainer.resume_from(written)
+    assert trainer.step_id == 3
+    pruning = EdgeTrainer(_config(tmp_path, max_steps=3, defense=DefenseConfig(noise=0.1, cem="gmm", lam=8.0,
+                                                                                cem_warmup=0, prune_ratio=0.5)),
+                          LocalCloud())
+    with pytest.raises(state_file.StateMismatch, match="defense.prune_ratio 0.0, this run has 0.5"):
+        pruning.resume_from(written)
+
+
 def test_a_state_of_another_dataset_is_refused(written, tmp_path):
     trainer = EdgeTrainer(_config(tmp_path), LocalCloud())
     expected = state_file.identity(trainer.config, trainer.split) | {"dataset": "cifar10"}

@@ -166,7 +166,7 @@ def test_bad_config_is_a_clear_error(tmp_path, text, named):
 
 
 @pytest.mark.parametrize("config, named", [
-    ({"model": {"epoch": 1}}, "[model]: unknown key 'epoch'; valid keys: arch, "),
+    ({"model": {"epoch": 1}}, "[model]: unknown key 'epoch'; valid keys: adv-blocks, adv-every, "),
     ({"defenses": {"cem": {"lamda": 8}}}, "[defenses.cem]: unknown key 'lamda'"),
     ({"grid": {"seed": [0, 1]}}, "[grid] seed: the seed axis is named seeds: seeds = [...]"),
     ({"grid": {"noize": [0.1]}}, "[grid]: unknown axis 'noize'; valid axes: cuts, codecs, seeds, attack.NAME"),

@@ -88,6 +88,13 @@ def test_edge_epochs_and_server_steps_match_the_report(tmp_path):
     assert sum(first_epoch) / per_epoch == pytest.approx(report["history"][0]["train_loss"], rel=0.02)
 
 
+@pytest.mark.parametrize("key, tag", [("train_loss", "train/loss"), ("cem_pull", "cem/pull"),
+                                      ("soft_gate_mean", "cem/soft_gate"), ("adv_mse", "adversary/mse"),
+                                      ("adv_share", "adversary/share"), ("prune_kept_fraction", "prune/kept_fraction")])
+def test_each_defense_diagnostic_has_its_own_section(key, tag):
+    assert tracking.epoch_tag(key) == tag
+
+
 def test_job_names_cannot_lead_out_of_the_log_dir(tmp_path):
     """A job name is the peer's choice: its run is a folder directly under the log dir."""
     from cloud_server.checkpoints import file_stem
