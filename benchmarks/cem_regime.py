@@ -1,4 +1,5 @@
-"""CEM's surrogates in the paper's regime on digits, paired with noise alone seed by seed.
+"""The feature defenses (CEM's surrogates, attacker-aware training, learned pruning) in the CEM
+paper's regime on digits, paired with noise alone seed by seed.
 
 Each setting trains one edge in-process (cnn block1, 8-channel sigmoid bottleneck, the
 CEM paper's schedule scaled to --epochs, so CEM reaches full lambda in the last quarter),
@@ -9,6 +10,7 @@ Prints one JSON object: per setting and seed the accuracy, attack MSE / SSIM / P
 class-conditional spread, the per-epoch pull and gate means, and the paired gains.
 
     python benchmarks/cem_regime.py --settings gmm:8 gated:8 slot:8 slot:4 --seeds 0 1
+    python benchmarks/cem_regime.py --settings adv:1 adv:4 prune:0.5 adv:4+prune:0.5 --seeds 0
 """
 
 from __future__ import annotations
@@ -24,17 +26,26 @@ from gate_collapse import study  # the sibling script: train in-process, then at
 
 
 def defense(setting: str, sigma: float) -> DefenseConfig:
-    """'noise', or SURROGATE:LAMBDA[:gates] (':gates' turns the soft and SNR gates on)."""
-    if setting == "noise":
-        return DefenseConfig(noise=sigma)
-    name, lam, *rest = setting.split(":")
-    return DefenseConfig(noise=sigma, cem=name, lam=float(lam), cem_gates=True if rest == ["gates"] else None)
+    """'noise', or defenses joined by '+': SURROGATE:LAMBDA[:gates] (':gates' turns the soft and SNR
+    gates on), adv:A (attacker-aware training at weight A), prune:R (learned pruning of the share R
+    of the channels); e.g. adv:2+prune:0.5."""
+    fields: dict = {"noise": sigma}
+    for part in setting.split("+") if setting != "noise" else []:
+        name, value, *rest = part.split(":")
+        if name == "adv":
+            fields["adv_weight"] = float(value)
+        elif name == "prune":
+            fields["prune_ratio"] = float(value)
+        else:
+            fields.update(cem=name, lam=float(value), cem_gates=True if rest == ["gates"] else None)
+    return DefenseConfig(**fields)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", nargs="+", default=["gmm:8", "gated:8", "slot:8"],
-                   help="SURROGATE:LAMBDA[:gates]; noise alone always runs as the reference")
+                   help="SURROGATE:LAMBDA[:gates], adv:A, prune:R, or several joined by '+'; noise alone always "
+                        "runs as the reference")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--sigma", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=8)

@@ -40,13 +40,14 @@ def study(defense: DefenseConfig, epochs: int, attack_epochs: int, seed: int, lr
     report = trainer.report(accuracy)
     attack = AttackConfig("inversion", epochs=attack_epochs, width=attack_width, seed=seed, progress=False)
     attacker = Attacker(attack, trainer.split.spec, trainer.splits.train, encoder=trainer.encoder,
-                        obfuscate=trainer.obfuscation).fit()
+                        obfuscate=trainer.to_wire).fit()
     truth = torch.cat(harness.private_requests(trainer.splits.test, trainer.eval_batch_size))
     scores = harness.score(attacker.reconstruct(torch.cat([trainer.encode(x) for x in truth.split(256)])), truth,
                            "inversion")
     return {"test_accuracy": accuracy, "intra_mse": report["intra_mse"], "defense": report["defense"],
             **{f"attack_{k}": scores[k] for k in ("mse", "ssim", "psnr")},
-            "per_epoch": [{k: h[k] for k in ("epoch", *GATE_KEYS, "cem_pull", "cem_w_lr") if k in h} for h in report["history"]]}
+            "per_epoch": [{k: h[k] for k in ("epoch", *GATE_KEYS, "cem_pull", "cem_w_lr", "adv_mse", "adv_share")
+                           if k in h} for h in report["history"]]}
 
 
 def main(argv: list[str] | None = None) -> int:
