@@ -390,16 +390,16 @@ def _point(defense: str, seed: int, accuracy: float, mse: float, **settings) -> 
             "test_accuracy": accuracy, "inversion_mse": mse, "inversion_ssim": 0.5 - mse}
 
 
-def test_cem_gains_pair_each_cem_point_with_its_noise_alone_twin_at_the_same_seed():
+def test_defense_gains_pair_each_cem_point_with_its_noise_alone_twin_at_the_same_seed():
     from deploy.experiments.demo import verdict
-    from deploy.experiments.gains import cem_gains, markdown
+    from deploy.experiments.gains import defense_gains, markdown
 
     rows = [_point("noise", 0, 0.90, 0.010), _point("noise", 1, 0.80, 0.020),
             _point("gmm", 0, 0.895, 0.013, cem="gmm", **{"lambda": 8}),
             _point("gmm", 1, 0.79, 0.022, cem="gmm", **{"lambda": 8}),
             _point("far", 0, 0.85, 0.030, cem="gmm", **{"lambda": 16}),
             _point("orphan", 0, 0.9, 0.05, cem="gmm", noise=0.3, **{"lambda": 8})]  # no noise-0.3 twin ran
-    gmm, far = cem_gains(rows, ("inversion",))
+    gmm, far = defense_gains(rows, ("inversion",))
     assert (gmm["defense"], gmm["baseline"], gmm["seeds"]) == ("gmm", "noise", [0, 1])
     # Paired per seed (+30% and +10%), not the ratio of means (+16.7%): the seeds' MSEs differ twofold.
     assert gmm["inversion_mse_gain_pct_each"] == pytest.approx([30.0, 10.0])
@@ -410,7 +410,7 @@ def test_cem_gains_pair_each_cem_point_with_its_noise_alone_twin_at_the_same_see
     table = markdown([gmm, far], ("inversion",))
     assert "| gmm | noise | 0, 1 | -0.8 (-0.5, -1.0) | +20% (+30%, +10%) | -0.003 |" in table
     assert "-5.0 (not matched)" in table
-    assert cem_gains(rows[:2], ("inversion",)) == [] and markdown([], ("inversion",)) == ""
+    assert defense_gains(rows[:2], ("inversion",)) == [] and markdown([], ("inversion",)) == ""
     for g in (gmm, far):
         g["codec"] = "int8" if g is far else "fp32"
     story = verdict([gmm, far]).splitlines()
@@ -422,7 +422,7 @@ def test_cem_gains_pair_each_cem_point_with_its_noise_alone_twin_at_the_same_see
 def test_cem_is_also_compared_with_noise_alone_at_its_own_accuracy():
     """Where CEM costs accuracy at the same noise, the fair baseline is more noise: the noise-alone
     curve (one seed, several noise levels) read at the CEM point's accuracy."""
-    from deploy.experiments.gains import cem_gains, markdown, noise_curve_mse
+    from deploy.experiments.gains import defense_gains, markdown, noise_curve_mse
 
     curve = [(0.90, 0.010), (0.80, 0.030)]
     assert noise_curve_mse(0.85, curve) == pytest.approx(0.020)  # linear between the bracketing levels
@@ -431,11 +431,26 @@ def test_cem_is_also_compared_with_noise_alone_at_its_own_accuracy():
     rows = [_point("noise", 0, 0.90, 0.010), _point("noise", 0, 0.80, 0.030, noise=0.3),
             _point("gmm", 0, 0.85, 0.025, cem="gmm", **{"lambda": 8}),  # -5 points at the same noise ...
             _point("gmm", 1, 0.85, 0.025, cem="gmm", **{"lambda": 8}), _point("noise", 1, 0.88, 0.010)]
-    (gmm,) = cem_gains(rows, ("inversion",))
+    (gmm,) = defense_gains(rows, ("inversion",))
     assert gmm["inversion_mse_gain_pct_each"] == pytest.approx([150.0, 150.0]) and not gmm["matched"]
     # ... but +25% over noise alone at 0.85 (seed 0); seed 1 has one noise level only, so no curve
     assert gmm["inversion_mse_gain_at_accuracy_pct_each"] == pytest.approx([25.0])
     assert "| +25% |" in markdown([gmm], ("inversion",))
+
+
+def test_attacker_aware_and_pruned_points_are_paired_with_noise_alone_like_cem():
+    from deploy.experiments.gains import defense_gains
+
+    rows = [_point("noise", 0, 0.90, 0.010), _point("noise", 0, 0.80, 0.030, noise=0.3),
+            _point("adv4", 0, 0.89, 0.016, adv_weight=4, adv_blocks=2),
+            _point("prune", 0, 0.88, 0.011, prune_ratio=0.5)]
+    rows[2]["group"], rows[3]["group"] = "adv4", "prune"
+    adv, prune = defense_gains(rows, ("inversion",))
+    assert (adv["defense"], adv["baseline"]) == ("adv4", "noise") and adv["matched"]
+    assert adv["inversion_mse_gain_pct"] == pytest.approx(60.0)
+    assert adv["inversion_mse_gain_at_accuracy_pct"] == pytest.approx(0.016 / 0.012 * 100 - 100)
+    assert prune["inversion_mse_gain_at_accuracy_pct"] == pytest.approx(0.011 / 0.014 * 100 - 100)  # below the curve
+    assert not prune["matched"]  # -2 points
 
 
 @pytest.mark.slow

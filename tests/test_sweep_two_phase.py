@@ -79,7 +79,7 @@ def test_a_two_phase_sweep_continues_its_base_and_keeps_its_results(tmp_path):
     kept = sorted(p.name for p in results.iterdir())
     assert kept == sorted(f"{row['key']}.json" for row in rows)
     table = json.loads((out / "results.json").read_text())
-    gains = table["cem_gains"]
+    gains = table["defense_gains"]
     assert len(gains) == 1 and {"inversion_mse_gain_pct", "inversion_wide_mse_gain_pct"} <= set(gains[0])
 
     # Resumed from the kept results alone (another machine: no out/ folder): nothing runs, the same tables.
@@ -88,7 +88,7 @@ def test_a_two_phase_sweep_continues_its_base_and_keeps_its_results(tmp_path):
                  "--report-only")
     assert done.returncode == 0, done.stderr[-3000:]
     rebuilt = json.loads((again / "results.json").read_text())
-    assert rebuilt["rows"] == table["rows"] and rebuilt["cem_gains"] == gains
+    assert rebuilt["rows"] == table["rows"] and rebuilt["defense_gains"] == gains
     done = sweep("--config", str(tmp_path / "sweep.toml"), "--out", str(again), "--results", str(results))
     assert done.returncode == 0 and "2 points, 2 already done" in done.stderr, done.stderr[-3000:]
     assert not (again / "bases").exists()

@@ -12,8 +12,8 @@ full lambda after the task has converged, the regime CEM was designed for. At a 
 rate the same lambda pulls 50x less and CEM barely moves the attack.
 
 Writes to the output folder: `report.json` (a list `rows`, each with `defense`, `codec`,
-`test_accuracy`, `bytes_up_per_sample`, `attack_mse`, `attack_ssim`, `attack_psnr`; `cem_gains`:
-`deploy.experiments.gains.cem_gains`; `verdict`), `report.md`, `accuracy_vs_ssim.png`, `bytes_vs_ssim.png`,
+`test_accuracy`, `bytes_up_per_sample`, `attack_mse`, `attack_ssim`, `attack_psnr`; `defense_gains`:
+`deploy.experiments.gains.defense_gains`; `verdict`), `report.md`, `accuracy_vs_ssim.png`, `bytes_vs_ssim.png`,
 and per point its edge report, encoder, reconstructions and `recon.png` under `points/`.
 """
 
@@ -26,7 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from deploy.experiments.gains import MATCHED_POINTS, cem_gains
+from deploy.experiments.gains import MATCHED_POINTS, defense_gains
 from deploy.experiments.config import SweepConfig
 from deploy.experiments.results import aggregate
 from deploy.experiments.runner import add_log_dir_arg, run_sweep
@@ -57,7 +57,7 @@ def demo_rows(table: list[dict]) -> list[dict]:
 
 
 def verdict(gains: list[dict]) -> str:
-    """What the run says about CEM, in words, from its paired gains (`deploy.experiments.gains.cem_gains`)."""
+    """What the run says about CEM, in words, from its paired gains (`deploy.experiments.gains.defense_gains`)."""
     return "\n".join(
         f"- {g['codec']}: noise + CEM changes attack MSE by {g['inversion_mse_gain_pct']:+.1f}% over noise alone "
         f"(attack SSIM {g['inversion_ssim_delta']:+.3f}), accuracy {g['accuracy_delta_points']:+.1f} points: "
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     points = run_sweep(config, out, log_dir=tracking.prepared(args.log_dir))
     table = aggregate(config, points)
     rows = demo_rows(table)
-    gains = cem_gains(points, config.scored)
+    gains = defense_gains(points, config.scored)
     story = verdict(gains)
     # As the attacker resolved and recorded it (None: a point finished before attackers were recorded).
     attacker = {k: points[0].get("inversion_attacker", {}).get(f"inverse_{k}") for k in ("blocks", "width", "epochs")}
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                f"network ({attacker['blocks']} residual blocks, width {attacker['width']}, {attacker['epochs']} "
                f"epochs on its own digits) on intercepted inference traffic.\n\n" + story)
     write_report(config, table, out, "Demo: split inference under attack", preface, gains)
-    report = {"rows": rows, "cem_gains": gains, "verdict": story, "attacker": attacker,
+    report = {"rows": rows, "defense_gains": gains, "verdict": story, "attacker": attacker,
               "wall_seconds": time.monotonic() - start,
               "plots": ["accuracy_vs_ssim.png", "bytes_vs_ssim.png"], "report_md": "report.md"}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""What CEM adds, in the CEM paper's terms: each CEM point against its noise-alone twin.
+"""What a learned defense adds, in the CEM paper's terms: each defended point against its noise-alone twin.
 
 The paper states robustness as the increase in attack MSE that CEM brings over the same
 obfuscation noise without CEM, at matched accuracy. Between two runs of one setting the
@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import statistics
 
-# The edge-client settings that make a point a CEM point; everything else must match its twin.
+# The edge-client settings of the defenses trained with the encoder (CEM, attacker-aware training,
+# feature pruning): a point that sets one is compared with its twin, which differs from it only by these.
 CEM_SETTINGS = frozenset({"cem", "lambda", "var_threshold", "cem_scale", "cem_warmup", "cem_gates", "freeze_gates"})
+DEFENSE_SETTINGS = CEM_SETTINGS | {"adv_weight", "adv_blocks", "adv_width", "adv_every", "adv_lr", "prune_ratio"}
 MATCHED_POINTS = 1.0  # accuracy within this many points counts as matched (the CEM paper's comparison)
 
 
-def _twin_key(row: dict, drop: frozenset = CEM_SETTINGS) -> tuple:
+def _twin_key(row: dict, drop: frozenset = DEFENSE_SETTINGS) -> tuple:
     settings = {k: v for k, v in row["settings"].items() if k not in drop}
     attack = tuple(sorted(row.get("attack_settings", {}).items()))
     return tuple(sorted((k, str(v)) for k, v in settings.items())), attack, row.get("link") or "none"  # rows before links
 
 
 def _curve_key(row: dict) -> tuple:
-    """What a point shares with the noise-alone points of its trade-off curve: all but CEM and the noise level."""
-    return _twin_key(row, CEM_SETTINGS | {"noise"})
+    """What a point shares with the noise-alone points of its trade-off curve: all but its learned
+    defense and the noise level."""
+    return _twin_key(row, DEFENSE_SETTINGS | {"noise"})
 
 
 def noise_curve_mse(accuracy: float, curve: list[tuple[float, float]]) -> float | None:
@@ -43,33 +46,37 @@ def noise_curve_mse(accuracy: float, curve: list[tuple[float, float]]) -> float 
     return end_mse if round(abs(accuracy - end_acc) * 100, 9) <= MATCHED_POINTS else None
 
 
-def _is_cem(row: dict) -> bool:
-    return row["settings"].get("cem", "none") != "none" and float(row["settings"].get("lambda", 0)) > 0
+def _is_defended(row: dict) -> bool:
+    """Whether the point trains a defense with its encoder: CEM at lambda > 0, an attacker-aware
+    weight, or pruned channels."""
+    s = row["settings"]
+    return ((s.get("cem", "none") != "none" and float(s.get("lambda", 0)) > 0)
+            or float(s.get("adv_weight", 0)) > 0 or float(s.get("prune_ratio", 0)) > 0)
 
 
 def pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
-    """(CEM point, its twin without CEM) for every CEM point whose twin ran."""
-    twins = {_twin_key(r): r for r in rows if not _is_cem(r)}
-    return [(r, twins[_twin_key(r)]) for r in rows if _is_cem(r) and _twin_key(r) in twins]
+    """(defended point, its twin without the learned defense) for every defended point whose twin ran."""
+    twins = {_twin_key(r): r for r in rows if not _is_defended(r)}
+    return [(r, twins[_twin_key(r)]) for r in rows if _is_defended(r) and _twin_key(r) in twins]
 
 
-def cem_gains(rows: list[dict], methods: tuple[str, ...]) -> list[dict]:
-    """Per group of CEM points alike in all but the seed: the baseline's defense, the seeds paired,
+def defense_gains(rows: list[dict], methods: tuple[str, ...]) -> list[dict]:
+    """Per group of defended points (CEM, attacker-aware, pruned) alike in all but the seed: the baseline's defense, the seeds paired,
     and for accuracy and each attack method the mean (and spread) of the paired differences.
 
     Keys: `defense`, `baseline`, `axes`, `seeds`, `accuracy_delta_points` (+ `_std`, and
     `_each`: per seed), `matched` (every pair within MATCHED_POINTS of accuracy), and per method
     `<method>_mse_gain_pct` (+ `_std`, `_each`) and `<method>_ssim_delta`. Where noise alone ran at
     more than one level, also `<method>_mse_gain_at_accuracy_pct` (+ `_std`, `_each`): the gain over
-    what noise alone leaves at the CEM point's own accuracy (`noise_curve_mse`, same seed), the
-    comparison that still holds when CEM costs accuracy at the same noise."""
+    what noise alone leaves at the defended point's own accuracy (`noise_curve_mse`, same seed), the
+    comparison that still holds when the defense costs accuracy at the same noise."""
     curves: dict[tuple, list[dict]] = {}
     for row in rows:
-        if not _is_cem(row):
+        if not _is_defended(row):
             curves.setdefault(_curve_key(row), []).append(row)
     groups: dict[str, list[tuple[dict, dict]]] = {}
-    for cem, base in pairs(rows):
-        groups.setdefault(cem["group"], []).append((cem, base))
+    for defended, base in pairs(rows):
+        groups.setdefault(defended["group"], []).append((defended, base))
     out = []
     for members in groups.values():
         members.sort(key=lambda pair: pair[0]["seed"])
@@ -94,14 +101,14 @@ def cem_gains(rows: list[dict], methods: tuple[str, ...]) -> list[dict]:
     return out
 
 
-def _gain_at_accuracy(cem: dict, noise_alone: list[dict], method: str) -> float | None:
-    """Percent more attack MSE than noise alone leaves at the CEM point's accuracy; None where
+def _gain_at_accuracy(defended: dict, noise_alone: list[dict], method: str) -> float | None:
+    """Percent more attack MSE than noise alone leaves at the defended point's accuracy; None where
     noise alone ran at one level only (no curve) or not near that accuracy."""
     curve = [(n["test_accuracy"], n[f"{method}_mse"]) for n in noise_alone if n.get(f"{method}_mse")]
-    if len({n["settings"].get("noise") for n in noise_alone}) < 2 or not cem.get(f"{method}_mse"):
+    if len({n["settings"].get("noise") for n in noise_alone}) < 2 or not defended.get(f"{method}_mse"):
         return None
-    mse = noise_curve_mse(cem["test_accuracy"], curve)
-    return None if mse is None else (cem[f"{method}_mse"] / mse - 1) * 100
+    mse = noise_curve_mse(defended["test_accuracy"], curve)
+    return None if mse is None else (defended[f"{method}_mse"] / mse - 1) * 100
 
 
 def _summary(key: str, values: list[float]) -> dict:
@@ -110,11 +117,11 @@ def _summary(key: str, values: list[float]) -> dict:
 
 
 def markdown(gains: list[dict], methods: tuple[str, ...]) -> str:
-    """The table report.md shows; empty when the sweep has no CEM point with a twin."""
+    """The table report.md shows; empty when the sweep has no defended point with a twin."""
     if not gains:
         return ""
     curve = {m for m in methods if any(f"{m}_mse_gain_at_accuracy_pct" in g for g in gains)}
-    head = ["CEM setting", "baseline", "seeds", "accuracy change (points)"]
+    head = ["defense", "baseline", "seeds", "accuracy change (points)"]
     for m in methods:
         head += [f"{m}: attack MSE gain", f"{m}: SSIM change"]
         head += [f"{m}: attack MSE gain over noise alone at the same accuracy"] if m in curve else []

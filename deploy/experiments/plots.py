@@ -202,7 +202,7 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 def write_report(config, rows: list[dict], out: Path, title: str = "Sweep: accuracy vs leakage vs communication",
                  preface: str = "", gains: list[dict] | None = None) -> None:
-    """report.md and the plots; `gains`: `deploy.experiments.gains.cem_gains` of the sweep's points."""
+    """report.md and the plots; `gains`: `deploy.experiments.gains.defense_gains` of the sweep's points."""
     method = config.attacks[0] if config.attacks else None
     columns = [("defense", "{}"), ("codec", "{}"), ("cut", "{}"), ("bottleneck", "{}"), ("test_accuracy", "{:.3f}"),
                ("bytes_up_per_sample", "{:.0f}"), ("rtt_ms_p50", "{:.1f}"), ("intra_mse", "{:.4f}")]
@@ -224,8 +224,9 @@ def write_report(config, rows: list[dict], out: Path, title: str = "Sweep: accur
               "scores are per image on [0, 1] images, then averaged (see `attack.json` for the SSIM convention).",
               "", markdown_table(rows, columns), ""]
     if gains:
-        lines += ["## What CEM adds over noise alone", "", "Each CEM point against the point that differs from it "
-                  "only by CEM, at the same seed; the mean over seeds, then each seed in brackets. The CEM paper "
+        lines += ["## What a defense adds over noise alone", "", "Each point with a defense trained with the "
+                  "encoder (CEM, attacker-aware training, pruning) against the point that differs from it only by "
+                  "that defense, at the same seed; the mean over seeds, then each seed in brackets. The CEM paper "
                   "states robustness this way: attack-MSE gain at matched accuracy (within "
                   f"{MATCHED_POINTS:g} point).", "", markdown(gains, config.scored), ""]
     if method:

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from deploy.experiments.config import Point, SweepConfig
-from deploy.experiments.gains import cem_gains
+from deploy.experiments.gains import defense_gains
 from deploy.link_profiles import DIRECT
 
 METRICS = ("test_accuracy", "bytes_up_per_sample", "bytes_down_per_sample", "rtt_ms_p50", "samples_per_second",
@@ -82,8 +82,8 @@ def aggregate(config: SweepConfig, rows: list[dict]) -> list[dict]:
 
 def write_results(config: SweepConfig, rows: list[dict], out: Path) -> list[dict]:
     table = aggregate(config, rows)
-    gains = cem_gains(rows, config.scored)
-    write_atomic(out / "results.json", json.dumps({"rows": table, "points": rows, "cem_gains": gains}, indent=2)
+    gains = defense_gains(rows, config.scored)
+    write_atomic(out / "results.json", json.dumps({"rows": table, "points": rows, "defense_gains": gains}, indent=2)
                  + "\n")
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in table for k in r)))

@@ -70,9 +70,11 @@ at its first failure.
 Every point's `result.json` (and `results.json`'s `points`) holds its resolved `settings`
 and, per method, the attacker's `run.json` as `<method>_attacker`: the resolved settings
 that produced its scores. `results.csv` / `results.json`'s `rows` average over seeds every
-group of points alike in all else. `results.json`'s `cem_gains` (and report.md's CEM table)
-pairs every CEM point with the point that differs from it only by CEM, at the same seed: the
-attack-MSE gain and accuracy change, per seed and averaged (deploy/experiments/gains.py).
+group of points alike in all else. `results.json`'s `defense_gains` (and report.md's table of
+what a defense adds) pairs every point with a defense trained with the encoder (CEM,
+attacker-aware training, pruning) with the point that differs from it only by that defense, at
+the same seed: the attack-MSE gain and accuracy change, per seed and averaged, and the gain over
+the noise-alone curve at the point's own accuracy (deploy/experiments/gains.py).
 
 Under a link (`links`), the point's edge-client connects to its own `split-link` process
 (one device, one link; the points of a parallel sweep do not share one) in front of the
@@ -90,7 +92,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from deploy.experiments.config import SweepConfig, check_points, with_absolute_roots
-from deploy.experiments.gains import cem_gains
+from deploy.experiments.gains import defense_gains
 from deploy.experiments.results import finished_rows, keep_results, write_results
 from deploy.experiments.runner import SweepFailed, add_log_dir_arg, run_sweep
 from splitnet import tracking
@@ -102,7 +104,7 @@ def _report(config: SweepConfig, rows: list[dict], out: Path) -> None:
     from deploy.experiments.plots import write_report
 
     out.mkdir(parents=True, exist_ok=True)
-    write_report(config, write_results(config, rows, out), out, gains=cem_gains(rows, config.scored))
+    write_report(config, write_results(config, rows, out), out, gains=defense_gains(rows, config.scored))
 
 
 @names_missing_extra("split-sweep")
