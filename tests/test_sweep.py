@@ -324,6 +324,22 @@ def test_data_roots_become_absolute_and_the_cli_one_wins(tmp_path, monkeypatch):
     assert config.model["data_root"] == "data/a"  # the loaded config is left as it was
 
 
+def test_a_points_key_does_not_depend_on_where_the_data_lives(tmp_path, monkeypatch):
+    """A study resumes on another machine from its results/ files, found by key: the data's folder
+    (the edge's, the attacker's, and the one each extra attacker inherits) is no part of it."""
+    from deploy.experiments.config import with_absolute_roots
+
+    monkeypatch.chdir(tmp_path)
+    config = SweepConfig.from_dict({"model": {"dataset": "imagefolder", "data_root": "data/a"},
+                                    "base": {"epochs": 2}, "attack": {"variants": {"large": {"blocks": 4}}}})
+    here, there = (with_absolute_roots(config, root).points()[0] for root in ("data/a", "/mnt/elsewhere"))
+    assert dict(dict(here.variants)["large"])["aux_data_root"] != dict(dict(there.variants)["large"])["aux_data_root"]
+    assert here.key == there.key and here.base.key == there.base.key
+    other = SweepConfig.from_dict({"model": {"dataset": "imagefolder", "data_root": "data/a"}, "base": {"epochs": 2},
+                                   "attack": {"variants": {"large": {"blocks": 8}}}})
+    assert with_absolute_roots(other).points()[0].key != here.key  # what the variant is still counts
+
+
 def test_plot_labels_of_close_points_neither_overlap_nor_leave_the_axes():
     """The demo's six points once printed two labels on top of each other; points near the
     right edge ran their labels into the legends outside the axes."""

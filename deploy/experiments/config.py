@@ -183,7 +183,7 @@ class Point:
         measured = {**({"link": self.link} if self.link != DIRECT else {}),
                     **({"latency_images": self.latency_images} if self.latency_images else {}),
                     **({"base": self.base.identity} if self.base else {}),
-                    **({"variants": [[name, dict(s)] for name, s in self.variants]} if self.variants else {}),
+                    **({"variants": [[name, _placeless(s)] for name, s in self.variants]} if self.variants else {}),
                     **({"per_class": self.per_class} if self.per_class else {})}
         return _digest({"edge": edge, "attack": _placeless(self.attack), "methods": list(self.methods),
                         "attack_args": list(self.attack_args), **measured})
