@@ -216,8 +216,10 @@ class RemoteCloud:
             try:
                 return self._receive(step_id)
             except grpc.RpcError as err:
-                if err.code() not in _RETRYABLE or time.monotonic() > deadline:
+                if err.code() not in _RETRYABLE:
                     raise _cloud_error(err, "Train") from None
+                if time.monotonic() > deadline:
+                    raise self._gave_up(err, "Train", deadline) from None
                 log.warning("Train step %d: %s; reconnecting", step_id, err.details())
                 self._reconnect(deadline)
 
@@ -252,8 +254,10 @@ class RemoteCloud:
                     self._receive(resent[-1])
                 return
             except grpc.RpcError as err:
-                if err.code() not in _RETRYABLE or time.monotonic() > deadline:
+                if err.code() not in _RETRYABLE:
                     raise _cloud_error(err, "Flush") from None
+                if time.monotonic() > deadline:
+                    raise self._gave_up(err, "Flush", deadline) from None
 
     def _addressed(self, step: serde.TrainStep) -> pb.TrainStep:
         """The step as sent now: to the session open now, acknowledging the replies received by now."""
@@ -312,8 +316,10 @@ class RemoteCloud:
                 self.replayed_steps += len(pending)
                 return pending
             except grpc.RpcError as err:
-                if err.code() not in _RETRYABLE or time.monotonic() > deadline:
+                if err.code() not in _RETRYABLE:
                     raise _cloud_error(err, "reconnect") from None
+                if time.monotonic() > deadline:
+                    raise self._gave_up(err, "reconnect", deadline) from None
                 if self._stream:
                     self._stream.close()
                     self._stream = None
@@ -331,18 +337,25 @@ class RemoteCloud:
             request = serde.infer_request_to_proto(serde.InferRequest(session_id, i, encoded))
             self._check_size(request)
             requests.append(request)
+        timeout = self.config.deadline_s * max(1, len(requests))
         try:
-            for request, reply in zip(requests, self._stub.Infer(iter(requests),
-                                                                 timeout=self.config.deadline_s * max(1, len(requests)))):
+            for request, reply in zip(requests, self._stub.Infer(iter(requests), timeout=timeout)):
                 self._count(request.ByteSize(), reply.ByteSize())
                 yield serde.prediction_from_proto(reply).logits
         except grpc.RpcError as err:
-            raise _cloud_error(err, "Infer") from None
+            advice = ""  # a refusal speaks for itself; an unreachable server is named, with the time given
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                advice = self._unreachable(err)
+            elif err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                advice = (f"the cloud server at {self.config.server} did not answer within {timeout:g} s "
+                          f"(--deadline {self.config.deadline_s:g} a batch)")
+            raise _cloud_error(err, "Infer", advice) from None
 
     # -- helpers
 
     def _with_retry(self, call, what: str):
-        deadline = time.monotonic() + self.config.connect_s
+        start = time.monotonic()
+        deadline = start + self.config.connect_s
         backoff = 0.2
         warned = False
         while True:
@@ -352,13 +365,22 @@ class RemoteCloud:
                 if err.code() not in _RETRYABLE:
                     raise _cloud_error(err, what) from None
                 if time.monotonic() > deadline:
-                    raise _cloud_error(err, what, self._unreachable(err)) from None
+                    waited = time.monotonic() - start
+                    raise _cloud_error(err, what, f"{self._unreachable(err)}; gave up after {waited:.0f} s "
+                                                  f"(--connect-seconds {self.config.connect_s:g})") from None
                 if not warned:
                     log.warning("%s; retrying for %g s (--connect-seconds)", self._unreachable(err),
                                 self.config.connect_s)
                     warned = True
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    def _gave_up(self, err: grpc.RpcError, what: str, deadline: float) -> CloudError:
+        """The reconnect window (which ends at `deadline`) has run out: an error that says which server
+        did not answer, and for how long."""
+        waited = time.monotonic() - (deadline - self.config.reconnect_s)
+        return _cloud_error(err, what, f"no answer from the cloud server at {self.config.server} for {waited:.0f} s, "
+                                       f"past the reconnect window (--reconnect-seconds {self.config.reconnect_s:g})")
 
     def _unreachable(self, err: grpc.RpcError) -> str:
         """What to check when `--server` does not answer, from gRPC's reason."""

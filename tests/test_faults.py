@@ -5,6 +5,7 @@ in-process around servicer subclasses that inject the fault."""
 
 import dataclasses
 import queue
+import re
 import threading
 import time
 
@@ -98,14 +99,19 @@ def test_every_client_call_has_a_deadline():
                 cloud.stats()
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
-        def infer():
-            with pytest.raises(CloudError, match="DEADLINE_EXCEEDED"):
+        def infer():  # the error names the server and the time it was given
+            with pytest.raises(CloudError, match=f"DEADLINE_EXCEEDED: the cloud server at {address} did not answer "
+                                                 r"within 0.5 s \(--deadline 0.5 a batch\)"):
                 list(cloud.infer([torch.rand(2, 32, 8, 8)], "fp32"))
 
-        def train():  # the per-step watchdog fires, reconnects are tried for reconnect_s, then it gives up
+        def train():  # the per-step watchdog fires, reconnects are tried for reconnect_s, then it gives up,
+            # naming the server and how long it waited: from the step's collect to giving up, at least the window
             cloud.submit(1, torch.rand(2, 32, 8, 8), torch.tensor([0, 1]), "fp32")
-            with pytest.raises(CloudError, match="DEADLINE_EXCEEDED"):
+            with pytest.raises(CloudError, match=f"DEADLINE_EXCEEDED: no answer from the cloud server at {address} "
+                                                 r"for (\d+) s, past the reconnect window \(--reconnect-seconds 1\)"
+                               ) as err:
                 cloud.collect(1)
+            assert 1 <= int(re.search(r"for (\d+) s", str(err.value)).group(1)) <= 8
 
         bounded(stats, 3)
         bounded(infer, 3)
