@@ -197,12 +197,18 @@ class _Call:
 
 class _Pool:
     """The worker actors: each call runs on a free worker; a dead worker is replaced, and a failed
-    call runs once more, on another worker where there is one."""
+    call runs once more, on another worker where there is one.
+
+    A replacement takes calls only once it has started: where nothing can hold it (its node died,
+    and no other has a free CPU), Ray keeps it pending until a node can, and the calls go to the
+    workers that are running meanwhile instead of waiting on it (a run over two nodes whose worker
+    node died carries on on the other)."""
 
     def __init__(self, size: int, start: Callable[[], ActorHandle]) -> None:
         self._start = start
         self.workers = [start() for _ in range(size)]
         self._generation = [0] * size  # a replaced worker is another worker
+        self._starting: dict[int, ray.ObjectRef] = {}  # slot -> its replacement's readiness, until it has started
         self.replaced = 0
 
     def run(self, calls: Iterable[_Call], limit: int,
@@ -212,7 +218,7 @@ class _Pool:
         queue, running, idle = deque(calls), {}, list(range(len(self.workers)))
         while queue or running:
             while queue and len(running) < limit:
-                slot = self._slot_for(queue[0], idle)
+                slot = self._slot_for(queue[0], [s for s in idle if s not in self._starting])
                 if slot is None:
                     break
                 call = queue.popleft()
@@ -222,7 +228,11 @@ class _Pool:
                 running[refs[0]] = (call, slot, refs)
                 if started:
                     started(call, self.workers[slot])
-            (ready,), _ = ray.wait(list(running), num_returns=1)
+            starting = {ref: slot for slot, ref in self._starting.items()}
+            (ready,), _ = ray.wait([*running, *starting], num_returns=1)
+            if ready in starting:
+                self._started(starting[ready])
+                continue
             call, slot, refs = running.pop(ready)
             idle.append(slot)
             try:
@@ -252,7 +262,16 @@ class _Pool:
         ray.kill(self.workers[slot], no_restart=True)
         self.workers[slot] = self._start()
         self._generation[slot] += 1
+        self._starting[slot] = self.workers[slot].__ray_ready__.remote()
         self.replaced += 1
+
+    def _started(self, slot: int) -> None:
+        """The replacement in `slot` has started (it takes calls from now on), or died starting (replaced)."""
+        try:
+            ray.get(self._starting.pop(slot))
+        except ray.exceptions.RayActorError as err:
+            log.warning("a replacement worker died as it started (%s); starting another", error_text(err))
+            self._replace(slot)
 
     def stop(self) -> None:
         for worker in self.workers:
