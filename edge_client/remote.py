@@ -51,6 +51,12 @@ class CloudError(RuntimeError):
         super().__init__(message)
         self.code = code
 
+    def __reduce__(self):
+        """Pickled with both arguments: a Ray actor's error crosses to the driver pickled, and the default
+        (the message alone) could not be rebuilt there, which left the driver Ray's "Failed to
+        deserialize exception" instead of this message."""
+        return type(self), (self.code, str(self))
+
 
 class TrainStream:
     """A bidirectional Train call driven one request at a time.

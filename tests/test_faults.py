@@ -4,6 +4,7 @@ Kill -9 + restart with exactly-once is covered by test_resume.py. Servers here r
 in-process around servicer subclasses that inject the fault."""
 
 import dataclasses
+import pickle
 import queue
 import re
 import threading
@@ -120,6 +121,13 @@ def test_every_client_call_has_a_deadline():
     finally:
         _Hangs.release.set()
         server.stop()
+
+
+def test_a_cloud_error_crosses_processes_whole():
+    """A Ray actor's exception reaches the driver pickled: its code and message arrive as they left."""
+    error = pickle.loads(pickle.dumps(CloudError(grpc.StatusCode.UNAVAILABLE, "no answer from 10.0.0.5:50051")))
+    assert (type(error), error.code, str(error)) == (CloudError, grpc.StatusCode.UNAVAILABLE,
+                                                     "no answer from 10.0.0.5:50051")
 
 
 class _LosesOneReply(SplitLearningServicer):
