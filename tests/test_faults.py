@@ -123,6 +123,34 @@ def test_every_client_call_has_a_deadline():
         server.stop()
 
 
+def test_the_ray_drivers_count_waits_for_a_server_away_after_it_answered():
+    """split-ray's last count (Stats) comes after its clients have ended: a server away for a moment then
+    (a restart, the cloud's link down) is waited for, for the reconnect window, instead of costing the
+    report; the first count, before anything ran, is tried once (a wrong --server is reported at once)."""
+    from deploy.sim.bookkeeping import ServerView  # imports Ray: here, not while pytest collects (tests/test_ray.py)
+
+    port = free_port()
+    connection = ConnectionConfig(server=f"127.0.0.1:{port}", deadline_s=2.0, reconnect_s=30.0)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError):
+        ServerView(connection, "view").stats()
+    assert time.monotonic() - started < 10
+    server, _ = _serve(port=port)
+    view, restarted = ServerView(connection, "view"), []
+    later = threading.Timer(2.0, lambda: restarted.append(_serve(port=port)[0]))
+    try:
+        assert view.stats().steps_applied == 0
+        server.stop()
+        later.start()
+        assert view.stats().steps_applied == 0  # the restarted server's answer
+        assert restarted
+    finally:
+        later.join()
+        for other in restarted:
+            other.stop()
+        view.close()
+
+
 def test_a_cloud_error_crosses_processes_whole():
     """A Ray actor's exception reaches the driver pickled: its code and message arrive as they left."""
     error = pickle.loads(pickle.dumps(CloudError(grpc.StatusCode.UNAVAILABLE, "no answer from 10.0.0.5:50051")))
