@@ -133,10 +133,13 @@ def open_channel(config: ConnectionConfig) -> grpc.Channel:
 class RemoteCloud:
     """The cloud as seen from the edge. Counts serialized bytes both ways and step RTTs."""
 
-    def __init__(self, config: ConnectionConfig, channel: grpc.Channel | None = None) -> None:
+    def __init__(self, config: ConnectionConfig, channel: grpc.Channel | None = None, mid_run: bool = False) -> None:
         """`channel`: one of the caller's (made by `open_channel`), left open by `close`: a Ray worker
-        runs the turns of many virtual clients, each a RemoteCloud of its own, over one connection."""
+        runs the turns of many virtual clients, each a RemoteCloud of its own, over one connection.
+        `mid_run`: the server has answered the caller before (an earlier turn of the worker), so one that
+        does not answer `open` went away mid-run: it is waited for --reconnect-seconds, not --connect-seconds."""
         self.config = config
+        self.mid_run = mid_run
         self._own_channel = channel is None
         self._channel = channel or open_channel(config)
         self._stub = split_pb2_grpc.SplitLearningStub(self._channel)
@@ -177,8 +180,10 @@ class RemoteCloud:
         # wait_for_ready=False: a try fails at once with gRPC's reason (refused, closed, TLS
         # handshake), which `_unreachable` turns into advice; _with_retry still waits for a
         # server that comes up late, for --connect-seconds (not --reconnect-seconds: a wrong
-        # address should not cost a minute before the user hears of it).
-        self._count(*self._with_retry(lambda: self._open_session(wait_for_ready=False), "OpenSession"))
+        # address should not cost a minute before the user hears of it), or mid-run for
+        # --reconnect-seconds, as a step would.
+        self._count(*self._with_retry(lambda: self._open_session(wait_for_ready=False), "OpenSession",
+                                      *(("reconnect_s", "--reconnect-seconds") if self.mid_run else ())))
         return self.session.last_step_id  # type: ignore[union-attr]
 
     def close(self) -> None:
@@ -359,9 +364,11 @@ class RemoteCloud:
 
     # -- helpers
 
-    def _with_retry(self, call, what: str):
+    def _with_retry(self, call, what: str, window: str = "connect_s", flag: str = "--connect-seconds"):
+        """`call`, tried again while the server is unreachable, for the config's `window` seconds (`flag`)."""
+        seconds = getattr(self.config, window)
         start = time.monotonic()
-        deadline = start + self.config.connect_s
+        deadline = start + seconds
         backoff = 0.2
         warned = False
         while True:
@@ -373,10 +380,9 @@ class RemoteCloud:
                 if time.monotonic() > deadline:
                     waited = time.monotonic() - start
                     raise _cloud_error(err, what, f"{self._unreachable(err)}; gave up after {waited:.0f} s "
-                                                  f"(--connect-seconds {self.config.connect_s:g})") from None
+                                                  f"({flag} {seconds:g})") from None
                 if not warned:
-                    log.warning("%s; retrying for %g s (--connect-seconds)", self._unreachable(err),
-                                self.config.connect_s)
+                    log.warning("%s; retrying for %g s (%s)", self._unreachable(err), seconds, flag)
                     warned = True
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

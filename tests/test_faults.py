@@ -123,6 +123,30 @@ def test_every_client_call_has_a_deadline():
         server.stop()
 
 
+def test_an_open_mid_run_waits_the_reconnect_window_and_a_first_one_the_connect_window():
+    """A virtual client's turn opens its session over a worker's channel that the server has answered
+    before (`mid_run`): a server that does not answer then went away mid-run, and is waited for as a step
+    would be (--reconnect-seconds), not as a wrong --server is (--connect-seconds)."""
+    port = free_port()
+    config = ConnectionConfig(server=f"127.0.0.1:{port}", deadline_s=1.0, connect_s=1.0, reconnect_s=30.0)
+    started = time.monotonic()
+    with pytest.raises(CloudError, match=rf"nothing answers at 127.0.0.1:{port}.*gave up after \d+ s "
+                                         r"\(--connect-seconds 1\)"):
+        RemoteCloud(config).open("mid-run", "c", build(SplitSpec()), OptimSpec(), "fp32", 0)
+    assert time.monotonic() - started < 10
+    servers: list = []
+    later = threading.Timer(3.0, lambda: servers.append(_serve(port=port)[0]))  # back after the connect window
+    cloud = RemoteCloud(config, mid_run=True)
+    later.start()
+    try:
+        assert cloud.open("mid-run", "c", build(SplitSpec()), OptimSpec(), "fp32", 0) == 0 and servers
+    finally:
+        later.join()
+        cloud.close()
+        for server in servers:
+            server.stop()
+
+
 def test_the_ray_drivers_count_waits_for_a_server_away_after_it_answered():
     """split-ray's last count (Stats) comes after its clients have ended: a server away for a moment then
     (a restart, the cloud's link down) is waited for, for the reconnect window, instead of costing the

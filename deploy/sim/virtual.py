@@ -26,7 +26,8 @@ Failures: a call that fails (its worker died, or the trainer raised) runs again 
 another worker, from the state its client had before it. A turn's steps then go out
 again under the same step ids, and the server, which applies each client's step ids once,
 answers those it had already applied as duplicates. A second failure marks the client
-failed (the report says why) and it takes no further part. A dead worker is replaced.
+failed (the report says why) and it takes no further part. A dead worker is replaced; the
+replacement takes calls once it has started (where its node died, Ray may hold it pending).
 
 `deploy.sim.run.run_clients` drives this engine's `VirtualRun` (what it shares with the
 engine of one actor per client is `deploy.sim.bookkeeping`).
@@ -89,13 +90,14 @@ class Worker:
         self.config, self.keep_encoder, self.spill_dir = config, keep_encoder, spill_dir
         self.splits = data.load(config.data)
         self.channel = open_channel(config.connection)
+        self.answered = False  # whether the server has opened a session over the channel yet
         self.node = running_on()  # goes with every turn's counters: the client's row says where it last ran
 
     def initial_encoder(self, client: ClientSpec) -> State:
         """Open `client`'s session before anyone else's (the first session of a new job fixes the
         decoder and its seed); its initial encoder is every client's."""
         trainer = self._trainer(client)
-        trainer.open(own_count=True)
+        self._open(trainer)
         trainer.close()
         return trainer.encoder_state()
 
@@ -107,7 +109,7 @@ class Worker:
         if encoder is not None:
             trainer.load_encoder_state(encoder)
         samples = trainer.samples
-        trainer.open(own_count=True)
+        self._open(trainer)
         try:
             record = trainer.train_epoch()
             trainer.make_durable()
@@ -139,7 +141,7 @@ class Worker:
             trainer.load_encoder_state(encoder)
         if self.keep_encoder:
             trainer.recalibrate_batch_norm()
-        trainer.open(own_count=True)
+        self._open(trainer)
         try:
             accuracy = trainer.evaluate()
         finally:
@@ -149,13 +151,20 @@ class Worker:
     def _trainer(self, client: ClientSpec, state: TrainerState | str | None = None) -> EdgeTrainer:
         config = dataclasses.replace(self.config, client_id=client.client_id, seed=client.seed,
                                      epochs=max(1, client.turns))
-        trainer = EdgeTrainer(config, RemoteCloud(config.connection, self.channel), self.splits,
-                              Subset(self.splits.train, client.indices))
+        trainer = EdgeTrainer(config, RemoteCloud(config.connection, self.channel, mid_run=self.answered),
+                              self.splits, Subset(self.splits.train, client.indices))
         if isinstance(state, str):
             state = TrainerState(**torch.load(state, weights_only=True))
         if state is not None:
             trainer.restore(state)
         return trainer
+
+    def _open(self, trainer: EdgeTrainer) -> None:
+        """Open the turn's session. Once the server has answered this worker, a server that does not is
+        one that went away mid-run: waited for --reconnect-seconds, as a step of the turn would be, not
+        the --connect-seconds of a first connection."""
+        trainer.open(own_count=True)
+        self.answered = True
 
     def _store(self, client: ClientSpec, state: TrainerState) -> TrainerState | str:
         """The state itself (into the object store), or the file it was written to in the spill folder:
