@@ -90,6 +90,12 @@ class Host:
                               text=True, timeout=IP_TIMEOUT)
         assert done.returncode == 0, f"tc {line} on {self.ns}: {done.stderr}"
 
+    def traffic(self) -> int:
+        """Bytes that have crossed this host's cable, either way (the counters of its veth end on the bridge,
+        read from this process's own namespace)."""
+        stats = Path("/sys/class/net") / self.veth / "statistics"
+        return sum(int((stats / name).read_text()) for name in ("rx_bytes", "tx_bytes"))
+
     def cable(self, up: bool) -> None:
         """Unplug (or plug back) this host's cable: its veth end on the bridge goes down (up), so its eth0
         loses its carrier and nothing crosses until it comes back; addresses and routes stay."""

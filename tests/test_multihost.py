@@ -23,7 +23,6 @@ nothing outside can reach the hosts.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 import secrets
@@ -33,11 +32,10 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from certs import make_cert, write_cert
-from netns import BRIDGE_SETUP, HOST_SETUP, RAY_ENV, NotPermitted, can_make_namespaces, network
+from deployment import (COMMANDS, DRIVER, GENERATE_TOKEN, HEAD_START, SERVER, SERVER_READY, SMALL_NODE, STATUS,
+                        WORKER_START, active_nodes, make_pki)
+from netns import BRIDGE_SETUP, HOST_SETUP, NotPermitted, can_make_namespaces, network
 from deploy.processes import start_command
 from deploy.sim.cli import absolute_paths
 from edge_client.config import ConnectionConfig, EdgeConfig
@@ -45,19 +43,9 @@ from splitnet.settings import DataSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# DEPLOY.md §3's commands (RAY_ENV: tests/netns.py); {cloud} and {head} are the cloud server's and the Ray
-# head's addresses
-GENERATE_TOKEN = "ray get-auth-token --generate"
-HEAD_START = "ray start --head --port 6379 --node-ip-address {head} --include-dashboard=false"
-WORKER_START = "ray start --address {head}:6379"
-STATUS = "ray status --address {head}:6379"
-SERVER = "cloud-server --host {cloud} --port 50051 --tls-cert server.pem --tls-key server.key"
-DRIVER = "split-ray --address {head}:6379 --server {cloud}:50051 --tls-ca ca.pem"
-COMMANDS = (RAY_ENV, GENERATE_TOKEN, HEAD_START, WORKER_START, STATUS, SERVER, DRIVER)
+# DEPLOY.md §3's commands (tests/deployment.py) with the document's example addresses, and its "try it on
+# one machine" recipe (BRIDGE_SETUP, HOST_SETUP: tests/netns.py) as the document writes it
 DOC_ADDRESSES = {"cloud": "10.0.0.5", "head": "10.0.0.10"}
-
-# DEPLOY.md's "try it on one machine" recipe (BRIDGE_SETUP, HOST_SETUP: tests/netns.py) as the document
-# writes it
 DOC_RECIPE = {"bridge": "br-splt", "ns": "$ns", "veth": "$veth", "address": "$address"}
 ADDRESSES = {"cloud": "10.77.0.2", "head": "10.77.0.3", "worker": "10.77.0.4"}
 
@@ -105,21 +93,6 @@ def hosts(tmp_path):
         pytest.skip(str(err))
 
 
-def make_pki(folder: Path, server_ip: str) -> None:
-    """ca.pem, and server.pem / server.key for `server_ip` (an IP subject alternative name)."""
-    ca_cert, ca_key = make_cert("split-ca", None, "split-ca", ca=True)
-    write_cert(folder, "ca", ca_cert, ca_key)
-    sans = [x509.IPAddress(ipaddress.ip_address(server_ip))]
-    write_cert(folder, "server", *make_cert("cloud", ca_key, "split-ca", sans=sans,
-                                            usage=ExtendedKeyUsageOID.SERVER_AUTH))
-
-
-def active_nodes(status: str) -> int:
-    """The nodes `ray status` lists under Active."""
-    section = re.search(r"Active:\n((?:[ \t]+\d+ node_\w+\n)*)", status)
-    return len(section.group(1).splitlines()) if section else 0
-
-
 @pytest.mark.slow
 def test_split_ray_drives_clients_on_two_nodes_against_a_tls_server_on_a_third(hosts, tmp_path):
     cloud, head, worker = hosts["cloud"], hosts["head"], hosts["worker"]
@@ -128,20 +101,19 @@ def test_split_ray_drives_clients_on_two_nodes_against_a_tls_server_on_a_third(h
     work.mkdir()
     make_pki(work, cloud.address)
     token = secrets.token_hex(32)
-    small_node = ("--num-cpus", "1", "--object-store-memory", str(100 * 2**20))
     server = None
     try:
-        server = start_command(cloud.command(SERVER.format(**where)), r"cloud-server listening on (\S+:\d+)",
+        server = start_command(cloud.command(SERVER.format(**where)), SERVER_READY,
                                timeout=120, env=cloud.env(SPLIT_AUTH_TOKEN=token), cwd=str(work))
         assert server.address == f"{cloud.address}:50051"
 
         head.run(GENERATE_TOKEN, cwd=work, timeout=60)
         # each node started in its home, not the driver's folder: the folder its actors run in
-        head.run(HEAD_START.format(**where), *small_node, "--temp-dir", str(head.ray_temp), cwd=head.home,
+        head.run(HEAD_START.format(**where), *SMALL_NODE, "--temp-dir", str(head.ray_temp), cwd=head.home,
                  timeout=120)
         (worker.home / ".ray").mkdir()
         shutil.copy(head.home / ".ray" / "auth_token", worker.home / ".ray" / "auth_token")  # "copy the file"
-        worker.run(WORKER_START.format(**where), *small_node, "--temp-dir", str(worker.ray_temp), cwd=worker.home,
+        worker.run(WORKER_START.format(**where), *SMALL_NODE, "--temp-dir", str(worker.ray_temp), cwd=worker.home,
                    timeout=120)
         deadline = time.monotonic() + 60  # the autoscaler's view of the cluster lags the worker's start
         while active_nodes(status := worker.run(STATUS.format(**where), cwd=work, timeout=60)) < 2:
