@@ -15,7 +15,7 @@ plugged back once the driver's output shows what the fault does.
   and the others finish (docs/DEPLOY.md, Failures). With `--workers`, the turn that was running
   there runs again on the head's worker, from the client's state before the turn; the replacement
   worker cannot start anywhere (its node is gone, the head's CPU taken) and takes no turns
-  (deploy/virtual_clients.py, `_Pool`). The run ends with its rounds.
+  (deploy/sim/virtual.py, `_Pool`). The run ends with its rounds.
 - The cloud host, for longer than the reconnect window: every client waiting on a step gives up
   with an error that names the cloud's address, the seconds it waited (at least the window, at most
   the time the cable was out) and the flag that sets the window. With `--workers`, a failed turn
