@@ -8,7 +8,8 @@ each with its cable fault. A cable is pulled by taking the host's veth end on th
 (tests/netns.py, `Host.cable`): its interface loses its carrier, nothing crosses, and addresses,
 routes and connections stay, as when a switch port dies. It is pulled once round 1 is over and the
 host's cable has carried MID_ROUND_BYTES more (a few steps' features: a round is under way), and
-plugged back once the driver's output shows what the fault does.
+plugged back once the driver's output shows what the fault does. During its run the host sends at a
+few Mbit/s (a tbf, SENDS_AT), so that a round lasts long enough to be caught in the middle.
 
 - A worker host: Ray's head stops hearing the node's health checks and declares the node dead,
   which ends its actors. With one actor per client, the clients that ran there are marked failed
@@ -18,9 +19,10 @@ plugged back once the driver's output shows what the fault does.
   (deploy/sim/virtual.py, `_Pool`). The run ends with its rounds.
 - The cloud host, for longer than the reconnect window: every client waiting on a step gives up
   with an error that names the cloud's address, the seconds it waited (at least the window, at most
-  the time the cable was out) and the flag that sets the window. With `--workers`, a failed turn
-  runs once more on the other worker, whose OpenSession then waits `--connect-seconds` before the
-  client is marked failed (the error of that last try is the row's).
+  the time the cable was out and a step) and the flag that sets the window. With `--workers`, a
+  failed turn runs once more on the other worker, whose OpenSession waits the reconnect window too
+  (the server has answered that worker before) before the client is marked failed (the error of
+  that last try is the row's).
 
 Each run is held to exactly-once: every step id of every client applied once (the server's count
 of applied steps is the sum of the clients' last step ids) and none of a finished client lost (its
@@ -31,8 +33,8 @@ Timing, on a loaded 2-core machine: --deadline 8 and windows of 12 s (reconnect)
 are long for a step or an OpenSession here (tenths of a second) and short for a test; the head
 declares a node dead after 4 health checks in a row go unanswered (one a second, 3 s each: at most
 about 16 s), where Ray's defaults take about a minute; a raylet of a live node answers in
-milliseconds, so 4 misses in a row take an outage, not load. Needs root and iproute2's `ip`:
-skipped elsewhere, with the reason.
+milliseconds, so 4 misses in a row take an outage, not load. Needs root and iproute2's `ip` and
+`tc`: skipped elsewhere, with the reason.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ import shutil
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -65,6 +69,12 @@ RUN = ("--mode", "splitfed", "--epochs", str(EPOCHS), "--batch-size", "8", "--de
        "--reconnect-seconds", str(RECONNECT), "--connect-seconds", str(CONNECT))
 VIRTUAL = ("--clients", "8", "--workers", "2", "--fraction", "0.5")
 MID_ROUND_BYTES = 300_000
+# Mbit/s a host sends at during a run of its test (tbf): a round then lasts at least its bytes through that
+# host at that rate (a worker host's round: its turns' or its two clients' features, 1.5 to 5.8 MB; the
+# cloud's: every step's gradient, 5.9 to 11.6 MB), so the rounds after round 1 outlast the time this
+# process takes to see round 1's line on a loaded machine (on a quiet one a round took 1.3 s, and once
+# the run ended before the cable was pulled)
+SENDS_AT = {"worker": 4.0, "cloud": 16.0}
 STARTUP = 300  # seconds for split-ray to start its actors and train round 1, on a loaded machine
 FAILED = r"client \d+ \(\S+\) failed: "  # the driver's line for a client marked failed
 RERUN = r"running it again on another worker"
@@ -152,6 +162,17 @@ class Driver:
         return code, json.loads(self.report.read_text()), rows
 
 
+@contextmanager
+def sending_at(host: Host, mbps: float) -> Iterator[None]:
+    """The host's outgoing traffic held to `mbps` by a tbf on its eth0 (a bucket of 100 ms of the rate)."""
+    host.tc(f"qdisc replace dev eth0 root tbf rate {int(mbps * 1e6)}bit burst {int(mbps * 1e6 / 8 / 10)} "
+            "limit 262144")
+    try:
+        yield
+    finally:
+        host.tc("qdisc del dev eth0 root")
+
+
 def pull_cable(driver: Driver, host: Host, until: str, count: int = 1, timeout: float = 180) -> float:
     """Once round 1 is over and the host's cable has carried MID_ROUND_BYTES more, unplug it; plug it back
     once the driver's output has `count` lines matching `until`. The seconds it was out."""
@@ -159,7 +180,8 @@ def pull_cable(driver: Driver, host: Host, until: str, count: int = 1, timeout: 
     start, deadline = host.traffic(), time.monotonic() + 60
     while host.traffic() - start < MID_ROUND_BYTES:
         assert driver.proc.poll() is None and time.monotonic() < deadline, \
-            f"round 2 never crossed {host.ns}'s cable:\n{driver.output()}"
+            f"the run ended, or no round went on, before {MID_ROUND_BYTES} bytes crossed {host.ns}'s cable " \
+            f"after round 1:\n{driver.output()}"
         time.sleep(0.02)
     host.cable(False)
     pulled = time.monotonic()
@@ -196,7 +218,7 @@ def assert_names_the_cloud_and_the_wait(row: dict, cloud: str, out: float) -> No
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = can_make_namespaces()
+    reason = can_make_namespaces() or ("" if shutil.which("tc") else "iproute2's `tc` is not installed")
     if reason:
         pytest.skip(reason)
     homes = tmp_path_factory.mktemp("faults")
@@ -219,12 +241,13 @@ def cluster(tmp_path_factory):
 @pytest.mark.parametrize("virtual", [False, True], ids=["actors", "workers"])
 def test_the_cloud_unplugged_past_the_reconnect_window_fails_the_clients_naming_it(cluster, virtual):
     cluster.two_nodes()
-    driver = cluster.driver(f"cloud-{'workers' if virtual else 'actors'}",
-                            *(VIRTUAL if virtual else ("--clients", str(CLIENTS))))
-    # one actor per client: all of them fail (each was waiting on a step); with --workers, the first
-    # client marked failed (its turn and its turn's second try) is enough
-    out = pull_cable(driver, cluster.cloud, FAILED, count=1 if virtual else CLIENTS)
-    code, report, rows = driver.finish()
+    with sending_at(cluster.cloud, SENDS_AT["cloud"]):
+        driver = cluster.driver(f"cloud-{'workers' if virtual else 'actors'}",
+                                *(VIRTUAL if virtual else ("--clients", str(CLIENTS))))
+        # one actor per client: all of them fail (each was waiting on a step); with --workers, the first
+        # client marked failed (its turn and its turn's second try) is enough
+        out = pull_cable(driver, cluster.cloud, FAILED, count=1 if virtual else CLIENTS)
+        code, report, rows = driver.finish()
     failed = [r for r in rows if r["status"] == "failed"]
     assert code == 1 and failed and report["failed"] == [r["client_id"] for r in failed], driver.output()
     if not virtual:
@@ -237,9 +260,10 @@ def test_the_cloud_unplugged_past_the_reconnect_window_fails_the_clients_naming_
 @pytest.mark.slow
 def test_a_worker_host_unplugged_mid_round_marks_its_clients_failed_and_the_others_finish(cluster):
     cluster.two_nodes()
-    driver = cluster.driver("worker-actors", "--clients", str(CLIENTS))
-    pull_cable(driver, cluster.worker, FAILED)
-    code, report, rows = driver.finish()
+    with sending_at(cluster.worker, SENDS_AT["worker"]):
+        driver = cluster.driver("worker-actors", "--clients", str(CLIENTS))
+        pull_cable(driver, cluster.worker, FAILED)
+        code, report, rows = driver.finish()
     there = [r for r in rows if r["node_ip"] == cluster.worker.address]
     assert 0 < len(there) < CLIENTS, rows  # SPREAD put clients on both nodes
     # the clients of the unplugged host, and only they, failed: their actors died with their node
@@ -252,9 +276,10 @@ def test_a_worker_host_unplugged_mid_round_marks_its_clients_failed_and_the_othe
 @pytest.mark.slow
 def test_a_worker_host_unplugged_mid_turn_has_the_turn_run_again_on_the_other_node(cluster):
     cluster.two_nodes()
-    driver = cluster.driver("worker-workers", *VIRTUAL)
-    pull_cable(driver, cluster.worker, RERUN)
-    code, report, rows = driver.finish()
+    with sending_at(cluster.worker, SENDS_AT["worker"]):
+        driver = cluster.driver("worker-workers", *VIRTUAL)
+        pull_cable(driver, cluster.worker, RERUN)
+        code, report, rows = driver.finish()
     assert report["retries"] >= 1 and report["workers_replaced"] >= 1, driver.output()
     again = [r for r in rows if r["retries"]]
     # a turn run again ended on the head (the only node left), or the client is marked failed with why
