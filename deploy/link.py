@@ -4,7 +4,8 @@ On loopback a byte costs nothing, so bytes on the wire say little about what a u
 phone or a camera waits for. This relay makes them cost what a real link charges: each
 direction has its own bandwidth, every packet waits a one-way delay (with optional
 jitter), and the bytes arrive in order, as TCP delivers them. Kernel emulation (tc
-netem) needs privileges these machines do not grant; this needs none.
+netem) needs root, and the build machines' kernel has no netem; this needs neither
+(docs/DEPLOY.md measures it against the kernel's token bucket, tbf).
 
     split-link --upstream 127.0.0.1:50051 --profile constrained     # prints its address
     edge-client --server 127.0.0.1:PORT ...                         # the edge now sits behind the link

@@ -51,6 +51,12 @@ class CloudError(RuntimeError):
         super().__init__(message)
         self.code = code
 
+    def __reduce__(self):
+        """Pickled with both arguments: a Ray actor's error crosses to the driver pickled, and the default
+        (the message alone) could not be rebuilt there, which left the driver Ray's "Failed to
+        deserialize exception" instead of this message."""
+        return type(self), (self.code, str(self))
+
 
 class TrainStream:
     """A bidirectional Train call driven one request at a time.
@@ -127,10 +133,13 @@ def open_channel(config: ConnectionConfig) -> grpc.Channel:
 class RemoteCloud:
     """The cloud as seen from the edge. Counts serialized bytes both ways and step RTTs."""
 
-    def __init__(self, config: ConnectionConfig, channel: grpc.Channel | None = None) -> None:
+    def __init__(self, config: ConnectionConfig, channel: grpc.Channel | None = None, mid_run: bool = False) -> None:
         """`channel`: one of the caller's (made by `open_channel`), left open by `close`: a Ray worker
-        runs the turns of many virtual clients, each a RemoteCloud of its own, over one connection."""
+        runs the turns of many virtual clients, each a RemoteCloud of its own, over one connection.
+        `mid_run`: the server has answered the caller before (an earlier turn of the worker), so one that
+        does not answer `open` went away mid-run: it is waited for --reconnect-seconds, not --connect-seconds."""
         self.config = config
+        self.mid_run = mid_run
         self._own_channel = channel is None
         self._channel = channel or open_channel(config)
         self._stub = split_pb2_grpc.SplitLearningStub(self._channel)
@@ -171,8 +180,10 @@ class RemoteCloud:
         # wait_for_ready=False: a try fails at once with gRPC's reason (refused, closed, TLS
         # handshake), which `_unreachable` turns into advice; _with_retry still waits for a
         # server that comes up late, for --connect-seconds (not --reconnect-seconds: a wrong
-        # address should not cost a minute before the user hears of it).
-        self._count(*self._with_retry(lambda: self._open_session(wait_for_ready=False), "OpenSession"))
+        # address should not cost a minute before the user hears of it), or mid-run for
+        # --reconnect-seconds, as a step would.
+        self._count(*self._with_retry(lambda: self._open_session(wait_for_ready=False), "OpenSession",
+                                      *(("reconnect_s", "--reconnect-seconds") if self.mid_run else ())))
         return self.session.last_step_id  # type: ignore[union-attr]
 
     def close(self) -> None:
@@ -216,8 +227,10 @@ class RemoteCloud:
             try:
                 return self._receive(step_id)
             except grpc.RpcError as err:
-                if err.code() not in _RETRYABLE or time.monotonic() > deadline:
+                if err.code() not in _RETRYABLE:
                     raise _cloud_error(err, "Train") from None
+                if time.monotonic() > deadline:
+                    raise self._gave_up(err, "Train", deadline) from None
                 log.warning("Train step %d: %s; reconnecting", step_id, err.details())
                 self._reconnect(deadline)
 
@@ -252,8 +265,10 @@ class RemoteCloud:
                     self._receive(resent[-1])
                 return
             except grpc.RpcError as err:
-                if err.code() not in _RETRYABLE or time.monotonic() > deadline:
+                if err.code() not in _RETRYABLE:
                     raise _cloud_error(err, "Flush") from None
+                if time.monotonic() > deadline:
+                    raise self._gave_up(err, "Flush", deadline) from None
 
     def _addressed(self, step: serde.TrainStep) -> pb.TrainStep:
         """The step as sent now: to the session open now, acknowledging the replies received by now."""
@@ -312,8 +327,10 @@ class RemoteCloud:
                 self.replayed_steps += len(pending)
                 return pending
             except grpc.RpcError as err:
-                if err.code() not in _RETRYABLE or time.monotonic() > deadline:
+                if err.code() not in _RETRYABLE:
                     raise _cloud_error(err, "reconnect") from None
+                if time.monotonic() > deadline:
+                    raise self._gave_up(err, "reconnect", deadline) from None
                 if self._stream:
                     self._stream.close()
                     self._stream = None
@@ -331,18 +348,27 @@ class RemoteCloud:
             request = serde.infer_request_to_proto(serde.InferRequest(session_id, i, encoded))
             self._check_size(request)
             requests.append(request)
+        timeout = self.config.deadline_s * max(1, len(requests))
         try:
-            for request, reply in zip(requests, self._stub.Infer(iter(requests),
-                                                                 timeout=self.config.deadline_s * max(1, len(requests)))):
+            for request, reply in zip(requests, self._stub.Infer(iter(requests), timeout=timeout)):
                 self._count(request.ByteSize(), reply.ByteSize())
                 yield serde.prediction_from_proto(reply).logits
         except grpc.RpcError as err:
-            raise _cloud_error(err, "Infer") from None
+            advice = ""  # a refusal speaks for itself; an unreachable server is named, with the time given
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                advice = self._unreachable(err)
+            elif err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                advice = (f"the cloud server at {self.config.server} did not answer within {timeout:g} s "
+                          f"(--deadline {self.config.deadline_s:g} a batch)")
+            raise _cloud_error(err, "Infer", advice) from None
 
     # -- helpers
 
-    def _with_retry(self, call, what: str):
-        deadline = time.monotonic() + self.config.connect_s
+    def _with_retry(self, call, what: str, window: str = "connect_s", flag: str = "--connect-seconds"):
+        """`call`, tried again while the server is unreachable, for the config's `window` seconds (`flag`)."""
+        seconds = getattr(self.config, window)
+        start = time.monotonic()
+        deadline = start + seconds
         backoff = 0.2
         warned = False
         while True:
@@ -352,13 +378,21 @@ class RemoteCloud:
                 if err.code() not in _RETRYABLE:
                     raise _cloud_error(err, what) from None
                 if time.monotonic() > deadline:
-                    raise _cloud_error(err, what, self._unreachable(err)) from None
+                    waited = time.monotonic() - start
+                    raise _cloud_error(err, what, f"{self._unreachable(err)}; gave up after {waited:.0f} s "
+                                                  f"({flag} {seconds:g})") from None
                 if not warned:
-                    log.warning("%s; retrying for %g s (--connect-seconds)", self._unreachable(err),
-                                self.config.connect_s)
+                    log.warning("%s; retrying for %g s (%s)", self._unreachable(err), seconds, flag)
                     warned = True
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    def _gave_up(self, err: grpc.RpcError, what: str, deadline: float) -> CloudError:
+        """The reconnect window (which ends at `deadline`) has run out: an error that says which server
+        did not answer, and for how long."""
+        waited = time.monotonic() - (deadline - self.config.reconnect_s)
+        return _cloud_error(err, what, f"no answer from the cloud server at {self.config.server} for {waited:.0f} s, "
+                                       f"past the reconnect window (--reconnect-seconds {self.config.reconnect_s:g})")
 
     def _unreachable(self, err: grpc.RpcError) -> str:
         """What to check when `--server` does not answer, from gRPC's reason."""

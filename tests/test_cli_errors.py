@@ -100,7 +100,8 @@ def test_an_edge_pointed_at_nothing_says_so_in_bounded_time(capsys):
     # --connect-seconds 1, not --reconnect-seconds 600; the margin is torch's import and the
     # model build, which take tens of seconds on a loaded 2-core machine
     assert time.monotonic() - started < 120
-    _one_line_error(capsys.readouterr().err, address, "is a cloud-server running there?")
+    _one_line_error(capsys.readouterr().err, address, "is a cloud-server running there?", "gave up after",
+                    "(--connect-seconds 1)")
 
 
 @pytest.mark.parametrize("argv,flag", [

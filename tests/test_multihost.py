@@ -14,67 +14,42 @@ dirs (so no Ray instance of the machine is touched), one CPU a node, a small obj
 the run's size. The hosts are built with the lines of DEPLOY.md's "try it on one machine"
 recipe, under names with a random suffix so that two runs on one machine do not collide.
 
-Needs root and iproute2's `ip`: skipped elsewhere, with the reason. The fixture's teardown runs
-whatever failed: it stops every process in the namespaces by PID (`ip netns pids`: they are all
-this test's), then deletes the links, the namespaces and the bridge. The host side of the bridge
-gets no address, so no route of the machine changes and nothing outside can reach the hosts.
+Needs root and iproute2's `ip`: skipped elsewhere, with the reason. The hosts come from
+tests/netns.py, whose teardown runs whatever failed: it stops every process in the namespaces by
+PID (`ip netns pids`: they are all this test's), then deletes the links, the namespaces and the
+bridge. The host side of the bridge gets no address, so no route of the machine changes and
+nothing outside can reach the hosts.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import os
 import re
 import secrets
-import shlex
 import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from certs import make_cert, write_cert
+from deployment import (COMMANDS, DRIVER, GENERATE_TOKEN, HEAD_START, SERVER, SERVER_READY, SMALL_NODE, STATUS,
+                        WORKER_START, active_nodes, make_pki)
+from netns import BRIDGE_SETUP, HOST_SETUP, NotPermitted, can_make_namespaces, network
 from deploy.processes import start_command
 from deploy.sim.cli import absolute_paths
 from edge_client.config import ConnectionConfig, EdgeConfig
 from splitnet.settings import DataSpec
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent  # the entry points (ray, cloud-server, split-ray) of this environment
 
-# DEPLOY.md §3's commands; {cloud} and {head} are the cloud server's and the Ray head's addresses
-RAY_ENV = "export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token"
-GENERATE_TOKEN = "ray get-auth-token --generate"
-HEAD_START = "ray start --head --port 6379 --node-ip-address {head} --include-dashboard=false"
-WORKER_START = "ray start --address {head}:6379"
-STATUS = "ray status --address {head}:6379"
-SERVER = "cloud-server --host {cloud} --port 50051 --tls-cert server.pem --tls-key server.key"
-DRIVER = "split-ray --address {head}:6379 --server {cloud}:50051 --tls-ca ca.pem"
-COMMANDS = (RAY_ENV, GENERATE_TOKEN, HEAD_START, WORKER_START, STATUS, SERVER, DRIVER)
+# DEPLOY.md §3's commands (tests/deployment.py) with the document's example addresses, and its "try it on
+# one machine" recipe (BRIDGE_SETUP, HOST_SETUP: tests/netns.py) as the document writes it
 DOC_ADDRESSES = {"cloud": "10.0.0.5", "head": "10.0.0.10"}
-
-# DEPLOY.md's "try it on one machine" recipe: the bridge, then per host its namespace, its veth pair
-# (the host's end named eth0), its address and loopback
-BRIDGE_SETUP = ("ip link add {bridge} type bridge", "ip link set {bridge} up")
-HOST_SETUP = ("ip netns add {ns}", "ip link add {veth} type veth peer name eth0 netns {ns}",
-              "ip link set {veth} master {bridge} up", "ip -n {ns} addr add {address}/24 dev eth0",
-              "ip -n {ns} link set eth0 up", "ip -n {ns} link set lo up")
 DOC_RECIPE = {"bridge": "br-splt", "ns": "$ns", "veth": "$veth", "address": "$address"}
 ADDRESSES = {"cloud": "10.77.0.2", "head": "10.77.0.3", "worker": "10.77.0.4"}
 
 CLIENTS, MAX_STEPS = 4, 3
-IP_TIMEOUT = 10  # seconds for one `ip` command
-# seconds the namespaces' processes get after SIGTERM, before SIGKILL: Ray's gcs_server, raylet, monitor
-# and runtime-env agent were still there 12 s after a SIGTERM, so waiting longer only adds to the teardown
-STOP_GRACE = 3
 
 
 def deploy_md() -> str:
@@ -105,132 +80,17 @@ def test_split_ray_hands_its_actors_absolute_paths(tmp_path, monkeypatch) -> Non
     assert edge.data.data_root == str(here / "data")
 
 
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=IP_TIMEOUT, check=check)
-
-
-@dataclass
-class Host:
-    """One namespace: a machine of the deployment, with its own address and home directory
-    (where Ray keeps its token file, ~/.ray/auth_token)."""
-
-    ns: str
-    veth: str  # the end of its veth pair on the bridge
-    address: str
-    home: Path
-    ray_temp: Path  # its Ray node's --temp-dir
-
-    def command(self, line: str, *extra: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns, *shlex.split(line), *extra]
-
-    def env(self, **extra: str) -> dict[str, str]:
-        """This environment with the venv's commands first on PATH, this host's HOME and RAY_ENV's
-        variables, and no other Ray variable: those of this process are not the hosts' (pytest-xdist
-        imports every test module in every worker, and tests/test_ray.py sets a one-machine Ray's,
-        which refuses `ray start --address`)."""
-        ray_vars = dict(pair.split("=", 1) for pair in RAY_ENV.split()[1:])
-        own = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        return {**own, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(self.home), **ray_vars, **extra}
-
-    def run(self, line: str, *extra: str, cwd: Path, timeout: float, **env: str) -> str:
-        """Run a command on this host to its end; its output, or a failure that shows it."""
-        done = subprocess.run(self.command(line, *extra), cwd=cwd, env=self.env(**env), capture_output=True,
-                              text=True, timeout=timeout)
-        assert done.returncode == 0, f"{line} on {self.ns}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
-        return done.stdout + done.stderr
-
-
-def stop_processes(namespaces: list[str]) -> list[str]:
-    """SIGTERM to every process in the namespaces, SIGKILL to what is left after STOP_GRACE seconds;
-    the PIDs still there at the end."""
-
-    def pids() -> list[int]:
-        found = []
-        for ns in namespaces:
-            listed = ip("netns", "pids", ns, check=False)
-            found += [int(pid) for pid in listed.stdout.split()] if listed.returncode == 0 else []
-        return found
-
-    for sig, grace in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, 5)):
-        for pid in pids():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while pids() and time.monotonic() < deadline:
-            time.sleep(0.2)
-    return [str(pid) for pid in pids()]
-
-
-def can_make_namespaces() -> str:
-    """Why this machine cannot run the hosts ('' if it can)."""
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux's"
-    if os.geteuid() != 0:
-        return "creating network namespaces needs root"
-    if not shutil.which("ip"):
-        return "iproute2's `ip` is not installed"
-    return ""
-
-
-def build(line: str) -> None:
-    """One `ip` line of the hosts' set-up; a skip where the machine does not permit it (in a
-    container without CAP_NET_ADMIN or CAP_SYS_ADMIN, say), a failure for any other error."""
-    done = ip(*shlex.split(line)[1:], check=False)
-    if done.returncode and "Operation not permitted" in done.stderr:
-        pytest.skip(f"cannot build the hosts here: {line}: {done.stderr.strip()}")
-    assert done.returncode == 0, f"{line}: {done.stderr}"
-
-
 @pytest.fixture
 def hosts(tmp_path):
-    """cloud, head and worker: namespaces on a bridge of their own, and a short folder for their Ray temp
-    dirs; all of it gone afterwards."""
+    """cloud, head and worker (tests/netns.py); all of it gone afterwards."""
     reason = can_make_namespaces()
     if reason:
         pytest.skip(reason)
-    suffix = secrets.token_hex(2)
-    bridge = f"br-splt-{suffix}"
-    ray_temp = Path(tempfile.mkdtemp(prefix="rmh-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
-    made = {name: Host(f"splt-{suffix}-{name}", f"v{suffix}-{name}", address, tmp_path / f"home-{name}",
-                       ray_temp / name) for name, address in ADDRESSES.items()}
     try:
-        for line in BRIDGE_SETUP:
-            build(line.format(bridge=bridge))
-        for host in made.values():
-            host.home.mkdir()
-            fields = {"bridge": bridge, "ns": host.ns, "veth": host.veth, "address": host.address}
-            for line in HOST_SETUP:
-                build(line.format(**fields))
-        yield made
-    finally:
-        # each step fails harmlessly on what was never made
-        left = stop_processes([host.ns for host in made.values()])
-        for host in made.values():
-            ip("link", "del", host.veth, check=False)  # with its peer: the namespace keeps no link
-            ip("netns", "del", host.ns, check=False)
-        ip("link", "del", bridge, check=False)
-        shutil.rmtree(ray_temp, ignore_errors=True)
-        leftovers = [f"processes {left}"] if left else []
-        listed = ip("-br", "link", check=False).stdout + ip("netns", "list", check=False).stdout
-        leftovers += [line for line in listed.splitlines() if suffix in line]
-        assert not leftovers, f"teardown left {leftovers}"
-
-
-def make_pki(folder: Path, server_ip: str) -> None:
-    """ca.pem, and server.pem / server.key for `server_ip` (an IP subject alternative name)."""
-    ca_cert, ca_key = make_cert("split-ca", None, "split-ca", ca=True)
-    write_cert(folder, "ca", ca_cert, ca_key)
-    sans = [x509.IPAddress(ipaddress.ip_address(server_ip))]
-    write_cert(folder, "server", *make_cert("cloud", ca_key, "split-ca", sans=sans,
-                                            usage=ExtendedKeyUsageOID.SERVER_AUTH))
-
-
-def active_nodes(status: str) -> int:
-    """The nodes `ray status` lists under Active."""
-    section = re.search(r"Active:\n((?:[ \t]+\d+ node_\w+\n)*)", status)
-    return len(section.group(1).splitlines()) if section else 0
+        with network(ADDRESSES, tmp_path) as made:
+            yield made
+    except NotPermitted as err:
+        pytest.skip(str(err))
 
 
 @pytest.mark.slow
@@ -241,20 +101,19 @@ def test_split_ray_drives_clients_on_two_nodes_against_a_tls_server_on_a_third(h
     work.mkdir()
     make_pki(work, cloud.address)
     token = secrets.token_hex(32)
-    small_node = ("--num-cpus", "1", "--object-store-memory", str(100 * 2**20))
     server = None
     try:
-        server = start_command(cloud.command(SERVER.format(**where)), r"cloud-server listening on (\S+:\d+)",
+        server = start_command(cloud.command(SERVER.format(**where)), SERVER_READY,
                                timeout=120, env=cloud.env(SPLIT_AUTH_TOKEN=token), cwd=str(work))
         assert server.address == f"{cloud.address}:50051"
 
         head.run(GENERATE_TOKEN, cwd=work, timeout=60)
         # each node started in its home, not the driver's folder: the folder its actors run in
-        head.run(HEAD_START.format(**where), *small_node, "--temp-dir", str(head.ray_temp), cwd=head.home,
+        head.run(HEAD_START.format(**where), *SMALL_NODE, "--temp-dir", str(head.ray_temp), cwd=head.home,
                  timeout=120)
         (worker.home / ".ray").mkdir()
         shutil.copy(head.home / ".ray" / "auth_token", worker.home / ".ray" / "auth_token")  # "copy the file"
-        worker.run(WORKER_START.format(**where), *small_node, "--temp-dir", str(worker.ray_temp), cwd=worker.home,
+        worker.run(WORKER_START.format(**where), *SMALL_NODE, "--temp-dir", str(worker.ray_temp), cwd=worker.home,
                    timeout=120)
         deadline = time.monotonic() + 60  # the autoscaler's view of the cluster lags the worker's start
         while active_nodes(status := worker.run(STATUS.format(**where), cwd=work, timeout=60)) < 2:

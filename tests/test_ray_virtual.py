@@ -9,6 +9,7 @@ import pytest
 from test_ray import edge, ray_local  # noqa: F401 - ray_local is a fixture (Ray's environment set there)
 from deploy.sim.run import run_clients
 from deploy.sim.config import Kill, RayRunConfig, VirtualClients
+from deploy.sim.virtual import ClientSpec, VirtualClient, _Call, _Pool
 
 
 @pytest.mark.parametrize("mode", ["sequential", "parallel", "splitfed"])
@@ -54,3 +55,38 @@ def test_a_worker_killed_mid_turn_has_the_turn_run_again_on_another(ray_local, s
     assert all(c["steps"] == c["server_last_step"] == 2 * steps for c in clients)
     assert report["server_steps_applied"] == report["client_steps_sent"] == 4 * 2 * steps
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{c['client_id']}.{2 * steps}.pt" for c in clients)
+
+
+def test_a_replacement_worker_that_cannot_start_takes_no_calls(ray_local):
+    """A worker's node dies and no node can hold its replacement: the pool's calls, the failed one
+    among them, run on the workers still running instead of waiting for the replacement forever
+    (tests/test_multihost_faults.py unplugs a real node)."""
+    ray = pytest.importorskip("ray")
+
+    class Echo:  # defined here: Ray ships it by value (the workers cannot import a test module)
+        def work(self, x: int) -> int:
+            return x
+
+    starts = []
+
+    def start():
+        # the replacement needs a resource no node has: Ray keeps it pending, as after a node's death
+        options = {"num_cpus": 0.5} if len(starts) < 2 else {"resources": {"a-node-that-died": 1}}
+        starts.append(ray.remote(Echo).options(**options).remote())
+        return starts[-1]
+
+    pool = _Pool(2, start)
+    victim = ray.get(pool.workers[0].__ray_ready__.remote()) and pool.workers[0]
+    calls = [_Call(VirtualClient(i, f"c{i}", 0, ClientSpec(i, f"c{i}", 0, [], 1)), "work", (i,)) for i in range(6)]
+
+    def kill_first(call: _Call, worker) -> None:
+        if worker is victim and call.failed_on is None:
+            ray.kill(worker, no_restart=True)
+
+    done = list(pool.run(calls, limit=2, started=kill_first))
+    assert sorted((call.client.spec.index, result, error) for call, result, _, error in done) == \
+        [(i, i, "") for i in range(6)]
+    assert pool.replaced == 1 and len(starts) == 3
+    assert sum(call.client.retries for call in calls) == 1
+    assert list(pool._starting) == [0]  # the replacement is still pending; nothing waited on it
+    pool.stop()

@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import grpc
 import ray
 from ray.actor import ActorHandle
 
@@ -23,6 +24,7 @@ from edge_client.remote import RemoteCloud
 from splitnet import serde
 
 log = logging.getLogger("deploy.ray")
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 # What each client entry of the report carries from its trainer's report (README keys).
 CLIENT_KEYS = ("test_accuracy", "train_loss", "epochs", "steps", "train_samples", "bytes_up", "bytes_down",
@@ -55,13 +57,32 @@ def error_text(err: ray.exceptions.RayError) -> str:
 
 
 class ServerView:
-    """The job as the cloud server counts it (Stats), through a channel of the driver's own."""
+    """The job as the cloud server counts it (Stats), through a channel of the driver's own.
+
+    Once the server has answered, a call that finds it unreachable is tried again for the clients'
+    reconnect window (`--reconnect-seconds`), as theirs are: the run's last count comes after the
+    clients have finished or failed, and a server that is away for a moment then (a cloud outage that
+    failed the clients, a restart) would otherwise cost the whole report, the clients' errors in it.
+    The first call is tried once: a wrong --server is reported at once."""
 
     def __init__(self, connection: ConnectionConfig, job: str) -> None:
         self.cloud, self.job = RemoteCloud(connection), job
+        self._answered = False
 
     def stats(self) -> serde.JobStats:
-        return next((j for j in self.cloud.stats().jobs if j.job == self.job), serde.JobStats(self.job))
+        deadline = time.monotonic() + self.cloud.config.reconnect_s
+        while True:
+            try:
+                reply = self.cloud.stats()
+                break
+            except grpc.RpcError as err:
+                if not self._answered or err.code() not in _UNREACHABLE or time.monotonic() > deadline:
+                    raise
+                log.warning("Stats: %s: %s; trying again for up to %g s (--reconnect-seconds)", err.code().name,
+                            err.details(), deadline - time.monotonic())
+                time.sleep(1.0)
+        self._answered = True
+        return next((j for j in reply.jobs if j.job == self.job), serde.JobStats(self.job))
 
     def close(self) -> None:
         self.cloud.close()

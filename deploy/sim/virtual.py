@@ -26,7 +26,8 @@ Failures: a call that fails (its worker died, or the trainer raised) runs again 
 another worker, from the state its client had before it. A turn's steps then go out
 again under the same step ids, and the server, which applies each client's step ids once,
 answers those it had already applied as duplicates. A second failure marks the client
-failed (the report says why) and it takes no further part. A dead worker is replaced.
+failed (the report says why) and it takes no further part. A dead worker is replaced; the
+replacement takes calls once it has started (where its node died, Ray may hold it pending).
 
 `deploy.sim.run.run_clients` drives this engine's `VirtualRun` (what it shares with the
 engine of one actor per client is `deploy.sim.bookkeeping`).
@@ -89,13 +90,14 @@ class Worker:
         self.config, self.keep_encoder, self.spill_dir = config, keep_encoder, spill_dir
         self.splits = data.load(config.data)
         self.channel = open_channel(config.connection)
+        self.answered = False  # whether the server has opened a session over the channel yet
         self.node = running_on()  # goes with every turn's counters: the client's row says where it last ran
 
     def initial_encoder(self, client: ClientSpec) -> State:
         """Open `client`'s session before anyone else's (the first session of a new job fixes the
         decoder and its seed); its initial encoder is every client's."""
         trainer = self._trainer(client)
-        trainer.open(own_count=True)
+        self._open(trainer)
         trainer.close()
         return trainer.encoder_state()
 
@@ -107,7 +109,7 @@ class Worker:
         if encoder is not None:
             trainer.load_encoder_state(encoder)
         samples = trainer.samples
-        trainer.open(own_count=True)
+        self._open(trainer)
         try:
             record = trainer.train_epoch()
             trainer.make_durable()
@@ -139,7 +141,7 @@ class Worker:
             trainer.load_encoder_state(encoder)
         if self.keep_encoder:
             trainer.recalibrate_batch_norm()
-        trainer.open(own_count=True)
+        self._open(trainer)
         try:
             accuracy = trainer.evaluate()
         finally:
@@ -149,13 +151,20 @@ class Worker:
     def _trainer(self, client: ClientSpec, state: TrainerState | str | None = None) -> EdgeTrainer:
         config = dataclasses.replace(self.config, client_id=client.client_id, seed=client.seed,
                                      epochs=max(1, client.turns))
-        trainer = EdgeTrainer(config, RemoteCloud(config.connection, self.channel), self.splits,
-                              Subset(self.splits.train, client.indices))
+        trainer = EdgeTrainer(config, RemoteCloud(config.connection, self.channel, mid_run=self.answered),
+                              self.splits, Subset(self.splits.train, client.indices))
         if isinstance(state, str):
             state = TrainerState(**torch.load(state, weights_only=True))
         if state is not None:
             trainer.restore(state)
         return trainer
+
+    def _open(self, trainer: EdgeTrainer) -> None:
+        """Open the turn's session. Once the server has answered this worker, a server that does not is
+        one that went away mid-run: waited for --reconnect-seconds, as a step of the turn would be, not
+        the --connect-seconds of a first connection."""
+        trainer.open(own_count=True)
+        self.answered = True
 
     def _store(self, client: ClientSpec, state: TrainerState) -> TrainerState | str:
         """The state itself (into the object store), or the file it was written to in the spill folder:
@@ -197,12 +206,18 @@ class _Call:
 
 class _Pool:
     """The worker actors: each call runs on a free worker; a dead worker is replaced, and a failed
-    call runs once more, on another worker where there is one."""
+    call runs once more, on another worker where there is one.
+
+    A replacement takes calls only once it has started: where nothing can hold it (its node died,
+    and no other has a free CPU), Ray keeps it pending until a node can, and the calls go to the
+    workers that are running meanwhile instead of waiting on it (a run over two nodes whose worker
+    node died carries on on the other)."""
 
     def __init__(self, size: int, start: Callable[[], ActorHandle]) -> None:
         self._start = start
         self.workers = [start() for _ in range(size)]
         self._generation = [0] * size  # a replaced worker is another worker
+        self._starting: dict[int, ray.ObjectRef] = {}  # slot -> its replacement's readiness, until it has started
         self.replaced = 0
 
     def run(self, calls: Iterable[_Call], limit: int,
@@ -212,7 +227,7 @@ class _Pool:
         queue, running, idle = deque(calls), {}, list(range(len(self.workers)))
         while queue or running:
             while queue and len(running) < limit:
-                slot = self._slot_for(queue[0], idle)
+                slot = self._slot_for(queue[0], [s for s in idle if s not in self._starting])
                 if slot is None:
                     break
                 call = queue.popleft()
@@ -222,7 +237,11 @@ class _Pool:
                 running[refs[0]] = (call, slot, refs)
                 if started:
                     started(call, self.workers[slot])
-            (ready,), _ = ray.wait(list(running), num_returns=1)
+            starting = {ref: slot for slot, ref in self._starting.items()}
+            (ready,), _ = ray.wait([*running, *starting], num_returns=1)
+            if ready in starting:
+                self._started(starting[ready])
+                continue
             call, slot, refs = running.pop(ready)
             idle.append(slot)
             try:
@@ -252,7 +271,16 @@ class _Pool:
         ray.kill(self.workers[slot], no_restart=True)
         self.workers[slot] = self._start()
         self._generation[slot] += 1
+        self._starting[slot] = self.workers[slot].__ray_ready__.remote()
         self.replaced += 1
+
+    def _started(self, slot: int) -> None:
+        """The replacement in `slot` has started (it takes calls from now on), or died starting (replaced)."""
+        try:
+            ray.get(self._starting.pop(slot))
+        except ray.exceptions.RayActorError as err:
+            log.warning("a replacement worker died as it started (%s); starting another", error_text(err))
+            self._replace(slot)
 
     def stop(self) -> None:
         for worker in self.workers:
