@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import urllib.parse
 from typing import Iterator, TypeVar
 
 import grpc
@@ -34,12 +35,16 @@ def peer_key(peer: str, principal: str) -> str:
     its credential. Not the session's client id: a stream names its session only in its first
     message, and an idle flood sends none. So one credential on one host is one peer; clients
     that share both (a NAT without tokens) share one peer's streams, and the flag sizes it.
+
+    gRPC writes the peer as a URI: an IPv6 host comes percent-encoded (`ipv6:%5B::1%5D:PORT`), decoded
+    here; read as it came, every IPv6 host had the same key (''), so that one IPv6 host's flood took
+    the share of all the others (the edge's address, or only its token, had told them apart).
     """
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
         host = rest.rpartition(":")[0]
-    elif kind == "ipv6":  # ipv6:[::1]:PORT
-        host = rest.rpartition("]")[0].lstrip("[")
+    elif kind == "ipv6":  # ipv6:%5B::1%5D:PORT, i.e. ipv6:[::1]:PORT
+        host = urllib.parse.unquote(rest).rpartition("]")[0].lstrip("[")
     else:  # e.g. a unix socket: no port to strip
         host = peer
     return f"{host} {principal}" if principal else host

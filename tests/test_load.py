@@ -109,3 +109,6 @@ def test_a_peer_is_its_host_and_credential_not_its_connection():
     assert peer_key("ipv4:10.0.0.7:41234", "") == peer_key("ipv4:10.0.0.7:41299", "") == "10.0.0.7"
     assert peer_key("ipv6:[::1]:5000", "token:ab12") == peer_key("ipv6:[::1]:6000", "token:ab12") == "::1 token:ab12"
     assert peer_key("ipv4:10.0.0.7:1", "token:ab12") != peer_key("ipv4:10.0.0.7:1", "token:cd34")
+    # as gRPC writes an IPv6 peer (percent-encoded): each host its own key, not one ('') for all of them
+    assert peer_key("ipv6:%5B::1%5D:37184", "") == peer_key("ipv6:[::1]:5000", "") == "::1"
+    assert peer_key("ipv6:%5Bfd00::3%5D:4000", "") == "fd00::3" != peer_key("ipv6:%5Bfd00::4%5D:4000", "")
