@@ -63,9 +63,11 @@ def too_large(kind: str, size: int, max_message_mb: float, flag: str) -> str | N
 
 def listening_socket(host: str, port: int, flag: str) -> socket.socket:
     """A TCP socket listening on host:port, without SO_REUSEPORT (so a port in use fails
-    here), or an OSError naming the address and `flag`."""
+    here), or an OSError naming the address and `flag`. An IPv6 host ('::1', 'fd00::5', '::') gets an
+    IPv6 socket (the default, IPv4, refused every one of them: "Address family ... not supported")."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), reuse_port=False)
+        return socket.create_server((host, port), family=family, reuse_port=False)
     except OSError as err:
         reason = "the port is in use" if err.errno == errno.EADDRINUSE else err.strerror or str(err)
         raise OSError(f"cannot listen on {host}:{port}: {reason} (pass another {flag})") from None

@@ -14,6 +14,7 @@ from attacks.proxy import Proxy, RawForwarder
 from cloud_server import cli as cloud_cli
 from deploy.processes import start_server
 from edge_client import cli as edge_cli
+from splitnet import wire
 
 from messages import free_port
 
@@ -51,6 +52,22 @@ def test_a_second_server_on_a_port_in_use_exits_with_one_line():
         _one_line_error(err, f"127.0.0.1:{port}", "in use", "--port")
     finally:
         first.stop()
+
+
+def test_an_ipv6_address_is_listened_on_and_its_port_in_use_named():
+    """`--host ::1` (any IPv6 host) was refused before gRPC saw it ("Address family for hostname not
+    supported"): the port probe opened an IPv4 socket whatever the host."""
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as err:
+        pytest.skip(f"no IPv6 loopback here: {err}")
+    taken = wire.listening_socket("::1", 0, "--port")
+    try:
+        assert taken.family == socket.AF_INET6
+        with pytest.raises(OSError, match=r"::1:\d+: the port is in use \(pass another --port\)"):
+            wire.listening_socket("::1", taken.getsockname()[1], "--port")
+    finally:
+        taken.close()
 
 
 def test_proxies_do_not_share_a_port_in_use(tmp_path, capsys):
