@@ -16,6 +16,12 @@ run alone (on CPU a run is deterministic; the alone run goes first, against the 
 job of its own), and the server's health stays SERVING, asked from the honest host and from the
 flooding one.
 
+The same again over IPv6 (the hosts given fd78:: addresses as well, the server bound to its own):
+gRPC names an IPv6 peer percent-encoded (`ipv6:%5Bfd78::3%5D:PORT`), which `peer_key` once read as the
+host '' for every IPv6 peer, so that the honest host, with the same token, was the flooder's peer and
+was refused (RESOURCE_EXHAUSTED, "this peer ... already holds 16"); and `cloud-server --host fd78::2`
+did not start at all (its port probe opened an IPv4 socket). Each case takes about 30 s.
+
 Needs root and iproute2's `ip`: skipped elsewhere, with the reason. The teardown is tests/netns.py's:
 every process in the namespaces stopped by PID, then the links, the namespaces and the bridge.
 """
@@ -37,11 +43,12 @@ from netns import NotPermitted, can_make_namespaces, network
 
 HERE = Path(__file__).resolve().parent
 ADDRESSES = {"cloud": "10.78.0.2", "flood": "10.78.0.3", "edge": "10.78.0.4"}
+IPV6 = {"cloud": "fd78::2", "flood": "fd78::3", "edge": "fd78::4"}  # added to the same hosts for the IPv6 case
 STREAMS, CONNECTIONS = 256, 16
 SHARE = ServerConfig.max_streams_per_peer
 STEPS = 30
 # a short digits run (one torch thread, both CLIs' default: the same arithmetic in both runs)
-EDGE = ("edge-client --server {cloud}:50051 --tls-ca ca.pem --dataset digits --client-id honest --seed 0 "
+EDGE = ("edge-client --server {server} --tls-ca ca.pem --dataset digits --client-id honest --seed 0 "
         f"--batch-size 32 --max-steps {STEPS} --epochs 1 --no-progress")
 
 
@@ -58,8 +65,8 @@ def hosts(tmp_path):
         pytest.skip(str(err))
 
 
-def flooder(host, cloud, token: str, *extra: str) -> list[str]:
-    return host.command(f"{sys.executable} {HERE / 'flood_streams.py'} --server {cloud.address}:50051 "
+def flooder(host, server: str, token: str, *extra: str) -> list[str]:
+    return host.command(f"{sys.executable} {HERE / 'flood_streams.py'} --server {server} "
                         f"--tls-ca ca.pem --auth-token {token}", *extra)
 
 
@@ -76,36 +83,42 @@ def connections_from(cloud, address: str) -> int:
                if len(fields := line.split()) >= 4 and fields[-2].endswith(":50051") and host(fields[-1]) == address)
 
 
-def train(edge, cloud, work: Path, job: str, token: str) -> dict:
+def train(edge, server: str, work: Path, job: str, token: str) -> dict:
     report = work / f"{job}.json"
-    edge.run(EDGE.format(cloud=cloud.address), "--job", job, "--report", str(report), cwd=work, timeout=120,
+    edge.run(EDGE.format(server=server), "--job", job, "--report", str(report), cwd=work, timeout=120,
              SPLIT_AUTH_TOKEN=token)
     return json.loads(report.read_text())
 
 
 @pytest.mark.slow
-def test_a_flooding_host_gets_its_share_and_another_hosts_client_trains_as_if_alone(hosts, tmp_path):
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_a_flooding_host_gets_its_share_and_another_hosts_client_trains_as_if_alone(hosts, tmp_path, family):
     cloud, flood, edge = hosts["cloud"], hosts["flood"], hosts["edge"]
+    if family == "ipv6":  # gRPC names an IPv6 peer percent-encoded (ipv6:%5Bfd78::3%5D:PORT)
+        for name, host in hosts.items():
+            subprocess.run(host.command(f"ip addr add {IPV6[name]}/64 dev eth0 nodad"), check=True, timeout=10)
+    address = {name: IPV6[name] if family == "ipv6" else host.address for name, host in hosts.items()}
+    server_at = f"[{address['cloud']}]:50051" if family == "ipv6" else f"{address['cloud']}:50051"
     work = tmp_path / "work"  # the certificates, at the same path on every host (one file system)
     work.mkdir()
-    make_pki(work, cloud.address)
+    make_pki(work, address["cloud"])
     token = secrets.token_hex(32)  # one token for both hosts: only their addresses tell them apart
     server = flooding = None
     try:
-        server = start_command(cloud.command(SERVER.format(cloud=cloud.address), "--idle-timeout", "120"),
+        server = start_command(cloud.command(SERVER.format(cloud=address["cloud"]), "--idle-timeout", "120"),
                                SERVER_READY, timeout=120, env=cloud.env(SPLIT_AUTH_TOKEN=token), cwd=str(work))
-        alone = train(edge, cloud, work, "alone", token)
+        alone = train(edge, server_at, work, "alone", token)
 
-        flooding = subprocess.Popen(flooder(flood, cloud, token, "--streams", str(STREAMS), "--connections",
+        flooding = subprocess.Popen(flooder(flood, server_at, token, "--streams", str(STREAMS), "--connections",
                                             str(CONNECTIONS), "--share", str(SHARE)),
                                     cwd=work, env=flood.env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
         settled = json.loads(flooding.stdout.readline() or "null")
         assert settled, flooding.stderr.read()
-        flood_connections = connections_from(cloud, flood.address)
+        flood_connections = connections_from(cloud, address["flood"])
 
-        beside = train(edge, cloud, work, "beside-the-flood", token)
-        health = {host.ns: subprocess.run(flooder(host, cloud, token, "--health"), cwd=work, env=host.env(),
+        beside = train(edge, server_at, work, "beside-the-flood", token)
+        health = {host.ns: subprocess.run(flooder(host, server_at, token, "--health"), cwd=work, env=host.env(),
                                           capture_output=True, text=True, timeout=60).stdout.strip()
                   for host in (edge, flood)}
         out, err = flooding.communicate("", timeout=60)
@@ -117,7 +130,7 @@ def test_a_flooding_host_gets_its_share_and_another_hosts_client_trains_as_if_al
         if server:
             server.stop(timeout=10)
 
-    print(f"\nflood: {settled['streams']} streams over {flood_connections} connections, "
+    print(f"\n{family} flood: {settled['streams']} streams over {flood_connections} connections, "
           f"{settled['ended']} refused {settled['codes']}, {held['still_open']} held; "
           f"alone {alone['steps']} steps acc {alone['test_accuracy']:.4f}, beside the flood "
           f"{beside['steps']} steps acc {beside['test_accuracy']:.4f}")
