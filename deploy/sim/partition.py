@@ -30,8 +30,10 @@ def split(labels: torch.Tensor, count: int, spec: PartitionSpec, seed: int = 0) 
     if spec.kind == "iid":
         # The project's one definition of an IID shard (`splitnet.data.shard`), so code that
         # shards by hand and a Ray run with the same seed agree on who holds which sample.
-        dataset = TensorDataset(labels)
-        return [data.shard(dataset, i, count, seed).indices for i in range(count)]
+        # The permutation is drawn once: `shard` draws it per call, which for 10,000 clients of
+        # CIFAR-10's 50,000 samples is 10,000 permutations of 50,000 (minutes of the driver's start).
+        perm = data.shard(TensorDataset(labels), 0, 1, seed).indices
+        return [perm[i::count] for i in range(count)]
     return _dirichlet(labels.numpy(), count, spec.alpha, seed)
 
 
