@@ -1,11 +1,14 @@
-import os
+"""What the test modules share: the services of a pytest-xdist worker (one cloud-server, one Ray
+cluster) and the `slow` marker. Helpers that tests import live in helper modules beside this one
+(messages.py, certs.py, ray_cluster.py, tb_events.py, ...); no test module imports another
+(tests/test_layout.py checks it)."""
 
 import pytest
 import torch
 
 from deploy.processes import start_server
+from ray_cluster import Cluster  # importing it sets Ray's environment, before any test module imports Ray
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 torch.set_num_threads(1)  # the test servers run beside us on the same cores (see splitnet.cli_util.set_threads)
 
 
@@ -19,7 +22,31 @@ def server(tmp_path_factory):
     proc.stop()
 
 
-# Module fixtures that train or start Ray: a test that uses one is slow whatever its own body does.
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The worker's Ray cluster, started by the first test that asks for `ray_local` and shut down at
+    the end of the session: every Ray test module of the worker runs on it (a start is seconds of
+    CPU: Ray's GCS, raylet and workers)."""
+    cluster = Cluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def ray_local(ray_cluster):
+    """Ray on 127.0.0.1 in this process (tests/ray_cluster.py): the worker's cluster, started if need be."""
+    ray_cluster.start()
+    return ray_cluster
+
+
+@pytest.fixture
+def without_ray(ray_cluster):
+    """No Ray in this process, for a test whose code starts and shuts down a Ray of its own (`ray.init`
+    refuses a second one); the next test that asks for `ray_local` starts the worker's cluster again."""
+    ray_cluster.stop()
+
+
+# Fixtures that train or start Ray or processes: a test that uses one is slow whatever its own body does.
 HEAVY_FIXTURES = {"attacked", "proxy", "ray_local", "single", "digits_sweep", "target", "sigmoid_target"}
 
 

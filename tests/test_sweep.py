@@ -367,7 +367,7 @@ def test_plot_labels_of_close_points_neither_overlap_nor_leave_the_axes():
 @pytest.mark.slow
 def test_sweep_points_are_runs_with_their_settings_and_metrics_as_hparams(digits_sweep):
     """`split-sweep --log-dir` (the keep-going stage): one TensorBoard run per finished point."""
-    from test_tracking import events, hparams_data, hparams_metadata, scalars, session_hparams
+    from tb_events import events, hparams_data, hparams_metadata, scalars, session_hparams
 
     out, logs = digits_sweep["out"], digits_sweep["logs"]
     rows = digits_sweep["going"]["points"]  # before stage 4 re-ran the noise point without --log-dir
@@ -470,9 +470,11 @@ def test_attacker_aware_and_pruned_points_are_paired_with_noise_alone_like_cem()
 
 
 @pytest.mark.slow
-def test_runs_in_parallel_as_ray_tasks_each_success_handed_on_as_it_ends(monkeypatch):
+def test_runs_in_parallel_as_ray_tasks_each_success_handed_on_as_it_ends(monkeypatch, without_ray):
     """workers > 1: each run is a Ray task (its work travels by reference to deploy.experiments.runner);
-    a success goes to `done` at once (a study keeps the point's result then), a failure is recorded."""
+    a success goes to `done` at once (a study keeps the point's result then), a failure is recorded.
+    _run_all starts and shuts down a Ray of its own, as a sweep does: the worker's cluster is
+    stopped for it (conftest.py's `without_ray`)."""
     from deploy.experiments.runner import _run_all
     from deploy.sim.config import ray_environment
 
