@@ -6,8 +6,9 @@ cluster) and the `slow` marker. Helpers that tests import live in helper modules
 import pytest
 import torch
 
-from deploy.processes import start_server
+from deploy.processes import start_process, start_server
 from ray_cluster import Cluster  # importing it sets Ray's environment, before any test module imports Ray
+from sweeps import SharedServices
 
 torch.set_num_threads(1)  # the test servers run beside us on the same cores (see splitnet.cli_util.set_threads)
 
@@ -20,6 +21,18 @@ def server(tmp_path_factory):
     proc = start_server("--checkpoint-dir", str(tmp_path_factory.mktemp("ckpt")))
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def sweep_services(server, tmp_path_factory):
+    """The services a sweep starts (deploy.experiments.runner.Services), shared by the worker's sweeps
+    that run in the test process (tests/sweeps.py): the `server` fixture, and the eavesdropping proxy
+    in front of it capturing into a folder of its own."""
+    capture = tmp_path_factory.mktemp("sweep-capture")
+    proxy = start_process(["attacks", "proxy", "--listen", "127.0.0.1:0", "--upstream", server.address, "--capture",
+                           str(capture)], r"listening on (\S+) ->")
+    yield SharedServices(server, proxy, str(capture))
+    proxy.stop()
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +60,8 @@ def without_ray(ray_cluster):
 
 
 # Fixtures that train or start Ray or processes: a test that uses one is slow whatever its own body does.
-HEAVY_FIXTURES = {"attacked", "proxy", "ray_local", "single", "digits_sweep", "target", "sigmoid_target"}
+HEAVY_FIXTURES = {"attacked", "proxy", "ray_local", "single", "digits_sweep", "sweep_services", "target",
+                  "sigmoid_target"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
