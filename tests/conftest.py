@@ -14,11 +14,17 @@ torch.set_num_threads(1)  # the test servers run beside us on the same cores (se
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
+def server_checkpoints(tmp_path_factory):
+    """The `server` fixture's --checkpoint-dir: a job's checkpoint is FILE_STEM(JOB).ckpt in it."""
+    return tmp_path_factory.mktemp("ckpt")
+
+
+@pytest.fixture(scope="session")
+def server(server_checkpoints):
     """A real cloud-server process on 127.0.0.1 shared by every test of a pytest-xdist worker, whatever
     its file (each test uses jobs of its own names): a server start is seconds of CPU, most of it
     importing torch."""
-    proc = start_server("--checkpoint-dir", str(tmp_path_factory.mktemp("ckpt")))
+    proc = start_server("--checkpoint-dir", str(server_checkpoints))
     yield proc
     proc.stop()
 
