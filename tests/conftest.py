@@ -70,8 +70,20 @@ HEAVY_FIXTURES = {"attacked", "proxy", "ray_local", "single", "digits_sweep", "s
                   "sigmoid_target"}
 
 
+# The slowest test files, slowest first (`--durations` reports: README, "Tests"): they run first, so
+# that at the end of `make test` no worker is left alone on a long file while the others have nothing
+# to do. `make test` keeps this order (--no-loadscope-reorder): pytest-xdist's own hands out the files
+# with the most tests first, which put these, a sweep or a few process restarts each, at the end.
+SLOWEST_FIRST = ("test_sweep.py", "test_ray.py", "test_resume.py", "test_attacks.py", "test_attacker.py",
+                 "test_sweep_two_phase.py", "test_sweep_runs.py", "test_ray_virtual.py", "test_edge_resume.py",
+                 "test_split_training.py", "test_fuzz.py", "test_sweep_resume.py", "test_multihost.py",
+                 "test_load.py", "test_security.py", "test_faults.py", "test_schedule.py", "test_continuation.py")
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(items):
     for item in items:
         if HEAVY_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests stay together, in order
