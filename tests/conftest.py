@@ -65,7 +65,8 @@ def without_ray(ray_cluster):
     ray_cluster.stop()
 
 
-# Fixtures that train or start Ray or processes: a test that uses one is slow whatever its own body does.
+# Fixtures that train or start Ray or processes: a test that uses one is slow whatever its own body does
+# (tests/test_layout.py checks that each is a fixture of tests/).
 HEAVY_FIXTURES = {"attacked", "proxy", "ray_local", "single", "digits_sweep", "sweep_services", "target",
                   "sigmoid_target"}
 
@@ -73,10 +74,12 @@ HEAVY_FIXTURES = {"attacked", "proxy", "ray_local", "single", "digits_sweep", "s
 # The slowest test files, slowest first (`--durations` reports: README, "Tests"): they run first, so
 # that at the end of `make test` no worker is left alone on a long file while the others have nothing
 # to do. `make test` keeps this order (--no-loadscope-reorder): pytest-xdist's own hands out the files
-# with the most tests first, which put these, a sweep or a few process restarts each, at the end.
-SLOWEST_FIRST = ("test_sweep.py", "test_ray.py", "test_resume.py", "test_attacks.py", "test_attacker.py",
-                 "test_sweep_two_phase.py", "test_sweep_runs.py", "test_ray_virtual.py", "test_edge_resume.py",
-                 "test_split_training.py", "test_fuzz.py", "test_sweep_resume.py", "test_multihost.py",
+# with the most tests first, which put these (a few tests each: sweeps, Ray clusters, namespace hosts,
+# process restarts) at the end. tests/test_layout.py checks that each names a file there is.
+SLOWEST_FIRST = ("test_multihost_faults.py", "test_ray.py", "test_resume.py", "test_sweep.py", "test_attacks.py",
+                 "test_attacker.py", "test_sweep_two_phase.py", "test_sweep_runs.py", "test_edge_resume.py",
+                 "test_ray_virtual.py", "test_split_training.py", "test_fuzz.py", "test_multihost_flood.py",
+                 "test_sweep_resume.py", "test_multihost.py", "test_adversarial.py", "test_multihost_link.py",
                  "test_load.py", "test_security.py", "test_faults.py", "test_schedule.py", "test_continuation.py")
 
 

@@ -481,3 +481,33 @@ def test_the_test_import_check_sees_every_spelling() -> None:
               "from testing import test_nothing\nimport test_layout_helpers\n")
     assert imported_test_modules(source, {"test_ray", "test_tracking", "test_sweep", "test_cli", "test_codec"}) == [
         (1, "test_ray"), (2, "test_tracking"), (3, "test_sweep"), (4, "test_cli"), (8, "test_ray"), (9, "test_codec")]
+
+
+def conftest_constant(name: str):
+    """The literal value conftest.py assigns to `name` (read, not imported: conftest.py is pytest's)."""
+    (value,) = [node.value for node in ast.parse((TESTS / "conftest.py").read_text()).body
+                if isinstance(node, ast.Assign) and [dotted(t) for t in node.targets] == [name]]
+    return ast.literal_eval(value)
+
+
+def fixture_names(source: str) -> set[str]:
+    """The functions `source` decorates with `pytest.fixture` (bare or called)."""
+    return {node.name for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef)
+            for decorator in node.decorator_list
+            if dotted(decorator.func if isinstance(decorator, ast.Call) else decorator) == "pytest.fixture"}
+
+
+def test_the_slow_marker_and_the_order_of_the_files_name_what_there_is() -> None:
+    """A renamed fixture or test file would leave conftest.py's HEAVY_FIXTURES (the `slow` marker) or
+    SLOWEST_FIRST (the order `make test` hands out the files in) silently without effect."""
+    fixtures = set().union(*(fixture_names(path.read_text()) for path in TESTS.glob("*.py")))
+    assert {"server", "ray_local", "digits_sweep"} <= fixtures
+    assert not set(conftest_constant("HEAVY_FIXTURES")) - fixtures
+    slowest = conftest_constant("SLOWEST_FIRST")
+    assert len(set(slowest)) == len(slowest) and not set(slowest) - {path.name for path in TESTS.glob("test_*.py")}
+
+
+def test_the_fixture_check_sees_each_kind_of_fixture() -> None:
+    source = ("import pytest\n@pytest.fixture\ndef a(): pass\n@pytest.fixture(scope='module')\ndef b(): pass\n"
+              "@pytest.mark.slow\ndef test_c(): pass\ndef d(): pass\n")
+    assert fixture_names(source) == {"a", "b"}
