@@ -46,8 +46,9 @@ demo: $(STAMP)
 	$(BIN)/split-demo --out $(OUT)
 
 # The suite runs on every core (pytest-xdist), a test file at a time per worker so that its
-# module-scoped servers start once. `make test-fast`: the unit tier, no test marked slow.
-PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile
+# module-scoped servers start once, the slowest files first (SLOWEST_FIRST in tests/conftest.py;
+# --no-loadscope-reorder keeps that order). `make test-fast`: the unit tier, no test marked slow.
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 # The project's own modules byte-compiled first: where PYTHONDONTWRITEBYTECODE is set (these
 # machines set it) every one of the suite's ~150 processes would otherwise compile them anew.
 COMPILE := $(BIN)/python -m compileall -q splitnet edge_client cloud_server cem attacks deploy

@@ -70,9 +70,9 @@ class Host:
 
     def env(self, **extra: str) -> dict[str, str]:
         """This environment with the venv's commands first on PATH, this host's HOME and RAY_ENV's
-        variables, and no other Ray variable: those of this process are not the hosts' (pytest-xdist
-        imports every test module in every worker, and tests/test_ray.py sets a one-machine Ray's,
-        which refuses `ray start --address`)."""
+        variables, and no other Ray variable: those of this process are not the hosts' (conftest.py
+        imports tests/ray_cluster.py, which sets a one-machine Ray's for the worker's own cluster, and
+        that refuses `ray start --address`)."""
         ray_vars = dict(pair.split("=", 1) for pair in RAY_ENV.split()[1:])
         own = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         return {**own, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(self.home), **ray_vars, **extra}

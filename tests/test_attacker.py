@@ -8,8 +8,6 @@ import re
 import subprocess
 import sys
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -107,11 +105,11 @@ def test_inversion_attack_reconstructs_digits(attacked, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method,args", [("rmle", ["--rmle-iterations", "60", "--max-records", "1"]),
                                          ("shadow", ["--shadow-epochs", "2", "--epochs", "2"])])
-def test_rmle_and_shadow_run_and_report(attacked, server, tmp_path, method, args):
+def test_rmle_and_shadow_run_and_report(attacked, server_checkpoints, tmp_path, method, args):
     out, cap = attacked["out"], attacked["cap"]
     knowledge = ["--encoder", str(out / "enc.pt")]
     if method == "shadow":  # the curious cloud holds the decoder (its own checkpoint), not the encoder
-        ckpt = next((p for p in server_ckpts(server) if "via-proxy" in p.name), None)
+        ckpt = next((p for p in sorted(server_checkpoints.glob("*.ckpt")) if "via-proxy" in p.name), None)
         assert ckpt is not None
         knowledge = ["--decoder", str(ckpt)]
     recon, result = tmp_path / "recon", tmp_path / "result"
@@ -256,11 +254,6 @@ def test_steps_sent_before_a_reconnect_are_placed_once(tmp_path):
     assert harness.align(harness.read_reconstructions(tmp_path)[:1], harness.by_session_id([session]))  # old id alone
     harness.clear_reconstructions(tmp_path)  # a re-run starts from an empty folder
     assert not (tmp_path / "recon.jsonl").exists() and not (tmp_path / "recon").exists()
-
-
-def server_ckpts(server):
-    directory = Path(server.proc.args[server.proc.args.index("--checkpoint-dir") + 1])
-    return sorted(directory.glob("*.ckpt"))
 
 
 @pytest.mark.slow

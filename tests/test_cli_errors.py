@@ -12,7 +12,6 @@ import pytest
 from attacks import cli as attacker_cli
 from attacks.proxy import Proxy, RawForwarder
 from cloud_server import cli as cloud_cli
-from deploy.processes import start_server
 from edge_client import cli as edge_cli
 from splitnet import wire
 
@@ -34,24 +33,21 @@ def _exit_code(main, argv: list[str]) -> int:
 
 
 @pytest.mark.slow
-def test_a_second_server_on_a_port_in_use_exits_with_one_line():
+def test_a_second_server_on_a_port_in_use_exits_with_one_line(server):
     """gRPC's default SO_REUSEPORT let a second server bind the same port and silently take
-    a share of the connections; now the second one exits at once, naming the port."""
-    first = start_server()
+    a share of the connections; now the second one exits at once, naming the port. The first
+    is the worker's server (conftest.py): no other test of the worker runs meanwhile."""
+    port = server.address.rsplit(":", 1)[1]
+    second = subprocess.Popen([sys.executable, "-m", "cloud_server", "--port", port], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     try:
-        port = first.address.rsplit(":", 1)[1]
-        second = subprocess.Popen([sys.executable, "-m", "cloud_server", "--port", port], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-        try:
-            out, err = second.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            second.kill()
-            out, err = second.communicate()
-            pytest.fail(f"a second server on port {port} kept running: {out}")
-        assert second.returncode != 0 and "listening" not in out
-        _one_line_error(err, f"127.0.0.1:{port}", "in use", "--port")
-    finally:
-        first.stop()
+        out, err = second.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        second.kill()
+        out, err = second.communicate()
+        pytest.fail(f"a second server on port {port} kept running: {out}")
+    assert second.returncode != 0 and "listening" not in out
+    _one_line_error(err, f"127.0.0.1:{port}", "in use", "--port")
 
 
 def test_an_ipv6_address_is_listened_on_and_its_port_in_use_named():

@@ -23,7 +23,6 @@ import torch
 
 from cloud_server.checkpoints import file_stem
 from cloud_server.local import LocalCloud
-from deploy.processes import start_server
 from edge_client import cli
 from edge_client import state as state_file
 from edge_client.config import DefenseConfig, EdgeConfig
@@ -37,11 +36,9 @@ RUN = ["--epochs", "2", "--batch-size", "64", "--seed", "3", "--cem", "gmm", "--
 
 
 @pytest.fixture(scope="module")
-def cloud(tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("server-ckpt")
-    server = start_server("--checkpoint-dir", str(ckpt))
-    yield server, ckpt
-    server.stop()
+def cloud(server, server_checkpoints):
+    """The worker's cloud-server (conftest.py) and the folder it checkpoints its jobs in."""
+    return server, server_checkpoints
 
 
 def _edge(cloud, job: str, folder: Path, *extra: str, crash: str = "") -> subprocess.CompletedProcess:

@@ -151,7 +151,7 @@ def test_the_ray_drivers_count_waits_for_a_server_away_after_it_answered():
     """split-ray's last count (Stats) comes after its clients have ended: a server away for a moment then
     (a restart, the cloud's link down) is waited for, for the reconnect window, instead of costing the
     report; the first count, before anything ran, is tried once (a wrong --server is reported at once)."""
-    from deploy.sim.bookkeeping import ServerView  # imports Ray: here, not while pytest collects (tests/test_ray.py)
+    from deploy.sim.bookkeeping import ServerView  # imports Ray: here, not while pytest collects (tests/ray_cluster.py)
 
     port = free_port()
     connection = ConnectionConfig(server=f"127.0.0.1:{port}", deadline_s=2.0, reconnect_s=30.0)

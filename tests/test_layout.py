@@ -441,3 +441,73 @@ def test_the_command_check_sees_a_library_importing_a_command(tmp_path: Path) ->
     commands = command_modules(modules, {"pkg-cli": "pkg.cli:main"})
     assert commands == {"pkg.__main__", "pkg.cli", "pkg.tool"}
     assert sorted(command_imports(modules, commands)) == [("pkg.helpers", 1, "pkg.cli"), ("pkg.lib", 2, "pkg.tool")]
+
+
+# --- the tests: what test modules share lives in conftest.py or a helper module (tests/messages.py,
+# tests/ray_cluster.py, tests/tb_events.py, ...), never in another test module: importing a test
+# module runs its module-level code again under another name, and binds the two files together.
+
+TESTS = ROOT / "tests"
+
+
+def imported_test_modules(source: str, test_modules: set[str]) -> list[tuple[int, str]]:
+    """(line, test module) of every import of one of `test_modules` (the stems of tests/test_*.py),
+    however it is spelt (`import`, `from ... import`, as a package's module, in a function)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [".".join(filter(None, (node.module, alias.name))) for alias in node.names]
+        else:
+            continue
+        found += [(node.lineno, part) for name in names for part in name.split(".") if part in test_modules]
+    return sorted(set(found))
+
+
+def test_no_test_module_imports_another() -> None:
+    test_modules = {path.stem for path in TESTS.glob("test_*.py")}
+    assert {"test_layout", "test_ray", "test_tracking"} <= test_modules
+    bad = [f"{path.relative_to(ROOT)}:{line} imports the test module {target} (share it through conftest.py or "
+           f"a helper module)" for path in sorted(TESTS.glob("*.py"))
+           for line, target in imported_test_modules(path.read_text(), test_modules)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_test_import_check_sees_every_spelling() -> None:
+    source = ("from test_ray import edge\nimport test_tracking as tt\nfrom tests import test_sweep\n"
+              "from tests.test_cli import x\nimport messages\nfrom ray_cluster import edge\n"
+              "def late():\n    from test_ray import ray_local\n    import tests.test_codec\n"
+              "from testing import test_nothing\nimport test_layout_helpers\n")
+    assert imported_test_modules(source, {"test_ray", "test_tracking", "test_sweep", "test_cli", "test_codec"}) == [
+        (1, "test_ray"), (2, "test_tracking"), (3, "test_sweep"), (4, "test_cli"), (8, "test_ray"), (9, "test_codec")]
+
+
+def conftest_constant(name: str):
+    """The literal value conftest.py assigns to `name` (read, not imported: conftest.py is pytest's)."""
+    (value,) = [node.value for node in ast.parse((TESTS / "conftest.py").read_text()).body
+                if isinstance(node, ast.Assign) and [dotted(t) for t in node.targets] == [name]]
+    return ast.literal_eval(value)
+
+
+def fixture_names(source: str) -> set[str]:
+    """The functions `source` decorates with `pytest.fixture` (bare or called)."""
+    return {node.name for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef)
+            for decorator in node.decorator_list
+            if dotted(decorator.func if isinstance(decorator, ast.Call) else decorator) == "pytest.fixture"}
+
+
+def test_the_slow_marker_and_the_order_of_the_files_name_what_there_is() -> None:
+    """A renamed fixture or test file would leave conftest.py's HEAVY_FIXTURES (the `slow` marker) or
+    SLOWEST_FIRST (the order `make test` hands out the files in) silently without effect."""
+    fixtures = set().union(*(fixture_names(path.read_text()) for path in TESTS.glob("*.py")))
+    assert {"server", "ray_local", "digits_sweep"} <= fixtures
+    assert not set(conftest_constant("HEAVY_FIXTURES")) - fixtures
+    slowest = conftest_constant("SLOWEST_FIRST")
+    assert len(set(slowest)) == len(slowest) and not set(slowest) - {path.name for path in TESTS.glob("test_*.py")}
+
+
+def test_the_fixture_check_sees_each_kind_of_fixture() -> None:
+    source = ("import pytest\n@pytest.fixture\ndef a(): pass\n@pytest.fixture(scope='module')\ndef b(): pass\n"
+              "@pytest.mark.slow\ndef test_c(): pass\ndef d(): pass\n")
+    assert fixture_names(source) == {"a", "b"}

@@ -1,7 +1,8 @@
 """Many edge clients as Ray actors against a real cloud-server process, all on 127.0.0.1.
 
-Ray runs in this process (`ray.init` / `ray.shutdown`, never `ray stop`, which would stop
-every Ray process on the machine). Its environment must be set before Ray is imported.
+Ray runs in this process, the worker's cluster (conftest.py's `ray_local`, tests/ray_cluster.py:
+`ray.init` / `ray.shutdown`, never `ray stop`, which would stop every Ray process on the machine).
+Its environment is set before Ray is imported (conftest.py imports tests/ray_cluster.py first).
 """
 
 import ipaddress
@@ -15,72 +16,24 @@ import sys
 import tempfile
 from pathlib import Path
 
-from deploy.sim.config import Kill, PartitionSpec, RayRunConfig, ray_environment
+import pytest
+import ray
+import torch
+from torch.utils.data import Subset, TensorDataset
 
-RAY_ENV = {**ray_environment(local=True), "RAY_AUTH_MODE": "disabled"}  # no token written to ~/.ray
-os.environ.update(RAY_ENV)
+from deploy.sim import partition
+from deploy.sim.config import Kill, PartitionSpec, RayRunConfig
+from deploy.sim.fedavg import fedavg
+from deploy.processes import descendants
+from cloud_server.local import LocalCloud
+from deploy.sim.run import run_clients
+from edge_client.config import EdgeConfig
+from edge_client.remote import RemoteCloud
+from edge_client.trainer import EdgeTrainer, run
+from ray_cluster import EPOCHS, RAY_ENV, edge
+from splitnet import data
 
-import pytest  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import Subset, TensorDataset  # noqa: E402
-
-from deploy.sim import partition  # noqa: E402
-from deploy.sim.fedavg import fedavg  # noqa: E402
-from deploy.processes import descendants  # noqa: E402
-from cloud_server.local import LocalCloud  # noqa: E402
-from deploy.sim.run import run_clients  # noqa: E402
-from edge_client.config import ConnectionConfig, EdgeConfig  # noqa: E402
-from edge_client.remote import RemoteCloud  # noqa: E402
-from edge_client.trainer import EdgeTrainer, run  # noqa: E402
-from splitnet import data  # noqa: E402
-
-# Each client trains on a third of digits, 8 steps an epoch: with fewer epochs its batch-norm
-# running statistics have not settled and evaluation (in eval mode) lags training.
-EPOCHS = 10
-# At the default lr 0.05 the last iterate is noisy: one client alone ended anywhere between
-# 0.933 and 0.997 over seeds 0-7 (0.986-0.997 at lr 0.02), which is the single-client
-# baseline's own spread, wider than the issue's 3 points. Both sides of the comparison use
-# lr 0.02. Measured (5 runs, seed 0): splitfed 0.986-0.992, parallel 0.983-0.989, single 0.992.
-LR = 0.02
 MAX_DROP = 0.03  # test accuracy points a mode may lose against one client with all the data
-
-def _start_ray(attempts: int = 2) -> str:
-    """ray.init on a fresh short temp dir; retried once, as on one CI run the raylet never
-    registered (no raylet log written at all) while the next start was fine."""
-    for attempt in range(attempts):
-        temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-        try:
-            # no runtime_env: the cluster inherits RAY_ENV from this process (deploy.sim.config.runtime_env)
-            ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, _temp_dir=temp,
-                     log_to_driver=False)
-            return temp
-        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for a start time-out
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
-            if attempt + 1 == attempts or "timed out during startup" not in str(err):
-                raise
-    raise AssertionError("unreachable")
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    temp = _start_ray()
-    try:
-        # Ray decides its address when it is imported: a test module that imported it before
-        # this one had set the environment would have it listening on the external interface.
-        assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def edge(server, job: str, **kw) -> EdgeConfig:
-    kw.setdefault("epochs", EPOCHS)
-    kw.setdefault("lr", LR)
-    return EdgeConfig(connection=ConnectionConfig(server=server.address, deadline_s=30, reconnect_s=30), job=job,
-                      progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +111,7 @@ def test_one_command_run_starts_and_stops_its_server(tmp_path):
     """`split-ray --start-server`: its own Ray on 127.0.0.1 and its own cloud-server, both gone after;
     with `--log-dir` the actors write beside each other, one TensorBoard run per client, each its
     own history."""
-    from test_tracking import events, scalars
+    from tb_events import events, scalars
 
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     try:

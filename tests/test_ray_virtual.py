@@ -1,15 +1,16 @@
 """Virtual clients over a bounded pool of Ray worker actors against a real cloud-server process
-(`split-ray --workers`), on 127.0.0.1; a file of its own so that the suite's workers share the
-Ray tests (tests/test_virtual_clients.py has the parts that need no Ray)."""
+(`split-ray --workers`), on 127.0.0.1, on the worker's Ray cluster (conftest.py's `ray_local`); a
+file of its own so that the suite's workers share the Ray tests (tests/test_virtual_clients.py has
+the parts that need no Ray)."""
 
 from collections import Counter
 
 import pytest
 
-from test_ray import edge, ray_local  # noqa: F401 - ray_local is a fixture (Ray's environment set there)
 from deploy.sim.run import run_clients
 from deploy.sim.config import Kill, RayRunConfig, VirtualClients
 from deploy.sim.virtual import ClientSpec, VirtualClient, _Call, _Pool
+from ray_cluster import edge
 
 
 @pytest.mark.parametrize("mode", ["sequential", "parallel", "splitfed"])

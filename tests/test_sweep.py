@@ -6,7 +6,6 @@ import functools
 import json
 import math
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from deploy.experiments.config import SweepConfig
 from deploy.experiments.pareto import pareto_front
 from deploy.experiments.plots import markdown_table
 from deploy.experiments.results import metric_names
+from sweeps import sweep_here
 
 CONFIG = """
 [model]
@@ -39,9 +39,8 @@ args = ["--aux-limit", "300"]
 """
 
 
-def _sweep(config: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "deploy.experiments.sweep", "--config", str(config), "--out", str(out), *flags],
-                          capture_output=True, text=True, timeout=600)
+def _sweep(services, config: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    return sweep_here(["--config", str(config), "--out", str(out), *flags], services)
 
 
 def _stamps(out: Path) -> dict[Path, int]:
@@ -49,27 +48,28 @@ def _stamps(out: Path) -> dict[Path, int]:
 
 
 @pytest.fixture(scope="module")
-def digits_sweep(tmp_path_factory):
+def digits_sweep(tmp_path_factory, sweep_services):
     """One digits sweep, re-run as a user re-runs one: three points, the first of which fails
     (its data is not there, which only its edge-client process finds out).
 
     1. plain: it stops at the failure; 2. `--keep-going --log-dir`: the other two run and the
     failure is recorded; 3. again, nothing changed: nothing runs; 4. one defense's noise
     changed: exactly that point runs. Each stage's output and the result stamps after it are kept
-    for the tests below, so the points train once for all of them."""
+    for the tests below, so the points train once for all of them. The stages run in this process,
+    on the worker's shared server and proxy (tests/sweeps.py)."""
     tmp = tmp_path_factory.mktemp("sweep")
     missing, config, out, logs = tmp / "missing", tmp / "sweep.toml", tmp / "out", tmp / "tb"
     broken = f'broken = {{dataset = "imagefolder", data_root = "{missing}"}}\nnone = {{}}'
     config.write_text(CONFIG.replace("none = {}", broken))
-    stages = {"stopped": _sweep(config, out)}
+    stages = {"stopped": _sweep(sweep_services, config, out)}
     stamps = {"stopped": _stamps(out)}
-    stages["going"] = _sweep(config, out, "--keep-going", "--log-dir", str(logs))
+    stages["going"] = _sweep(sweep_services, config, out, "--keep-going", "--log-dir", str(logs))
     stamps["going"] = _stamps(out)
     going = json.loads((out / "results.json").read_text())
-    stages["again"] = _sweep(config, out, "--keep-going")
+    stages["again"] = _sweep(sweep_services, config, out, "--keep-going")
     stamps["again"] = _stamps(out)
     config.write_text(CONFIG.replace("none = {}", broken).replace("noise = {noise = 0.3}", "noise = {noise = 0.2}"))
-    stages["changed"] = _sweep(config, out, "--keep-going")
+    stages["changed"] = _sweep(sweep_services, config, out, "--keep-going")
     stamps["changed"] = _stamps(out)
     return {"out": out, "config": config, "logs": logs, "missing": missing, "stages": stages, "stamps": stamps,
             "going": going}
@@ -159,8 +159,7 @@ def test_a_changed_setting_reruns_exactly_its_point(digits_sweep):
 ])
 def test_bad_config_is_a_clear_error(tmp_path, text, named):
     (tmp_path / "bad.toml").write_text(text)
-    done = subprocess.run([sys.executable, "-m", "deploy.experiments.sweep", "--config", str(tmp_path / "bad.toml"), "--out",
-                           str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    done = sweep_here(["--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "o")])
     assert done.returncode == 2 and named in done.stderr, done.stderr
     assert not (tmp_path / "o").exists()  # nothing ran
 
@@ -367,7 +366,7 @@ def test_plot_labels_of_close_points_neither_overlap_nor_leave_the_axes():
 @pytest.mark.slow
 def test_sweep_points_are_runs_with_their_settings_and_metrics_as_hparams(digits_sweep):
     """`split-sweep --log-dir` (the keep-going stage): one TensorBoard run per finished point."""
-    from test_tracking import events, hparams_data, hparams_metadata, scalars, session_hparams
+    from tb_events import events, hparams_data, hparams_metadata, scalars, session_hparams
 
     out, logs = digits_sweep["out"], digits_sweep["logs"]
     rows = digits_sweep["going"]["points"]  # before stage 4 re-ran the noise point without --log-dir
@@ -470,9 +469,11 @@ def test_attacker_aware_and_pruned_points_are_paired_with_noise_alone_like_cem()
 
 
 @pytest.mark.slow
-def test_runs_in_parallel_as_ray_tasks_each_success_handed_on_as_it_ends(monkeypatch):
+def test_runs_in_parallel_as_ray_tasks_each_success_handed_on_as_it_ends(monkeypatch, without_ray):
     """workers > 1: each run is a Ray task (its work travels by reference to deploy.experiments.runner);
-    a success goes to `done` at once (a study keeps the point's result then), a failure is recorded."""
+    a success goes to `done` at once (a study keeps the point's result then), a failure is recorded.
+    _run_all starts and shuts down a Ray of its own, as a sweep does: the worker's cluster is
+    stopped for it (conftest.py's `without_ray`)."""
     from deploy.experiments.runner import _run_all
     from deploy.sim.config import ray_environment
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from deploy.processes import descendants
+from sweeps import sweep_here
 
 CONFIG = """
 [model]
@@ -34,11 +35,13 @@ def sweep(config, out) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_resumes_its_point_as_if_never_interrupted(tmp_path):
+def test_a_killed_sweep_resumes_its_point_as_if_never_interrupted(tmp_path, sweep_services):
     config = tmp_path / "sweep.toml"
     config.write_text(CONFIG)
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    done = subprocess.run(sweep(config, whole), capture_output=True, text=True, timeout=600)
+    # The uninterrupted sweep in this process, on the worker's server and proxy (tests/sweeps.py: a job
+    # starts from its seed's weights whatever server holds it); the killed one with services of its own.
+    done = sweep_here(["--config", str(config), "--out", str(whole)], sweep_services)
     assert done.returncode == 0, done.stderr[-3000:]
 
     proc = subprocess.Popen(sweep(config, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

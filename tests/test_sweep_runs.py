@@ -1,14 +1,15 @@
 """Whole sweeps and the demo on data other than the digits sweep of tests/test_sweep.py: an RGB
 ImageFolder tree through a link, and the demo's attacker flags; each runs real processes on
-127.0.0.1 (a file of its own so that the suite's workers share the slow sweeps)."""
+127.0.0.1, in this process against the worker's shared server and proxy (tests/sweeps.py) (a file
+of its own so that the suite's workers share the slow sweeps)."""
 
 import csv
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
+
+from sweeps import sweep_here
 
 
 def _rgb_imagefolder(root, per_class: int = 12, side: int = 16) -> None:
@@ -30,7 +31,7 @@ def _rgb_imagefolder(root, per_class: int = 12, side: int = 16) -> None:
 
 
 @pytest.mark.slow
-def test_sweep_attacks_and_scores_an_rgb_imagefolder_with_its_own_data(tmp_path):
+def test_sweep_attacks_and_scores_an_rgb_imagefolder_with_its_own_data(tmp_path, sweep_services):
     """The attacker learns from, and the scorer rebuilds, the edge's dataset (here 3 channels), not
     digits; the [attack] table's and the attack axis's settings reach the attacker and its record;
     the grid's values name the point. The point trains, and its latency is measured, through a
@@ -70,8 +71,7 @@ latency_images = 3
 target_accuracy = 0.05
 """)
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "deploy.experiments.sweep", "--config", str(tmp_path / "sweep.toml"), "--out",
-                           str(out)], capture_output=True, text=True, timeout=600)
+    done = sweep_here(["--config", str(tmp_path / "sweep.toml"), "--out", str(out)], sweep_services)
     assert done.returncode == 0, done.stderr[-3000:]
     (point,) = json.loads((out / "results.json").read_text())["points"]
     assert point["key"].startswith("block1-b4__fp32__none__noise=0.1__attack.width=8__link=constrained__s0__")
@@ -104,12 +104,13 @@ target_accuracy = 0.05
 
 
 @pytest.mark.slow
-def test_demo_attacker_flags_reach_the_attacker_and_the_report(tmp_path, monkeypatch):
-    from deploy.experiments import demo
+def test_demo_attacker_flags_reach_the_attacker_and_the_report(tmp_path, monkeypatch, sweep_services):
+    from deploy.experiments import demo, runner
 
     tiny = replace(demo.DEMO, model={"dataset": "digits", "bottleneck": 8, "epochs": 1, "max_steps": 4},
                    codecs=("fp32",), defenses={"none": {}}, attack_args=("--aux-limit", "200"))
     monkeypatch.setattr(demo, "DEMO", tiny)
+    monkeypatch.setattr(runner, "Services", lambda out, jobs: sweep_services)  # the worker's (tests/sweeps.py)
     assert demo.main(["--out", str(tmp_path), "--workers", "1", "--inverse-epochs", "1", "--inverse-width", "8",
                       "--inverse-blocks", "1"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())

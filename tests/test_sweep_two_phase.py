@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from deploy.experiments.config import SweepConfig
+from sweeps import sweep_here
 
 CONFIG = """
 [model]
@@ -83,12 +84,13 @@ def test_a_two_phase_sweep_continues_its_base_and_keeps_its_results(tmp_path):
     assert len(gains) == 1 and {"inversion_mse_gain_pct", "inversion_wide_mse_gain_pct"} <= set(gains[0])
 
     # Resumed from the kept results alone (another machine: no out/ folder): nothing runs, the same tables.
+    # Nothing to run: in this process (tests/sweeps.py), without the start-up of one of its own.
     again = tmp_path / "elsewhere"
-    done = sweep("--config", str(tmp_path / "sweep.toml"), "--out", str(again), "--results", str(results),
-                 "--report-only")
+    done = sweep_here(["--config", str(tmp_path / "sweep.toml"), "--out", str(again), "--results", str(results),
+                       "--report-only"])
     assert done.returncode == 0, done.stderr[-3000:]
     rebuilt = json.loads((again / "results.json").read_text())
     assert rebuilt["rows"] == table["rows"] and rebuilt["defense_gains"] == gains
-    done = sweep("--config", str(tmp_path / "sweep.toml"), "--out", str(again), "--results", str(results))
+    done = sweep_here(["--config", str(tmp_path / "sweep.toml"), "--out", str(again), "--results", str(results)])
     assert done.returncode == 0 and "2 points, 2 already done" in done.stderr, done.stderr[-3000:]
     assert not (again / "bases").exists()

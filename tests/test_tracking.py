@@ -7,36 +7,13 @@ another step, or from another figure than the report's fails here.
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import metadata as hparams_metadata
-from tensorboard.plugins.hparams import plugin_data_pb2
 
 from deploy.processes import start_server
 from edge_client import cli as edge_cli
 from splitnet import tracking
-
-
-def events(run: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})  # 0: keep every event, not a sample
-    acc.Reload()
-    return acc
-
-
-def scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
-    return {e.step: e.value for e in acc.Scalars(tag)}
-
-
-def hparams_data(acc: EventAccumulator, tag: str) -> plugin_data_pb2.HParamsPluginData:
-    return plugin_data_pb2.HParamsPluginData.FromString(acc.PluginTagToContent(hparams_metadata.PLUGIN_NAME)[tag])
-
-
-def session_hparams(acc: EventAccumulator) -> dict:
-    values = hparams_data(acc, hparams_metadata.SESSION_START_INFO_TAG).session_start_info.hparams
-    return {k: v.string_value if v.HasField("string_value") else v.bool_value if v.HasField("bool_value")
-            else v.number_value for k, v in values.items()}
+from tb_events import events, scalars
 
 
 def test_no_log_dir_needs_no_tensorboard_and_a_log_dir_without_it_names_the_extra(tmp_path, monkeypatch, capsys):
