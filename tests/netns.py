@@ -136,6 +136,22 @@ def can_make_namespaces() -> str:
     return ""
 
 
+@contextmanager
+def hosts_or_skip(addresses: dict[str, str], homes: Path, prefix: str, reason: str = "") -> Iterator[dict[str, Host]]:
+    """`network()` for a test fixture: the test is skipped, saying why, where the hosts cannot be made
+    (`reason`: a further one the caller has, '' for none)."""
+    import pytest
+
+    reason = can_make_namespaces() or reason
+    if reason:
+        pytest.skip(reason)
+    try:
+        with network(addresses, homes, prefix=prefix) as made:
+            yield made
+    except NotPermitted as err:
+        pytest.skip(str(err))
+
+
 def build(line: str) -> None:
     """One `ip` line of the hosts' set-up: NotPermitted where the machine does not permit it (in a
     container without CAP_NET_ADMIN or CAP_SYS_ADMIN, say), a failure for any other error."""

@@ -35,7 +35,7 @@ import pytest
 
 from deployment import (COMMANDS, DRIVER, GENERATE_TOKEN, HEAD_START, SERVER, SERVER_READY, SMALL_NODE, STATUS,
                         WORKER_START, active_nodes, make_pki)
-from netns import BRIDGE_SETUP, HOST_SETUP, NotPermitted, can_make_namespaces, network
+from netns import BRIDGE_SETUP, HOST_SETUP, hosts_or_skip
 from deploy.processes import start_command
 from deploy.sim.cli import absolute_paths
 from edge_client.config import ConnectionConfig, EdgeConfig
@@ -83,14 +83,8 @@ def test_split_ray_hands_its_actors_absolute_paths(tmp_path, monkeypatch) -> Non
 @pytest.fixture
 def hosts(tmp_path):
     """cloud, head and worker (tests/netns.py); all of it gone afterwards."""
-    reason = can_make_namespaces()
-    if reason:
-        pytest.skip(reason)
-    try:
-        with network(ADDRESSES, tmp_path) as made:
-            yield made
-    except NotPermitted as err:
-        pytest.skip(str(err))
+    with hosts_or_skip(ADDRESSES, tmp_path, prefix="splt") as made:
+        yield made
 
 
 @pytest.mark.slow

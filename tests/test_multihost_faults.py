@@ -54,7 +54,7 @@ import pytest
 
 from deployment import (DRIVER, GENERATE_TOKEN, HEAD_START, SERVER, SERVER_READY, SMALL_NODE, STATUS, WORKER_START,
                         active_nodes, make_pki)
-from netns import Host, NotPermitted, can_make_namespaces, network, stop_processes
+from netns import Host, hosts_or_skip, stop_processes
 from deploy.processes import start_command
 
 ADDRESSES = {"cloud": "10.77.1.2", "head": "10.77.1.3", "worker": "10.77.1.4"}
@@ -218,23 +218,18 @@ def assert_names_the_cloud_and_the_wait(row: dict, cloud: str, out: float) -> No
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = can_make_namespaces() or ("" if shutil.which("tc") else "iproute2's `tc` is not installed")
-    if reason:
-        pytest.skip(reason)
     homes = tmp_path_factory.mktemp("faults")
     work = homes / "work"  # the certificates, at the same path on every host (one file system)
     work.mkdir()
-    try:
-        with network(ADDRESSES, homes) as hosts:
-            made = Cluster(hosts, work)
-            try:
-                made.start()
-                yield made
-            finally:  # the Ray processes are stopped with the rest of the namespaces' (network())
-                if made.server:
-                    made.server.stop(timeout=10)
-    except NotPermitted as err:
-        pytest.skip(str(err))
+    tc = "" if shutil.which("tc") else "iproute2's `tc` is not installed"
+    with hosts_or_skip(ADDRESSES, homes, prefix="splt", reason=tc) as hosts:
+        made = Cluster(hosts, work)
+        try:
+            made.start()
+            yield made
+        finally:  # the Ray processes are stopped with the rest of the namespaces' (network())
+            if made.server:
+                made.server.stop(timeout=10)
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ import pytest
 from cloud_server.config import ServerConfig
 from deploy.processes import start_command
 from deployment import SERVER, SERVER_READY, make_pki
-from netns import NotPermitted, can_make_namespaces, network
+from netns import hosts_or_skip
 
 HERE = Path(__file__).resolve().parent
 ADDRESSES = {"cloud": "10.78.0.2", "flood": "10.78.0.3", "edge": "10.78.0.4"}
@@ -55,14 +55,8 @@ EDGE = ("edge-client --server {server} --tls-ca ca.pem --dataset digits --client
 @pytest.fixture
 def hosts(tmp_path):
     """cloud, flood and edge (tests/netns.py); all of it gone afterwards."""
-    reason = can_make_namespaces()
-    if reason:
-        pytest.skip(reason)
-    try:
-        with network(ADDRESSES, tmp_path, prefix="mhfl") as made:
-            yield made
-    except NotPermitted as err:
-        pytest.skip(str(err))
+    with hosts_or_skip(ADDRESSES, tmp_path, prefix="mhfl") as made:
+        yield made
 
 
 def flooder(host, server: str, token: str, *extra: str) -> list[str]:

@@ -26,21 +26,16 @@ import shutil
 import pytest
 
 from benchmarks.link_vs_tbf import ADDRESSES, compare
-from netns import NotPermitted, can_make_namespaces, network
+from netns import hosts_or_skip
 
 RATE_MBPS, MEGABYTES = 4.0, 3.0
 
 
 @pytest.fixture
 def hosts(tmp_path):
-    reason = can_make_namespaces() or ("" if shutil.which("tc") else "iproute2's `tc` is not installed")
-    if reason:
-        pytest.skip(reason)
-    try:
-        with network(ADDRESSES, tmp_path, prefix="slk") as made:
-            yield made
-    except NotPermitted as err:
-        pytest.skip(str(err))
+    tc = "" if shutil.which("tc") else "iproute2's `tc` is not installed"
+    with hosts_or_skip(ADDRESSES, tmp_path, prefix="slk", reason=tc) as made:
+        yield made
 
 
 @pytest.mark.slow
