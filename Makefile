@@ -13,7 +13,7 @@ EXTRAS ?= all,test
 PIP_RETRIES ?= 1
 PIP := $(BIN)/pip --disable-pip-version-check -q --retries $(PIP_RETRIES)
 
-.PHONY: demo test test-fast setup constraints proto bench clean
+.PHONY: demo test test-fast test-hosts setup constraints proto bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,19 +47,24 @@ demo: $(STAMP)
 
 # The suite runs on every core (pytest-xdist), a test file at a time per worker so that its
 # module-scoped servers start once, the slowest files first (SLOWEST_FIRST in tests/conftest.py;
-# --no-loadscope-reorder keeps that order). `make test-fast`: the unit tier, no test marked slow.
-PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
+# --no-loadscope-reorder keeps that order); the 15 slowest tests are listed at the end.
+# `make test-fast`: the unit tier, no test marked slow. `make test-hosts`: the fault and flood tests across namespace hosts (root; .ci/run runs both).
+PYTEST := $(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=15
 # The project's own modules byte-compiled first: where PYTHONDONTWRITEBYTECODE is set (these
 # machines set it) every one of the suite's ~150 processes would otherwise compile them anew.
 COMPILE := $(BIN)/python -m compileall -q splitnet edge_client cloud_server cem attacks deploy
 
 test: $(STAMP)
 	$(COMPILE)
-	$(PYTEST)
+	$(PYTEST) -m "not hosts"
 
 test-fast: $(STAMP)
 	$(COMPILE)
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow and not hosts"
+
+test-hosts: $(STAMP)
+	$(COMPILE)
+	$(PYTEST) -m hosts
 
 proto: $(STAMP)
 	$(BIN)/python -m splitnet.protogen

@@ -57,6 +57,9 @@ from deployment import (DRIVER, GENERATE_TOKEN, HEAD_START, SERVER, SERVER_READY
 from netns import Host, hosts_or_skip, stop_processes
 from deploy.processes import start_command
 
+# The hosts tier (`make test-hosts`; `make test` leaves it out): minutes of one test worker.
+pytestmark = pytest.mark.hosts
+
 ADDRESSES = {"cloud": "10.77.1.2", "head": "10.77.1.3", "worker": "10.77.1.4"}
 # test-only settings of the head's GCS (Ray reads RAY_<setting>): see the module's "Timing"
 HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "3000",

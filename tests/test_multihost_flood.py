@@ -41,6 +41,9 @@ from deploy.processes import start_command
 from deployment import SERVER, SERVER_READY, make_pki
 from netns import hosts_or_skip
 
+# The hosts tier (`make test-hosts`; `make test` leaves it out): minutes of one test worker.
+pytestmark = pytest.mark.hosts
+
 HERE = Path(__file__).resolve().parent
 ADDRESSES = {"cloud": "10.78.0.2", "flood": "10.78.0.3", "edge": "10.78.0.4"}
 IPV6 = {"cloud": "fd78::2", "flood": "fd78::3", "edge": "fd78::4"}  # added to the same hosts for the IPv6 case

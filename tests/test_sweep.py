@@ -54,7 +54,8 @@ def digits_sweep(tmp_path_factory, sweep_services):
 
     1. plain: it stops at the failure; 2. `--keep-going --log-dir`: the other two run and the
     failure is recorded; 3. again, nothing changed: nothing runs; 4. one defense's noise
-    changed: exactly that point runs. Each stage's output and the result stamps after it are kept
+    changed: exactly that point runs; 5. a point interrupted after its attack (its result.json
+    gone): it ends without attacking again. Each stage's output and the result stamps after it are kept
     for the tests below, so the points train once for all of them. The stages run in this process,
     on the worker's shared server and proxy (tests/sweeps.py)."""
     tmp = tmp_path_factory.mktemp("sweep")
@@ -71,8 +72,16 @@ def digits_sweep(tmp_path_factory, sweep_services):
     config.write_text(CONFIG.replace("none = {}", broken).replace("noise = {noise = 0.3}", "noise = {noise = 0.2}"))
     stages["changed"] = _sweep(sweep_services, config, out, "--keep-going")
     stamps["changed"] = _stamps(out)
+    (none,) = [p for p in stamps["changed"] if "__none__" in p.parent.name]
+    kept = {"result": json.loads(none.read_text()), "logs": _process_logs(none.parent)}
+    none.unlink()
+    stages["kept"] = _sweep(sweep_services, config, out, "--keep-going")
     return {"out": out, "config": config, "logs": logs, "missing": missing, "stages": stages, "stamps": stamps,
-            "going": going}
+            "going": going, "kept": kept, "none": none}
+
+
+def _process_logs(point: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in point.glob("*.log")}
 
 
 @pytest.mark.slow
@@ -149,6 +158,19 @@ def test_a_changed_setting_reruns_exactly_its_point(digits_sweep):
     assert {p: now[p] for p in stamps["going"]} == stamps["going"] and "__noise__" in new.parent.name
     by_defense = {r["defense"]: r for r in json.loads((out / "results.json").read_text())["points"]}
     assert by_defense["noise"]["defense_settings"]["noise"] == 0.2 and by_defense["noise"]["key"] == new.parent.name
+
+
+@pytest.mark.slow
+def test_a_point_interrupted_after_its_attack_ends_without_attacking_again(digits_sweep):
+    kept, before, none = digits_sweep["stages"]["kept"], digits_sweep["kept"], digits_sweep["none"]
+    assert kept.returncode == 1, kept.stderr[-3000:]  # the broken point, as ever
+    assert "3 points, 1 already done" in kept.stderr
+    assert f"{none.parent.name}: inversion attacked and scored before the sweep was interrupted; kept" in kept.stderr
+    assert f"{none.parent.name}: the edge trained to its end before the sweep was interrupted; kept" in kept.stderr
+    assert len(before["logs"]) == 3 and _process_logs(none.parent) == before["logs"]  # no edge, no attacker ran
+    after = json.loads(none.read_text())
+    assert {k: after[k] for k in after if k.startswith("inversion_")} == {
+        k: before["result"][k] for k in before["result"] if k.startswith("inversion_")}
 
 
 @pytest.mark.parametrize("text, named", [

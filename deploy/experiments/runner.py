@@ -5,6 +5,7 @@ two-phase sweep, and the points in parallel as Ray tasks."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -92,18 +93,25 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
                  **({"base": {k: base[k] for k in ("key", "job", "test_accuracy", "settings")}} if base else {})}
     row["time_to_accuracy_s"] = time_to_accuracy(row, config.target_accuracy)
     sample = ["--per-class", str(point.per_class), "--grid", "20"] if point.per_class else []
+    encoder_digest = hashlib.sha256((out / "encoder.pt").read_bytes()).hexdigest()
     for method in point.methods:
         for variant, settings in (("", point.attack), *point.variants):
             name = f"{method}_{variant}" if variant else method
             recon, scored = out / f"recon-{name}", out / f"attack-{name}"
             attack_flags = [flag for key, value in settings for flag in (ATTACK_FLAGS[key], str(value))]
-            _python(out / f"attacker-run-{name}.log", "attacks", "run", "--capture", capture, "--session",
-                    edge["session_id"], "--method", method, "--encoder", str(out / "encoder.pt"), "--seed",
-                    str(point.setting("seed")), "--out", str(recon), *track, *attack_flags, *point.attack_args,
-                    timeout=config.timeout_s)
-            _python(out / f"attacker-score-{name}.log", "attacks", "score", "--recon", str(recon), "--edge-report",
-                    str(out / "edge.json"), "--out", str(scored), *as_flags(scorer_data_of(edge_settings)), *sample,
-                    timeout=config.timeout_s)
+            run = ["attacks", "run", "--capture", capture, "--session", edge["session_id"], "--method", method,
+                   "--encoder", str(out / "encoder.pt"), "--seed", str(point.setting("seed")), "--out", str(recon),
+                   *track, *attack_flags, *point.attack_args]
+            score = ["attacks", "score", "--recon", str(recon), "--edge-report", str(out / "edge.json"), "--out",
+                     str(scored), *as_flags(scorer_data_of(edge_settings)), *sample]
+            # where TensorBoard's copy of the attacker's curves goes is no part of its result
+            stage = {"run": [a for a in run if a not in track], "score": score, "encoder_sha256": encoder_digest}
+            if _stage_done(out / f"attack-{name}.stage.json", stage):
+                log.info("%s: %s attacked and scored before the sweep was interrupted; kept", out.name, name)
+            else:
+                _python(out / f"attacker-run-{name}.log", *run, timeout=config.timeout_s)
+                _python(out / f"attacker-score-{name}.log", *score, timeout=config.timeout_s)
+                write_atomic(out / f"attack-{name}.stage.json", json.dumps(stage, indent=2) + "\n")
             scores = json.loads((scored / "attack.json").read_text())
             row.update({f"{name}_{m}": scores[m] for m in ATTACK_METRICS})
             if "sample" in scores:
@@ -117,14 +125,31 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
     return row
 
 
+def _stage_done(record: Path, stage: dict) -> bool:
+    """Whether an attack stage already ran to its end with exactly these commands on this encoder
+    (`record`, written after its score): an attacker trains for as long as the edge did, so a sweep
+    interrupted between a point's attackers does not train the finished ones again. A retrained
+    edge (a new session or encoder) or a changed attack setting runs the stage again."""
+    try:
+        return json.loads(record.read_text()) == stage
+    except (OSError, ValueError):
+        return False
+
+
 def _train_edge(config: SweepConfig, out: Path, flags: list[str]) -> None:
     """The point's edge-client, resumable: it keeps its state in `out/state` every STATE_EVERY steps
     (each time after the server checkpointed its job), so a point whose sweep was killed carries
     on from there when the sweep runs again, in the job it trained in (`out/attempt.json`), and
     ends as it would have uninterrupted. A resume that fails (the server's checkpoint of the job
     is gone or behind the state) starts the point over, in a fresh job: a retried point never
-    trains against a decoder an interrupted attempt left half-trained."""
-    state, attempt_file = out / "state", out / "attempt.json"
+    trains against a decoder an interrupted attempt left half-trained. An edge whose attempt ended
+    (its report names the attempt's job) is not run again: a resumed run would open a new session,
+    and the attacks of the point read the session its report names."""
+    state, attempt_file, report = out / "state", out / "attempt.json", out / "edge.json"
+    if attempt_file.exists() and report.exists() and \
+            json.loads(report.read_text()).get("job") == json.loads(attempt_file.read_text())["job"]:
+        log.info("%s: the edge trained to its end before the sweep was interrupted; kept", out.name)
+        return
     resuming = attempt_file.exists() and any(state.glob("*.ckpt"))
     for fresh in ([False, True] if resuming else [True]):
         if fresh:
