@@ -115,21 +115,21 @@ def add_training_args(p: Parser) -> None:
                         "by a score per channel trained with the encoder (and against --adv-weight's attacker)")
     t = DetectConfig()
     g = p.add_argument_group("hijacking detection (docs/DEFENSES.md §5)")
-    g.add_argument("--detect", default=t.method, choices=DETECTORS[1:],
+    g.add_argument("--detect", default=t.detect, choices=DETECTORS[1:],
                    help="splitguard: send some batches with wrong labels and compare the gradients that come back "
                         "with those of real batches; a cloud whose gradients ignore the labels is hijacking the "
                         "encoder: stop, close the session, exit 3 (default: no detector)")
-    g.add_argument("--detect-fake-rate", type=float, default=t.fake_rate, metavar="P",
+    g.add_argument("--detect-fake-rate", type=float, default=t.detect_fake_rate, metavar="P",
                    help="share of the steps sent as fake batches, after --detect-start (default %(default)s); the "
                         "encoder does not learn from them, the cloud's decoder does (their cost: docs/RESULTS_HIJACK.md)")
-    g.add_argument("--detect-threshold", type=float, default=t.threshold, metavar="S",
+    g.add_argument("--detect-threshold", type=float, default=t.detect_threshold, metavar="S",
                    help="detected when the SplitGuard score falls below S (honest ~1, hijacker ~0.25; "
                         "default %(default)s)")
-    g.add_argument("--detect-start", type=int, default=t.start_step, metavar="STEP",
+    g.add_argument("--detect-start", type=int, default=t.detect_start, metavar="STEP",
                    help="no fake batch up to this step (default %(default)s)")
-    g.add_argument("--detect-every", type=int, default=t.check_every, metavar="N",
+    g.add_argument("--detect-every", type=int, default=t.detect_every, metavar="N",
                    help="score every N steps (default %(default)s)")
-    g.add_argument("--detect-min-fakes", type=int, default=t.min_fakes, metavar="K",
+    g.add_argument("--detect-min-fakes", type=int, default=t.detect_min_fakes, metavar="K",
                    help="fake batches before the first score (default %(default)s)")
     add_threads_arg(p)
     p.add_argument("--log-dir", default="", metavar="DIR",
@@ -262,7 +262,7 @@ def _finish(config: EdgeConfig, work: Callable[[], dict], summary: Callable[[dic
     except HijackDetected as err:  # the session is closed; the report says what the detector saw
         print(f"edge-client: stopped: {err.reason}", file=sys.stderr)
         if config.report:
-            report_mod.write({"detected": True, "reason": err.reason, "detect": err.detection}, config.report)
+            report_mod.write(err.report, config.report)
         return HIJACK_EXIT
     except bad_input as err:
         print(f"edge-client: error: {err}", file=sys.stderr)

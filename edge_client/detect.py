@@ -38,11 +38,13 @@ from edge_client.config import DetectConfig
 
 
 class HijackDetected(RuntimeError):
-    """The detector fired: the edge stopped sending data. `detection` is what the report holds."""
+    """The detector fired: the edge stopped sending data. `detection`: the detector's figures;
+    `report`: the edge's report up to the stop (`edge_client.trainer.run` fills it in)."""
 
     def __init__(self, reason: str, detection: dict) -> None:
         super().__init__(reason)
         self.reason, self.detection = reason, detection
+        self.report: dict = {"detected": True, "reason": reason, "detect": detection}  # `run` adds the trainer's
 
 
 class _Running:

@@ -608,8 +608,12 @@ def run(config: EdgeConfig, cloud: Cloud, splits: data.Splits | None = None,
     trainer = EdgeTrainer(config, cloud, splits, train_set)
     try:
         trainer.start()
-        while len(trainer.history) < config.epochs and not trainer.done:
-            trainer.train_epoch()
+        try:
+            while len(trainer.history) < config.epochs and not trainer.done:
+                trainer.train_epoch()
+        except HijackDetected as err:  # no evaluation through a hijacker: the report so far, then close
+            err.report = {**trainer.report(math.nan), "detected": True, "reason": err.reason}
+            raise
         trainer.make_durable()
         if config.state_dir:
             trainer.save_state()  # the finished run: a kill from here on resumes to evaluate only
