@@ -71,9 +71,13 @@ def _edge(server: str, report: Path, seed: int, epochs: int, *flags: str) -> int
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
-def _edges(args: argparse.Namespace, server: str, runs: list[tuple[Path, int, list[str]]]) -> list[int]:
-    with ThreadPoolExecutor(args.parallel) as pool:
-        return list(pool.map(lambda run: _edge(server, run[0], run[1], args.epochs, *run[2]), runs))
+def _edges(args: argparse.Namespace, server, runs: list[tuple[Path, int, list[str]]]) -> list[int]:
+    """The runs (report, seed, flags) against `server`, `args.parallel` at a time; then the server stops."""
+    try:
+        with ThreadPoolExecutor(args.parallel) as pool:
+            return list(pool.map(lambda run: _edge(server.address, run[0], run[1], args.epochs, *run[2]), runs))
+    finally:
+        server.stop()
 
 
 def _score(recon: Path, report: Path, out: Path) -> dict:
@@ -85,13 +89,9 @@ def _score(recon: Path, report: Path, out: Path) -> dict:
 
 def _fsha(args: argparse.Namespace, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    server = _hijacker(folder, args.record_every)
-    try:
-        runs = [(folder / f"noise{noise:g}.json", 0, ["--noise", str(noise)] if noise else [])
-                for noise in args.noise_levels]
-        codes = _edges(args, server.address, runs)
-    finally:
-        server.stop()
+    runs = [(folder / f"noise{noise:g}.json", 0, ["--noise", str(noise)] if noise else [])
+            for noise in args.noise_levels]
+    codes = _edges(args, _hijacker(folder, args.record_every), runs)
     found = {}
     for (report, _, _), code in zip(runs, codes):
         edge = json.loads(report.read_text())
@@ -108,12 +108,8 @@ def _fsha(args: argparse.Namespace, folder: Path) -> dict:
 
 def _detect(args: argparse.Namespace, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    server = _hijacker(folder, args.record_every)
-    try:
-        runs = [(folder / f"seed{seed}.json", seed, ["--detect", "splitguard"]) for seed in range(args.seeds)]
-        codes = _edges(args, server.address, runs)
-    finally:
-        server.stop()
+    runs = [(folder / f"seed{seed}.json", seed, ["--detect", "splitguard"]) for seed in range(args.seeds)]
+    codes = _edges(args, _hijacker(folder, args.record_every), runs)
     rows = []
     for (report, seed, _), code in zip(runs, codes):
         edge = json.loads(report.read_text())
@@ -134,13 +130,9 @@ def _detect(args: argparse.Namespace, folder: Path) -> dict:
 
 def _honest(args: argparse.Namespace, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    server = start_server("--threads", "1")
-    try:
-        runs = [(folder / f"detect-seed{seed}.json", seed, ["--detect", "splitguard"]) for seed in range(args.seeds)]
-        runs += [(folder / f"plain-seed{seed}.json", seed, []) for seed in range(args.baseline_seeds)]
-        codes = _edges(args, server.address, runs)
-    finally:
-        server.stop()
+    runs = [(folder / f"detect-seed{seed}.json", seed, ["--detect", "splitguard"]) for seed in range(args.seeds)]
+    runs += [(folder / f"plain-seed{seed}.json", seed, []) for seed in range(args.baseline_seeds)]
+    codes = _edges(args, start_server("--threads", "1"), runs)
     rows = []
     for (report, seed, flags), code in zip(runs, codes):
         edge = json.loads(report.read_text())

@@ -60,7 +60,7 @@ def build_parser() -> Parser:
                    help="on shutdown, time for in-flight steps (default %(default)s)")
     p.add_argument("--tap", dest="tap_dir", default=d.tap_dir,
                    help="curious-server mode: record every received training batch here for the attacker")
-    g = p.add_argument_group("ATTACK TOOL: a malicious cloud (docs/ATTACKS_AND_METRICS.md §7). Never run it against "
+    g = p.add_argument_group("ATTACK TOOL: a malicious cloud (docs/ATTACKS_AND_METRICS.md §6). Never run it against "
                              "edges that have not agreed to be attacked")
     g.add_argument("--hijack", default=d.hijack, choices=HIJACKS[1:],
                    help="lie to the edges: answer Train with feature-space hijacking gradients (FSHA) instead of the "

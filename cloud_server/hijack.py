@@ -1,5 +1,5 @@
 """The malicious cloud (`cloud-server --hijack fsha`): an attack tool, for measuring what a lying
-server learns and whether an edge notices (docs/ATTACKS_AND_METRICS.md §7).
+server learns and whether an edge notices (docs/ATTACKS_AND_METRICS.md §6).
 
 A `HijackJob` keeps every guarantee of a `Job` (validation, exactly-once steps, kept replies,
 limits): only the step's math differs. It still trains the job's decoder on the client's

@@ -119,18 +119,16 @@ def add_training_args(p: Parser) -> None:
                    help="splitguard: send some batches with wrong labels and compare the gradients that come back "
                         "with those of real batches; a cloud whose gradients ignore the labels is hijacking the "
                         "encoder: stop, close the session, exit 3 (default: no detector)")
-    g.add_argument("--detect-fake-rate", type=float, default=t.detect_fake_rate, metavar="P",
-                   help="share of the steps sent as fake batches, after --detect-start (default %(default)s); the "
-                        "encoder does not learn from them, the cloud's decoder does (their cost: docs/RESULTS_HIJACK.md)")
-    g.add_argument("--detect-threshold", type=float, default=t.detect_threshold, metavar="S",
-                   help="detected when the SplitGuard score falls below S (honest ~1, hijacker ~0.25; "
-                        "default %(default)s)")
-    g.add_argument("--detect-start", type=int, default=t.detect_start, metavar="STEP",
-                   help="no fake batch up to this step (default %(default)s)")
-    g.add_argument("--detect-every", type=int, default=t.detect_every, metavar="N",
-                   help="score every N steps (default %(default)s)")
-    g.add_argument("--detect-min-fakes", type=int, default=t.detect_min_fakes, metavar="K",
-                   help="fake batches before the first score (default %(default)s)")
+    for flag, kind, metavar, text in (
+            ("--detect-fake-rate", float, "P", "share of the steps sent as fake batches, after --detect-start; the "
+             "encoder does not learn from them, the cloud's decoder does (their cost: docs/RESULTS_HIJACK.md)"),
+            ("--detect-threshold", float, "S", "detected when the SplitGuard score falls below S (honest ~1, "
+             "hijacker ~0.25)"),
+            ("--detect-start", int, "STEP", "no fake batch up to this step"),
+            ("--detect-every", int, "N", "score every N steps"),
+            ("--detect-min-fakes", int, "K", "fake batches before the first score")):
+        g.add_argument(flag, type=kind, default=getattr(t, flag[2:].replace("-", "_")), metavar=metavar,
+                       help=text + " (default %(default)s)")
     add_threads_arg(p)
     p.add_argument("--log-dir", default="", metavar="DIR",
                    help="write TensorBoard event files here: per-epoch loss, accuracy, bytes, rtt, CEM diagnostics "

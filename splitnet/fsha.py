@@ -36,7 +36,7 @@ from splitnet.models import SplitSpec, build, private_rng
 
 @dataclass(frozen=True)
 class FshaSettings:
-    """The attack's own hyperparameters (documented defaults: docs/ATTACKS_AND_METRICS.md §7)."""
+    """The attack's own hyperparameters (documented defaults: docs/ATTACKS_AND_METRICS.md §6)."""
 
     ae_lr: float = 1e-3  # Adam rate of the pilot encoder and inverse decoder
     critic_lr: float = 1e-4  # Adam rate of the critic
