@@ -211,7 +211,7 @@ def _chain(observers: list):
 def _hijack(config: ServerConfig):
     """The job factory and step observer of `--hijack` (an attack tool, cloud_server.hijack), or the
     honest server's (Job, None). The public images are loaded once, at start."""
-    if not config.hijack:
+    if config.hijack == "none":
         from cloud_server.job import Job
 
         return Job, None

@@ -115,10 +115,10 @@ def add_training_args(p: Parser) -> None:
                         "by a score per channel trained with the encoder (and against --adv-weight's attacker)")
     t = DetectConfig()
     g = p.add_argument_group("hijacking detection (docs/DEFENSES.md §5)")
-    g.add_argument("--detect", default=t.detect, choices=DETECTORS[1:],
+    g.add_argument("--detect", default=t.detect, choices=DETECTORS,
                    help="splitguard: send some batches with wrong labels and compare the gradients that come back "
                         "with those of real batches; a cloud whose gradients ignore the labels is hijacking the "
-                        "encoder: stop, close the session, exit 3 (default: no detector)")
+                        "encoder: stop, close the session, exit 3 (default %(default)s)")
     for flag, kind, metavar, text in (
             ("--detect-fake-rate", float, "P", "share of the steps sent as fake batches, after --detect-start; the "
              "encoder does not learn from them, the cloud's decoder does (their cost: docs/RESULTS_HIJACK.md)"),
@@ -164,7 +164,7 @@ def config_from_args(args: argparse.Namespace, p: Parser) -> EdgeConfig:
                                 learn_gates=not args.freeze_gates, adv_weight=args.adv_weight,
                                 adv_blocks=args.adv_blocks, adv_width=args.adv_width, adv_every=args.adv_every,
                                 adv_lr=args.adv_lr, prune_ratio=args.prune_ratio)
-        detect = DetectConfig(args.detect or "", args.detect_fake_rate, args.detect_threshold, args.detect_start,
+        detect = DetectConfig(args.detect, args.detect_fake_rate, args.detect_threshold, args.detect_start,
                               args.detect_every, args.detect_min_fakes)
         return EdgeConfig(
             connection=connection,

@@ -112,7 +112,7 @@ class DefenseConfig(ObfuscationConfig):
 
 
 
-DETECTORS = ("", "splitguard")  # "": no detector
+DETECTORS = ("none", "splitguard")
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class DetectConfig:
     the ones measured in docs/RESULTS_HIJACK.md: 10 of 10 hijacking runs stopped, none of 10
     honest runs, on digits."""
 
-    detect: str = ""  # "" : none; "splitguard"
+    detect: str = "none"  # or "splitguard"
     detect_fake_rate: float = 0.2  # share of the steps after detect_start sent with wrong labels
     detect_threshold: float = 0.5  # SplitGuard score below this: detected (honest ~1, hijacker ~0.25)
     detect_start: int = 10  # no fake batch, and no real gradient kept, up to this step (training settles)
@@ -130,7 +130,7 @@ class DetectConfig:
 
     def __post_init__(self) -> None:
         require_fields(self, [
-            ("detect", self.detect in DETECTORS, f"one of {DETECTORS[1:]} (or empty: none)"),
+            ("detect", self.detect in DETECTORS, f"one of {DETECTORS}"),
             ("detect_fake_rate", finite(self.detect_fake_rate) and 0 < self.detect_fake_rate < 1, "in (0, 1)"),
             ("detect_threshold", finite(self.detect_threshold) and 0 < self.detect_threshold < 1, "in (0, 1)"),
             ("detect_start", isinstance(self.detect_start, int) and self.detect_start >= 0, "an int >= 0"),

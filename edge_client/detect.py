@@ -122,7 +122,7 @@ class Detector:
 
     @classmethod
     def create(cls, config: DetectConfig, num_classes: int, seed: int) -> "Detector | None":
-        return cls(config, num_classes, seed) if config.detect else None
+        return cls(config, num_classes, seed) if config.detect != "none" else None
 
     def fake_labels(self, step_id: int, y: Tensor) -> Tensor | None:
         """The labels to send in place of `y` if this step is a fake batch, else None. Drawn from the
