@@ -43,11 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=10, help="edge-client --epochs (its default: 10)")
     p.add_argument("--record-every", type=int, default=2, help="cloud-server --hijack-record-every")
     p.add_argument("--parallel", type=int, default=2, help="edge processes at once")
+    p.add_argument("--detector", default="splitguard", choices=("splitguard", "alignment"),
+                   help="edge-client --detect of the `detect` and `honest` runs")
     p.add_argument("--out", default="", help="keep the reports, scores and grids here (default: a temporary folder)")
     args = p.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="hijack-"))
     out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"out": str(out), "epochs": args.epochs}
+    result: dict = {"out": str(out), "epochs": args.epochs, "detector": args.detector}
     if "fsha" in args.experiments:
         result["fsha"] = _fsha(args, out / "fsha")
     if "detect" in args.experiments:
@@ -108,7 +110,7 @@ def _fsha(args: argparse.Namespace, folder: Path) -> dict:
 
 def _detect(args: argparse.Namespace, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    runs = [(folder / f"seed{seed}.json", seed, ["--detect", "splitguard"]) for seed in range(args.seeds)]
+    runs = [(folder / f"seed{seed}.json", seed, ["--detect", args.detector]) for seed in range(args.seeds)]
     codes = _edges(args, _hijacker(folder, args.record_every), runs)
     rows = []
     for (report, seed, _), code in zip(runs, codes):
@@ -119,6 +121,7 @@ def _detect(args: argparse.Namespace, folder: Path) -> dict:
         last = by_step[-1]
         rows.append({"seed": seed, "exit": code, "detected_at_step": detect["detected_at_step"],
                      "splitguard": detect["last_splitguard"], "label_alignment": detect["last_label_alignment"],
+                     "first_label_alignment": (detect["checks"] or [{}])[0].get("label_alignment"),
                      "loss_grad_corr": detect["last_loss_grad_corr"], "attacker_step": last["step_id"],
                      "attacker_ssim_at_stop": last["ssim"],
                      "attacker_ssim_max": max(row["ssim"] for row in by_step)})
@@ -128,9 +131,14 @@ def _detect(args: argparse.Namespace, folder: Path) -> dict:
             "stop_steps": sorted(r["detected_at_step"] for r in stopped)}
 
 
+def _least(detect: dict, key: str) -> float | None:
+    """The least value of `key` over the detector's checks (None: none; a NaN is null in the report)."""
+    return min((c[key] for c in detect.get("checks", []) if c[key] is not None), default=None)
+
+
 def _honest(args: argparse.Namespace, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    runs = [(folder / f"detect-seed{seed}.json", seed, ["--detect", "splitguard"]) for seed in range(args.seeds)]
+    runs = [(folder / f"detect-seed{seed}.json", seed, ["--detect", args.detector]) for seed in range(args.seeds)]
     runs += [(folder / f"plain-seed{seed}.json", seed, []) for seed in range(args.baseline_seeds)]
     codes = _edges(args, start_server("--threads", "1"), runs)
     rows = []
@@ -139,7 +147,8 @@ def _honest(args: argparse.Namespace, folder: Path) -> dict:
         detect = edge.get("detect", {})
         rows.append({"run": report.stem, "seed": seed, "detector": bool(flags), "exit": code,
                      "test_accuracy": edge.get("test_accuracy"), "detected_at_step": detect.get("detected_at_step"),
-                     "min_splitguard": min((c["splitguard"] for c in detect.get("checks", [])), default=None),
+                     "min_splitguard": _least(detect, "splitguard"),
+                     "min_label_alignment": _least(detect, "label_alignment"),
                      "label_alignment": detect.get("last_label_alignment"),
                      "loss_grad_corr": detect.get("last_loss_grad_corr")})
     with_detector = [r for r in rows if r["detector"]]

@@ -117,8 +117,9 @@ def add_training_args(p: Parser) -> None:
     g = p.add_argument_group("hijacking detection (docs/DEFENSES.md §5)")
     g.add_argument("--detect", default=t.detect, choices=DETECTORS,
                    help="splitguard: send some batches with wrong labels and compare the gradients that come back "
-                        "with those of real batches; a cloud whose gradients ignore the labels is hijacking the "
-                        "encoder: stop, close the session, exit 3 (default %(default)s)")
+                        "with those of real batches; alignment: no fake batch, check that the returned gradients "
+                        "follow the labels. A cloud whose gradients ignore the labels is hijacking the encoder: "
+                        "stop, close the session, exit 3 (default %(default)s)")
     for flag, kind, metavar, text in (
             ("--detect-fake-rate", float, "P", "share of the steps sent as fake batches, after --detect-start; the "
              "encoder does not learn from them, the cloud's decoder does (their cost: docs/RESULTS_HIJACK.md)"),
@@ -126,7 +127,10 @@ def add_training_args(p: Parser) -> None:
              "hijacker ~0.25)"),
             ("--detect-start", int, "STEP", "no fake batch up to this step"),
             ("--detect-every", int, "N", "score every N steps"),
-            ("--detect-min-fakes", int, "K", "fake batches before the first score")):
+            ("--detect-min-fakes", int, "K", "fake batches before the first score"),
+            ("--detect-alignment-threshold", float, "A", "--detect alignment: detected when the label alignment "
+             "(same-label minus other-label cosine similarity of the returned per-sample gradients, averaged over "
+             "the real batches) falls below A, checked from --detect-start on (honest ~0.5, hijacker ~0.06)")):
         g.add_argument(flag, type=kind, default=getattr(t, flag[2:].replace("-", "_")), metavar=metavar,
                        help=text + " (default %(default)s)")
     add_threads_arg(p)
@@ -165,7 +169,7 @@ def config_from_args(args: argparse.Namespace, p: Parser) -> EdgeConfig:
                                 adv_blocks=args.adv_blocks, adv_width=args.adv_width, adv_every=args.adv_every,
                                 adv_lr=args.adv_lr, prune_ratio=args.prune_ratio)
         detect = DetectConfig(args.detect, args.detect_fake_rate, args.detect_threshold, args.detect_start,
-                              args.detect_every, args.detect_min_fakes)
+                              args.detect_every, args.detect_min_fakes, args.detect_alignment_threshold)
         return EdgeConfig(
             connection=connection,
             data=_data(args),

@@ -112,7 +112,7 @@ class DefenseConfig(ObfuscationConfig):
 
 
 
-DETECTORS = ("none", "splitguard")
+DETECTORS = ("none", "splitguard", "alignment")
 
 
 @dataclass(frozen=True)
@@ -121,12 +121,13 @@ class DetectConfig:
     the ones measured in docs/RESULTS_HIJACK.md: 10 of 10 hijacking runs stopped, none of 10
     honest runs, on digits."""
 
-    detect: str = "none"  # or "splitguard"
+    detect: str = "none"  # "splitguard" (fake batches) or "alignment" (the label alignment alone, no fake batch)
     detect_fake_rate: float = 0.2  # share of the steps after detect_start sent with wrong labels
     detect_threshold: float = 0.5  # SplitGuard score below this: detected (honest ~1, hijacker ~0.25)
     detect_start: int = 10  # no fake batch, and no real gradient kept, up to this step (training settles)
     detect_every: int = 2  # steps between scores
     detect_min_fakes: int = 3  # fake batches before the first score
+    detect_alignment_threshold: float = 0.2  # alignment: label alignment below this: detected (honest 0.3-0.5)
 
     def __post_init__(self) -> None:
         require_fields(self, [
@@ -136,6 +137,8 @@ class DetectConfig:
             ("detect_start", isinstance(self.detect_start, int) and self.detect_start >= 0, "an int >= 0"),
             ("detect_every", isinstance(self.detect_every, int) and self.detect_every >= 1, "an int >= 1"),
             ("detect_min_fakes", isinstance(self.detect_min_fakes, int) and self.detect_min_fakes >= 1, "an int >= 1"),
+            ("detect_alignment_threshold", finite(self.detect_alignment_threshold)
+             and -1 < self.detect_alignment_threshold < 1, "in (-1, 1)"),
         ])
 
     def as_dict(self) -> dict[str, Any]:

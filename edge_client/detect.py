@@ -129,7 +129,8 @@ class Detector:
         detector's own generator, so the data order is the same with the detector on or off."""
         draw = float(torch.rand((), generator=self.generator))
         shift = int(torch.randint(1, self.num_classes, (), generator=self.generator))
-        if step_id <= self.config.detect_start or draw >= self.config.detect_fake_rate:
+        if (self.config.detect != "splitguard" or step_id <= self.config.detect_start
+                or draw >= self.config.detect_fake_rate):
             return None
         self.fake_steps += 1
         return (y + shift) % self.num_classes
@@ -150,26 +151,35 @@ class Detector:
                 self.alignments.append(alignment)
 
     def check(self, step_id: int) -> dict | None:
-        """Every `check_every` steps: the scores (also into the history); the check that detects is
-        remembered in `fired`."""
+        """Every `detect_every` steps, once there is enough to score: the scores (also into the
+        history); the check that detects is remembered in `fired`. SplitGuard decides by its score
+        (it needs fake batches and two halves of real ones); `alignment` by the label alignment
+        (it needs `detect_start` steps)."""
         c = self.config
-        if step_id % c.detect_every or self.fakes.count < c.detect_min_fakes or min(self.r1.count, self.r2.count) < 2:
+        splitguard = c.detect == "splitguard"
+        ready = (self.fakes.count >= c.detect_min_fakes and min(self.r1.count, self.r2.count) >= 2 if splitguard
+                 else step_id >= c.detect_start and bool(self.alignments))
+        if step_id % c.detect_every or not ready:
             return None
         start = min(c.detect_start, len(self.losses) // 2)
         record = {"step_id": step_id, "fake_batches": self.fakes.count,
-                  "splitguard": splitguard_score(self.fakes, self.r1, self.r2),
+                  "splitguard": splitguard_score(self.fakes, self.r1, self.r2) if splitguard else math.nan,
                   "loss_grad_corr": pearson(self.losses[start:], self.grad_norms[start:]),
                   "label_alignment": sum(self.alignments) / len(self.alignments) if self.alignments else math.nan}
         self.checks.append(record)
-        if record["splitguard"] < c.detect_threshold and self.fired is None:
+        fires = (record["splitguard"] < c.detect_threshold if splitguard
+                 else record["label_alignment"] < c.detect_alignment_threshold)
+        if fires and self.fired is None:
             self.fired = record
         return record
 
     def reason(self) -> str:
-        f = self.fired or {}
-        return (f"hijacking suspected at step {f.get('step_id')}: SplitGuard score {f.get('splitguard', math.nan):.3f} "
-                f"< threshold {self.config.detect_threshold:g} after {f.get('fake_batches')} fake batches (the cloud's "
-                "gradients do not depend on the labels); stopped sending data")
+        f, c = self.fired or {}, self.config
+        why = (f"SplitGuard score {f.get('splitguard', math.nan):.3f} < threshold {c.detect_threshold:g} after "
+               f"{f.get('fake_batches')} fake batches" if c.detect == "splitguard" else
+               f"label alignment {f.get('label_alignment', math.nan):.3f} < threshold {c.detect_alignment_threshold:g}")
+        return (f"hijacking suspected at step {f.get('step_id')}: {why} (the cloud's gradients do not depend on the "
+                "labels); stopped sending data")
 
     def report(self) -> dict:
         """The detector's figures for the report: settings, every check, and whether / when it fired."""
