@@ -95,7 +95,7 @@ def _edge(server: str, report, *flags: str) -> int:
 def test_a_hijacking_server_reconstructs_and_the_detector_stops_it(tmp_path, capsys):
     """One real hijacking server: an edge without the detector is hijacked (the attacker's SSIM on its
     private training images rises from noise to a recognisable picture in 30 steps), and the same
-    edge with the detector stops with exit 3, one line, and its session closed."""
+    edge with either detector stops with exit 3, one line, and its session closed."""
     recon = tmp_path / "recon"
     server = start_server("--hijack", "fsha", "--public-data", "digits", "--hijack-out", str(recon),
                           "--hijack-record-every", "10", "--threads", "1")
@@ -117,6 +117,11 @@ def test_a_hijacking_server_reconstructs_and_the_detector_stops_it(tmp_path, cap
         guarded = json.loads((tmp_path / "guarded.json").read_text())
         assert guarded["detected"] and guarded["detect"]["detected_at_step"] == guarded["steps"] < 46
         assert guarded["detect"]["last_splitguard"] < DetectConfig.detect_threshold
+        capsys.readouterr()
+        assert _edge(server.address, tmp_path / "aligned.json", "--job", "aligned", "--detect", "alignment") == 3
+        assert "label alignment" in capsys.readouterr().err.strip().splitlines()[-1]
+        aligned = json.loads((tmp_path / "aligned.json").read_text())
+        assert aligned["detect"]["detected_at_step"] < 10 and aligned["detect"]["fake_steps"] == 0  # no fake batch
         with grpc.insecure_channel(server.address) as channel:
             stats = split_pb2_grpc.SplitLearningStub(channel).Stats(pb.StatsRequest(job="guarded"), timeout=10)
         assert [(j.job, j.sessions_open) for j in stats.jobs] == [("guarded", 0)]  # closed on the way out
