@@ -64,8 +64,8 @@ def build_parser() -> Parser:
                              "edges that have not agreed to be attacked")
     g.add_argument("--hijack", default=d.hijack, choices=HIJACKS,
                    help="lie to the edges: answer Train with feature-space hijacking gradients (FSHA) instead of the "
-                        "task's, through the unchanged protocol, and reconstruct their private training images (default "
-                        "%(default)s: an honest server)")
+                        "task's, through the unchanged protocol, and reconstruct their private training images "
+                        "(default %(default)s: an honest server)")
     g.add_argument("--public-data", default=d.public_data, metavar="DATASET",
                    help="the attacker's own images that the hijack trains on: a --dataset name of edge-client")
     g.add_argument("--public-root", default=d.public_root, metavar="DIR", help="its folder (all but digits)")

@@ -65,7 +65,7 @@ class ServerConfig:
                           "attacker's own images), got " + repr(self.public_data)),
             ("public_split", self.public_split in ("train", "test"),
              lambda name: f"{name('public_split')} must be train or test"),
-            ("public_image_size", self.public_image_size >= 0, lambda name: f"{name('public_image_size')} must be >= 0"),
+            at_least("public_image_size", self.public_image_size, 0),
             at_least("hijack_record_every", self.hijack_record_every, 1),
             ("checkpoint_dir", self.hijack == "none" or not self.checkpoint_dir,
              lambda name: f"{name('hijack')} does not checkpoint its attack networks: drop {name('checkpoint_dir')}"),

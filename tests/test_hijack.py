@@ -121,7 +121,9 @@ def test_a_hijacking_server_reconstructs_and_the_detector_stops_it(tmp_path, cap
         assert _edge(server.address, tmp_path / "aligned.json", "--job", "aligned", "--detect", "alignment") == 3
         assert "label alignment" in capsys.readouterr().err.strip().splitlines()[-1]
         aligned = json.loads((tmp_path / "aligned.json").read_text())
-        assert aligned["detect"]["detected_at_step"] < 10 and aligned["detect"]["fake_steps"] == 0  # no fake batch
+        # at its first check (--detect-start), with no fake batch sent
+        detect = aligned["detect"]
+        assert detect["detected_at_step"] == DetectConfig.detect_start and detect["fake_steps"] == 0
         with grpc.insecure_channel(server.address) as channel:
             stats = split_pb2_grpc.SplitLearningStub(channel).Stats(pb.StatsRequest(job="guarded"), timeout=10)
         assert [(j.job, j.sessions_open) for j in stats.jobs] == [("guarded", 0)]  # closed on the way out
