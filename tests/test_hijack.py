@@ -13,11 +13,15 @@ import torch
 from attacks import harness
 from cloud_server import cli as cloud_cli
 from cloud_server.config import ServerConfig
+from cloud_server.hijack import HijackJob, public_images
+from cloud_server.local import LocalCloud
 from deploy.processes import start_server
 from edge_client import cli as edge_cli
-from edge_client.config import DetectConfig
-from edge_client.detect import _Running, label_alignment, splitguard_score
+from edge_client.config import DetectConfig, EdgeConfig
+from edge_client.detect import HijackDetected, _Running, label_alignment, splitguard_score
+from edge_client.trainer import run
 from splitnet import data
+from splitnet.models import OptimSpec, SplitSpec
 from splitnet.settings import DataSpec, InvalidSetting
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
@@ -140,3 +144,16 @@ def test_the_detector_stays_quiet_against_an_honest_server(server, tmp_path):
     assert checks and min(c["splitguard"] for c in checks) > 0.9  # measured: 0.999 and up
     assert report["detect"]["last_label_alignment"] > 0.3  # a hijacker's stays near 0.05
     assert math.isfinite(report["test_accuracy"]) and "splitguard" in report["history"][-1]
+
+
+def test_the_python_api_raises_with_the_report_so_far():
+    """In-process (the real job behind `LocalCloud`): `run` raises HijackDetected carrying the report up
+    to the stop, which the harness can align like any edge report."""
+    spec = SplitSpec("cnn", "", 10, (1, 16, 16))
+    job = HijackJob("api", spec, OptimSpec(0.05, 0.9, 5e-4), public=public_images(DataSpec(), "test"))
+    config = EdgeConfig(detect=DetectConfig("alignment"), job="api", progress=False)
+    with pytest.raises(HijackDetected) as err:
+        run(config, LocalCloud(job))
+    report = err.value.report
+    assert report["detected"] and report["steps"] == DetectConfig.detect_start == job.last_step(report["client_id"])
+    assert report["reason"] == str(err.value) and math.isnan(report["test_accuracy"])  # no evaluation
