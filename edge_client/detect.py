@@ -11,17 +11,18 @@ mean gradients, weighted by the difference of their mean norms) with the real-vs
 and squashes it to (0, 1): near 1 for an honest cloud, near sigmoid(0)^2 = 0.25 for a
 hijacker. Below `threshold`: detected.
 
-Two cheaper signals need no fake batch and are reported beside SplitGuard's score, not acted
-on (docs/RESULTS_HIJACK.md compares them on the same runs):
+Two cheaper signals need no fake batch and are reported beside SplitGuard's score
+(docs/RESULTS_HIJACK.md compares them on the same runs); the first one decides instead of
+SplitGuard with `--detect alignment`:
 - `label_alignment`: within a real batch, the mean cosine similarity of the per-sample
   gradients the cloud returns for samples of the same label, less that for samples of
   different labels, averaged over the real batches. An honest cross-entropy gradient is
   W^T (p - onehot(y)): samples that share a label share most of it. A hijacker's depends on
-  the features alone.
+  the features alone. Free: no fake batch, no extra backward, no accuracy lost.
 - `loss_grad_corr`: the correlation, over the real steps, between the loss the cloud reports
   and the norm of the gradient it returns ("the loss falls but the gradients keep their
   size"). Measured, it does not separate the two (an honest decoder's gradients grow while
-  its weights do, early on), which is why it is only reported.
+  its weights do, early on), which is why nothing decides on it.
 
 Only running sums are kept (sums of gradients and of their norms), so a long run costs the
 size of one gradient three times, not one per step.
