@@ -130,7 +130,8 @@ def add_training_args(p: Parser) -> None:
             ("--detect-min-fakes", int, "K", "fake batches before the first score"),
             ("--detect-alignment-threshold", float, "A", "--detect alignment: detected when the label alignment "
              "(same-label minus other-label cosine similarity of the returned per-sample gradients, averaged over "
-             "the real batches) falls below A, checked from --detect-start on (honest ~0.5, hijacker ~0.06)")):
+             "the real batches) falls below A, checked from --detect-start on (honest 0.2 to 0.5, falling as the "
+             "model fits; hijacker ~0.06)")):
         g.add_argument(flag, type=kind, default=getattr(t, flag[2:].replace("-", "_")), metavar=metavar,
                        help=text + " (default %(default)s)")
     add_threads_arg(p)

@@ -127,7 +127,7 @@ class DetectConfig:
     detect_start: int = 10  # no fake batch, and no real gradient kept, up to this step (training settles)
     detect_every: int = 2  # steps between scores
     detect_min_fakes: int = 3  # fake batches before the first score
-    detect_alignment_threshold: float = 0.2  # alignment: label alignment below this: detected (honest 0.3-0.5)
+    detect_alignment_threshold: float = 0.1  # alignment: label alignment below this: detected (honest >= 0.2)
 
     def __post_init__(self) -> None:
         require_fields(self, [
