@@ -119,7 +119,7 @@ def _score(args: argparse.Namespace) -> int:
         indices = data.stratified(targets, args.per_class, args.sample_seed)
         pairs = [harness.select(pairs, indices)]
         sample = harness.describe_sample(indices, targets, args.per_class, args.sample_seed)
-    result = harness.score_pairs(pairs, run_info["method"])
+    result = harness.score_pairs(pairs, run_info["method"], by_step=args.by_step)
     if sample:
         result["sample"] = sample
     # what a Train step's reconstruction is compared with: the pixels it carried, crop and flip included
@@ -133,7 +133,8 @@ def _score(args: argparse.Namespace) -> int:
         rows = harness.class_rows(data.labels(splits.test)[pairs[0].indices], per_class)
         truth, recon = pairs[0].truth[rows], pairs[0].recon[rows]
     else:
-        shown = pairs[: args.grid]  # every pair holds at least one image
+        # every pair holds at least one image; by step: the last steps, where the attack has got to
+        shown = (pairs[::-1] if args.by_step else pairs)[: args.grid]
         truth = torch.cat([p.truth for p in shown])[: args.grid]
         recon = torch.cat([p.recon for p in shown])[: args.grid]
     save_grid(truth, recon, out / "recon.png", nrow=10 if sample else 8, scale=max(1, 64 // truth.shape[-1]))
@@ -202,7 +203,7 @@ def build_parser(parser_class: type[Parser] = Parser) -> Parser:
 
     sc = sub.add_parser("score", help="evaluation harness: align with the private images, score, draw",
                         formatter_class=HelpFormatter)
-    sc.add_argument("--recon", required=True, help="folder written by attacker run")
+    sc.add_argument("--recon", required=True, help="folder written by attacker run or cloud-server --hijack-out")
     sc.add_argument("--edge-report", action="append", required=True,
                     help="edge-client report(s) of the attacked sessions (repeatable)")
     sc.add_argument("--dataset", default="", help="private dataset (default: the report's)")
@@ -214,6 +215,9 @@ def build_parser(parser_class: type[Parser] = Parser) -> Parser:
                     help="score the inference traffic on a class-stratified sample of the test split: N images of "
                          "each class, the same for every run (0: every image the attack reconstructed)")
     sc.add_argument("--sample-seed", type=int, default=0, help="draws the --per-class sample (default %(default)s)")
+    sc.add_argument("--by-step", action="store_true",
+                    help="also score each training step apart (train_by_step): how a hijacking cloud's "
+                         "reconstructions improve as it moves the encoder")
     sc.add_argument("--out", required=True, help="write attack.json and recon.png here")
     sc.set_defaults(func=_score)
     return p

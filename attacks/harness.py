@@ -15,7 +15,7 @@ reconstructions by (session id, method, step id):
 A reconnect opens a new session: the report's `session_ids` lists them all, and a step
 captured under two of them (sent, then replayed) is scored once.
 
-Reconstruction folders (written by `attacker run`):
+Reconstruction folders (written by `attacker run` and `cloud-server --hijack`; `splitnet.recon_file`):
 - `recon.jsonl`: one JSON object per reconstructed batch: `seq` (the capture record it
   came from), `method` (Train | Infer), `session_id`, `step_id`, `file`;
 - `recon/NNNNNNNN.npy`: float32 images [N, C, H, W] in [0, 1] (allow_pickle=False);
@@ -25,45 +25,17 @@ Reconstruction folders (written by `attacker run`):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import shutil
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from splitnet import data
+from splitnet.recon_file import clear_reconstructions, read_reconstructions, write_reconstruction  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-def clear_reconstructions(out: Path) -> None:
-    """An empty reconstruction folder (`write_reconstruction` appends to `recon.jsonl`)."""
-    shutil.rmtree(out / "recon", ignore_errors=True)
-    (out / "recon.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def write_reconstruction(out: Path, seq: int, method: str, session_id: str, step_id: int, images: torch.Tensor) -> None:
-    (out / "recon").mkdir(parents=True, exist_ok=True)
-    name = f"recon/{seq:08d}.npy"
-    np.save(out / name, images.float().numpy(), allow_pickle=False)
-    with open(out / "recon.jsonl", "a") as f:
-        f.write(json.dumps({"seq": seq, "method": method, "session_id": session_id, "step_id": step_id,
-                            "file": name}) + "\n")
-
-
-def read_reconstructions(recon_dir: str | Path) -> list[tuple[dict, torch.Tensor]]:
-    root = Path(recon_dir)
-    path = root / "recon.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"no reconstructions in {recon_dir} (run `attacker run --out {recon_dir}` first)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r, torch.from_numpy(np.load(root / r["file"], allow_pickle=False))) for r in rows]
 
 
 def private_requests(test_set: Dataset, eval_batch_size: int) -> list[torch.Tensor]:
@@ -124,6 +96,7 @@ class Pair:
     recon: torch.Tensor
     truth: torch.Tensor
     indices: torch.Tensor | None = None  # test-split indices of an inference message's images
+    step_id: int = 0  # the training step of a Train pair (0 for inference)
 
 
 def by_session_id(sessions: list[PrivateSession]) -> dict[str, PrivateSession]:
@@ -148,7 +121,7 @@ def align(reconstructions: list[tuple[dict, torch.Tensor]], sessions: dict[str, 
                              f"{list(images.shape)} vs private images {list(expected.shape)}")
         seen.add(key)
         if row["method"] == "Train":
-            pairs.append(Pair("Train", session.epoch(row["step_id"]), images, expected))
+            pairs.append(Pair("Train", session.epoch(row["step_id"]), images, expected, step_id=row["step_id"]))
         else:
             pairs.append(Pair("Infer", 0, images, expected, session.infer_indices(row["step_id"], len(images))))
     if not pairs:
@@ -204,15 +177,18 @@ def check_aux_disjoint(pairs: list[Pair], run_info: dict, datasets: set[str]) ->
                              f"--aux-split {other} (and --only {kind}) for an honest score")
 
 
-def score_pairs(pairs: list[Pair], method: str) -> dict:
+def score_pairs(pairs: list[Pair], method: str, by_step: bool = False) -> dict:
     """The scores over every aligned image, then per traffic kind and per training epoch:
     features sent while the encoder was young may leak differently from the final ones.
-    Each image is scored once; the groups are means over its per-image scores."""
+    Each image is scored once; the groups are means over its per-image scores. `by_step`: also
+    per training step (`train_by_step`), for an attack that changes the encoder as it goes (a
+    hijacking cloud records a batch every few steps)."""
     from attacks import metrics  # torchmetrics: scoring needs it, `attacker run` (which writes reconstructions) not
 
     values = metrics.per_image(torch.cat([p.recon for p in pairs]), torch.cat([p.truth for p in pairs]))
     epochs = torch.cat([torch.full((len(p.recon),), p.epoch) for p in pairs])
     train = torch.cat([torch.full((len(p.recon),), p.method == "Train") for p in pairs])
+    steps = torch.cat([torch.full((len(p.recon),), p.step_id) for p in pairs])
 
     def mean(mask: torch.Tensor) -> dict:
         return {**{name: float(v[mask].mean()) for name, v in values.items()}, "n_images": int(mask.sum())}
@@ -220,7 +196,9 @@ def score_pairs(pairs: list[Pair], method: str) -> dict:
     kinds = {"Infer": ~train, "Train": train}
     return {**mean(torch.ones_like(train)), "method": method, "ssim_convention": metrics.SSIM_CONVENTION,
             "by_traffic": {kind: mean(mask) for kind, mask in kinds.items() if mask.any()},
-            "train_by_epoch": [{"epoch": int(e), **mean(train & (epochs == e))} for e in epochs[train].unique()]}
+            "train_by_epoch": [{"epoch": int(e), **mean(train & (epochs == e))} for e in epochs[train].unique()],
+            **({"train_by_step": [{"step_id": int(s), **mean(train & (steps == s))} for s in steps[train].unique()]}
+               if by_step else {})}
 
 
 def score(recon: torch.Tensor, truth: torch.Tensor, method: str) -> dict:

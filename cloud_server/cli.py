@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from cloud_server.config import ServerConfig
+from cloud_server.config import HIJACKS, ServerConfig
 from splitnet import security
 from splitnet import cli_util
 from splitnet.cli_util import (Parser, add_config_args, add_threads_arg, names_missing_extra, new_parser, port,
@@ -60,6 +60,25 @@ def build_parser() -> Parser:
                    help="on shutdown, time for in-flight steps (default %(default)s)")
     p.add_argument("--tap", dest="tap_dir", default=d.tap_dir,
                    help="curious-server mode: record every received training batch here for the attacker")
+    g = p.add_argument_group("ATTACK TOOL: a malicious cloud (docs/ATTACKS_AND_METRICS.md §6). Never run it against "
+                             "edges that have not agreed to be attacked")
+    g.add_argument("--hijack", default=d.hijack, choices=HIJACKS,
+                   help="lie to the edges: answer Train with feature-space hijacking gradients (FSHA) instead of the "
+                        "task's, through the unchanged protocol, and reconstruct their private training images "
+                        "(default %(default)s: an honest server)")
+    g.add_argument("--public-data", default=d.public_data, metavar="DATASET",
+                   help="the attacker's own images that the hijack trains on: a --dataset name of edge-client")
+    g.add_argument("--public-root", default=d.public_root, metavar="DIR", help="its folder (all but digits)")
+    g.add_argument("--public-split", default=d.public_split, choices=("train", "test"),
+                   help="which split of --public-data (default %(default)s: for digits, disjoint from the clients' "
+                        "training split)")
+    g.add_argument("--public-image-size", type=int, default=d.public_image_size, metavar="PX",
+                   help="digits / imagefolder side (default: the dataset's, as the edge's)")
+    g.add_argument("--hijack-out", default=d.hijack_out, metavar="DIR",
+                   help="write the reconstructions (attacker score --recon DIR) and the attack's figures "
+                        "(fsha.jsonl) here")
+    g.add_argument("--hijack-record-every", type=int, default=d.hijack_record_every, metavar="N",
+                   help="reconstruct a client's batch at its step 1 and every N steps (default %(default)s)")
     add_threads_arg(p)
     p.add_argument("--log-dir", default=d.log_dir, metavar="DIR",
                    help="write TensorBoard event files here: one run per job, the decoder's loss and batch accuracy "

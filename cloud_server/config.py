@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from splitnet.settings import at_least, require
+from splitnet.settings import DATASETS, at_least, require
 from splitnet.wire import DEFAULT_MAX_MESSAGE_MB
+
+
+HIJACKS = ("none", "fsha")  # none: an honest server
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,14 @@ class ServerConfig:
     tls_ca: str = ""  # PEM CA: require client certificates it signed (mutual TLS)
     # Accepted bearer tokens (empty: no token auth). Kept out of repr so logs never show them.
     auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # The malicious cloud (an attack tool, cloud_server.hijack): "none" honest, "fsha" feature-space hijacking.
+    hijack: str = "none"
+    public_data: str = ""  # the hijacker's own images: a dataset name (splitnet.settings.DATASETS)
+    public_root: str = ""  # its folder (all but digits)
+    public_split: str = "test"  # which split of it: for digits, the test split is disjoint from the clients'
+    public_image_size: int = 0  # digits / imagefolder side (0: the dataset's default, as the edge's)
+    hijack_out: str = ""  # write the attacker's reconstructions here (splitnet.recon_file); "" : none
+    hijack_record_every: int = 10  # reconstruct a client's batch every N of its steps (and its first)
 
     def __post_init__(self) -> None:
         counts = ("max_jobs", "max_workers", "max_streams", "max_streams_per_peer")
@@ -48,4 +59,14 @@ class ServerConfig:
             ("job_memory_mb", 0 < self.job_memory_mb <= self.max_memory_mb,
              lambda name: f"{name('job_memory_mb')} must be > 0 and at most {name('max_memory_mb')}"),
             ("job_idle_s", self.job_idle_s >= 0, lambda name: f"{name('job_idle_s')} must be >= 0 (0: never evict)"),
+            ("hijack", self.hijack in HIJACKS, lambda name: f"{name('hijack')} must be one of {HIJACKS}"),
+            ("public_data", self.hijack == "none" or self.public_data in DATASETS,
+             lambda name: f"{name('hijack')} {self.hijack} needs {name('public_data')}: one of {DATASETS} (the "
+                          "attacker's own images), got " + repr(self.public_data)),
+            ("public_split", self.public_split in ("train", "test"),
+             lambda name: f"{name('public_split')} must be train or test"),
+            at_least("public_image_size", self.public_image_size, 0),
+            at_least("hijack_record_every", self.hijack_record_every, 1),
+            ("checkpoint_dir", self.hijack == "none" or not self.checkpoint_dir,
+             lambda name: f"{name('hijack')} does not checkpoint its attack networks: drop {name('checkpoint_dir')}"),
         ])

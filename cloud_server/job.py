@@ -163,25 +163,32 @@ class Job:
             if step_id != state.last_step + 1:
                 raise StepOrderError(f"step_id {step_id} skips ahead: the server expects {state.last_step + 1} "
                                      f"for client {client_id!r}")
-            self.decoder.train()
-            z = features.to(self.device).requires_grad_(True)
-            y = labels.to(self.device)
-            buffers = _copy_buffers(self.decoder)  # the forward pass updates batch-norm statistics
-            self.optimizer.zero_grad(set_to_none=True)
-            logits = self.decoder(z)
-            loss = self._loss(logits, y)
-            loss.backward()
-            lr = self.optim.lr * self.schedules.get(client_id, LrSchedule()).factor(step_id)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self._refuse_non_finite(step_id, loss, z, buffers)
-            self.optimizer.step()
+            grad, loss, correct, lr = self._learn(client_id, step_id, features, labels)
             self.steps_applied += 1
-            outcome = StepOutcome(z.grad.detach().cpu(), float(loss.detach()),
-                                  int((logits.argmax(1) == y).sum()), False, self.steps_applied, lr)
+            outcome = StepOutcome(grad, loss, correct, False, self.steps_applied, lr)
             state.last_step = step_id
             state.keep(step_id, outcome, received)
             return outcome
+
+    def _learn(self, client_id: str, step_id: int, features: torch.Tensor,
+               labels: torch.Tensor) -> tuple[torch.Tensor, float, int, float]:
+        """The step's math, under the job's lock, once the step is known to be new: train the decoder
+        on the batch and return (dLoss/dfeatures, loss, correct, lr). A subclass that answers with
+        other gradients (`cloud_server.hijack`) replaces this and keeps the exactly-once bookkeeping."""
+        self.decoder.train()
+        z = features.to(self.device).requires_grad_(True)
+        y = labels.to(self.device)
+        buffers = _copy_buffers(self.decoder)  # the forward pass updates batch-norm statistics
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.decoder(z)
+        loss = self._loss(logits, y)
+        loss.backward()
+        lr = self.optim.lr * self.schedules.get(client_id, LrSchedule()).factor(step_id)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._refuse_non_finite(step_id, loss, z, buffers)
+        self.optimizer.step()
+        return (z.grad.detach().cpu(), float(loss.detach()), int((logits.argmax(1) == y).sum()), lr)
 
     def _refuse_non_finite(self, step_id: int, loss: torch.Tensor, z: torch.Tensor,
                            buffers: dict[str, torch.Tensor]) -> None:

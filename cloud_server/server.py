@@ -117,14 +117,16 @@ class CloudServer:
                         "checks and Stats are then refused", config.max_streams, config.max_workers)
         self._credentials = security.server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
         interceptors = [*([TokenAuth(config.auth_tokens)] if config.auth_tokens else []), ParseRequests()]
+        job_factory, hijack_observer = _hijack(config)
+        observers = [o for o in (_tap(config.tap_dir), hijack_observer) if o is not None]
         self.servicer = servicer_cls(Checkpointer(config.checkpoint_dir or None, config.checkpoint_every,
                                                   config.skip_bad_checkpoints),
-                                     config.device, config.max_message_mb, observer=_tap(config.tap_dir),
+                                     config.device, config.max_message_mb, observer=_chain(observers),
                                      max_jobs=config.max_jobs, token_identity=bool(config.auth_tokens),
                                      streams=StreamSlots(config.max_streams, config.max_streams_per_peer),
                                      idle_timeout_s=config.idle_timeout_s, job_memory_mb=config.job_memory_mb,
                                      max_memory_mb=config.max_memory_mb, job_idle_s=config.job_idle_s,
-                                     log_dir=config.log_dir)
+                                     log_dir=config.log_dir, job_factory=job_factory)
         self.health = health.HealthServicer()
         # maximum_concurrent_rpcs: past max_workers a call is refused (RESOURCE_EXHAUSTED) instead of
         # queueing forever behind long-lived streams.
@@ -192,3 +194,40 @@ def _tap(tap_dir: str):
         writer.record(method, session.session_id, step_id, features, wire_dtype, labels)
 
     return observe
+
+
+def _chain(observers: list):
+    """One observer calling each of `observers` (None for none)."""
+    if len(observers) <= 1:
+        return observers[0] if observers else None
+
+    def observe(*args) -> None:
+        for observer in observers:
+            observer(*args)
+
+    return observe
+
+
+def _hijack(config: ServerConfig):
+    """The job factory and step observer of `--hijack` (an attack tool, cloud_server.hijack), or the
+    honest server's (Job, None). The public images are loaded once, at start."""
+    if config.hijack == "none":
+        from cloud_server.job import Job
+
+        return Job, None
+    import functools
+
+    from cloud_server import hijack
+    from splitnet.fsha import FshaSettings
+    from splitnet.settings import DataSpec
+
+    public = DataSpec(config.public_data, config.public_root, image_size=config.public_image_size)
+    images = hijack.public_images(public, config.public_split)
+    settings = FshaSettings()
+    log.warning("HIJACKING SERVER (%s): edges get attack gradients, not their task's; public data %s %s, %d images",
+                config.hijack, config.public_data, config.public_split, len(images))
+    recorder = (hijack.HijackRecorder(config.hijack_out, config.hijack_record_every,
+                                      hijack.run_info(public, config.public_split, settings,
+                                                      config.hijack_record_every))
+                if config.hijack_out else None)
+    return functools.partial(hijack.HijackJob, public=images, settings=settings), recorder

@@ -127,11 +127,14 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                  token_identity: bool = False, streams: StreamSlots | None = None,
                  idle_timeout_s: float = ServerConfig.idle_timeout_s, job_memory_mb: float = ServerConfig.job_memory_mb,
                  max_memory_mb: float = ServerConfig.max_memory_mb,
-                 job_idle_s: float = ServerConfig.job_idle_s, log_dir: str = "") -> None:
+                 job_idle_s: float = ServerConfig.job_idle_s, log_dir: str = "",
+                 job_factory: Callable[..., Job] = Job) -> None:
         """`token_identity`: the server checks tokens, so a caller's token is part of its identity.
         `streams`, `idle_timeout_s`: limits on Train / Infer streams (see `cloud_server.streams`).
         `max_jobs`, `job_memory_mb`, `max_memory_mb`: what new jobs may cost (see `cloud_server.memory`).
-        `job_idle_s`: see `evict_idle`. `log_dir`: TensorBoard runs of the jobs (`JobTrackers`)."""
+        `job_idle_s`: see `evict_idle`. `log_dir`: TensorBoard runs of the jobs (`JobTrackers`).
+        `job_factory`: builds a new job from (name, spec, optim, device, seed); the hijacking cloud's
+        (`cloud_server.hijack`) answers with other gradients under the same checks."""
         self.checkpointer = checkpointer
         self.streams = streams or StreamSlots(ServerConfig.max_streams, ServerConfig.max_streams_per_peer)
         self.idle_timeout_s = idle_timeout_s
@@ -140,6 +143,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         self.max_message_mb = max_message_mb
         self.token_identity = token_identity
         self.observer = observer
+        self.job_factory = job_factory
         self.job_log = JobTrackers(log_dir)
         checkpointer.check_all(device)  # jobs with a checkpoint are loaded at their first OpenSession
         self.jobs: dict[str, Job] = {}  # the jobs in memory
@@ -221,7 +225,8 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             job = self._resume(spec.job)
             if job is None:
                 # The decoder's optimizer is the job's; each client's schedule is its own (`_accept`).
-                job = Job(spec.job, split, replace(spec.optim, schedule=LrSchedule()), self.device, spec.seed)
+                job = self.job_factory(spec.job, split, replace(spec.optim, schedule=LrSchedule()), self.device,
+                                       spec.seed)
                 if spec.init_from_job:
                     self._init_from(job, spec.init_from_job)
                 log.info("job %r: new decoder %s cut %s%s", spec.job, split.arch, job.spec.cut,

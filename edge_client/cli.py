@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from edge_client.config import CEM_CHOICES, ConnectionConfig, DefenseConfig, EdgeConfig
+from edge_client.config import CEM_CHOICES, DETECTORS, ConnectionConfig, DefenseConfig, DetectConfig, EdgeConfig
 from splitnet import security, tracking
 from splitnet.cli_util import (Parser, add_config_args, add_threads_arg, names_missing_extra, new_parser,
                                parse_args, set_threads, setup_logging)
@@ -16,6 +16,8 @@ from splitnet.settings import ARCHS, CODECS, DATASETS, NOISE_KINDS, DatasetNotFo
 from splitnet.wire import MAX_KEPT_REPLIES, parse_address
 
 log = logging.getLogger("edge_client")
+
+HIJACK_EXIT = 3  # the exit status of a run that --detect stopped
 
 def add_training_args(p: Parser) -> None:
     """Flags shared by every command that runs edge clients (edge-client, split-ray, sweeps)."""
@@ -111,6 +113,27 @@ def add_training_args(p: Parser) -> None:
     g.add_argument("--prune-ratio", type=float, default=d.prune_ratio, metavar="R",
                    help="learned channel pruning: zero, and do not send, this share of the feature channels, chosen "
                         "by a score per channel trained with the encoder (and against --adv-weight's attacker)")
+    t = DetectConfig()
+    g = p.add_argument_group("hijacking detection (docs/DEFENSES.md §5)")
+    g.add_argument("--detect", default=t.detect, choices=DETECTORS,
+                   help="splitguard: send some batches with wrong labels and compare the gradients that come back "
+                        "with those of real batches; alignment: no fake batch, check that the returned gradients "
+                        "follow the labels. A cloud whose gradients ignore the labels is hijacking the encoder: "
+                        "stop, close the session, exit 3 (default %(default)s)")
+    for flag, kind, metavar, text in (
+            ("--detect-fake-rate", float, "P", "share of the steps sent as fake batches, after --detect-start; the "
+             "encoder does not learn from them, the cloud's decoder does (their cost: docs/RESULTS_HIJACK.md)"),
+            ("--detect-threshold", float, "S", "detected when the SplitGuard score falls below S (honest ~1, "
+             "hijacker ~0.25)"),
+            ("--detect-start", int, "STEP", "no fake batch up to this step"),
+            ("--detect-every", int, "N", "score every N steps"),
+            ("--detect-min-fakes", int, "K", "fake batches before the first score"),
+            ("--detect-alignment-threshold", float, "A", "--detect alignment: detected when the label alignment "
+             "(same-label minus other-label cosine similarity of the returned per-sample gradients, averaged over "
+             "the real batches) falls below A, checked from --detect-start on (honest 0.2 to 0.5, falling as the "
+             "model fits; hijacker ~0.06)")):
+        g.add_argument(flag, type=kind, default=getattr(t, flag[2:].replace("-", "_")), metavar=metavar,
+                       help=text + " (default %(default)s)")
     add_threads_arg(p)
     p.add_argument("--log-dir", default="", metavar="DIR",
                    help="write TensorBoard event files here: per-epoch loss, accuracy, bytes, rtt, CEM diagnostics "
@@ -146,10 +169,12 @@ def config_from_args(args: argparse.Namespace, p: Parser) -> EdgeConfig:
                                 learn_gates=not args.freeze_gates, adv_weight=args.adv_weight,
                                 adv_blocks=args.adv_blocks, adv_width=args.adv_width, adv_every=args.adv_every,
                                 adv_lr=args.adv_lr, prune_ratio=args.prune_ratio)
+        detect = DetectConfig(args.detect, args.detect_fake_rate, args.detect_threshold, args.detect_start,
+                              args.detect_every, args.detect_min_fakes, args.detect_alignment_threshold)
         return EdgeConfig(
             connection=connection,
             data=_data(args),
-            defense=defense, arch=args.arch, cut=args.cut, bottleneck=args.bottleneck, width=args.width,
+            defense=defense, detect=detect, arch=args.arch, cut=args.cut, bottleneck=args.bottleneck, width=args.width,
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
             weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, warmup_epochs=args.warmup_epochs,
             augment=args.augment,
@@ -231,11 +256,17 @@ def _finish(config: EdgeConfig, work: Callable[[], dict], summary: Callable[[dic
     """Run `work` and report it; what the user can fix (exit 2) and a cloud that failed or lost
     steps (exit 1) each end in one line, not a traceback."""
     from edge_client import report as report_mod
+    from edge_client.detect import HijackDetected
     from edge_client.remote import CloudError
     from edge_client.trainer import StepsLost
 
     try:
         result = work()
+    except HijackDetected as err:  # the session is closed; the report says what the detector saw
+        print(f"edge-client: stopped: {err.reason}", file=sys.stderr)
+        if config.report:
+            report_mod.write(err.report, config.report)
+        return HIJACK_EXIT
     except bad_input as err:
         print(f"edge-client: error: {err}", file=sys.stderr)
         return 2

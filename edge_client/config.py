@@ -112,6 +112,39 @@ class DefenseConfig(ObfuscationConfig):
 
 
 
+DETECTORS = ("none", "splitguard", "alignment")
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """The edge's hijacking detector (`edge_client.detect`; docs/DEFENSES.md §5). The defaults are
+    the ones measured in docs/RESULTS_HIJACK.md: 10 of 10 hijacking runs stopped, none of 10
+    honest runs, on digits."""
+
+    detect: str = "none"  # "splitguard" (fake batches) or "alignment" (the label alignment alone, no fake batch)
+    detect_fake_rate: float = 0.2  # share of the steps after detect_start sent with wrong labels
+    detect_threshold: float = 0.5  # SplitGuard score below this: detected (honest ~1, hijacker ~0.25)
+    detect_start: int = 10  # no fake batch, and no real gradient kept, up to this step (training settles)
+    detect_every: int = 2  # steps between scores
+    detect_min_fakes: int = 3  # fake batches before the first score
+    detect_alignment_threshold: float = 0.1  # alignment: label alignment below this: detected (honest >= 0.2)
+
+    def __post_init__(self) -> None:
+        require_fields(self, [
+            ("detect", self.detect in DETECTORS, f"one of {DETECTORS}"),
+            ("detect_fake_rate", finite(self.detect_fake_rate) and 0 < self.detect_fake_rate < 1, "in (0, 1)"),
+            ("detect_threshold", finite(self.detect_threshold) and 0 < self.detect_threshold < 1, "in (0, 1)"),
+            ("detect_start", isinstance(self.detect_start, int) and self.detect_start >= 0, "an int >= 0"),
+            ("detect_every", isinstance(self.detect_every, int) and self.detect_every >= 1, "an int >= 1"),
+            ("detect_min_fakes", isinstance(self.detect_min_fakes, int) and self.detect_min_fakes >= 1, "an int >= 1"),
+            ("detect_alignment_threshold", finite(self.detect_alignment_threshold)
+             and -1 < self.detect_alignment_threshold < 1, "in (-1, 1)"),
+        ])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "detect"}
+
+
 @dataclass(frozen=True)
 class ConnectionConfig:
     server: str = "127.0.0.1:50051"
@@ -139,6 +172,7 @@ class EdgeConfig:
     connection: ConnectionConfig = field(default_factory=ConnectionConfig)
     data: DataSpec = field(default_factory=DataSpec)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
     arch: str = "cnn"
     cut: str = ""  # empty: the architecture's default
     bottleneck: int = 0

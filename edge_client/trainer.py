@@ -35,6 +35,7 @@ from edge_client.adversary_hook import AdversaryHook
 from edge_client.cem_hook import CemHook
 from edge_client.config import EdgeConfig
 from edge_client.defense import nopeek_loss
+from edge_client.detect import Detector, HijackDetected
 from edge_client.report import generalization, percentile
 from splitnet import data, encoder_file, models
 from splitnet.cloud_api import Cloud, NotDurable, StepReply
@@ -53,6 +54,7 @@ class _InFlight:
     z_sent: torch.Tensor
     step_id: int
     epoch: int
+    fake: bool = False  # a detector's batch with wrong labels (edge_client.detect): not trained on, not tallied
 
 
 class StepsLost(RuntimeError):
@@ -154,6 +156,7 @@ class EdgeTrainer:
                                        generator=torch.Generator().manual_seed(config.seed + 1))
         self.cem = CemHook.create(config, self.encoder, self.optimizer, self.split, len(self.loader))
         self.adversary = AdversaryHook.create(config, self.split, self.optimizer)
+        self.detector = Detector.create(config.detect, self.splits.num_classes, config.seed)
         self.lr = config.lr  # the rate of the last step applied
         self.lr_mismatches = 0  # steps where the decoder stepped with another rate than the encoder
         self.client_id = config.client_id or uuid.uuid4().hex[:12]
@@ -227,8 +230,10 @@ class EdgeTrainer:
             self.step_id += 1
             z = self._forward(x, stash=depth > 0)
             z_sent, channels = self.adversary.prune(self.obfuscation(z))
-            self.cloud.submit(self.step_id, z_sent.detach(), y.cpu(), self.config.codec, channels)
-            inflight.append(_InFlight(x, y, z, z_sent, self.step_id, epoch))
+            fake = self.detector.fake_labels(self.step_id, y) if self.detector else None
+            self.cloud.submit(self.step_id, z_sent.detach(), (y if fake is None else fake).cpu(), self.config.codec,
+                              channels)
+            inflight.append(_InFlight(x, y, z, z_sent, self.step_id, epoch, fake is not None))
             self.steps += 1
             self._settle(inflight, depth, tally, bar)
             if self.config.state_dir and self.step_id - self._state_step >= self.config.state_every:
@@ -245,7 +250,8 @@ class EdgeTrainer:
         self.samples += seen
         record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                   "lr": self.lr, "seconds": elapsed, "samples_per_second": seen / elapsed if elapsed else 0.0,
-                  **self.cem.end_epoch(epoch, self.train_set), **self.adversary.end_epoch(elapsed)}
+                  **self.cem.end_epoch(epoch, self.train_set), **self.adversary.end_epoch(elapsed),
+                  **self._detect_epoch()}
         self.history.append(record)
         self.tracker.edge_epoch(record, self.counters())
         log.info("epoch %d: loss %.4f acc %.3f, %.0f samples/s%s%s", epoch, record["train_loss"],
@@ -254,6 +260,13 @@ class EdgeTrainer:
         if self.config.state_dir:
             self.save_state()
         return record
+
+    def _detect_epoch(self) -> dict:
+        """The detector's last scores, for the epoch's history record (none without a detector)."""
+        if self.detector is None or not self.detector.checks:
+            return {}
+        last = self.detector.checks[-1]
+        return {key: last[key] for key in ("splitguard", "loss_grad_corr", "label_alignment", "fake_batches")}
 
     def _epoch_batches(self) -> Iterator:
         """The epoch's batches until `done`: the rest of the open pass (a new one if none is), or
@@ -287,7 +300,7 @@ class EdgeTrainer:
         while len(inflight) > keep:
             item = inflight.popleft()
             reply = self._apply(item)
-            if reply.grad is not None:
+            if reply.grad is not None and not item.fake:
                 tally["loss"] += reply.loss * len(item.y)
                 tally["correct"] += reply.correct
                 tally["seen"] += len(item.y)
@@ -305,6 +318,10 @@ class EdgeTrainer:
             self.duplicates += 1
             return reply
         self._set_lr(item.step_id, reply.lr)
+        if self.detector is not None:
+            self._detect(item, reply)
+            if item.fake:  # the encoder does not learn from wrong labels (SplitGuard's rule)
+                return reply
         self.optimizer.zero_grad(set_to_none=True)
         task = (item.z_sent * reply.grad.to(item.z_sent.device)).sum()  # d task / d z_sent == the cloud's grad
         if self.config.defense.nopeek > 0:
@@ -315,6 +332,24 @@ class EdgeTrainer:
         self.cem.backward(task, item.z, item.y, item.epoch)
         self.optimizer.step()
         return reply
+
+    def _detect(self, item: _InFlight, reply: StepReply) -> None:
+        """Give the detector this step's encoder gradient (from the cloud's gradient alone, before any
+        defense term) and its figures; on detection, raise HijackDetected (the run closes its session)."""
+        assert self.detector is not None and reply.grad is not None
+        params = [p for p in self.encoder.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(item.z_sent, params, grad_outputs=reply.grad.to(item.z_sent.device),
+                                    retain_graph=True, allow_unused=True)
+        flat = torch.cat([g.detach().flatten().cpu() for g in grads if g is not None])
+        self.detector.observe(item.step_id, item.fake, flat, reply.loss, reply.grad, item.y.cpu())
+        record = self.detector.check(item.step_id)
+        if record is not None:
+            self.tracker.scalars(item.step_id, {"detect/splitguard": record["splitguard"],
+                                                "detect/loss_grad_corr": record["loss_grad_corr"],
+                                                "detect/label_alignment": record["label_alignment"]})
+        if self.detector.fired is not None:
+            log.error("%s", self.detector.reason())
+            raise HijackDetected(self.detector.reason(), self.detector.report()["detect"])
 
     def _set_lr(self, step_id: int, decoder_lr: float) -> None:
         """Step the encoder (and CEM's parameters) at the schedule's rate for this step id, the rate
@@ -560,6 +595,7 @@ class EdgeTrainer:
             "init_job": cfg.init_job,
             **self.cem.report(self.train_set),
             **self.adversary.report(),
+            **(self.detector.report() if self.detector is not None else {}),
             "history": self.history,
         }
 
@@ -572,8 +608,12 @@ def run(config: EdgeConfig, cloud: Cloud, splits: data.Splits | None = None,
     trainer = EdgeTrainer(config, cloud, splits, train_set)
     try:
         trainer.start()
-        while len(trainer.history) < config.epochs and not trainer.done:
-            trainer.train_epoch()
+        try:
+            while len(trainer.history) < config.epochs and not trainer.done:
+                trainer.train_epoch()
+        except HijackDetected as err:  # no evaluation through a hijacker: the report so far, then close
+            err.report = {**trainer.report(math.nan), "detected": True, "reason": err.reason}
+            raise
         trainer.make_durable()
         if config.state_dir:
             trainer.save_state()  # the finished run: a kill from here on resumes to evaluate only

@@ -79,8 +79,9 @@ HEAVY_FIXTURES = {"attacked", "proxy", "ray_local", "single", "digits_sweep", "s
 SLOWEST_FIRST = ("test_multihost_faults.py", "test_ray.py", "test_resume.py", "test_sweep.py", "test_attacks.py",
                  "test_attacker.py", "test_sweep_two_phase.py", "test_sweep_runs.py", "test_edge_resume.py",
                  "test_ray_virtual.py", "test_split_training.py", "test_fuzz.py", "test_multihost_flood.py",
-                 "test_sweep_resume.py", "test_multihost.py", "test_adversarial.py", "test_multihost_link.py",
-                 "test_load.py", "test_security.py", "test_faults.py", "test_schedule.py", "test_continuation.py")
+                 "test_sweep_resume.py", "test_multihost.py", "test_adversarial.py", "test_hijack.py",
+                 "test_multihost_link.py", "test_load.py", "test_security.py", "test_faults.py", "test_schedule.py",
+                 "test_continuation.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
