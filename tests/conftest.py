@@ -76,12 +76,12 @@ HEAVY_FIXTURES = {"attacked", "proxy", "ray_local", "single", "digits_sweep", "s
 # to do. `make test` keeps this order (--no-loadscope-reorder): pytest-xdist's own hands out the files
 # with the most tests first, which put these (a few tests each: sweeps, Ray clusters, namespace hosts,
 # process restarts) at the end. tests/test_layout.py checks that each names a file there is.
-SLOWEST_FIRST = ("test_multihost_faults.py", "test_ray.py", "test_resume.py", "test_sweep.py", "test_attacks.py",
-                 "test_attacker.py", "test_sweep_two_phase.py", "test_sweep_runs.py", "test_edge_resume.py",
-                 "test_ray_virtual.py", "test_split_training.py", "test_fuzz.py", "test_multihost_flood.py",
-                 "test_sweep_resume.py", "test_multihost.py", "test_adversarial.py", "test_hijack.py",
-                 "test_multihost_link.py", "test_load.py", "test_security.py", "test_faults.py", "test_schedule.py",
-                 "test_continuation.py")
+SLOWEST_FIRST = ("test_sweep.py", "test_ray.py", "test_sweep_two_phase.py", "test_attacker.py", "test_ray_virtual.py",
+                 "test_resume.py", "test_edge_resume.py", "test_sweep_runs.py", "test_sweep_resume.py", "test_fuzz.py",
+                 "test_hijack.py", "test_multihost.py", "test_attacks.py", "test_load.py", "test_split_training.py",
+                 "test_security.py", "test_examples.py", "test_tracking.py", "test_multihost_link.py", "test_faults.py",
+                 "test_adversarial.py", "test_schedule.py", "test_continuation.py",
+                 "test_multihost_faults.py", "test_multihost_flood.py")  # the last two: make test-hosts
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
