@@ -36,7 +36,12 @@ def make_pki(folder: Path, server_ip: str) -> None:
                                             usage=ExtendedKeyUsageOID.SERVER_AUTH))
 
 
-def active_nodes(status: str) -> int:
-    """The nodes `ray status` lists under Active."""
+def active_node_ids(status: str) -> set[str]:
+    """The ids of the nodes `ray status` lists under Active."""
     section = re.search(r"Active:\n((?:[ \t]+\d+ node_\w+\n)*)", status)
-    return len(section.group(1).splitlines()) if section else 0
+    return set(re.findall(r"node_\w+", section.group(1))) if section else set()
+
+
+def active_nodes(status: str) -> int:
+    """How many nodes `ray status` lists under Active."""
+    return len(active_node_ids(status))
