@@ -173,6 +173,19 @@ def test_a_point_interrupted_after_its_attack_ends_without_attacking_again(digit
         k: before["result"][k] for k in before["result"] if k.startswith("inversion_")}
 
 
+def test_an_edge_counts_as_finished_only_by_a_whole_report_of_its_attempts_job(tmp_path):
+    from deploy.experiments.runner import edge_finished
+
+    (tmp_path / "attempt.json").write_text('{"job": "p-1a2b3c"}')
+    assert not edge_finished(tmp_path)  # no report yet
+    for report, finished in (({"job": "p-1a2b3c", "steps": 9}, True), ({"job": "p-999999", "steps": 9}, False),
+                             ({"job": "p-1a2b3c", "detected": True, "reason": "stopped"}, False)):
+        (tmp_path / "edge.json").write_text(json.dumps(report))
+        assert edge_finished(tmp_path) is finished, report
+    (tmp_path / "edge.json").write_text('{"job": "p-1a2b')  # cut short
+    assert not edge_finished(tmp_path)
+
+
 @pytest.mark.parametrize("text, named", [
     ("[gird]\ncuts = []\n", "unknown sweep config section(s) ['gird']"),
     ("[model]\nepoch = 1\n", "[model]: unknown key 'epoch'; valid keys: "),

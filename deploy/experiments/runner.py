@@ -136,6 +136,17 @@ def _stage_done(record: Path, stage: dict) -> bool:
         return False
 
 
+def edge_finished(out: Path) -> bool:
+    """Whether the edge of the point or base in `out` ran to its end in its attempt's job: its report
+    (`edge.json`, written at the end of a run) names that job, and is not the report so far that
+    an edge stopped by its hijacking detector leaves (`detected`)."""
+    try:
+        report = json.loads((out / "edge.json").read_text())
+        return not report.get("detected") and report.get("job") == json.loads((out / "attempt.json").read_text())["job"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def _train_edge(config: SweepConfig, out: Path, flags: list[str]) -> None:
     """The point's edge-client, resumable: it keeps its state in `out/state` every STATE_EVERY steps
     (each time after the server checkpointed its job), so a point whose sweep was killed carries
@@ -145,9 +156,8 @@ def _train_edge(config: SweepConfig, out: Path, flags: list[str]) -> None:
     trains against a decoder an interrupted attempt left half-trained. An edge whose attempt ended
     (its report names the attempt's job) is not run again: a resumed run would open a new session,
     and the attacks of the point read the session its report names."""
-    state, attempt_file, report = out / "state", out / "attempt.json", out / "edge.json"
-    if attempt_file.exists() and report.exists() and \
-            json.loads(report.read_text()).get("job") == json.loads(attempt_file.read_text())["job"]:
+    state, attempt_file = out / "state", out / "attempt.json"
+    if edge_finished(out):
         log.info("%s: the edge trained to its end before the sweep was interrupted; kept", out.name)
         return
     resuming = attempt_file.exists() and any(state.glob("*.ckpt"))
