@@ -3,8 +3,6 @@ cluster) and the `slow` marker. Helpers that tests import live in helper modules
 (messages.py, certs.py, ray_cluster.py, tb_events.py, ...); no test module imports another
 (tests/test_layout.py checks it)."""
 
-import os
-
 import pytest
 import torch
 
@@ -84,13 +82,6 @@ SLOWEST_FIRST = ("test_sweep.py", "test_ray.py", "test_sweep_two_phase.py", "tes
                  "test_security.py", "test_examples.py", "test_tracking.py", "test_multihost_link.py", "test_faults.py",
                  "test_adversarial.py", "test_schedule.py", "test_continuation.py",
                  "test_multihost_faults.py", "test_multihost_flood.py")  # the last two: make test-hosts
-
-
-def pytest_xdist_auto_num_workers(config) -> int:
-    """`-n auto` (make test): half again as many workers as cores. The suite waits more than it
-    computes (process, server and Ray starts, timeouts): with one worker a core, `.ci/run` on a
-    quiet 2-core machine kept 1.06 cores busy on average."""
-    return max(2, (os.cpu_count() or 1) * 3 // 2)
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
