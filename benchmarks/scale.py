@@ -27,10 +27,11 @@ one cluster it runs the baseline (`--baseline` clients, one actor each) and then
 W = 2 puts one worker on each node), and samples the memory of every process of the three hosts
 (those whose network namespace is one of theirs: split-ray, the cloud-server, both nodes' Ray
 processes and the workers). Each run's entry adds the nodes its clients ran on. The cloud-server
-serves both runs. 10,000 clients need a training set of 10,000 samples or more (digits has 1,437):
+serves both runs. 10,000 clients need a training set of 10,000 samples or more (digits has 1,437;
+CIFAR10_TREE: CIFAR-10 as an ImageFolder tree, train/<class> and test/<class>):
 
     sudo .venv/bin/python benchmarks/scale.py --hosts --clients 10000 --fraction 0.01 \\
-        --dataset imagefolder --data-root ../shared/data/cifar10 --baseline-max-steps 8
+        --dataset imagefolder --data-root CIFAR10_TREE --baseline-max-steps 8
 """
 
 from __future__ import annotations
