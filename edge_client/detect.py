@@ -136,15 +136,23 @@ class Detector:
         self.fake_steps += 1
         return (y + shift) % self.num_classes
 
-    def observe(self, step_id: int, fake: bool, encoder_grad: Tensor, loss: float, feature_grad: Tensor,
+    @property
+    def needs_encoder_grad(self) -> bool:
+        """Only SplitGuard's score reads the encoder's gradients (a backward pass a step to get)."""
+        return self.config.detect == "splitguard"
+
+    def observe(self, step_id: int, fake: bool, encoder_grad: Tensor | None, loss: float, feature_grad: Tensor,
                 labels: Tensor) -> None:
-        """The reply of a step: the encoder's gradient (flattened) from the cloud's gradient alone, the
-        loss it reported, the gradient it returned on the features and the batch's true labels."""
+        """The reply of a step: the encoder's gradient (flattened) from the cloud's gradient alone (None
+        where `needs_encoder_grad` is false), the loss it reported, the gradient it returned on the
+        features and the batch's true labels."""
         if fake:
             self.fakes.add(encoder_grad)
         else:
             if step_id > self.config.detect_start:
-                (self.r1 if float(torch.rand((), generator=self.generator)) < 0.5 else self.r2).add(encoder_grad)
+                half = self.r1 if float(torch.rand((), generator=self.generator)) < 0.5 else self.r2
+                if encoder_grad is not None:
+                    half.add(encoder_grad)
             self.losses.append(loss)
             self.grad_norms.append(float(feature_grad.norm()))
             alignment = label_alignment(feature_grad, labels)

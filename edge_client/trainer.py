@@ -334,13 +334,16 @@ class EdgeTrainer:
         return reply
 
     def _detect(self, item: _InFlight, reply: StepReply) -> None:
-        """Give the detector this step's encoder gradient (from the cloud's gradient alone, before any
-        defense term) and its figures; on detection, raise HijackDetected (the run closes its session)."""
+        """Give the detector this step's figures and, for SplitGuard, the encoder's gradient from the
+        cloud's gradient alone (before any defense term: a backward pass of its own, which the
+        alignment detector does without); on detection, raise HijackDetected (the run closes its session)."""
         assert self.detector is not None and reply.grad is not None
-        params = [p for p in self.encoder.parameters() if p.requires_grad]
-        grads = torch.autograd.grad(item.z_sent, params, grad_outputs=reply.grad.to(item.z_sent.device),
-                                    retain_graph=True, allow_unused=True)
-        flat = torch.cat([g.detach().flatten().cpu() for g in grads if g is not None])
+        flat = None
+        if self.detector.needs_encoder_grad:
+            params = [p for p in self.encoder.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(item.z_sent, params, grad_outputs=reply.grad.to(item.z_sent.device),
+                                        retain_graph=True, allow_unused=True)
+            flat = torch.cat([g.detach().flatten().cpu() for g in grads if g is not None])
         self.detector.observe(item.step_id, item.fake, flat, reply.loss, reply.grad, item.y.cpu())
         record = self.detector.check(item.step_id)
         if record is not None:
