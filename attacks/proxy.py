@@ -92,8 +92,12 @@ class _Forwarder(grpc.GenericRpcHandler):
         try:
             if method == _SPLIT + "Train":
                 step = serde.train_step_from_proto(pb.TrainStep.FromString(raw))
-                self.writer.record("Train", step.session_id, step.step_id, codec.decode(step.features, "features"),
-                                   step.features.dtype, list(step.labels))
+                if step.features is not None:
+                    self.writer.record("Train", step.session_id, step.step_id, codec.decode(step.features, "features"),
+                                       step.features.dtype, list(step.labels))
+                if step.output_grad is not None:  # a U-shaped step's second half: what its labels leak through
+                    self.writer.record("TrainGrad", step.session_id, step.step_id,
+                                       codec.decode(step.output_grad, "output_grad"), step.output_grad.dtype, [])
             elif method == _SPLIT + "Infer":
                 req = serde.infer_request_from_proto(pb.InferRequest.FromString(raw))
                 self.writer.record("Infer", req.session_id, req.request_id, codec.decode(req.features, "features"),

@@ -43,6 +43,8 @@ class HijackJob(Job):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.spec.u_shaped:
+            raise ValueError("head_cut: the hijacking cloud (--hijack) runs the vanilla split only")
         if self.public is None:
             raise ValueError("a hijacking job needs the server's public images")
         self.attack = FeatureSpaceHijack(self.spec, self.public, self.settings, self.seed, self.device)

@@ -73,6 +73,26 @@ class LocalCloud:
     def collect(self, step_id: int) -> StepReply:
         return self._replies.pop(step_id)
 
+    def forward(self, step_id: int, features: torch.Tensor, codec_name: str,
+                channels: Sequence[int] | None = None) -> StepReply:
+        step = serde.TrainStep(self.session_id, step_id, codec.encode(features, codec_name, channels), [],
+                               received_step_id=step_id)
+        out = self.job.forward_step(self._client, step_id, codec.decode(step.features, "features"),  # type: ignore[union-attr]
+                                    step.received_step_id)
+        return self._reply(step, out)
+
+    def backward(self, step_id: int, output_grad: torch.Tensor, codec_name: str) -> StepReply:
+        step = serde.TrainStep(self.session_id, step_id, None, [], received_step_id=step_id,
+                               output_grad=codec.encode(output_grad, codec_name))
+        out = self.job.backward_step(self._client, step_id, codec.decode(step.output_grad, "output_grad"),  # type: ignore[union-attr,arg-type]
+                                     None, step.received_step_id)
+        return self._reply(step, out)
+
+    def _reply(self, step: serde.TrainStep, outcome) -> StepReply:
+        result = train_result(step.step_id, outcome, self.job.last_step(self._client), self.grad_codec)  # type: ignore[union-attr]
+        self._count(serde.train_step_to_proto(step), result)
+        return serde.train_result_from_proto(result)
+
     def hold_replies_after(self, step_id: int) -> None:
         pass  # an in-process job dies with the edge: no restarted edge can ask it for a reply again
 

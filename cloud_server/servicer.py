@@ -28,7 +28,7 @@ import torch
 from cloud_server import bounds, memory
 from cloud_server.checkpoints import Checkpointer, file_stem
 from cloud_server.config import ServerConfig
-from cloud_server.job import Job, NotFinite, Retired, StepOrderError, StepOutcome
+from cloud_server.job import Job, NoForward, NotFinite, Retired, StepOrderError, StepOutcome
 from cloud_server.keyed_lock import KeyedLocks
 from cloud_server.memory import OverBudget
 from cloud_server.streams import StreamSlots, StreamsExhausted, peer_key, within_idle
@@ -187,7 +187,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
                     self.budget.release(spec.job)
                 raise
         return serde.session_to_proto(serde.Session(session.session_id, job.last_step(spec.client_id),
-                                                    job.steps_applied, job.restored))
+                                                    job.steps_applied, job.restored, job.spec.u_shaped))
 
     def _accept(self, job: Job, spec: serde.SessionSpec, caller: str) -> SessionState:
         key = (spec.job, spec.client_id)
@@ -313,31 +313,54 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "step_id: must be >= 1 (a client counts its steps from 1)")
         session = self._session(step.session_id, caller)
         job = session.job
-        features = self._features(step.features, job, "features")
-        labels = _labels(step.labels, features.shape[0], job.spec.num_classes)
-        try:
-            outcome = job.train_step(session.client_id, step.step_id, features, labels, step.received_step_id)
-        except StepOrderError as err:
-            raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
-        except Retired as err:  # retryable: the edge re-opens its session, which reloads the job
-            raise Rejected(grpc.StatusCode.UNAVAILABLE, str(err)) from None
-        except NotFinite as err:
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"features: {err}") from None
-        except ValueError as err:  # e.g. batch norm cannot train on one sample per channel
-            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"features: the decoder cannot train on this batch: "
-                                                             f"{str(err)[:200]}") from None
-        if not outcome.duplicate:
+        if job.spec.u_shaped:
+            outcome, labels = self._u_step(step, session), []
+        else:
+            if step.output_grad is not None:
+                raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                               "output_grad: only a U-shaped session (SessionSpec.head_cut) sends one")
+            features = self._features(step.features, job, "features")
+            labels = _labels(step.labels, features.shape[0], job.spec.num_classes)
+            with _step_errors():
+                outcome = job.train_step(session.client_id, step.step_id, features, labels, step.received_step_id)
+            if not outcome.duplicate and self.observer:
+                self.observer("Train", session, step.step_id, features, step.features.dtype, list(step.labels))
+        applied = not outcome.duplicate and outcome.grad is not None  # a U-shaped step's first half applies nothing
+        if applied:
             session.steps_applied += 1
             self.job_log.step(file_stem(job.name), outcome.job_steps_applied, outcome.loss,
                               outcome.correct / max(len(labels), 1))
-            if self.observer:
-                self.observer("Train", session, step.step_id, features, step.features.dtype, list(step.labels))
             self.checkpointer.maybe_save(job)
-        durable = job.durable.get(session.client_id, 0) if self.checkpointer.enabled else step.step_id
+        durable = job.durable.get(session.client_id, 0) if self.checkpointer.enabled else session.job.last_step(
+            session.client_id)
         result = train_result(step.step_id, outcome, durable, session.grad_codec)
-        self.counters.add(steps_applied=0 if outcome.duplicate else 1, steps_duplicate=int(outcome.duplicate),
+        self.counters.add(steps_applied=int(applied), steps_duplicate=int(outcome.duplicate),
                           bytes_in=size, bytes_out=result.ByteSize())
         return result
+
+    def _u_step(self, step: serde.TrainStep, session: SessionState) -> StepOutcome:
+        """One half of a U-shaped step: the first (features alone) answers the middle's output, the
+        second (the output's gradient, and the features if re-sent) applies the step."""
+        job = session.job
+        if step.labels:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           "labels: a U-shaped session sends none (the edge keeps its labels and its loss)")
+        features = None if step.features is None else self._features(step.features, job, "features")
+        with _step_errors():
+            if step.output_grad is None:
+                if features is None:
+                    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "features: a U-shaped step's first half carries them")
+                outcome = job.forward_step(session.client_id, step.step_id, features, step.received_step_id)
+                if not outcome.duplicate and self.observer:
+                    self.observer("Train", session, step.step_id, features, step.features.dtype, [])
+                return outcome
+            output_grad = self._tensor(step.output_grad, job.output_shape, job, "output_grad")
+            outcome = job.backward_step(session.client_id, step.step_id, output_grad, features,
+                                        step.received_step_id)
+        if not outcome.duplicate and self.observer:
+            self.observer("TrainGrad", session, step.step_id, output_grad, step.output_grad.dtype, [])
+        return outcome
 
     def Infer(self, request_iterator: Iterator[pb.InferRequest], context: grpc.ServicerContext) -> Iterator[pb.Prediction]:
         caller = self._caller(context)
@@ -459,9 +482,15 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         if message:
             raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
-    def _features(self, msg: pb.Tensor, job: Job, field_name: str) -> torch.Tensor:
-        """Check the declared shape against the job before decoding anything, then the values."""
-        expected = tuple(job.feature_shape)
+    def _features(self, msg: pb.Tensor | None, job: Job, field_name: str) -> torch.Tensor:
+        return self._tensor(msg, job.feature_shape, job, field_name)
+
+    def _tensor(self, msg: pb.Tensor | None, expected: tuple[int, ...], job: Job, field_name: str) -> torch.Tensor:
+        """Check the declared shape against the job's (`expected`, batch dim dropped) before decoding
+        anything, then the values."""
+        if msg is None:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"{field_name}: missing")
+        expected = tuple(expected)
         shape = tuple(msg.shape)
         if len(shape) != len(expected) + 1 or shape[1:] != expected:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
@@ -496,10 +525,28 @@ def _quote(text: str, limit: int = 64) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+@contextlib.contextmanager
+def _step_errors() -> Iterator[None]:
+    """A job's refusal of a step as the status the edge acts on."""
+    try:
+        yield
+    except StepOrderError as err:
+        raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
+    except NoForward as err:  # the edge re-sends the step with its features
+        raise Rejected(grpc.StatusCode.FAILED_PRECONDITION, str(err)) from None
+    except Retired as err:  # retryable: the edge re-opens its session, which reloads the job
+        raise Rejected(grpc.StatusCode.UNAVAILABLE, str(err)) from None
+    except NotFinite as err:
+        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"features: {err}") from None
+    except ValueError as err:  # e.g. batch norm cannot train on one sample per channel
+        field_ = "" if str(err).startswith("output_grad") else "features: the decoder cannot train on this batch: "
+        raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"{field_}{str(err)[:200]}") from None
+
+
 def train_result(step_id: int, outcome: StepOutcome, durable: int, grad_codec: str) -> pb.TrainResult:
     """The reply to a training step; `cloud_server.local.LocalCloud` builds the same one."""
     reply = StepReply(outcome.grad, outcome.loss, outcome.correct, outcome.duplicate, outcome.lr, step_id=step_id,
-                      job_steps_applied=outcome.job_steps_applied, durable_step_id=durable)
+                      job_steps_applied=outcome.job_steps_applied, durable_step_id=durable, output=outcome.output)
     return serde.train_result_to_proto(reply, grad_codec)
 
 

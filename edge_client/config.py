@@ -163,6 +163,10 @@ class ConnectionConfig:
         require("ConnectionConfig", [at_least("pipeline", self.pipeline, 0)])
 
 
+MODES = ("vanilla", "u")  # the split: the cloud runs the rest of the network, or the middle of a U
+LABEL_DEFENSES = ("none", "gaussian", "max_norm", "marvell")  # edge_client.label_defense
+
+
 @dataclass(frozen=True)
 class EdgeConfig:
     """An edge run's settings, checked as they are made (InvalidSetting naming the field), so that
@@ -201,6 +205,13 @@ class EdgeConfig:
     # model) and, with init_job, a new job's decoder from that job's (the cloud's) weights.
     init_from: str = ""
     init_job: str = ""
+    # The U-shaped split (mode "u"): the edge also keeps the layers after `head_cut` and the loss, so
+    # its labels never travel; what travels up in their place is dLoss/d(the cloud's output), which
+    # label_defense ("none" | "gaussian" | "max_norm" | ...) defends with label_defense_strength.
+    mode: str = "vanilla"
+    head_cut: str = ""  # mode u: the stage where the cloud's middle ends; empty: the last (the edge keeps the classifier)
+    label_defense: str = "none"
+    label_defense_strength: float = 0.0
     log_dir: str = ""  # TensorBoard event files of this run (splitnet.tracking); empty: none
     progress: bool = True
     # The edge's resumable state (edge_client.state): written to state_dir at the start, every
@@ -230,6 +241,21 @@ class EdgeConfig:
                           f"most {MAX_KEPT_REPLIES} steps after a state, for a resumed edge to get them again)"),
             ("arch", self.arch in ARCHS, lambda name: f"{name('arch')} must be one of {ARCHS}, got {self.arch!r}"),
             width_check(self.width),
+            ("mode", self.mode in MODES, lambda name: f"{name('mode')} must be one of {MODES}, got {self.mode!r}"),
+            ("head_cut", not self.head_cut or self.mode == "u",
+             lambda name: f"{name('head_cut')} is a setting of the U-shaped split: add {name('mode')} u"),
+            ("label_defense", self.label_defense in LABEL_DEFENSES,
+             lambda name: f"{name('label_defense')} must be one of {LABEL_DEFENSES}, got {self.label_defense!r}"),
+            at_least("label_defense_strength", self.label_defense_strength, 0.0),
+            ("label_defense", self.label_defense == "none" or self.mode == "u",
+             lambda name: f"{name('label_defense')} defends what a U-shaped edge sends up: add {name('mode')} u "
+                          "(the vanilla split sends its labels in clear)"),
+            ("mode", self.mode == "vanilla" or self.connection.pipeline == 0,
+             lambda name: f"{name('mode')} u runs lock-step: drop {name('connection.pipeline')} (each step waits "
+                          "for the cloud twice, the head's gradient depending on the cloud's output)"),
+            ("mode", self.mode == "vanilla" or self.detect.detect == "none",
+             lambda name: f"{name('mode')} u: the hijacking detectors ({name('detect.detect')}) need the vanilla "
+                          "split (SplitGuard sends fake labels, which a U-shaped edge never sends)"),
         ])
         try:
             LrSchedule.parse(self.lr_schedule, self.epochs, warmup_epochs=self.warmup_epochs)
@@ -238,7 +264,18 @@ class EdgeConfig:
             raise InvalidSetting("EdgeConfig", "lr_schedule", lambda name: message.replace(
                 "lr_schedule.warmup_epochs", name("warmup_epochs")).replace("lr_schedule.", name("lr_schedule") + " ")
             ) from None
-        if self.cut:  # the cut names come from building the stages (torch): only a cut that is set needs them
+        if self.cut or self.head_cut:  # the cut names come from building the stages (torch): only if set
             from splitnet import models
 
-            require("EdgeConfig", [models.cut_check(self.arch, self.cut)])
+            require("EdgeConfig", [models.cut_check(self.arch, self.cut or models.default_cut(self.arch))])
+            if self.head_cut:
+                require("EdgeConfig", [models.head_cut_check(self.arch, self.cut or models.default_cut(self.arch),
+                                                             self.head_cut)])
+
+    def split_head_cut(self) -> str:
+        """The SplitSpec's `head_cut`: empty for the vanilla split, else `head_cut` or the last stage."""
+        if self.mode != "u":
+            return ""
+        from splitnet import models
+
+        return self.head_cut or models.cut_points(self.arch)[-1]

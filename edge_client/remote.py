@@ -170,6 +170,10 @@ class RemoteCloud:
         reply = self._stub.OpenSession(request, timeout=self.config.deadline_s, wait_for_ready=wait_for_ready)
         self.session = serde.session_from_proto(reply)
         self.session_ids.append(self.session.session_id)
+        if self.session.u_shaped != self._spec.split.u_shaped:  # type: ignore[union-attr]
+            raise CloudError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"the cloud server at {self.config.server} does not run the U-shaped split (an older "
+                             "cloud-server?): upgrade it, or train with --mode vanilla")
         return request.ByteSize(), reply.ByteSize()
 
     def open(self, job: str, client_id: str, split: SplitModel, optim: OptimSpec, grad_codec: str, seed: int,
@@ -220,6 +224,21 @@ class RemoteCloud:
         self._check_size(request)
         self._unacked[step_id] = step
         self._send(step_id, request)  # only queued: a broken stream shows in collect(), which reconnects and re-sends
+
+    def forward(self, step_id: int, features: torch.Tensor, codec_name: str,
+                channels: Sequence[int] | None = None) -> StepReply:
+        """A U-shaped step's first half. The step is buffered for replay as the features alone until
+        `backward` adds the output's gradient: a reconnect then re-sends both in one message."""
+        self.submit(step_id, features, torch.empty(0, dtype=torch.long), codec_name, channels)
+        return self.collect(step_id)
+
+    def backward(self, step_id: int, output_grad: torch.Tensor, codec_name: str) -> StepReply:
+        step = replace(self._unacked[step_id], output_grad=codec.encode(output_grad, codec_name))
+        self._unacked[step_id] = step
+        request = self._addressed(replace(step, features=None))  # the server holds them from the first half
+        self._check_size(request)
+        self._send(step_id, request)
+        return self.collect(step_id)
 
     def collect(self, step_id: int) -> StepReply:
         deadline = time.monotonic() + self.config.reconnect_s
@@ -290,7 +309,8 @@ class RemoteCloud:
             reply = serde.train_result_from_proto(result)
             sent_at, sent_bytes = self._in_flight.pop(reply.step_id, (None, 0))
             self._count(sent_bytes, result.ByteSize())
-            self._received = max(self._received, reply.step_id)
+            if not _first_half(reply):  # a U-shaped step is received when it is applied, at its second half
+                self._received = max(self._received, reply.step_id)
             self.durable_step_id = reply.durable_step_id
             for old in [s for s in self._unacked if s <= reply.durable_step_id]:
                 del self._unacked[old]
@@ -416,6 +436,11 @@ class RemoteCloud:
     def _count(self, up: int, down: int) -> None:
         self.bytes_up += up
         self.bytes_down += down
+
+
+def _first_half(reply: StepReply) -> bool:
+    """A U-shaped step's first reply: the middle's output, nothing applied yet."""
+    return reply.output is not None and reply.grad is None and not reply.duplicate
 
 
 def _cloud_error(err: grpc.RpcError, what: str, advice: str = "") -> CloudError:

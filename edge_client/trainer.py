@@ -4,6 +4,11 @@ One step: z = F_e(x); z' = obfuscate(z), its pruned channels zeroed; send z' (th
 channels) and y; the cloud returns dL/dz'; the encoder backpropagates it (plus NoPeek, the
 simulated attacker's penalty and, through the two-phase merge, CEM) and steps.
 
+The U-shaped split (`EdgeConfig.mode = "u"`): the cloud answers the first half of a step with
+its middle's output; the edge runs its head and the loss on it, sends dLoss/d(output) up (through
+its label defense) and gets dL/dz' back as above. Labels never leave the edge; the head steps
+with the encoder, in one optimizer.
+
 Pipelining (`ConnectionConfig.pipeline = k`): up to k further steps are sent before the
 gradient of the oldest returns, so the edge's encoder work overlaps the transport and the
 cloud's decoder work. A gradient is then applied up to k optimizer steps late (bounded
@@ -20,7 +25,7 @@ import math
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -36,6 +41,7 @@ from edge_client.cem_hook import CemHook
 from edge_client.config import EdgeConfig
 from edge_client.defense import nopeek_loss
 from edge_client.detect import Detector, HijackDetected
+from edge_client.label_defense import LabelDefense
 from edge_client.report import generalization, percentile
 from splitnet import data, encoder_file, models
 from splitnet.cloud_api import Cloud, NotDurable, StepReply
@@ -55,6 +61,8 @@ class _InFlight:
     step_id: int
     epoch: int
     fake: bool = False  # a detector's batch with wrong labels (edge_client.detect): not trained on, not tallied
+    reply: StepReply | None = None  # a U-shaped step's, with the edge's loss and correct: collected already
+    head_grads: tuple[torch.Tensor, ...] = ()  # a U-shaped step's: its head parameters' gradients
 
 
 class StepsLost(RuntimeError):
@@ -108,6 +116,9 @@ class TrainerState:
     # The simulated attacker and the channel gate (AdversaryHook.state): the device's own, so every
     # client carries its own from turn to turn. None where neither defense is on.
     adversary: dict | None = None
+    # The U-shaped split's head (with `encoder`, in the same optimizer) and its label defense's generator.
+    head: dict[str, torch.Tensor] | None = None
+    label_rng: torch.Tensor | None = None
 
 
 def encoder_momentum(momentum: float, pipeline: int) -> float:
@@ -135,11 +146,15 @@ class EdgeTrainer:
         self.train_set = train_set if train_set is not None else self.splits.train
         torch.manual_seed(config.seed)
         self.split = models.build(models.SplitSpec(config.arch, config.cut, self.splits.num_classes,
-                                                   self.splits.input_shape, config.bottleneck, config.width))
+                                                   self.splits.input_shape, config.bottleneck, config.width,
+                                                   config.split_head_cut()))
         if config.init_from:  # a continuation: the trained encoder's weights, batch-norm statistics included
             self.split.encoder.load_state_dict(encoder_file.read_fitting(config.init_from, self.split.spec)
                                                .split.encoder.state_dict())
         self.encoder = self.split.encoder.to(config.device)
+        self.head = self.split.head.to(config.device) if self.split.head is not None else None
+        self.label_defense = LabelDefense(config.label_defense, config.label_defense_strength)
+        self.label_rng = torch.Generator().manual_seed(config.seed + 3)
         self.augment = (data.augment_by_default(self.train_set) if config.augment == "auto"
                         else config.augment == "on")
         self.augmented = data.Augmented(self.train_set, config.seed) if self.augment else None
@@ -151,7 +166,7 @@ class EdgeTrainer:
                                     config.warmup_epochs)
         self.optim = models.OptimSpec(config.lr, config.momentum, config.weight_decay, schedule)
         self.optimizer = models.OptimSpec(config.lr, encoder_momentum(config.momentum, config.connection.pipeline),
-                                          config.weight_decay).make(self.encoder.parameters())
+                                          config.weight_decay).make(self._edge_parameters())
         self.obfuscation = Obfuscation(config.defense.obfuscation,
                                        generator=torch.Generator().manual_seed(config.seed + 1))
         self.cem = CemHook.create(config, self.encoder, self.optimizer, self.split, len(self.loader))
@@ -172,6 +187,7 @@ class EdgeTrainer:
         # mid-epoch carries them; None between epochs
         self._epoch: dict | None = None
         self._state_step = 0  # the step id of the last state written or resumed from
+        self._train_bytes = (0, 0)  # the cloud's byte counts at the end of the last epoch trained
 
     @property
     def eval_batch_size(self) -> int:
@@ -230,10 +246,13 @@ class EdgeTrainer:
             self.step_id += 1
             z = self._forward(x, stash=depth > 0)
             z_sent, channels = self.adversary.prune(self.obfuscation(z))
-            fake = self.detector.fake_labels(self.step_id, y) if self.detector else None
-            self.cloud.submit(self.step_id, z_sent.detach(), (y if fake is None else fake).cpu(), self.config.codec,
-                              channels)
-            inflight.append(_InFlight(x, y, z, z_sent, self.step_id, epoch, fake is not None))
+            if self.head is not None:
+                inflight.append(self._u_step(_InFlight(x, y, z, z_sent, self.step_id, epoch), channels))
+            else:
+                fake = self.detector.fake_labels(self.step_id, y) if self.detector else None
+                self.cloud.submit(self.step_id, z_sent.detach(), (y if fake is None else fake).cpu(),
+                                  self.config.codec, channels)
+                inflight.append(_InFlight(x, y, z, z_sent, self.step_id, epoch, fake is not None))
             self.steps += 1
             self._settle(inflight, depth, tally, bar)
             if self.config.state_dir and self.step_id - self._state_step >= self.config.state_every:
@@ -247,6 +266,7 @@ class EdgeTrainer:
         elapsed = tally["seconds"] + time.perf_counter() - start
         self.train_seconds += elapsed
         self._epoch = None
+        self._train_bytes = (self.cloud.bytes_up, self.cloud.bytes_down)
         self.samples += seen
         record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                   "lr": self.lr, "seconds": elapsed, "samples_per_second": seen / elapsed if elapsed else 0.0,
@@ -312,8 +332,31 @@ class EdgeTrainer:
         weights = {name: p.clone() for name, p in self.encoder.named_parameters()}
         return functional_call(self.encoder, weights, (x,))  # buffers not passed: the module's own (BN updates them)
 
+    def _edge_parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.encoder.parameters(), *(self.head.parameters() if self.head is not None else ())]
+
+    def _u_step(self, item: _InFlight, channels) -> _InFlight:
+        """A U-shaped step's exchange: the cloud's output for the features, the head's loss on it, and
+        (unless the cloud applied the step before) the defended dLoss/d(output) up for dL/dz' back.
+        The head's own gradients wait in the item for the optimizer step (`_apply`)."""
+        assert self.head is not None
+        reply = self.cloud.forward(item.step_id, item.z_sent.detach(), self.config.codec, channels)
+        if reply.output is None:  # applied before, its reply no longer kept: nothing to learn from
+            item.reply = reply
+            return item
+        self.head.train()
+        output = reply.output.to(self.config.device).requires_grad_(True)
+        logits = self.head(output)
+        loss = torch.nn.functional.cross_entropy(logits, item.y)
+        output_grad, *item.head_grads = torch.autograd.grad(loss, [output, *self.head.parameters()])
+        if not reply.duplicate:
+            sent = self.label_defense.apply(output_grad.detach().cpu(), self.label_rng, item.y.cpu())
+            reply = self.cloud.backward(item.step_id, sent, self.config.codec)
+        item.reply = replace(reply, loss=float(loss.detach()), correct=int((logits.argmax(1) == item.y).sum()))
+        return item
+
     def _apply(self, item: _InFlight) -> StepReply:
-        reply = self.cloud.collect(item.step_id)
+        reply = item.reply if item.reply is not None else self.cloud.collect(item.step_id)
         if reply.grad is None:  # applied before, its reply no longer kept (an older server): a lost update
             self.duplicates += 1
             return reply
@@ -323,6 +366,9 @@ class EdgeTrainer:
             if item.fake:  # the encoder does not learn from wrong labels (SplitGuard's rule)
                 return reply
         self.optimizer.zero_grad(set_to_none=True)
+        if self.head is not None:
+            for param, grad in zip(self.head.parameters(), item.head_grads):
+                param.grad = grad
         task = (item.z_sent * reply.grad.to(item.z_sent.device)).sum()  # d task / d z_sent == the cloud's grad
         if self.config.defense.nopeek > 0:
             task = task + self.config.defense.nopeek * nopeek_loss(item.x, item.z)
@@ -389,6 +435,10 @@ class EdgeTrainer:
 
         correct = total = 0
         for logits in self.cloud.infer(batches(), self.config.codec, self.adversary.channels()):
+            if self.head is not None:  # the cloud answered its middle's output
+                self.head.eval()
+                with torch.no_grad():
+                    logits = self.head(logits.to(self.config.device)).cpu()
             y = labels.popleft()
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
@@ -428,7 +478,9 @@ class EdgeTrainer:
             self.obfuscation.generator.get_state(),
             {key: copy.copy(getattr(self.cloud, key)) for key in CLOUD_COUNTERS},
             self.encoder_state() if encoder else None,
-            copy.deepcopy(self.optimizer.state_dict()) if encoder else None, copy.deepcopy(self.adversary.state()))
+            copy.deepcopy(self.optimizer.state_dict()) if encoder else None, copy.deepcopy(self.adversary.state()),
+            {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
+            if encoder and self.head is not None else None, self.label_rng.get_state())
 
     def restore(self, state: TrainerState) -> None:
         """Carry on from `state` (a fresh trainer of the same config, before `open(own_count=True)`)."""
@@ -439,6 +491,7 @@ class EdgeTrainer:
         self.history = list(state.history)
         for key, value in state.cloud.items():
             setattr(self.cloud, key, copy.copy(value))
+        self._train_bytes = (self.cloud.bytes_up, self.cloud.bytes_down)  # a state is written between steps
         self.obfuscation.generator.set_state(state.noise_rng)
         self.loader.generator.set_state(state.loader_rng)
         self.passes = state.passes
@@ -450,7 +503,13 @@ class EdgeTrainer:
             self.pass_offset = state.pass_offset
         if state.encoder is not None:
             self.encoder.load_state_dict(state.encoder)
+            if self.head is not None:
+                if state.head is None:
+                    raise ValueError("the state holds no head of the U-shaped split")
+                self.head.load_state_dict(state.head)
             self.optimizer.load_state_dict(state.optimizer)
+        if state.label_rng is not None:
+            self.label_rng.set_state(state.label_rng)
         self.adversary.load_state(state.adversary)
 
     def save_state(self, path: str | Path | None = None) -> None:
@@ -541,6 +600,9 @@ class EdgeTrainer:
             "bytes_down": cloud.bytes_down,
             "bytes_up_per_sample": cloud.bytes_up / max(self.samples, 1),
             "bytes_down_per_sample": cloud.bytes_down / max(self.samples, 1),
+            # training traffic alone (the counts above include evaluation's), per step: what a mode costs
+            "bytes_up_per_step": self._train_bytes[0] / max(self.steps, 1),
+            "bytes_down_per_step": self._train_bytes[1] / max(self.steps, 1),
             "wall_seconds": self.train_seconds,
             # per pass over the training set, also when max_steps ends the run inside an epoch
             "seconds_per_epoch": self.train_seconds * len(self.train_set) / self.samples if self.samples else 0.0,
@@ -596,6 +658,9 @@ class EdgeTrainer:
             "defense": cfg.defense.as_dict(),
             "init_from": cfg.init_from,
             "init_job": cfg.init_job,
+            "mode": cfg.mode,
+            "head_cut": spec.head_cut,
+            "label_defense": {"kind": cfg.label_defense, "strength": cfg.label_defense_strength},
             **self.cem.report(self.train_set),
             **self.adversary.report(),
             **(self.detector.report() if self.detector is not None else {}),

@@ -4,9 +4,10 @@ Layout of a capture folder `DIR`:
 
 - `DIR/sessions.jsonl`: one JSON object per session seen: `session_id`, `source`
   ("proxy" | "tap") and the model the edge declared (`arch`, `cut`, `num_classes`,
-  `input_shape`, `feature_shape`, `bottleneck`, `job`).
+  `input_shape`, `feature_shape`, `bottleneck`, `job`; `head_cut` for a U-shaped split).
 - `DIR/records.jsonl`: one JSON object per intercepted message carrying features:
-  `seq` (order of capture), `source`, `method` ("Train" | "Infer"), `session_id`,
+  `seq` (order of capture), `source`, `method` ("Train" | "Infer"; "TrainGrad" for the
+  gradients a U-shaped edge sends up, dLoss/d(the middle's output), one row per example), `session_id`,
   `step_id` (the Train step id or the Infer request id), `wire_dtype` (as sent:
   FLOAT32, FLOAT16, BFLOAT16, INT8), `shape`, `labels` (Train only, else []),
   `file` and `time` (Unix seconds).
@@ -87,7 +88,7 @@ def session_model(spec: SplitSpec, feature_shape: Sequence[int], job: str) -> di
     it) and from the tap (the job's)."""
     return {"arch": spec.arch, "cut": spec.cut, "num_classes": spec.num_classes,
             "input_shape": list(spec.input_shape), "bottleneck": spec.bottleneck,
-            "feature_shape": list(feature_shape), "job": job}
+            "feature_shape": list(feature_shape), "job": job, **({"head_cut": spec.head_cut} if spec.head_cut else {})}
 
 
 def _append(path: Path, obj: dict) -> None:

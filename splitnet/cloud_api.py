@@ -27,6 +27,9 @@ class StepReply:
     step_id: int = 0
     job_steps_applied: int = 0
     durable_step_id: int = 0  # the last step id of this client that a written checkpoint holds
+    # U-shaped split: the middle's output for the step's features (the answer to its first half, or kept
+    # with a duplicate's gradient); None otherwise
+    output: torch.Tensor | None = None
 
 
 class NotDurable(RuntimeError):
@@ -55,6 +58,14 @@ class Cloud(Protocol):
         these channels of the features travel, the others being zero (`splitnet.codec.encode`)."""
 
     def collect(self, step_id: int) -> StepReply: ...
+
+    def forward(self, step_id: int, features: torch.Tensor, codec_name: str,
+                channels: Sequence[int] | None = None) -> StepReply:
+        """A U-shaped step's first half, lock-step: the reply's `output` is the middle's output (or, for a
+        step the cloud applied before, a duplicate with its kept gradient and output)."""
+
+    def backward(self, step_id: int, output_grad: torch.Tensor, codec_name: str) -> StepReply:
+        """Its second half: dLoss/d(output) in `codec_name`; the reply carries dLoss/dfeatures."""
 
     def hold_replies_after(self, step_id: int) -> None:
         """Acknowledge no reply after `step_id`, so that the cloud keeps them: an edge that restarts

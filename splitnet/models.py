@@ -6,6 +6,9 @@ head, and `build(spec)` builds both halves of a `SplitSpec`. The builders behind
 
 Both ends build the same architecture from the same spec; the edge keeps the stages up
 to and including the cut (the encoder F_e), the cloud keeps the rest (the decoder F_d).
+In the U-shaped split (`head_cut`, Vepakomma et al. 2018) the cloud keeps only the stages
+after the cut up to and including `head_cut` (the middle) and the edge also keeps the rest
+with the classifier (the head), so that the labels and the loss stay on the device.
 A bottleneck of C channels with a sigmoid can be inserted at the cut so that features
 live in [0, 1] and a noise sigma has a fixed meaning (the CEM / ResSFL setting); the
 cloud then starts with the matching expansion back to the stage's width.
@@ -38,22 +41,29 @@ class SplitSpec:
     input_shape: tuple[int, int, int] = (1, 16, 16)
     bottleneck: int = 0  # 0: none; C > 0: conv to C channels + sigmoid at the cut
     width: float = 1.0  # channel multiplier: 0.25 makes vgg11_bn train on 2 CPU cores in minutes per epoch
+    head_cut: str = ""  # empty: the vanilla split; a stage after `cut`: the U-shaped split, the cloud's middle ends there
+
+    @property
+    def u_shaped(self) -> bool:
+        return bool(self.head_cut)
 
     def as_dict(self) -> dict:
-        """Plain values, for JSON reports and weights_only checkpoints."""
+        """Plain values, for JSON reports and weights_only checkpoints (`head_cut` only where set: the
+        vanilla split's dict is what it was before the U-shaped one)."""
         return {"arch": self.arch, "cut": self.cut, "num_classes": self.num_classes,
-                "input_shape": list(self.input_shape), "bottleneck": self.bottleneck, "width": self.width}
+                "input_shape": list(self.input_shape), "bottleneck": self.bottleneck, "width": self.width,
+                **({"head_cut": self.head_cut} if self.head_cut else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SplitSpec":
         return cls(d["arch"], d["cut"], int(d["num_classes"]), tuple(int(v) for v in d["input_shape"]),
-                   int(d.get("bottleneck") or 0), float(d.get("width") or 1.0))
+                   int(d.get("bottleneck") or 0), float(d.get("width") or 1.0), str(d.get("head_cut") or ""))
 
     def differs(self, other: "SplitSpec") -> tuple[str, object, object] | None:
         """The first field in which `other` is another model than this one, with both values
         (cuts resolved: "" and the default cut are the same model); None if they are one model."""
         mine, theirs = self.resolved(), other.resolved()
-        for name in ("arch", "cut", "num_classes", "input_shape", "bottleneck", "width"):
+        for name in ("arch", "cut", "num_classes", "input_shape", "bottleneck", "width", "head_cut"):
             if getattr(mine, name) != getattr(theirs, name):
                 return name, getattr(mine, name), getattr(theirs, name)
         return None
@@ -66,7 +76,10 @@ class SplitSpec:
         require("SplitSpec", [cut_check(self.arch, cut),
                               at_least("bottleneck", self.bottleneck, 0),
                               width_check(self.width)])
-        return SplitSpec(self.arch, cut, self.num_classes, tuple(self.input_shape), self.bottleneck, self.width)
+        if self.head_cut:
+            require("SplitSpec", [head_cut_check(self.arch, cut, self.head_cut)])
+        return SplitSpec(self.arch, cut, self.num_classes, tuple(self.input_shape), self.bottleneck, self.width,
+                         self.head_cut)
 
 
 @dataclass(frozen=True)
@@ -89,9 +102,11 @@ class OptimSpec:
 @dataclass
 class SplitModel:
     encoder: nn.Module
-    decoder: nn.Module
+    decoder: nn.Module  # the cloud's part: everything after the cut, or the middle of a U-shaped split
     feature_shape: tuple[int, ...]
     spec: SplitSpec
+    head: nn.Module | None = None  # the edge's head of a U-shaped split (None: vanilla)
+    output_shape: tuple[int, ...] = ()  # of the decoder's output, batch dim dropped
 
 
 @dataclass(frozen=True)
@@ -193,6 +208,23 @@ def cut_check(arch: str, cut: str) -> Check:
             lambda name: f"unknown cut {cut!r} for arch {arch!r}; valid cuts: {cut_points(arch)}")
 
 
+def default_cut(arch: str) -> str:
+    return _REGISTRY[arch].default_cut
+
+
+def head_cuts(arch: str, cut: str) -> list[str]:
+    """Where the cloud's middle of a U-shaped split may end: a stage after `cut` (the last one leaves
+    the edge the classifier alone)."""
+    points = list(_cut_points(arch))
+    return points[points.index(cut) + 1:] if cut in points else []
+
+
+def head_cut_check(arch: str, cut: str, head_cut: str) -> Check:
+    return ("head_cut", head_cut in head_cuts(arch, cut),
+            lambda name: f"head_cut {head_cut!r} must be a stage of {arch!r} after cut {cut!r}: one of "
+                         f"{head_cuts(arch, cut)}")
+
+
 @dataclass(frozen=True)
 class ArchInfo:
     """What `describe` tells about an architecture at one input shape, class count and width."""
@@ -252,27 +284,32 @@ def build(spec: SplitSpec) -> SplitModel:
     """Build both halves and measure the feature shape at the cut (batch dim dropped)."""
     spec = spec.resolved()
     stages, head = _REGISTRY[spec.arch].stages(spec.input_shape[0], spec.num_classes, spec.width)
-    idx = [name for name, _ in stages].index(spec.cut) + 1
+    names = [name for name, _ in stages]
+    idx = names.index(spec.cut) + 1
+    end = names.index(spec.head_cut) + 1 if spec.u_shaped else len(stages)
     enc_layers = [m for _, m in stages[:idx]]
-    dec_layers = [m for _, m in stages[idx:]]
+    dec_layers = [m for _, m in stages[idx:end]]
     width = _feature_shape(nn.Sequential(*enc_layers), spec.input_shape)[0]
     if spec.bottleneck:
         enc_layers += [nn.Conv2d(width, spec.bottleneck, 3, 1, 1), nn.BatchNorm2d(spec.bottleneck), nn.Sigmoid()]
         dec_layers = [nn.Sequential(*_conv_bn_relu(spec.bottleneck, width))] + dec_layers
     encoder = nn.Sequential(*enc_layers)
-    decoder = nn.Sequential(*dec_layers, head)
-    return SplitModel(encoder, decoder, _feature_shape(encoder, spec.input_shape), spec)
+    edge_head = nn.Sequential(*(m for _, m in stages[end:]), head) if spec.u_shaped else None
+    decoder = nn.Sequential(*dec_layers) if spec.u_shaped else nn.Sequential(*dec_layers, head)
+    feature_shape = _feature_shape(encoder, spec.input_shape)
+    return SplitModel(encoder, decoder, feature_shape, spec, edge_head, _feature_shape(decoder, feature_shape))
 
 
-def _feature_shape(encoder: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    was_training = encoder.training
-    encoder.eval()
+def _feature_shape(module: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The output shape of `module` for one input of `input_shape` (batch dim dropped), in eval mode."""
+    was_training = module.training
+    module.eval()
     with torch.no_grad():
-        shape = tuple(encoder(torch.zeros(1, *input_shape)).shape[1:])
-    encoder.train(was_training)
+        shape = tuple(module(torch.zeros(1, *input_shape)).shape[1:])
+    module.train(was_training)
     return shape
 
 
 def full_model(split: SplitModel) -> nn.Module:
-    """Encoder and decoder as one module, for the single-process baseline."""
-    return nn.Sequential(split.encoder, split.decoder)
+    """Encoder and decoder (and a U-shaped split's head) as one module, for the single-process baseline."""
+    return nn.Sequential(split.encoder, split.decoder, *([split.head] if split.head is not None else []))

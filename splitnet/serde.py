@@ -76,13 +76,14 @@ def session_spec_to_proto(spec: SessionSpec) -> pb.SessionSpec:
                           feature_shape=spec.feature_shape, bottleneck=split.bottleneck, lr=optim.lr,
                           momentum=optim.momentum, weight_decay=optim.weight_decay, grad_codec=spec.grad_codec,
                           seed=spec.seed, lr_schedule=lr_schedule_to_proto(optim.schedule), width=split.width,
-                          init_from_job=spec.init_from_job)
+                          init_from_job=spec.init_from_job, head_cut=split.head_cut)
 
 
 def session_spec_from_proto(msg: pb.SessionSpec) -> SessionSpec:
     """The spec as declared, unchecked but for its schedule (ValueError naming the field): the server
     judges the rest. An absent width (an edge older than widths) is the full width."""
-    split = SplitSpec(msg.arch, msg.cut, msg.num_classes, tuple(msg.input_shape), msg.bottleneck, msg.width or 1.0)
+    split = SplitSpec(msg.arch, msg.cut, msg.num_classes, tuple(msg.input_shape), msg.bottleneck, msg.width or 1.0,
+                      msg.head_cut)
     optim = OptimSpec(msg.lr, msg.momentum, msg.weight_decay, lr_schedule_from_proto(msg.lr_schedule))
     return SessionSpec(msg.job, msg.client_id, split, tuple(msg.feature_shape), optim, msg.grad_codec, msg.seed,
                        msg.init_from_job)
@@ -94,15 +95,16 @@ class Session:
     last_step_id: int = 0  # of this client, applied by the server: a reconnecting edge replays the steps after it
     job_steps_applied: int = 0
     resumed: bool = False  # the job's decoder was restored from a checkpoint
+    u_shaped: bool = False  # the server runs the U-shaped split the edge asked for (an older server: False)
 
 
 def session_to_proto(session: Session) -> pb.Session:
     return pb.Session(session_id=session.session_id, last_step_id=session.last_step_id,
-                      job_steps_applied=session.job_steps_applied, resumed=session.resumed)
+                      job_steps_applied=session.job_steps_applied, resumed=session.resumed, u_shaped=session.u_shaped)
 
 
 def session_from_proto(msg: pb.Session) -> Session:
-    return Session(msg.session_id, msg.last_step_id, msg.job_steps_applied, msg.resumed)
+    return Session(msg.session_id, msg.last_step_id, msg.job_steps_applied, msg.resumed, msg.u_shaped)
 
 
 # -- Train
@@ -112,35 +114,41 @@ def session_from_proto(msg: pb.Session) -> Session:
 class TrainStep:
     session_id: str  # empty until sent: a step re-sent after a reconnect goes to the session open then
     step_id: int
-    features: pb.Tensor  # encoded by `splitnet.codec`; its receiver decodes it once the cheaper checks pass
+    features: pb.Tensor | None  # encoded by `splitnet.codec`; its receiver decodes it once the cheaper checks pass
     labels: Sequence[int]  # from a message: a view of it, not a copy
     received_step_id: int = 0  # the highest step id whose reply the edge has received (0: none)
+    # U-shaped sessions: dLoss/d(the middle's output), encoded; None in a step's first half (and always
+    # in the vanilla split). `features` is then None in the second half, unless re-sent.
+    output_grad: pb.Tensor | None = None
 
 
 def train_step_to_proto(step: TrainStep) -> pb.TrainStep:
     return pb.TrainStep(session_id=step.session_id, step_id=step.step_id, features=step.features,
-                        labels=step.labels, received_step_id=step.received_step_id)
+                        labels=step.labels, received_step_id=step.received_step_id, output_grad=step.output_grad)
 
 
 def train_step_from_proto(msg: pb.TrainStep) -> TrainStep:
-    return TrainStep(msg.session_id, msg.step_id, msg.features, msg.labels, msg.received_step_id)
+    return TrainStep(msg.session_id, msg.step_id, msg.features if msg.HasField("features") else None, msg.labels,
+                     msg.received_step_id, msg.output_grad if msg.HasField("output_grad") else None)
 
 
 def train_result_to_proto(reply: StepReply, grad_codec: str) -> pb.TrainResult:
     """The gradient in the session's codec; none at all for a duplicate whose reply the server no
     longer keeps (an empty gradient would be one to apply)."""
     grad = None if reply.grad is None else codec.encode(reply.grad, grad_codec)
+    output = None if reply.output is None else codec.encode(reply.output, grad_codec)
     return pb.TrainResult(step_id=reply.step_id, grad=grad, loss=reply.loss, correct=reply.correct,
                           duplicate=reply.duplicate, job_steps_applied=reply.job_steps_applied,
-                          durable_step_id=reply.durable_step_id, lr=reply.lr)
+                          durable_step_id=reply.durable_step_id, lr=reply.lr, output=output)
 
 
 def train_result_from_proto(msg: pb.TrainResult) -> StepReply:
     """`LocalCloud` reads its replies through this too, so an in-process run sees the same float32
     loss and codec-rounded gradient as a remote one. CodecError for a malformed gradient."""
     grad = codec.decode(msg.grad, "grad") if msg.HasField("grad") else None
+    output = codec.decode(msg.output, "output") if msg.HasField("output") else None
     return StepReply(grad, msg.loss, msg.correct, msg.duplicate, msg.lr, msg.step_id, msg.job_steps_applied,
-                     msg.durable_step_id)
+                     msg.durable_step_id, output)
 
 
 # -- Infer

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17splitnet/v1/split.proto\x12\x0bsplitnet.v1\"}\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.splitnet.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x02\x12\x12\n\nzero_point\x18\x05 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x06 \x03(\x05\"\xc7\x02\n\x0bSessionSpec\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\x0b\n\x03\x63ut\x18\x04 \x01(\t\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\x12\x13\n\x0binput_shape\x18\x06 \x03(\x03\x12\x15\n\rfeature_shape\x18\x07 \x03(\x03\x12\x12\n\nbottleneck\x18\x08 \x01(\x05\x12\n\n\x02lr\x18\t \x01(\x02\x12\x10\n\x08momentum\x18\n \x01(\x02\x12\x14\n\x0cweight_decay\x18\x0b \x01(\x02\x12\x12\n\ngrad_codec\x18\x0c \x01(\t\x12\x0c\n\x04seed\x18\r \x01(\x04\x12,\n\x0blr_schedule\x18\x0e \x01(\x0b\x32\x17.splitnet.v1.LrSchedule\x12\r\n\x05width\x18\x0f \x01(\x02\x12\x15\n\rinit_from_job\x18\x10 \x01(\t\"}\n\nLrSchedule\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x12\n\nmilestones\x18\x02 \x03(\x05\x12\r\n\x05gamma\x18\x03 \x01(\x02\x12\x15\n\rwarmup_epochs\x18\x04 \x01(\x02\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x17\n\x0fsteps_per_epoch\x18\x06 \x01(\x03\"_\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0clast_step_id\x18\x02 \x01(\x04\x12\x19\n\x11job_steps_applied\x18\x03 \x01(\x04\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\"\x81\x01\n\tTrainStep\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12%\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x13.splitnet.v1.Tensor\x12\x0e\n\x06labels\x18\x04 \x03(\x03\x12\x18\n\x10received_step_id\x18\x05 \x01(\x04\"\xb3\x01\n\x0bTrainResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12!\n\x04grad\x18\x02 \x01(\x0b\x32\x13.splitnet.v1.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\x0f\n\x07\x63orrect\x18\x04 \x01(\x05\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\x19\n\x11job_steps_applied\x18\x06 \x01(\x04\x12\x17\n\x0f\x64urable_step_id\x18\x07 \x01(\x04\x12\n\n\x02lr\x18\x08 \x01(\x02\"]\n\x0cInferRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12%\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x13.splitnet.v1.Tensor\"E\n\nPrediction\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12#\n\x06logits\x18\x02 \x01(\x0b\x32\x13.splitnet.v1.Tensor\"<\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10received_step_id\x18\x02 \x01(\x04\"#\n\nCloseReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\"\"\n\x0c\x46lushRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\nFlushReply\x12\x17\n\x0f\x64urable_step_id\x18\x01 \x01(\x04\"\x1b\n\x0cStatsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xde\x01\n\x08JobStats\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x15\n\rsteps_applied\x18\x02 \x01(\x04\x12\x15\n\rsessions_open\x18\x03 \x01(\x04\x12\x1b\n\x13\x63heckpoints_written\x18\x04 \x01(\x04\x12\x43\n\x10\x63lient_last_step\x18\x05 \x03(\x0b\x32).splitnet.v1.JobStats.ClientLastStepEntry\x1a\x35\n\x13\x43lientLastStepEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xcc\x01\n\nStatsReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\x12\x17\n\x0fsteps_duplicate\x18\x02 \x01(\x04\x12\x16\n\x0esteps_rejected\x18\x03 \x01(\x04\x12\x15\n\rinfer_batches\x18\x04 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x04\x12\x11\n\tbytes_out\x18\x06 \x01(\x04\x12\x15\n\rsessions_open\x18\x07 \x01(\x04\x12#\n\x04jobs\x18\x08 \x03(\x0b\x32\x15.splitnet.v1.JobStats*P\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x08\n\x04INT8\x10\x04\x32\x8c\x03\n\rSplitLearning\x12=\n\x0bOpenSession\x12\x18.splitnet.v1.SessionSpec\x1a\x14.splitnet.v1.Session\x12=\n\x05Train\x12\x16.splitnet.v1.TrainStep\x1a\x18.splitnet.v1.TrainResult(\x01\x30\x01\x12?\n\x05Infer\x12\x19.splitnet.v1.InferRequest\x1a\x17.splitnet.v1.Prediction(\x01\x30\x01\x12\x42\n\x0c\x43loseSession\x12\x19.splitnet.v1.CloseRequest\x1a\x17.splitnet.v1.CloseReply\x12;\n\x05\x46lush\x12\x19.splitnet.v1.FlushRequest\x1a\x17.splitnet.v1.FlushReply\x12;\n\x05Stats\x12\x19.splitnet.v1.StatsRequest\x1a\x17.splitnet.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17splitnet/v1/split.proto\x12\x0bsplitnet.v1\"}\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.splitnet.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x01(\x02\x12\x12\n\nzero_point\x18\x05 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x06 \x03(\x05\"\xd9\x02\n\x0bSessionSpec\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\x0b\n\x03\x63ut\x18\x04 \x01(\t\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x05\x12\x13\n\x0binput_shape\x18\x06 \x03(\x03\x12\x15\n\rfeature_shape\x18\x07 \x03(\x03\x12\x12\n\nbottleneck\x18\x08 \x01(\x05\x12\n\n\x02lr\x18\t \x01(\x02\x12\x10\n\x08momentum\x18\n \x01(\x02\x12\x14\n\x0cweight_decay\x18\x0b \x01(\x02\x12\x12\n\ngrad_codec\x18\x0c \x01(\t\x12\x0c\n\x04seed\x18\r \x01(\x04\x12,\n\x0blr_schedule\x18\x0e \x01(\x0b\x32\x17.splitnet.v1.LrSchedule\x12\r\n\x05width\x18\x0f \x01(\x02\x12\x15\n\rinit_from_job\x18\x10 \x01(\t\x12\x10\n\x08head_cut\x18\x11 \x01(\t\"}\n\nLrSchedule\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x12\n\nmilestones\x18\x02 \x03(\x05\x12\r\n\x05gamma\x18\x03 \x01(\x02\x12\x15\n\rwarmup_epochs\x18\x04 \x01(\x02\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x17\n\x0fsteps_per_epoch\x18\x06 \x01(\x03\"q\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0clast_step_id\x18\x02 \x01(\x04\x12\x19\n\x11job_steps_applied\x18\x03 \x01(\x04\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\x12\x10\n\x08u_shaped\x18\x05 \x01(\x08\"\xab\x01\n\tTrainStep\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12%\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x13.splitnet.v1.Tensor\x12\x0e\n\x06labels\x18\x04 \x03(\x03\x12\x18\n\x10received_step_id\x18\x05 \x01(\x04\x12(\n\x0boutput_grad\x18\x06 \x01(\x0b\x32\x13.splitnet.v1.Tensor\"\xd8\x01\n\x0bTrainResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12!\n\x04grad\x18\x02 \x01(\x0b\x32\x13.splitnet.v1.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\x0f\n\x07\x63orrect\x18\x04 \x01(\x05\x12\x11\n\tduplicate\x18\x05 \x01(\x08\x12\x19\n\x11job_steps_applied\x18\x06 \x01(\x04\x12\x17\n\x0f\x64urable_step_id\x18\x07 \x01(\x04\x12\n\n\x02lr\x18\x08 \x01(\x02\x12#\n\x06output\x18\t \x01(\x0b\x32\x13.splitnet.v1.Tensor\"]\n\x0cInferRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12%\n\x08\x66\x65\x61tures\x18\x03 \x01(\x0b\x32\x13.splitnet.v1.Tensor\"E\n\nPrediction\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12#\n\x06logits\x18\x02 \x01(\x0b\x32\x13.splitnet.v1.Tensor\"<\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x18\n\x10received_step_id\x18\x02 \x01(\x04\"#\n\nCloseReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\"\"\n\x0c\x46lushRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"%\n\nFlushReply\x12\x17\n\x0f\x64urable_step_id\x18\x01 \x01(\x04\"\x1b\n\x0cStatsRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\"\xde\x01\n\x08JobStats\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x15\n\rsteps_applied\x18\x02 \x01(\x04\x12\x15\n\rsessions_open\x18\x03 \x01(\x04\x12\x1b\n\x13\x63heckpoints_written\x18\x04 \x01(\x04\x12\x43\n\x10\x63lient_last_step\x18\x05 \x03(\x0b\x32).splitnet.v1.JobStats.ClientLastStepEntry\x1a\x35\n\x13\x43lientLastStepEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xcc\x01\n\nStatsReply\x12\x15\n\rsteps_applied\x18\x01 \x01(\x04\x12\x17\n\x0fsteps_duplicate\x18\x02 \x01(\x04\x12\x16\n\x0esteps_rejected\x18\x03 \x01(\x04\x12\x15\n\rinfer_batches\x18\x04 \x01(\x04\x12\x10\n\x08\x62ytes_in\x18\x05 \x01(\x04\x12\x11\n\tbytes_out\x18\x06 \x01(\x04\x12\x15\n\rsessions_open\x18\x07 \x01(\x04\x12#\n\x04jobs\x18\x08 \x03(\x0b\x32\x15.splitnet.v1.JobStats*P\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x08\n\x04INT8\x10\x04\x32\x8c\x03\n\rSplitLearning\x12=\n\x0bOpenSession\x12\x18.splitnet.v1.SessionSpec\x1a\x14.splitnet.v1.Session\x12=\n\x05Train\x12\x16.splitnet.v1.TrainStep\x1a\x18.splitnet.v1.TrainResult(\x01\x30\x01\x12?\n\x05Infer\x12\x19.splitnet.v1.InferRequest\x1a\x17.splitnet.v1.Prediction(\x01\x30\x01\x12\x42\n\x0c\x43loseSession\x12\x19.splitnet.v1.CloseRequest\x1a\x17.splitnet.v1.CloseReply\x12;\n\x05\x46lush\x12\x19.splitnet.v1.FlushRequest\x1a\x17.splitnet.v1.FlushReply\x12;\n\x05Stats\x12\x19.splitnet.v1.StatsRequest\x1a\x17.splitnet.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,40 +33,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBSTATS_CLIENTLASTSTEPENTRY']._loaded_options = None
   _globals['_JOBSTATS_CLIENTLASTSTEPENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1836
-  _globals['_DTYPE']._serialized_end=1916
+  _globals['_DTYPE']._serialized_start=1951
+  _globals['_DTYPE']._serialized_end=2031
   _globals['_TENSOR']._serialized_start=40
   _globals['_TENSOR']._serialized_end=165
   _globals['_SESSIONSPEC']._serialized_start=168
-  _globals['_SESSIONSPEC']._serialized_end=495
-  _globals['_LRSCHEDULE']._serialized_start=497
-  _globals['_LRSCHEDULE']._serialized_end=622
-  _globals['_SESSION']._serialized_start=624
-  _globals['_SESSION']._serialized_end=719
-  _globals['_TRAINSTEP']._serialized_start=722
-  _globals['_TRAINSTEP']._serialized_end=851
-  _globals['_TRAINRESULT']._serialized_start=854
-  _globals['_TRAINRESULT']._serialized_end=1033
-  _globals['_INFERREQUEST']._serialized_start=1035
-  _globals['_INFERREQUEST']._serialized_end=1128
-  _globals['_PREDICTION']._serialized_start=1130
-  _globals['_PREDICTION']._serialized_end=1199
-  _globals['_CLOSEREQUEST']._serialized_start=1201
-  _globals['_CLOSEREQUEST']._serialized_end=1261
-  _globals['_CLOSEREPLY']._serialized_start=1263
-  _globals['_CLOSEREPLY']._serialized_end=1298
-  _globals['_FLUSHREQUEST']._serialized_start=1300
-  _globals['_FLUSHREQUEST']._serialized_end=1334
-  _globals['_FLUSHREPLY']._serialized_start=1336
-  _globals['_FLUSHREPLY']._serialized_end=1373
-  _globals['_STATSREQUEST']._serialized_start=1375
-  _globals['_STATSREQUEST']._serialized_end=1402
-  _globals['_JOBSTATS']._serialized_start=1405
-  _globals['_JOBSTATS']._serialized_end=1627
-  _globals['_JOBSTATS_CLIENTLASTSTEPENTRY']._serialized_start=1574
-  _globals['_JOBSTATS_CLIENTLASTSTEPENTRY']._serialized_end=1627
-  _globals['_STATSREPLY']._serialized_start=1630
-  _globals['_STATSREPLY']._serialized_end=1834
-  _globals['_SPLITLEARNING']._serialized_start=1919
-  _globals['_SPLITLEARNING']._serialized_end=2315
+  _globals['_SESSIONSPEC']._serialized_end=513
+  _globals['_LRSCHEDULE']._serialized_start=515
+  _globals['_LRSCHEDULE']._serialized_end=640
+  _globals['_SESSION']._serialized_start=642
+  _globals['_SESSION']._serialized_end=755
+  _globals['_TRAINSTEP']._serialized_start=758
+  _globals['_TRAINSTEP']._serialized_end=929
+  _globals['_TRAINRESULT']._serialized_start=932
+  _globals['_TRAINRESULT']._serialized_end=1148
+  _globals['_INFERREQUEST']._serialized_start=1150
+  _globals['_INFERREQUEST']._serialized_end=1243
+  _globals['_PREDICTION']._serialized_start=1245
+  _globals['_PREDICTION']._serialized_end=1314
+  _globals['_CLOSEREQUEST']._serialized_start=1316
+  _globals['_CLOSEREQUEST']._serialized_end=1376
+  _globals['_CLOSEREPLY']._serialized_start=1378
+  _globals['_CLOSEREPLY']._serialized_end=1413
+  _globals['_FLUSHREQUEST']._serialized_start=1415
+  _globals['_FLUSHREQUEST']._serialized_end=1449
+  _globals['_FLUSHREPLY']._serialized_start=1451
+  _globals['_FLUSHREPLY']._serialized_end=1488
+  _globals['_STATSREQUEST']._serialized_start=1490
+  _globals['_STATSREQUEST']._serialized_end=1517
+  _globals['_JOBSTATS']._serialized_start=1520
+  _globals['_JOBSTATS']._serialized_end=1742
+  _globals['_JOBSTATS_CLIENTLASTSTEPENTRY']._serialized_start=1689
+  _globals['_JOBSTATS_CLIENTLASTSTEPENTRY']._serialized_end=1742
+  _globals['_STATSREPLY']._serialized_start=1745
+  _globals['_STATSREPLY']._serialized_end=1949
+  _globals['_SPLITLEARNING']._serialized_start=2034
+  _globals['_SPLITLEARNING']._serialized_end=2430
 # @@protoc_insertion_point(module_scope)

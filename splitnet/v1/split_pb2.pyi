@@ -37,7 +37,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scale: _Optional[float] = ..., zero_point: _Optional[int] = ..., channels: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SessionSpec(_message.Message):
-    __slots__ = ("job", "client_id", "arch", "cut", "num_classes", "input_shape", "feature_shape", "bottleneck", "lr", "momentum", "weight_decay", "grad_codec", "seed", "lr_schedule", "width", "init_from_job")
+    __slots__ = ("job", "client_id", "arch", "cut", "num_classes", "input_shape", "feature_shape", "bottleneck", "lr", "momentum", "weight_decay", "grad_codec", "seed", "lr_schedule", "width", "init_from_job", "head_cut")
     JOB_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class SessionSpec(_message.Message):
     LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     INIT_FROM_JOB_FIELD_NUMBER: _ClassVar[int]
+    HEAD_CUT_FIELD_NUMBER: _ClassVar[int]
     job: str
     client_id: str
     arch: str
@@ -70,7 +71,8 @@ class SessionSpec(_message.Message):
     lr_schedule: LrSchedule
     width: float
     init_from_job: str
-    def __init__(self, job: _Optional[str] = ..., client_id: _Optional[str] = ..., arch: _Optional[str] = ..., cut: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., feature_shape: _Optional[_Iterable[int]] = ..., bottleneck: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., grad_codec: _Optional[str] = ..., seed: _Optional[int] = ..., lr_schedule: _Optional[_Union[LrSchedule, _Mapping]] = ..., width: _Optional[float] = ..., init_from_job: _Optional[str] = ...) -> None: ...
+    head_cut: str
+    def __init__(self, job: _Optional[str] = ..., client_id: _Optional[str] = ..., arch: _Optional[str] = ..., cut: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., feature_shape: _Optional[_Iterable[int]] = ..., bottleneck: _Optional[int] = ..., lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., grad_codec: _Optional[str] = ..., seed: _Optional[int] = ..., lr_schedule: _Optional[_Union[LrSchedule, _Mapping]] = ..., width: _Optional[float] = ..., init_from_job: _Optional[str] = ..., head_cut: _Optional[str] = ...) -> None: ...
 
 class LrSchedule(_message.Message):
     __slots__ = ("kind", "milestones", "gamma", "warmup_epochs", "epochs", "steps_per_epoch")
@@ -89,33 +91,37 @@ class LrSchedule(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., milestones: _Optional[_Iterable[int]] = ..., gamma: _Optional[float] = ..., warmup_epochs: _Optional[float] = ..., epochs: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "last_step_id", "job_steps_applied", "resumed")
+    __slots__ = ("session_id", "last_step_id", "job_steps_applied", "resumed", "u_shaped")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_STEP_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_STEPS_APPLIED_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
+    U_SHAPED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     last_step_id: int
     job_steps_applied: int
     resumed: bool
-    def __init__(self, session_id: _Optional[str] = ..., last_step_id: _Optional[int] = ..., job_steps_applied: _Optional[int] = ..., resumed: _Optional[bool] = ...) -> None: ...
+    u_shaped: bool
+    def __init__(self, session_id: _Optional[str] = ..., last_step_id: _Optional[int] = ..., job_steps_applied: _Optional[int] = ..., resumed: _Optional[bool] = ..., u_shaped: _Optional[bool] = ...) -> None: ...
 
 class TrainStep(_message.Message):
-    __slots__ = ("session_id", "step_id", "features", "labels", "received_step_id")
+    __slots__ = ("session_id", "step_id", "features", "labels", "received_step_id", "output_grad")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_GRAD_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step_id: int
     features: Tensor
     labels: _containers.RepeatedScalarFieldContainer[int]
     received_step_id: int
-    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., received_step_id: _Optional[int] = ...) -> None: ...
+    output_grad: Tensor
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., labels: _Optional[_Iterable[int]] = ..., received_step_id: _Optional[int] = ..., output_grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class TrainResult(_message.Message):
-    __slots__ = ("step_id", "grad", "loss", "correct", "duplicate", "job_steps_applied", "durable_step_id", "lr")
+    __slots__ = ("step_id", "grad", "loss", "correct", "duplicate", "job_steps_applied", "durable_step_id", "lr", "output")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +130,7 @@ class TrainResult(_message.Message):
     JOB_STEPS_APPLIED_FIELD_NUMBER: _ClassVar[int]
     DURABLE_STEP_ID_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     grad: Tensor
     loss: float
@@ -132,7 +139,8 @@ class TrainResult(_message.Message):
     job_steps_applied: int
     durable_step_id: int
     lr: float
-    def __init__(self, step_id: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., loss: _Optional[float] = ..., correct: _Optional[int] = ..., duplicate: _Optional[bool] = ..., job_steps_applied: _Optional[int] = ..., durable_step_id: _Optional[int] = ..., lr: _Optional[float] = ...) -> None: ...
+    output: Tensor
+    def __init__(self, step_id: _Optional[int] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., loss: _Optional[float] = ..., correct: _Optional[int] = ..., duplicate: _Optional[bool] = ..., job_steps_applied: _Optional[int] = ..., durable_step_id: _Optional[int] = ..., lr: _Optional[float] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("session_id", "request_id", "features")
