@@ -349,8 +349,9 @@ class EdgeTrainer:
         logits = self.head(output)
         loss = torch.nn.functional.cross_entropy(logits, item.y)
         output_grad, *item.head_grads = torch.autograd.grad(loss, [output, *self.head.parameters()])
+        # drawn for a step the cloud applied before as well: a resumed edge's noise stays the uninterrupted run's
+        sent = self.label_defense.apply(output_grad.detach().cpu(), self.label_rng, item.y.cpu())
         if not reply.duplicate:
-            sent = self.label_defense.apply(output_grad.detach().cpu(), self.label_rng, item.y.cpu())
             reply = self.cloud.backward(item.step_id, sent, self.config.codec)
         item.reply = replace(reply, loss=float(loss.detach()), correct=int((logits.argmax(1) == item.y).sum()))
         return item

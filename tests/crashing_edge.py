@@ -2,7 +2,7 @@
 with SIGKILL at a chosen point ($CRASH_EDGE), so that a test hits that point every time:
 
 - `step:N`: the reply to step N has come, its gradient is not applied yet (mid-step; the server
-  has applied the step);
+  has applied the step: in the U-shaped split, the reply to its second half);
 - `write:N`: the Nth state write has its temporary file written and fsynced, not yet renamed
   over the state file (mid-state-write);
 - `epoch:N`: epoch N - 1 is over and its state written, epoch N not begun (between epochs).
@@ -30,7 +30,7 @@ def _at_step(n: int) -> None:
 
     def crashing(self, step_id):
         reply = collect(self, step_id)
-        if step_id == n:
+        if step_id == n and reply.grad is not None:
             _die()
         return reply
 
