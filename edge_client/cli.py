@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from edge_client.config import (CEM_CHOICES, DETECTORS, LABEL_DEFENSES, MODES, ConnectionConfig, DefenseConfig,
+from edge_client.config import (CEM_CHOICES, DETECTORS, LABEL_DEFENSES, ConnectionConfig, DefenseConfig,
                                 DetectConfig, EdgeConfig)
 from splitnet import security, tracking
 from splitnet.cli_util import (Parser, add_config_args, add_threads_arg, names_missing_extra, new_parser,
@@ -85,15 +85,15 @@ def add_training_args(p: Parser) -> None:
     g.add_argument("--init-job", default=e.init_job, metavar="JOB",
                    help="start this run's new --job's decoder from the server's job JOB (trained, in memory or "
                         "checkpointed; the same model); with --init-from, a continuation of both halves")
-    g.add_argument("--mode", default=e.mode, choices=MODES,
-                   help="the split: vanilla (the cloud runs everything after --cut and gets the labels) or u (the "
-                        "U-shaped split: the cloud runs only the middle up to --head-cut, the edge keeps the head "
-                        "and the loss, and its labels never leave it; lock-step only)")
+    g.add_argument("--u-shaped", action="store_true",
+                   help="the U-shaped split: the cloud runs only the middle, from --cut to --head-cut, and the edge "
+                        "keeps the head and the loss, so its labels never leave it (lock-step only; without it the "
+                        "cloud runs everything after --cut and gets the labels)")
     g.add_argument("--head-cut", default=e.head_cut, metavar="STAGE",
-                   help="--mode u: the stage where the cloud's middle ends (default: the last stage, so the edge "
+                   help="--u-shaped: the stage where the cloud's middle ends (default: the last stage, so the edge "
                         "keeps the classifier); a stage after --cut")
     g.add_argument("--label-defense", default=e.label_defense, choices=LABEL_DEFENSES,
-                   help="--mode u: defend the gradients sent up (they leak the labels): gaussian noise, max_norm "
+                   help="--u-shaped: defend the gradients sent up (they leak the labels): gaussian noise, max_norm "
                         "(every example's gradient as long as the batch's longest), or marvell")
     g.add_argument("--label-defense-strength", type=float, default=e.label_defense_strength, metavar="S",
                    help="--label-defense's strength (docs/ATTACKS_AND_METRICS.md, label leakage)")
@@ -194,7 +194,7 @@ def config_from_args(args: argparse.Namespace, p: Parser) -> EdgeConfig:
             codec=args.codec, grad_codec=args.grad_codec, seed=args.seed, job=args.job,
             client_id=getattr(args, "client_id", ""), max_steps=args.max_steps, device=args.device,
             report=getattr(args, "report", ""), save_encoder=getattr(args, "save_encoder", ""),
-            init_from=args.init_from, init_job=args.init_job, mode=args.mode, head_cut=args.head_cut,
+            init_from=args.init_from, init_job=args.init_job, u_shaped=args.u_shaped, head_cut=args.head_cut,
             label_defense=args.label_defense, label_defense_strength=args.label_defense_strength,
             log_dir=tracking.prepared(args.log_dir), progress=not args.no_progress,
             state_dir=getattr(args, "state_dir", ""), state_every=getattr(args, "state_every", EdgeConfig.state_every),

@@ -163,7 +163,6 @@ class ConnectionConfig:
         require("ConnectionConfig", [at_least("pipeline", self.pipeline, 0)])
 
 
-MODES = ("vanilla", "u")  # the split: the cloud runs the rest of the network, or the middle of a U
 LABEL_DEFENSES = ("none", "gaussian", "max_norm", "marvell")  # edge_client.label_defense
 
 
@@ -205,11 +204,11 @@ class EdgeConfig:
     # model) and, with init_job, a new job's decoder from that job's (the cloud's) weights.
     init_from: str = ""
     init_job: str = ""
-    # The U-shaped split (mode "u"): the edge also keeps the layers after `head_cut` and the loss, so
+    # The U-shaped split (u_shaped): the edge also keeps the layers after `head_cut` and the loss, so
     # its labels never travel; what travels up in their place is dLoss/d(the cloud's output), which
     # label_defense ("none" | "gaussian" | "max_norm" | ...) defends with label_defense_strength.
-    mode: str = "vanilla"
-    head_cut: str = ""  # mode u: the stage where the cloud's middle ends; empty: the last (the edge keeps the classifier)
+    u_shaped: bool = False
+    head_cut: str = ""  # u_shaped: the stage where the cloud's middle ends; empty: the last (the edge keeps the classifier)
     label_defense: str = "none"
     label_defense_strength: float = 0.0
     log_dir: str = ""  # TensorBoard event files of this run (splitnet.tracking); empty: none
@@ -241,20 +240,19 @@ class EdgeConfig:
                           f"most {MAX_KEPT_REPLIES} steps after a state, for a resumed edge to get them again)"),
             ("arch", self.arch in ARCHS, lambda name: f"{name('arch')} must be one of {ARCHS}, got {self.arch!r}"),
             width_check(self.width),
-            ("mode", self.mode in MODES, lambda name: f"{name('mode')} must be one of {MODES}, got {self.mode!r}"),
-            ("head_cut", not self.head_cut or self.mode == "u",
-             lambda name: f"{name('head_cut')} is a setting of the U-shaped split: add {name('mode')} u"),
+            ("head_cut", not self.head_cut or self.u_shaped,
+             lambda name: f"{name('head_cut')} is a setting of the U-shaped split: add {name('u_shaped')}"),
             ("label_defense", self.label_defense in LABEL_DEFENSES,
              lambda name: f"{name('label_defense')} must be one of {LABEL_DEFENSES}, got {self.label_defense!r}"),
             at_least("label_defense_strength", self.label_defense_strength, 0.0),
-            ("label_defense", self.label_defense == "none" or self.mode == "u",
-             lambda name: f"{name('label_defense')} defends what a U-shaped edge sends up: add {name('mode')} u "
+            ("label_defense", self.label_defense == "none" or self.u_shaped,
+             lambda name: f"{name('label_defense')} defends what a U-shaped edge sends up: add {name('u_shaped')} "
                           "(the vanilla split sends its labels in clear)"),
-            ("mode", self.mode == "vanilla" or self.connection.pipeline == 0,
-             lambda name: f"{name('mode')} u runs lock-step: drop {name('connection.pipeline')} (each step waits "
+            ("u_shaped", not self.u_shaped or self.connection.pipeline == 0,
+             lambda name: f"{name('u_shaped')} runs lock-step: drop {name('connection.pipeline')} (each step waits "
                           "for the cloud twice, the head's gradient depending on the cloud's output)"),
-            ("mode", self.mode == "vanilla" or self.detect.detect == "none",
-             lambda name: f"{name('mode')} u: the hijacking detectors ({name('detect.detect')}) need the vanilla "
+            ("u_shaped", not self.u_shaped or self.detect.detect == "none",
+             lambda name: f"{name('u_shaped')}: the hijacking detectors ({name('detect.detect')}) need the vanilla "
                           "split (SplitGuard sends fake labels, which a U-shaped edge never sends)"),
         ])
         try:
@@ -274,7 +272,7 @@ class EdgeConfig:
 
     def split_head_cut(self) -> str:
         """The SplitSpec's `head_cut`: empty for the vanilla split, else `head_cut` or the last stage."""
-        if self.mode != "u":
+        if not self.u_shaped:
             return ""
         from splitnet import models
 

@@ -4,7 +4,7 @@ One step: z = F_e(x); z' = obfuscate(z), its pruned channels zeroed; send z' (th
 channels) and y; the cloud returns dL/dz'; the encoder backpropagates it (plus NoPeek, the
 simulated attacker's penalty and, through the two-phase merge, CEM) and steps.
 
-The U-shaped split (`EdgeConfig.mode = "u"`): the cloud answers the first half of a step with
+The U-shaped split (`EdgeConfig.u_shaped`): the cloud answers the first half of a step with
 its middle's output; the edge runs its head and the loss on it, sends dLoss/d(output) up (through
 its label defense) and gets dL/dz' back as above. Labels never leave the edge; the head steps
 with the encoder, in one optimizer.
@@ -116,8 +116,7 @@ class TrainerState:
     # The simulated attacker and the channel gate (AdversaryHook.state): the device's own, so every
     # client carries its own from turn to turn. None where neither defense is on.
     adversary: dict | None = None
-    # The U-shaped split's head (with `encoder`, in the same optimizer) and its label defense's generator.
-    head: dict[str, torch.Tensor] | None = None
+    # The U-shaped split's label defense's generator (its head travels in `encoder`, as "head.*").
     label_rng: torch.Tensor | None = None
 
 
@@ -448,13 +447,26 @@ class EdgeTrainer:
         return accuracy
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items()}
+        """The weights the edge trains: the encoder's and, in the U-shaped split, the head's as "head.*"
+        (so that sequential training passes the head on with the encoder, and SplitFed averages both)."""
+        head = {f"head.{k}": v for k, v in self.head.state_dict().items()} if self.head is not None else {}
+        return {k: v.detach().cpu().clone() for k, v in {**self.encoder.state_dict(), **head}.items()}
 
     def load_encoder_state(self, state: dict[str, torch.Tensor]) -> None:
         """Adopt weights from elsewhere (FedAvg, the previous client in turn); momentum restarts,
         since the old buffers point along a trajectory these weights did not take."""
-        self.encoder.load_state_dict(state)
+        self._load_weights(state)
         self.optimizer.state.clear()
+
+    def _load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """`encoder_state`'s dict into the encoder and the head; a head missing from it, or there
+        without one here, is a state of another model (RuntimeError, as load_state_dict's)."""
+        head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+        self.encoder.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")})
+        if self.head is not None:
+            self.head.load_state_dict(head)
+        elif head:
+            raise RuntimeError("the weights hold a head of the U-shaped split, this edge runs the vanilla split")
 
     def recalibrate_batch_norm(self) -> None:
         """Measure the encoder's batch-norm statistics afresh on this client's training data.
@@ -480,8 +492,7 @@ class EdgeTrainer:
             {key: copy.copy(getattr(self.cloud, key)) for key in CLOUD_COUNTERS},
             self.encoder_state() if encoder else None,
             copy.deepcopy(self.optimizer.state_dict()) if encoder else None, copy.deepcopy(self.adversary.state()),
-            {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
-            if encoder and self.head is not None else None, self.label_rng.get_state())
+            self.label_rng.get_state())
 
     def restore(self, state: TrainerState) -> None:
         """Carry on from `state` (a fresh trainer of the same config, before `open(own_count=True)`)."""
@@ -503,11 +514,7 @@ class EdgeTrainer:
                 next(self._pass)  # type: ignore[arg-type]
             self.pass_offset = state.pass_offset
         if state.encoder is not None:
-            self.encoder.load_state_dict(state.encoder)
-            if self.head is not None:
-                if state.head is None:
-                    raise ValueError("the state holds no head of the U-shaped split")
-                self.head.load_state_dict(state.head)
+            self._load_weights(state.encoder)
             self.optimizer.load_state_dict(state.optimizer)
         if state.label_rng is not None:
             self.label_rng.set_state(state.label_rng)
@@ -659,7 +666,7 @@ class EdgeTrainer:
             "defense": cfg.defense.as_dict(),
             "init_from": cfg.init_from,
             "init_job": cfg.init_job,
-            "mode": cfg.mode,
+            "u_shaped": cfg.u_shaped,
             "head_cut": spec.head_cut,
             "label_defense": {"kind": cfg.label_defense, "strength": cfg.label_defense_strength},
             **self.cem.report(self.train_set),

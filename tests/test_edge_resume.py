@@ -117,18 +117,18 @@ def test_a_killed_u_shaped_edge_resumes_as_if_never_interrupted(cloud, tmp_path)
     """The U-shaped split, killed after the server applied step 31: the resumed edge re-sends steps
     24..31, gets each one's kept output and gradient back, runs its head on the output again, and
     ends with the encoder, the server's middle and the history of a run never interrupted."""
-    reference = _edge(cloud, "u-uninterrupted", tmp_path / "ref", "--mode", "u")
+    reference = _edge(cloud, "u-uninterrupted", tmp_path / "ref", "--u-shaped")
     assert reference.returncode == 0, reference.stderr
-    killed = _edge(cloud, "u-killed", tmp_path, "--mode", "u", crash="step:31")
+    killed = _edge(cloud, "u-killed", tmp_path, "--u-shaped", crash="step:31")
     assert killed.returncode == -9, killed.stderr
-    resumed = _edge(cloud, "u-killed", tmp_path, "--mode", "u", "--resume")
+    resumed = _edge(cloud, "u-killed", tmp_path, "--u-shaped", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     report, encoder, server = _finished(cloud, "u-killed", tmp_path)
     ref_report, ref_encoder, ref_server = _finished(cloud, "u-uninterrupted", tmp_path / "ref")
     _same_tensors(encoder, ref_encoder)
     _same_tensors(server["decoder"], ref_server["decoder"])
     assert report["resent_steps"] == 8 and report["duplicate_steps"] == 0
-    assert report["steps"] == server["steps_applied"] == 46 and report["mode"] == "u"
+    assert report["steps"] == server["steps_applied"] == 46 and report["u_shaped"]
     assert report["history"][-1]["train_loss"] == ref_report["history"][-1]["train_loss"]
     assert report["test_accuracy"] == ref_report["test_accuracy"]
 

@@ -28,7 +28,7 @@ MIDDLE_OUT = (64, 4, 4)  # cnn from block1 to block2 (the default head cut), 16x
 def _config(address: str, job: str, **kw) -> EdgeConfig:
     conn = {"deadline_s": 10.0, "reconnect_s": 90.0, **kw.pop("connection", {})}
     return EdgeConfig(connection=ConnectionConfig(server=address, **conn), job=job, epochs=1, progress=False,
-                      mode=kw.pop("mode", "u"), **kw)
+                      u_shaped=kw.pop("u_shaped", True), **kw)
 
 
 def _trained(config: EdgeConfig, cloud) -> EdgeTrainer:
@@ -45,7 +45,7 @@ def test_a_u_shaped_run_over_grpc_takes_the_steps_of_the_in_process_vanilla_spli
     config = _config(server.address, "u-equal", max_steps=6, client_id="u-eq")
     u = _trained(config, RemoteCloud(config.connection))
     vanilla_cloud = LocalCloud()
-    vanilla = _trained(dataclasses.replace(config, mode="vanilla", job="u-equal-vanilla"), vanilla_cloud)
+    vanilla = _trained(dataclasses.replace(config, u_shaped=False, job="u-equal-vanilla"), vanilla_cloud)
     for name, value in vanilla.encoder.state_dict().items():
         torch.testing.assert_close(u.encoder.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
     classifier = vanilla_cloud.job.decoder[-1].state_dict()
@@ -60,7 +60,7 @@ def test_labels_never_travel_in_a_u_shaped_session(sweep_services):
     services = sweep_services
     u = run(_config(services.proxy.address, "u-labels", max_steps=4), RemoteCloud(ConnectionConfig(
         server=services.proxy.address, deadline_s=10.0)))
-    vanilla = run(_config(services.proxy.address, "u-labels-vanilla", max_steps=2, mode="vanilla"),
+    vanilla = run(_config(services.proxy.address, "u-labels-vanilla", max_steps=2, u_shaped=False),
                   RemoteCloud(ConnectionConfig(server=services.proxy.address, deadline_s=10.0)))
     records = capture.read_records(services.capture)
     mine = [r for r in records if r.session_id in u["session_ids"]]
@@ -70,7 +70,7 @@ def test_labels_never_travel_in_a_u_shaped_session(sweep_services):
     assert [r.step_id for r in grads] == [1, 2, 3, 4] and all(r.shape == (64, *MIDDLE_OUT) for r in grads)
     theirs = [r for r in records if r.session_id in vanilla["session_ids"] and r.method == "Train"]
     assert len(theirs) == 2 and all(len(r.labels) == 64 for r in theirs)
-    assert u["mode"] == "u" and u["head_cut"] == "block2"
+    assert u["u_shaped"] and u["head_cut"] == "block2"
     # up: features, then the output's gradient (twice the features here); down: the output, then dL/dz
     assert u["bytes_up_per_step"] > vanilla["bytes_up_per_step"]
 
@@ -153,9 +153,9 @@ def test_the_u_shaped_settings_are_checked_where_they_are_made():
     with pytest.raises(InvalidSetting, match="head_cut"):
         EdgeConfig(head_cut="block2")
     with pytest.raises(InvalidSetting, match="pipeline"):
-        EdgeConfig(mode="u", connection=ConnectionConfig(pipeline=2))
+        EdgeConfig(u_shaped=True, connection=ConnectionConfig(pipeline=2))
     with pytest.raises(InvalidSetting, match="label_defense"):
         EdgeConfig(label_defense="gaussian", label_defense_strength=1.0)
     with pytest.raises(InvalidSetting, match="head_cut"):
-        EdgeConfig(mode="u", head_cut="conv1")
-    assert EdgeConfig(mode="u").split_head_cut() == "block2"
+        EdgeConfig(u_shaped=True, head_cut="conv1")
+    assert EdgeConfig(u_shaped=True).split_head_cut() == "block2"
