@@ -97,12 +97,12 @@ def test_direction_attack_recovers_ten_classes_from_one_known_label_each(multicl
     assert len(result.recall) == CLASSES and min(result.recall) >= 0.8
 
 
-def test_a_cluster_without_known_label_takes_the_class_the_matching_leaves(multiclass) -> None:
+def test_clusters_without_known_labels_take_the_classes_the_matching_leaves(multiclass) -> None:
     grads, labels = multiclass
-    known = pick_known(labels, per_class=1) & (labels != 0)  # nothing known of class 0
+    known = pick_known(labels, per_class=1) & (labels != 3) & (labels != 7)  # nothing known of 3 and 7
     result = direction_attack(grads, labels, known, CLASSES)
-    assert result.known == CLASSES - 1
-    assert result.recall[0] >= 0.9 and result.accuracy >= 0.9
+    assert result.known == CLASSES - 2
+    assert min(result.recall[3], result.recall[7]) >= 0.9 and result.accuracy >= 0.9
 
 
 def test_direction_attack_on_rows_gathered_over_training_steps() -> None:
