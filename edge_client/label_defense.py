@@ -84,7 +84,7 @@ def max_norm(grads: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def marvell(grads: Tensor, labels: Tensor, generator: torch.Generator, strength: float) -> Tensor:
-    """Marvell (Li et al. §4): per-class Gaussian noise of bounded power that minimises how well
+    """Marvell (Li et al.): per-class Gaussian noise of bounded power that minimises how well
     any attacker can tell the two classes' gradient distributions apart, for binary tasks.
 
     Li et al. model each class's gradients as N(mean_k, s_k I) (s_k: its per-feature variance) and
@@ -93,7 +93,7 @@ def marvell(grads: Tensor, labels: Tensor, generator: torch.Generator, strength:
     difference of the class means plus mu_k spread evenly over the d - 1 orthogonal directions;
     the four variances minimise that divergence under the power budget
     p * (lambda_1 + mu_1) + (1 - p) * (lambda_0 + mu_0) = strength * ||mean_1 - mean_0||^2
-    (p: share of class 1). They solve the four-variable problem with a convex solver; here
+    (p: share of class 1). They solve the four-variable problem with a solver of their own; here
     L-BFGS over a softmax split of the budget, which meets the budget exactly by construction.
     A batch of one class has no difference to hide and is returned as it is.
     """
