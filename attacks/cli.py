@@ -142,6 +142,27 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labels(args: argparse.Namespace) -> int:
+    from attacks import harness, label_run
+    from splitnet import data
+
+    sessions, labels, classes = [], None, set()
+    for path in args.edge_report:
+        report = json.loads(Path(path).read_text())
+        if not report.get("u_shaped"):
+            raise ValueError(f"{path}: not a U-shaped run (its labels crossed the wire in clear: nothing to infer)")
+        splits = data.load(DataSpec(args.dataset or report["dataset"], args.data_root, image_size=args.image_size))
+        sessions.append(harness.PrivateSession(report, splits))
+        labels, classes = data.labels(splits.train), classes | {splits.num_classes}
+    steps = label_run.captured_steps(args.capture, sessions, labels)
+    result = label_run.score(steps, max(classes), args.known_per_class, args.seed, args.pooled_steps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "labels.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser(parser_class: type[Parser] = Parser) -> Parser:
     """The attacker's parser and its subcommands' (`.subcommand("run")`), all of `parser_class`
     (a StrictParser for a caller that checks settings as `attacker run` reads them: a sweep)."""
@@ -220,6 +241,22 @@ def build_parser(parser_class: type[Parser] = Parser) -> Parser:
                          "reconstructions improve as it moves the encoder")
     sc.add_argument("--out", required=True, help="write attack.json and recon.png here")
     sc.set_defaults(func=_score)
+
+    lb = sub.add_parser("labels", help="label inference: the labels of a U-shaped run from the gradients it sent up",
+                        formatter_class=HelpFormatter)
+    lb.add_argument("--capture", required=True, help="capture folder (proxy or cloud-server --tap) of the run")
+    lb.add_argument("--edge-report", action="append", required=True,
+                    help="edge-client report(s) of the attacked sessions (the harness's truth; repeatable)")
+    lb.add_argument("--dataset", default="", help="private dataset (default: the report's)")
+    lb.add_argument("--data-root", default="", help="folder holding the private dataset (all but digits)")
+    lb.add_argument("--image-size", type=int, default=0, help="side the edge loaded the images at (0: the dataset's)")
+    lb.add_argument("--known-per-class", type=int, default=1, metavar="K",
+                    help="labels the attacker knows per class in each batch (default %(default)s)")
+    lb.add_argument("--pooled-steps", type=int, default=20, metavar="N",
+                    help="also cluster the rows of the last N steps at once (0: every step; default %(default)s)")
+    lb.add_argument("--seed", type=int, default=0, help="draws the known labels and seeds k-means")
+    lb.add_argument("--out", required=True, help="write labels.json here")
+    lb.set_defaults(func=_labels)
     return p
 
 

@@ -208,7 +208,9 @@ class Job:
                 raise ValueError(f"output_grad: {output_grad.shape[0]} rows for a batch of {features.shape[0]}")
             grad, output, lr = self._learn_middle(client_id, step_id, features, output_grad)
             state.pending = None
-            return self._applied(state, step_id, StepOutcome(grad, 0.0, 0, False, 0, lr, output), received)
+            # the output is kept for a re-send of the first half; the edge has it, so it does not go back
+            return replace(self._applied(state, step_id, StepOutcome(grad, 0.0, 0, False, 0, lr, output), received),
+                           output=None)
 
     def _client_step(self, client_id: str, step_id: int, received: int) -> tuple[_ClientState, StepOutcome | None]:
         """Under the lock: the client's state and, for a step applied before, the duplicate's outcome

@@ -164,6 +164,7 @@ class ConnectionConfig:
 
 
 LABEL_DEFENSES = ("none", "gaussian", "max_norm", "marvell")  # edge_client.label_defense
+WITHOUT_STRENGTH = ("none", "max_norm")  # kinds with no parameter: a strength there would be a typo
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,8 @@ class EdgeConfig:
             ("label_defense", self.label_defense in LABEL_DEFENSES,
              lambda name: f"{name('label_defense')} must be one of {LABEL_DEFENSES}, got {self.label_defense!r}"),
             at_least("label_defense_strength", self.label_defense_strength, 0.0),
+            ("label_defense_strength", self.label_defense not in WITHOUT_STRENGTH or not self.label_defense_strength,
+             lambda name: f"{name('label_defense')} {self.label_defense} takes no {name('label_defense_strength')}"),
             ("label_defense", self.label_defense == "none" or self.u_shaped,
              lambda name: f"{name('label_defense')} defends what a U-shaped edge sends up: add {name('u_shaped')} "
                           "(the vanilla split sends its labels in clear)"),

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from edge_client.config import LABEL_DEFENSES, WITHOUT_STRENGTH
 from splitnet.settings import finite, require_fields
 
-LABEL_DEFENSES = ("none", "gaussian", "max_norm", "marvell")
-WITHOUT_STRENGTH = ("none", "max_norm")  # kinds with no parameter: a strength there would be a typo
 MARVELL_STEPS = 100  # L-BFGS iterations for Marvell's four noise variances; it settles within ~20
 
 

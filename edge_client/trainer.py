@@ -153,6 +153,9 @@ class EdgeTrainer:
         self.encoder = self.split.encoder.to(config.device)
         self.head = self.split.head.to(config.device) if self.split.head is not None else None
         self.label_defense = LabelDefense(config.label_defense, config.label_defense_strength)
+        if config.label_defense == "marvell" and self.splits.num_classes != 2:
+            raise ValueError(f"--label-defense marvell protects a binary task's labels; this dataset has "
+                             f"{self.splits.num_classes} classes (use gaussian or max_norm)")
         self.label_rng = torch.Generator().manual_seed(config.seed + 3)
         self.augment = (data.augment_by_default(self.train_set) if config.augment == "auto"
                         else config.augment == "on")

@@ -2,6 +2,8 @@
 middle; a step is two exchanges under one step id, applied once, replayed whole after a crash."""
 
 import dataclasses
+import json
+import math
 import signal
 import threading
 from pathlib import Path
@@ -10,6 +12,7 @@ import grpc
 import pytest
 import torch
 
+from attacks import cli as attacker_cli
 from cloud_server.local import LocalCloud
 from deploy.processes import start_server
 from edge_client.config import ConnectionConfig, EdgeConfig
@@ -20,15 +23,15 @@ from splitnet.settings import InvalidSetting
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
-from messages import free_port, rejected, spec, step, tensor
+from messages import FEATURES, free_port, rejected, spec, step, tensor
 
 MIDDLE_OUT = (64, 4, 4)  # cnn from block1 to block2 (the default head cut), 16x16 input
 
 
 def _config(address: str, job: str, **kw) -> EdgeConfig:
     conn = {"deadline_s": 10.0, "reconnect_s": 90.0, **kw.pop("connection", {})}
-    return EdgeConfig(connection=ConnectionConfig(server=address, **conn), job=job, epochs=1, progress=False,
-                      u_shaped=kw.pop("u_shaped", True), **kw)
+    return EdgeConfig(connection=ConnectionConfig(server=address, **conn), job=job, progress=False,
+                      **{"epochs": 1, "u_shaped": True, **kw})
 
 
 def _trained(config: EdgeConfig, cloud) -> EdgeTrainer:
@@ -54,25 +57,63 @@ def test_a_u_shaped_run_over_grpc_takes_the_steps_of_the_in_process_vanilla_spli
     assert u.history[0]["train_loss"] == pytest.approx(vanilla.history[0]["train_loss"], rel=1e-5)
 
 
-def test_labels_never_travel_in_a_u_shaped_session(sweep_services):
-    """On the traffic the eavesdropping proxy captured: the U-shaped session's steps carry no label,
-    its gradients up are one row per example, and the vanilla session beside it sends its labels."""
-    services = sweep_services
-    u = run(_config(services.proxy.address, "u-labels", max_steps=4), RemoteCloud(ConnectionConfig(
-        server=services.proxy.address, deadline_s=10.0)))
-    vanilla = run(_config(services.proxy.address, "u-labels-vanilla", max_steps=2, u_shaped=False),
-                  RemoteCloud(ConnectionConfig(server=services.proxy.address, deadline_s=10.0)))
-    records = capture.read_records(services.capture)
+@pytest.fixture(scope="module")
+def captured(sweep_services, tmp_path_factory):
+    """Runs through the eavesdropping proxy (conftest.py): the U-shaped split undefended and with strong
+    Gaussian noise on the gradients it sends up (2 epochs each), and the vanilla split (2 steps)."""
+    address = sweep_services.proxy.address
+
+    def edge(job: str, **kw) -> dict:
+        return run(_config(address, job, **kw), RemoteCloud(ConnectionConfig(server=address, deadline_s=10.0)))
+
+    return sweep_services.capture, {
+        "u": edge("u-labels", epochs=2), "noised": edge("u-labels-noised", epochs=2, label_defense="gaussian",
+                                                        label_defense_strength=4.0),
+        "vanilla": edge("u-labels-vanilla", max_steps=2, u_shaped=False)}
+
+
+def test_labels_never_travel_in_a_u_shaped_session(captured):
+    """On the traffic the proxy captured: the U-shaped session's steps carry no label, its gradients
+    up are one row per example, and the vanilla session beside it sends its labels."""
+    folder, reports = captured
+    u, vanilla = reports["u"], reports["vanilla"]
+    records = capture.read_records(folder)
     mine = [r for r in records if r.session_id in u["session_ids"]]
     assert {r.method for r in mine} == {"Train", "TrainGrad", "Infer"}
     assert all(r.labels == () for r in mine)
     grads = [r for r in mine if r.method == "TrainGrad"]
-    assert [r.step_id for r in grads] == [1, 2, 3, 4] and all(r.shape == (64, *MIDDLE_OUT) for r in grads)
+    assert [r.step_id for r in grads] == list(range(1, 47)) and all(r.shape[1:] == MIDDLE_OUT for r in grads)
     theirs = [r for r in records if r.session_id in vanilla["session_ids"] and r.method == "Train"]
     assert len(theirs) == 2 and all(len(r.labels) == 64 for r in theirs)
-    assert u["u_shaped"] and u["head_cut"] == "block2"
-    # up: features, then the output's gradient (twice the features here); down: the output, then dL/dz
-    assert u["bytes_up_per_step"] > vanilla["bytes_up_per_step"]
+    assert u["u_shaped"] and u["head_cut"] == "block2" and not vanilla["u_shaped"]
+    # U: up the features and the output's gradient, down the output and dL/dz; vanilla: features up, dL/dz down
+    per_sample = {"u": 4 * (math.prod(FEATURES) + math.prod(MIDDLE_OUT)), "vanilla": 4 * math.prod(FEATURES)}
+    for mode, report in (("u", u), ("vanilla", vanilla)):
+        for way in ("up", "down"):
+            sent = report[f"bytes_{way}_per_step"] * report["steps"]
+            assert sent == pytest.approx(per_sample[mode] * report["train_samples"], rel=0.01), (mode, way)
+
+
+def test_the_cloud_infers_the_labels_from_the_gradients_unless_they_are_noised(captured, tmp_path):
+    """`attacker labels` on the captured traffic, one known label per class per batch: the direction
+    attack names nearly every label of the undefended run, and few of the noised one."""
+    folder, reports = captured
+    scores = {}
+    for name in ("u", "noised"):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(reports[name]))
+        assert attacker_cli.main(["labels", "--capture", str(folder), "--edge-report", str(path),
+                                  "--out", str(tmp_path / name)]) == 0
+        scores[name] = json.loads((tmp_path / name / "labels.json").read_text())
+    undefended, noised = scores["u"], scores["noised"]
+    assert undefended["steps"] == 46 and undefended["known_per_class"] == 1
+    assert undefended["pooled"]["direction_accuracy"] >= 0.9
+    assert undefended["per_epoch"][0]["nearest_known_accuracy"] >= 0.9
+    assert noised["pooled"]["direction_accuracy"] < 0.5 and noised["per_step"]["nearest_known_accuracy"] < 0.5
+    vanilla = tmp_path / "vanilla.json"
+    vanilla.write_text(json.dumps(reports["vanilla"]))
+    assert attacker_cli.main(["labels", "--capture", str(folder), "--edge-report", str(vanilla),
+                              "--out", str(tmp_path / "v")]) == 2  # its labels crossed in clear: refused
 
 
 @pytest.mark.slow
