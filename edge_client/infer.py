@@ -129,6 +129,9 @@ def run(config: EdgeConfig, infer: InferConfig, cloud: RemoteCloud) -> dict:
         cloud.close()
     predictions = []
     for (logits, ms), batch_names in zip(answers, _chunks(names, infer.batch_size)):
+        if saved.split.head is not None:  # a U-shaped split: the cloud answered its middle's output
+            with torch.no_grad():
+                logits = saved.split.head(logits)
         probabilities = logits.softmax(1)
         for name, p in zip(batch_names, probabilities):
             predictions.append({"image": name, "class": int(p.argmax()), "confidence": float(p.max()),

@@ -6,8 +6,8 @@ A `torch.save` dict, loaded with `weights_only=True` (plain values and tensors, 
 `spec` (`SplitSpec.as_dict`), `feature_shape`, `defense` (the edge's defense settings, from
 which both readers rebuild the obfuscation applied before the wire), `encoder` (the state
 dict) and, in files written since inference came, `job` (the training job, whose decoder
-the cloud holds) and `codec` (the features' codec in training). Two roles read it, so it
-lives here.
+the cloud holds) and `codec` (the features' codec in training); a U-shaped split's also `head`
+(the edge's head, which turns the cloud's answer into logits). Two roles read it, so it lives here.
 """
 
 from __future__ import annotations
@@ -35,9 +35,12 @@ class EncoderFile:
 
 def write(path: str | Path, split: models.SplitModel, defense: dict, job: str, codec: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().clone() for k, v in split.encoder.state_dict().items()}
+    def plain(module: torch.nn.Module) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    head = {"head": plain(split.head)} if split.head is not None else {}
     torch.save({"spec": split.spec.as_dict(), "feature_shape": list(split.feature_shape), "defense": defense,
-                "encoder": state, "job": job, "codec": codec}, path)
+                "encoder": plain(split.encoder), "job": job, "codec": codec, **head}, path)
 
 
 class DoesNotFit(ValueError):
@@ -63,4 +66,7 @@ def read(path: str | Path) -> EncoderFile:
     split = models.build(models.SplitSpec.from_dict(state["spec"]))
     split.encoder.load_state_dict(state["encoder"])
     split.encoder.eval()
+    if split.head is not None:
+        split.head.load_state_dict(state["head"])
+        split.head.eval()
     return EncoderFile(split, state["defense"], state.get("job", ""), state.get("codec", ""))

@@ -200,3 +200,30 @@ def test_the_u_shaped_settings_are_checked_where_they_are_made():
     with pytest.raises(InvalidSetting, match="head_cut"):
         EdgeConfig(u_shaped=True, head_cut="conv1")
     assert EdgeConfig(u_shaped=True).split_head_cut() == "block2"
+
+
+def test_a_sweep_takes_the_split_as_an_axis_and_scores_the_labels(sweep_services, tmp_path):
+    """`u_shaped = [false, true]` in [grid]: both points train and are inverted as before; the U-shaped
+    one's row adds the cloud's label inference, which the vanilla row (labels in clear) has not."""
+    from sweeps import sweep_here
+
+    (tmp_path / "sweep.toml").write_text("""
+[model]
+epochs = 1
+max_steps = 12
+
+[grid]
+u_shaped = [false, true]
+
+[attack]
+epochs = 1
+blocks = 1
+""")
+    out = tmp_path / "out"
+    done = sweep_here(["--config", str(tmp_path / "sweep.toml"), "--out", str(out)], sweep_services)
+    assert done.returncode == 0, done.stderr[-3000:]
+    vanilla, u = json.loads((out / "results.json").read_text())["points"]
+    assert vanilla["axes"]["u_shaped"] is False and u["axes"]["u_shaped"] is True
+    assert "label_direction_accuracy" not in vanilla
+    assert 0 <= u["label_direction_accuracy"] <= 1 and u["label_pooled_accuracy"] > 0.5
+    assert u["inversion_mse"] > 0 and vanilla["inversion_mse"] > 0

@@ -118,6 +118,15 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
                 row["scored_sample"] = scores["sample"]
             row[f"{name}_attacker"] = json.loads((recon / "run.json").read_text())  # what produced the scores
             row[f"{name}_grid"] = str((scored / "recon.png").relative_to(out.parent.parent))
+    if edge.get("u_shaped"):  # the cloud's label inference from the gradients sent up (attacks.label_run)
+        _python(out / "attacker-labels.log", "attacks", "labels", "--capture", capture, "--edge-report",
+                str(out / "edge.json"), "--out", str(out / "labels"), *as_flags(scorer_data_of(edge_settings)),
+                "--seed", str(point.setting("seed")), timeout=config.timeout_s)
+        leak = json.loads((out / "labels" / "labels.json").read_text())
+        row.update({"label_direction_accuracy": leak["per_step"]["direction_accuracy"],
+                    "label_nearest_known_accuracy": leak["per_step"]["nearest_known_accuracy"],
+                    "label_pooled_accuracy": leak["pooled"]["direction_accuracy"],
+                    **({"label_norm_leak_auc": leak["norm_leak_auc"]} if "norm_leak_auc" in leak else {})})
     write_atomic(out / "result.json", json.dumps(row, indent=2) + "\n")
     if log_dir:  # accuracy and the attacks' scores first: TensorBoard's HParams table shows five metrics at first
         order = ("test_accuracy", *metric_names(config)[len(METRICS):], *METRICS)
