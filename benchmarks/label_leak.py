@@ -6,7 +6,8 @@ labels from the gradients it sent up (one known label per class per batch) and t
 scores it.
 
 Prints one JSON object (`runs`: one row per run; `table`: mean and spread over seeds per
-setting) and writes it to `--out DIR/label_leak.json` with the reports beside it.
+setting) and writes it to `--out DIR/label_leak.json` with the reports beside it (the tap, every
+feature of every run, lives in a temporary folder).
 
     python benchmarks/label_leak.py --seeds 0 1 --epochs 10 --out results/labels
 """
@@ -23,7 +24,8 @@ from pathlib import Path
 
 from deploy.processes import start_server
 
-SETTINGS = ["vanilla", "none", "gaussian:0.5", "gaussian:1", "gaussian:2", "gaussian:4", "max_norm"]
+SETTINGS = ["vanilla", "none", "gaussian:0.05", "gaussian:0.1", "gaussian:0.25", "gaussian:0.5", "gaussian:1",
+            "max_norm"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,15 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="label-leak-"))
     out.mkdir(parents=True, exist_ok=True)
-    tap = out / "tap"
-    server = start_server("--tap", str(tap), "--threads", "1")
     runs = []
-    try:
-        for seed in args.seeds:
-            for setting in args.settings:
-                runs.append(_run(server.address, tap, out, setting, seed, args))
-    finally:
-        server.stop()
+    with tempfile.TemporaryDirectory(prefix="label-leak-tap-") as tap:  # every feature of every run: large
+        server = start_server("--tap", tap, "--threads", "1")
+        try:
+            for seed in args.seeds:
+                for setting in args.settings:
+                    runs.append(_run(server.address, Path(tap), out, setting, seed, args))
+        finally:
+            server.stop()
     result = {"epochs": args.epochs, "edge_args": args.edge_args, "runs": runs, "table": _table(runs)}
     (out / "label_leak.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
@@ -71,7 +73,9 @@ def _run(server: str, tap: Path, out: Path, setting: str, seed: int, args: argpa
         leak = json.loads((scored / "labels.json").read_text())
         row.update({"direction_accuracy": leak["per_step"]["direction_accuracy"],
                     "nearest_known_accuracy": leak["per_step"]["nearest_known_accuracy"],
-                    "pooled_direction_accuracy": leak["pooled"]["direction_accuracy"]})
+                    "pooled_direction_accuracy": leak["pooled"]["direction_accuracy"],
+                    "first_epoch_direction_accuracy": leak["per_epoch"][0]["direction_accuracy"],
+                    "first_epoch_nearest_known_accuracy": leak["per_epoch"][0]["nearest_known_accuracy"]})
     print(json.dumps(row), file=sys.stderr)
     return row
 
@@ -88,7 +92,7 @@ def _table(runs: list[dict]) -> list[dict]:
         members = [r for r in runs if r["setting"] == setting]
         row = {"setting": setting, "seeds": [r["seed"] for r in members]}
         for key in ("test_accuracy", "direction_accuracy", "nearest_known_accuracy", "pooled_direction_accuracy",
-                    "bytes_up_per_step"):
+                    "first_epoch_direction_accuracy", "first_epoch_nearest_known_accuracy", "bytes_up_per_step"):
             values = [r[key] for r in members if key in r]
             if values:
                 row[key] = statistics.fmean(values)

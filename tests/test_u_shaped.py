@@ -227,3 +227,20 @@ blocks = 1
     assert "label_direction_accuracy" not in vanilla
     assert 0 <= u["label_direction_accuracy"] <= 1 and u["label_pooled_accuracy"] > 0.5
     assert u["inversion_mse"] > 0 and vanilla["inversion_mse"] > 0
+
+
+@pytest.mark.slow
+def test_split_ray_trains_the_u_shaped_split_with_the_heads_averaged(ray_local, server):
+    """SplitFed over three virtual clients on two workers: the heads travel with the encoders (their
+    states between turns) and are averaged with them;
+    every step is applied once, and the model learns (a head left behind scored 0.09-0.46)."""
+    from deploy.sim.config import RayRunConfig, VirtualClients
+    from deploy.sim.run import run_clients
+    from ray_cluster import edge
+
+    config = dataclasses.replace(edge(server, "u-ray", epochs=2), u_shaped=True)
+    report = run_clients(RayRunConfig(config, clients=3, mode="splitfed", virtual=VirtualClients(2)))
+    clients = report["client_reports"]
+    assert not report["failed"] and all(c["status"] == "ok" for c in clients)
+    assert report["server_steps_applied"] == report["client_steps_sent"] == sum(c["steps"] for c in clients)
+    assert len({c["test_accuracy"] for c in clients}) == 1 and report["test_accuracy"] >= 0.7
