@@ -22,14 +22,15 @@ from splitnet.v1 import split_pb2 as pb
 
 # Floats travel as float32: the samples hold values float32 represents exactly.
 SCHEDULE = LrSchedule("multistep", (2, 5), 0.25, 0.5, 8, 7)
-SPEC = serde.SessionSpec("job-a", "edge-1", SplitSpec("vgg11_bn", "pool2", 100, (3, 32, 32), 8, 0.5), (8, 8, 8),
+SPEC = serde.SessionSpec("job-a", "edge-1", SplitSpec("vgg11_bn", "pool2", 100, (3, 32, 32), 8, 0.5, "pool4"),
+                         (8, 8, 8),
                          OptimSpec(0.125, 0.875, 0.0625, SCHEDULE), "int8", 2**64 - 1, "converged")
 FEATURES = codec.encode(torch.linspace(-1, 1, 24).reshape(2, 3, 4), "int8")
 GRAD = torch.tensor([[0.5, -1.25], [2.0, 0.0]])
 
-SESSION = serde.Session("sid-1", 7, 40, True)
-STEP = serde.TrainStep("sid-1", 3, FEATURES, [1, 0], 2)
-REPLY = StepReply(GRAD, 0.75, 2, True, 0.125, 3, 9, 1)
+SESSION = serde.Session("sid-1", 7, 40, True, True)
+STEP = serde.TrainStep("sid-1", 3, FEATURES, [1, 0], 2, codec.encode(GRAD, "fp16"))
+REPLY = StepReply(GRAD, 0.75, 2, True, 0.125, 3, 9, 1, -GRAD)
 JOB = serde.JobStats("job-a", 8, 9, 10, {"edge-1": 11, "edge-2": 12})
 STATS = serde.StatsReply(1, 2, 3, 4, 5, 6, 7, (JOB, serde.JobStats("job-b", 12)))
 
@@ -107,7 +108,12 @@ def test_optional_fields_left_empty_come_back_empty():
     spec = dataclasses.replace(SPEC, seed=0, init_from_job="", split=SplitSpec(cut=""),
                                optim=OptimSpec(0.5, 0.0, 0.0, LrSchedule(gamma=0.5)))
     assert same(round_trip("SessionSpec", spec)[1], spec)
-    assert round_trip("Session", serde.Session("sid-1"))[1] == serde.Session("sid-1", 0, 0, False)
+    assert round_trip("Session", serde.Session("sid-1"))[1] == serde.Session("sid-1", 0, 0, False, False)
+    first_half = serde.TrainStep("", 1, FEATURES, [])  # a U-shaped step's first half: no gradient
+    second_half = serde.TrainStep("", 1, None, [], output_grad=FEATURES)  # its second: no features
+    assert same(round_trip("TrainStep", first_half)[1], first_half)
+    assert same(round_trip("TrainStep", second_half)[1], second_half)
+    assert round_trip("TrainResult", StepReply(GRAD, 0.5, 1, False), "fp32")[1].output is None
     empty = serde.TrainStep("", 1, codec.encode(torch.zeros(0, 3)), [])
     assert same(round_trip("TrainStep", empty)[1], empty)
     assert round_trip("CloseRequest", serde.CloseRequest("sid-1"))[1] == serde.CloseRequest("sid-1", 0)
