@@ -1,0 +1,202 @@
+"""The floor under the split: what one gRPC round trip of the split's own message sizes costs from
+Python, with nothing of this project in it, beside what the split costs.
+
+A bare echo service runs in a process of its own (this script with `--serve`), on the channel
+options the split uses (`splitnet.wire`): every request is raw bytes whose first 8 say how
+many bytes to answer. Timed one request in flight, lock-step, after a warm-up:
+
+- `train`: a training step's `TrainStep` up and its `TrainResult` down (digits, cnn at its
+  default cut, batch `--batch-size`, fp32: the sizes `benchmarks/transport.py` sends), over one
+  stream, as `Train` runs;
+- `infer batch N`: one `InferRequest` of N images' features up (cut `--infer-cut` with the
+  8-channel bottleneck, fp32: `benchmarks/inference.py`'s default) and its `Prediction` down,
+  over a stream (as `Infer`) and as unary calls.
+
+Then, in the same run, `benchmarks/transport.py` (one process vs the lock-step split) and
+`benchmarks/inference.py` (local vs loopback) for the same model and sizes, so that each split
+figure reads against the floor: `train_overhead_ms` (split step time minus local step time
+minus the floor's round trip: what is ours), and `infer_over_floor_plus_local` (the split's
+median latency over the floor's round trip plus the local model's latency; issue target 1.3).
+
+Prints one JSON object.
+
+    python benchmarks/floor.py --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import torch
+
+from splitnet import codec, data, models, wire
+from splitnet.v1 import split_pb2 as pb
+
+SERVICE = "floor.Echo"
+_SIZE = struct.Struct("<Q")
+
+
+def _echo(request: bytes, context) -> bytes:
+    return bytes(_SIZE.unpack_from(request)[0])
+
+
+def _echo_stream(requests, context):
+    for request in requests:
+        yield _echo(request, context)
+
+
+def serve() -> int:
+    """The echo server: prints its port, serves until killed."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=wire.server_options(64))
+    handlers = {"Unary": grpc.unary_unary_rpc_method_handler(_echo),
+                "Stream": grpc.stream_stream_rpc_method_handler(_echo_stream)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"floor listening on 127.0.0.1:{port}", flush=True)
+    server.wait_for_termination()
+    return 0
+
+
+def message_sizes(batch: int, infer_cut: str, infer_batches: list[int]) -> dict[str, tuple[int, int]]:
+    """Bytes up and down of each exchange, as the split's messages serialize."""
+    splits = data.load(data.DataSpec())
+    train = models.build(models.SplitSpec("cnn", "", splits.num_classes, splits.input_shape))
+    features = codec.encode(torch.zeros(batch, *train.feature_shape), "fp32")
+    up = pb.TrainStep(session_id="0" * 32, step_id=1000, features=features, labels=[9] * batch, received_step_id=999)
+    down = pb.TrainResult(step_id=1000, grad=codec.encode(torch.zeros(batch, *train.feature_shape), "fp32"),
+                          loss=1.0, correct=batch, job_steps_applied=1000, durable_step_id=1000, lr=0.05)
+    sizes = {"train": (up.ByteSize(), down.ByteSize())}
+    infer = models.build(models.SplitSpec("cnn", infer_cut, splits.num_classes, splits.input_shape, 8))
+    for n in infer_batches:
+        request = pb.InferRequest(session_id="0" * 32, request_id=1000,
+                                  features=codec.encode(torch.zeros(n, *infer.feature_shape), "fp32"))
+        reply = pb.Prediction(request_id=1000, logits=codec.encode(torch.zeros(n, splits.num_classes), "fp32"))
+        sizes[f"infer batch {n}"] = (request.ByteSize(), reply.ByteSize())
+    return sizes
+
+
+def _request(up: int, down: int) -> bytes:
+    return _SIZE.pack(down) + bytes(max(0, up - _SIZE.size))
+
+
+def round_trips(address: str, up: int, down: int, count: int, warmup: int, streaming: bool) -> dict:
+    """`count` timed round trips (after `warmup`), one in flight: milliseconds p50 / mean / p99."""
+    request = _request(up, down)
+    with grpc.insecure_channel(address, options=wire.grpc_options(64)) as channel:
+        if streaming:
+            call = channel.stream_stream(f"/{SERVICE}/Stream")
+            pending: list = []
+            cond = threading.Condition()
+
+            def requests():
+                while True:
+                    with cond:
+                        cond.wait_for(lambda: pending)
+                        item = pending.pop()
+                    if item is None:
+                        return
+                    yield item
+
+            replies = call(requests())
+
+            def once() -> None:
+                with cond:
+                    pending.append(request)
+                    cond.notify()
+                next(replies)
+        else:
+            unary = channel.unary_unary(f"/{SERVICE}/Unary")
+
+            def once() -> None:
+                unary(request)
+        for _ in range(warmup):
+            once()
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            once()
+            times.append((time.perf_counter() - start) * 1e3)
+        if streaming:
+            with cond:
+                pending.append(None)
+                cond.notify()
+    times.sort()
+    return {"ms_p50": statistics.median(times), "ms_mean": statistics.fmean(times),
+            "ms_p99": times[min(len(times) - 1, int(0.99 * len(times)))], "count": count}
+
+
+def _run_script(name: str, argv: list[str]) -> dict:
+    """`benchmarks/NAME.py ARGV` in this process; the JSON it prints."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    module = __import__(name)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        module.main(argv)
+    return json.loads(out.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, default=64, help="training batch (default %(default)s)")
+    p.add_argument("--infer-cut", default="block1")
+    p.add_argument("--infer-batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--count", type=int, default=300, help="timed floor round trips per series")
+    p.add_argument("--repeats", type=int, default=5, help="transport.py --repeats")
+    p.add_argument("--steps", type=int, default=60, help="transport.py --steps")
+    p.add_argument("--requests", type=int, default=100, help="inference.py --requests")
+    args = p.parse_args(argv)
+    if args.serve:
+        return serve()
+    torch.set_num_threads(1)
+    sizes = message_sizes(args.batch_size, args.infer_cut, args.infer_batches)
+    server = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True)
+    try:
+        address = server.stdout.readline().split()[-1]  # type: ignore[union-attr]
+        floor = {name: {"bytes_up": up, "bytes_down": down,
+                        "stream": round_trips(address, up, down, args.count, 20, streaming=True),
+                        **({"unary": round_trips(address, up, down, args.count, 20, streaming=False)}
+                           if name != "train" else {})}
+                 for name, (up, down) in sizes.items()}
+    finally:
+        server.kill()
+        server.wait()
+    transport = _run_script("transport", ["--batch-size", str(args.batch_size), "--steps", str(args.steps),
+                                          "--repeats", str(args.repeats), "--pipeline", "2"])
+    inference = _run_script("inference", ["--cuts", args.infer_cut, "--codecs", "fp32", "--links", "constrained",
+                                          "--batch-sizes", *map(str, args.infer_batches),
+                                          "--requests", str(args.requests)])
+    step = {name: 1e3 * args.batch_size / transport["samples_per_second"][name] for name in ("local", "split")}
+    by_transport = inference["results"][args.infer_cut]["fp32"]
+    infer = {}
+    for n in args.infer_batches:
+        local, split = (by_transport[t][f"batch {n}"]["latency_ms_p50"] for t in ("local", "loopback"))
+        best = min(floor[f"infer batch {n}"]["stream"]["ms_p50"], floor[f"infer batch {n}"]["unary"]["ms_p50"])
+        infer[f"batch {n}"] = {"local_ms_p50": local, "split_ms_p50": split, "floor_ms_p50": best,
+                               "split_over_floor_plus_local": split / (best + local)}
+    print(json.dumps({
+        "floor": floor, "transport": transport, "inference": by_transport,
+        "train": {"local_step_ms": step["local"], "split_step_ms": step["split"],
+                  "floor_ms_p50": floor["train"]["stream"]["ms_p50"],
+                  "train_overhead_ms": step["split"] - step["local"] - floor["train"]["stream"]["ms_p50"],
+                  "lockstep_over_local": transport["ratio_split_over_local"],
+                  "pipelined_over_local_2threads": transport.get("ratio_pipelined_over_local_2threads")},
+        "infer": infer}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
