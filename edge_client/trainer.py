@@ -350,7 +350,8 @@ class EdgeTrainer:
         output = reply.output.to(self.config.device).requires_grad_(True)
         logits = self.head(output)
         loss = torch.nn.functional.cross_entropy(logits, item.y)
-        output_grad, *item.head_grads = torch.autograd.grad(loss, [output, *self.head.parameters()])
+        output_grad, *head_grads = torch.autograd.grad(loss, [output, *self.head.parameters()])
+        item.head_grads = tuple(head_grads)
         # drawn for a step the cloud applied before as well: a resumed edge's noise stays the uninterrupted run's
         sent = self.label_defense.apply(output_grad.detach().cpu(), self.label_rng, item.y.cpu())
         if not reply.duplicate:
