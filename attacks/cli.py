@@ -225,11 +225,7 @@ def build_parser(parser_class: type[Parser] = Parser) -> Parser:
     sc = sub.add_parser("score", help="evaluation harness: align with the private images, score, draw",
                         formatter_class=HelpFormatter)
     sc.add_argument("--recon", required=True, help="folder written by attacker run or cloud-server --hijack-out")
-    sc.add_argument("--edge-report", action="append", required=True,
-                    help="edge-client report(s) of the attacked sessions (repeatable)")
-    sc.add_argument("--dataset", default="", help="private dataset (default: the report's)")
-    sc.add_argument("--data-root", default="", help="folder holding the private dataset (all but digits)")
-    sc.add_argument("--image-size", type=int, default=0, help="side the edge loaded the images at (0: the dataset's)")
+    _add_private_data_args(sc, "edge-client report(s) of the attacked sessions (repeatable)")
     sc.add_argument("--grid", type=int, default=16,
                     help="images in recon.png (with --per-class: at least this many, the same number of each class)")
     sc.add_argument("--per-class", type=int, default=0, metavar="N",
@@ -245,11 +241,7 @@ def build_parser(parser_class: type[Parser] = Parser) -> Parser:
     lb = sub.add_parser("labels", help="label inference: the labels of a U-shaped run from the gradients it sent up",
                         formatter_class=HelpFormatter)
     lb.add_argument("--capture", required=True, help="capture folder (proxy or cloud-server --tap) of the run")
-    lb.add_argument("--edge-report", action="append", required=True,
-                    help="edge-client report(s) of the attacked sessions (the harness's truth; repeatable)")
-    lb.add_argument("--dataset", default="", help="private dataset (default: the report's)")
-    lb.add_argument("--data-root", default="", help="folder holding the private dataset (all but digits)")
-    lb.add_argument("--image-size", type=int, default=0, help="side the edge loaded the images at (0: the dataset's)")
+    _add_private_data_args(lb, "edge-client report(s) of the attacked sessions (the harness's truth; repeatable)")
     lb.add_argument("--known-per-class", type=int, default=1, metavar="K",
                     help="labels the attacker knows per class in each batch (default %(default)s)")
     lb.add_argument("--pooled-steps", type=int, default=20, metavar="N",
@@ -258,6 +250,14 @@ def build_parser(parser_class: type[Parser] = Parser) -> Parser:
     lb.add_argument("--out", required=True, help="write labels.json here")
     lb.set_defaults(func=_labels)
     return p
+
+
+def _add_private_data_args(p: argparse.ArgumentParser, report_help: str) -> None:
+    """What the harness needs to rebuild the private data behind the attacked sessions."""
+    p.add_argument("--edge-report", action="append", required=True, help=report_help)
+    p.add_argument("--dataset", default="", help="private dataset (default: the report's)")
+    p.add_argument("--data-root", default="", help="folder holding the private dataset (all but digits)")
+    p.add_argument("--image-size", type=int, default=0, help="side the edge loaded the images at (0: the dataset's)")
 
 
 @names_missing_extra("attacker")

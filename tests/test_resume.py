@@ -6,7 +6,6 @@ import dataclasses
 import signal
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -19,6 +18,7 @@ from edge_client.trainer import run
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
+from crashing_server import train_through_a_crash
 from messages import free_port
 
 
@@ -108,25 +108,16 @@ def test_kill_9_right_after_a_checkpoint_rename_loses_no_update(tmp_path, pipeli
     reply to step 10 leaves (and, pipelined, with earlier replies maybe undelivered). The
     restarted server answers the re-sent steps it had applied with their checkpointed
     gradients, so the run ends as an uninterrupted one does."""
-    port, ckpt = free_port(), str(tmp_path / "ckpt")
-    args = ("--checkpoint-dir", ckpt, "--checkpoint-every", "5")
-    server = start_server(*args, port=port, module="crashing_server",
-                          env={"PYTHONPATH": str(Path(__file__).parent), "CRASH_AFTER_RENAME": "2"})
-    config = EdgeConfig(connection=ConnectionConfig(server=server.address, deadline_s=10, reconnect_s=90,
-                                                    pipeline=pipeline),
-                        epochs=1, max_steps=20, job="renamed", client_id="edge-1", progress=False)
-    result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(run(config, RemoteCloud(config.connection))))
-    worker.start()
+    def edge(address: str) -> EdgeConfig:
+        return EdgeConfig(connection=ConnectionConfig(server=address, deadline_s=10, reconnect_s=90, pipeline=pipeline),
+                          epochs=1, max_steps=20, job="renamed", client_id="edge-1", progress=False)
+
+    result, server = train_through_a_crash(tmp_path / "ckpt", free_port(), edge)
     try:
-        assert server.proc.wait(120) == -signal.SIGKILL
-        server = start_server(*args, port=port)
-        worker.join(300)
-        assert not worker.is_alive() and result, "the client did not finish after the restart"
         job = _job_stats(server.address, "renamed")
         assert result["reconnects"] >= 1 and job.steps_applied == result["steps"] == 20
         assert result["duplicate_steps"] == 0, "the edge missed the gradient of a step the decoder applied"
-        uninterrupted = run(dataclasses.replace(config, job="renamed-local"), LocalCloud())
+        uninterrupted = run(dataclasses.replace(edge(server.address), job="renamed-local"), LocalCloud())
         assert abs(result["test_accuracy"] - uninterrupted["test_accuracy"]) <= 0.005
         assert result["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-4)
     finally:

@@ -4,9 +4,6 @@ middle; a step is two exchanges under one step id, applied once, replayed whole 
 import dataclasses
 import json
 import math
-import signal
-import threading
-from pathlib import Path
 
 import grpc
 import pytest
@@ -14,7 +11,6 @@ import torch
 
 from attacks import cli as attacker_cli
 from cloud_server.local import LocalCloud
-from deploy.processes import start_server
 from edge_client.config import ConnectionConfig, EdgeConfig
 from edge_client.remote import RemoteCloud
 from edge_client.trainer import EdgeTrainer, run
@@ -23,6 +19,7 @@ from splitnet.settings import InvalidSetting
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
+from crashing_server import train_through_a_crash
 from messages import FEATURES, free_port, rejected, spec, step, tensor
 
 MIDDLE_OUT = (64, 4, 4)  # cnn from block1 to block2 (the default head cut), 16x16 input
@@ -121,25 +118,15 @@ def test_a_u_shaped_run_through_a_server_crash_ends_as_an_uninterrupted_one(tmp_
     """The server kills itself right after its second checkpoint: the pending first half and the
     reply to the checkpointed step die with it. The edge re-sends steps whole (features and the
     output's gradient), and the run ends as one without the crash."""
-    port, ckpt = free_port(), str(tmp_path / "ckpt")
-    args = ("--checkpoint-dir", ckpt, "--checkpoint-every", "5")
-    server = start_server(*args, port=port, module="crashing_server",
-                          env={"PYTHONPATH": str(Path(__file__).parent), "CRASH_AFTER_RENAME": "2"})
-    config = _config(server.address, "u-crash", max_steps=16, client_id="u-crash")
-    result: dict = {}
-    worker = threading.Thread(target=lambda: result.update(run(config, RemoteCloud(config.connection))))
-    worker.start()
+    result, server = train_through_a_crash(tmp_path / "ckpt", free_port(),
+                                           lambda address: _config(address, "u-crash", max_steps=16, client_id="u-crash"))
     try:
-        assert server.proc.wait(120) == -signal.SIGKILL
-        server = start_server(*args, port=port)
-        worker.join(300)
-        assert not worker.is_alive() and result, "the client did not finish after the restart"
         assert result["reconnects"] >= 1 and result["replayed_steps"] >= 1
         assert result["steps"] == result["last_step_id"] == 16 and result["duplicate_steps"] == 0
         with grpc.insecure_channel(server.address) as channel:
             stats = split_pb2_grpc.SplitLearningStub(channel).Stats(pb.StatsRequest(job="u-crash"), timeout=10)
         assert stats.jobs[0].steps_applied == 16
-        uninterrupted = run(dataclasses.replace(config, job="u-crash-local"), LocalCloud())
+        uninterrupted = run(_config("", "u-crash-local", max_steps=16, client_id="u-crash"), LocalCloud())
         assert result["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=1e-5)
         assert result["test_accuracy"] == uninterrupted["test_accuracy"]
     finally:
