@@ -217,3 +217,19 @@ def test_invalid_settings_name_their_field(settings: dict, field: str) -> None:
     with pytest.raises(InvalidSetting, match=f"LabelDefense.{field} must be") as error:
         LabelDefense(**settings)
     assert error.value.field == field and isinstance(error.value, ValueError)
+
+
+def test_the_scored_run_reads_a_binary_tasks_leak_per_step_and_per_epoch(binary) -> None:
+    """`attacks.label_run.score` on steps of 100 rows, as `attacker labels` gathers them from a capture:
+    a binary task gets Li et al.'s norm and cosine leak AUC per step, and every figure per epoch."""
+    from attacks.label_run import CapturedStep, score
+
+    grads, labels = binary
+    steps = [CapturedStep("s", i + 1, 1 + i // 5, grads[i * 100:(i + 1) * 100], labels[i * 100:(i + 1) * 100])
+             for i in range(10)]
+    result = score(steps, num_classes=2, pooled_steps=4)
+    assert result["steps"] == 10 and result["rows"] == 1000 and [e["epoch"] for e in result["per_epoch"]] == [1, 2]
+    assert result["norm_leak_auc"] > 0.9 and result["cosine_leak_auc"] > 0.9
+    assert result["per_step"]["direction_accuracy"] > 0.9 and result["pooled"]["steps"] == 4
+    noised = [CapturedStep(s.session_id, s.step_id, s.epoch, max_norm(s.grads, seeded()), s.labels) for s in steps]
+    assert score(noised, num_classes=2)["norm_leak_auc"] < 0.65
