@@ -66,6 +66,12 @@ class _Running:
         assert self.total is not None
         return self.total / self.count
 
+    def state(self) -> dict:
+        return {"total": None if self.total is None else self.total.clone(), "norms": self.norms, "count": self.count}
+
+    def load_state(self, state: dict) -> None:
+        self.total, self.norms, self.count = state["total"], float(state["norms"]), int(state["count"])
+
     @property
     def mean_norm(self) -> float:
         return self.norms / self.count
@@ -181,6 +187,22 @@ class Detector:
         if fires and self.fired is None:
             self.fired = record
         return record
+
+    def state(self) -> dict:
+        """What a resumed edge needs to detect as this one would (edge_client.state): the generator, the
+        running sums, the series and the checks so far. Plain values and tensors."""
+        return {"generator": self.generator.get_state(), "fakes": self.fakes.state(), "r1": self.r1.state(),
+                "r2": self.r2.state(), "losses": list(self.losses), "grad_norms": list(self.grad_norms),
+                "alignments": list(self.alignments), "checks": [dict(c) for c in self.checks],
+                "fake_steps": self.fake_steps, "fired": dict(self.fired) if self.fired else None}
+
+    def load_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        for name in ("fakes", "r1", "r2"):
+            getattr(self, name).load_state(state[name])
+        self.losses, self.grad_norms = list(state["losses"]), list(state["grad_norms"])
+        self.alignments, self.checks = list(state["alignments"]), [dict(c) for c in state["checks"]]
+        self.fake_steps, self.fired = int(state["fake_steps"]), state["fired"]
 
     def reason(self) -> str:
         f, c = self.fired or {}, self.config

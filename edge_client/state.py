@@ -14,6 +14,11 @@ file, fsync, rename), so a kill mid-write leaves the previous state whole. It ho
 - `torch_rng`: the global torch generator (GMM's k-means++ seeding and the slot surrogate draw from it);
 - `cem`: the surrogate's weights and buffers (GMM fit, gates), whether it joined the optimizer,
   and the open epoch's per-step figures;
+- `detect` (with `--detect`): the hijacking detector's generator, running sums, series and
+  checks (`edge_client.detect.Detector.state`), so a resumed edge fakes the same batches and
+  scores as one never interrupted;
+- the U-shaped split's head travels in `trainer`'s encoder (as "head.*"), its label defense's
+  generator as `label_rng`;
 - `client_id`, under which the server numbers this client's steps, and `identity`: the
   settings the run must share with the one that wrote it (`identity`).
 

@@ -542,7 +542,8 @@ class EdgeTrainer:
         state_file.write(path or state_file.path_in(self.config.state_dir), {
             "identity": state_file.identity(self.config, self.split), "client_id": self.client_id,
             "trainer": asdict(self.snapshot(encoder=True)), "epoch": copy.deepcopy(self._epoch),
-            "torch_rng": torch.get_rng_state(), "cem": self.cem.state()})
+            "torch_rng": torch.get_rng_state(), "cem": self.cem.state(),
+            **({"detect": self.detector.state()} if self.detector is not None else {})})
         self._state_step = self.step_id
         self.cloud.hold_replies_after(self.step_id)
 
@@ -560,6 +561,8 @@ class EdgeTrainer:
             self.cem.load_state(saved["cem"])  # first: once CEM joined the optimizer, its state has CEM's group
             self.restore(TrainerState(**saved["trainer"]))
             torch.set_rng_state(saved["torch_rng"])
+            if self.detector is not None and saved.get("detect") is not None:  # absent: a state from before it
+                self.detector.load_state(saved["detect"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:  # RuntimeError: a tensor that does not fit
             raise state_file.StateError(path, f"does not fit this run's model ({type(err).__name__}: "
                                               f"{str(err).splitlines()[0][:200]})") from None

@@ -25,7 +25,7 @@ from cloud_server.checkpoints import file_stem
 from cloud_server.local import LocalCloud
 from edge_client import cli
 from edge_client import state as state_file
-from edge_client.config import DefenseConfig, EdgeConfig
+from edge_client.config import DefenseConfig, DetectConfig, EdgeConfig
 from edge_client.trainer import EdgeTrainer, StepsLost, run
 from splitnet import checkpoint_file
 
@@ -278,3 +278,25 @@ def test_a_state_ahead_of_the_server_is_refused(written, tmp_path):
 def test_a_state_is_not_overwritten_without_resume(written, tmp_path):
     with pytest.raises(state_file.StateError, match="pass --resume to carry it on"):
         run(_config(tmp_path, max_steps=3), LocalCloud())
+
+
+def test_a_resumed_edge_detects_as_if_never_interrupted(tmp_path):
+    """With --detect splitguard: the detector's fake batches, running sums and checks carry over in the
+    state, so the edge resumed after epoch 1 sends the same fake batches and scores the same as one
+    that ran on (its checks, to every digit)."""
+    # scores from early on, never deciding (threshold ~0): what is checked is what carries over
+    detect = DetectConfig("splitguard", detect_start=4, detect_min_fakes=2, detect_threshold=1e-9)
+    reference = EdgeTrainer(_config(tmp_path / "ref", detect=detect), LocalCloud())
+    reference.start()
+    for _ in range(2):
+        reference.train_epoch()
+    cloud = LocalCloud()
+    first = EdgeTrainer(_config(tmp_path / "cut", detect=detect), cloud)
+    first.start()
+    first.train_epoch()
+    assert first.detector.checks, "the first epoch already scored: there is something to carry over"
+    second = EdgeTrainer(_config(tmp_path / "cut", detect=detect, resume=True), cloud)
+    second.start()
+    second.train_epoch()
+    assert second.detector.report() == reference.detector.report()
+    assert second.detector.fake_steps == reference.detector.fake_steps > first.detector.fake_steps
