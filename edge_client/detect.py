@@ -47,6 +47,11 @@ class HijackDetected(RuntimeError):
         self.reason, self.detection = reason, detection
         self.report: dict = {"detected": True, "reason": reason, "detect": detection}  # `run` adds the trainer's
 
+    def __reduce__(self):
+        """Pickled whole: a Ray actor's error crosses to the driver pickled, and the default (the message
+        alone) could not be rebuilt there ("Failed to deserialize exception", the detection lost)."""
+        return type(self), (self.reason, self.detection), {"report": self.report}
+
 
 class _Running:
     """The mean of a set of gradient vectors and the mean of their norms, from running sums."""

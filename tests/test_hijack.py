@@ -5,6 +5,8 @@ honest server, and the settings refuse bad values naming their field or flag."""
 
 import json
 import math
+import pickle
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -96,10 +98,11 @@ def _edge(server: str, report, *flags: str) -> int:
 
 
 @pytest.mark.slow
-def test_a_hijacking_server_reconstructs_and_the_detector_stops_it(tmp_path, capsys):
+def test_a_hijacking_server_reconstructs_and_the_detector_stops_it(tmp_path, capsys, ray_local):
     """One real hijacking server: an edge without the detector is hijacked (the attacker's SSIM on its
     private training images rises from noise to a recognisable picture in 30 steps), and the same
-    edge with either detector stops with exit 3, one line, and its session closed."""
+    edge with either detector stops with exit 3, one line, and its session closed; under split-ray
+    every virtual client's detector stops it, each reported as detected (not failed, not run again)."""
     recon = tmp_path / "recon"
     server = start_server("--hijack", "fsha", "--public-data", "digits", "--hijack-out", str(recon),
                           "--hijack-record-every", "10", "--threads", "1")
@@ -131,8 +134,27 @@ def test_a_hijacking_server_reconstructs_and_the_detector_stops_it(tmp_path, cap
         with grpc.insecure_channel(server.address) as channel:
             stats = split_pb2_grpc.SplitLearningStub(channel).Stats(pb.StatsRequest(job="guarded"), timeout=10)
         assert [(j.job, j.sessions_open) for j in stats.jobs] == [("guarded", 0)]  # closed on the way out
+
+        from deploy.sim.config import RayRunConfig, VirtualClients
+        from deploy.sim.run import run_clients
+        from ray_cluster import edge
+
+        config = replace(edge(server, "ray-guarded", epochs=2), detect=DetectConfig("alignment"))
+        ray_report = run_clients(RayRunConfig(config, clients=3, mode="parallel", virtual=VirtualClients(2)))
+        clients = ray_report["client_reports"]
+        assert ray_report["detected"] == [c["client_id"] for c in clients] and not ray_report["failed"]
+        assert all(c["status"] == "detected" and c["detected_at_step"] == DetectConfig.detect_start
+                   and "HijackDetected: hijacking suspected" in c["error"] for c in clients)
     finally:
         server.stop()
+
+
+def test_a_detection_crosses_processes_whole():
+    """A Ray actor's HijackDetected reaches the driver pickled: reason, figures and report intact."""
+    err = HijackDetected("hijacking suspected at step 12", {"detected_at_step": 12})
+    err.report["steps"] = 12
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.reason, back.detection, back.report) == (err.reason, err.detection, err.report)
 
 
 def test_the_detector_stays_quiet_against_an_honest_server(server, tmp_path):

@@ -42,7 +42,7 @@ from ray.actor import ActorHandle
 from torch.utils.data import Subset
 
 from deploy.sim import partition
-from deploy.sim.bookkeeping import ClientRecord, Run, error_text, running_on
+from deploy.sim.bookkeeping import ClientRecord, Run, detected_at, error_text, running_on
 from deploy.sim.config import RayRunConfig
 from deploy.sim.fedavg import fedavg
 from edge_client.config import EdgeConfig
@@ -216,6 +216,7 @@ class ActorRun(Run):
                                f"client {client.index} ({client.client_id})")
 
     def _fail(self, client: ActorClient, err: ray.exceptions.RayError) -> None:
+        client.detected_at_step = detected_at(err)
         self.fail(client, error_text(err))
         ray.kill(client.handle, no_restart=True)
 

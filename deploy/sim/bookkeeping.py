@@ -20,6 +20,7 @@ from ray.actor import ActorHandle
 
 from deploy.sim.config import RayRunConfig
 from edge_client.config import ConnectionConfig
+from edge_client.detect import HijackDetected
 from edge_client.remote import RemoteCloud
 from splitnet import serde
 
@@ -45,6 +46,13 @@ def cluster_nodes() -> list[dict]:
     be spread over, beside where they went."""
     return [{"node_id": n["NodeID"], "node_ip": n["NodeManagerAddress"], "cpus": n["Resources"].get("CPU", 0.0)}
             for n in ray.nodes() if n["Alive"]]
+
+
+def detected_at(err: ray.exceptions.RayError) -> int | None:
+    """The step at which the client's hijacking detector stopped it (`edge-client --detect`), if that
+    is why it failed: not a fault to run again, a finding to report."""
+    cause = getattr(err, "cause", None)
+    return cause.detection.get("detected_at_step") if isinstance(cause, HijackDetected) else None
 
 
 def error_text(err: ray.exceptions.RayError) -> str:
@@ -96,6 +104,7 @@ class ClientRecord:
     client_id: str
     shard_size: int
     error: str = field(default="", kw_only=True)  # why it failed; empty while it is ok
+    detected_at_step: int | None = field(default=None, kw_only=True)  # its detector stopped it there (a hijacker)
 
     @property
     def ok(self) -> bool:
@@ -113,7 +122,8 @@ class ClientRecord:
         """The client's entry of the report (`client_reports`); `last_steps`: the server's last step of each client."""
         figures = self.figures()
         return {"client_id": self.client_id, "index": self.index, "shard_size": self.shard_size,
-                "status": "ok" if self.ok else "failed", "error": self.error or None,
+                "status": "ok" if self.ok else "failed" if self.detected_at_step is None else "detected",
+                "error": self.error or None, "detected_at_step": self.detected_at_step,
                 "server_last_step": last_steps.get(self.client_id, 0), **self.engine_keys(),
                 **{k: figures.get(k) for k in (*CLIENT_KEYS, *NODE_KEYS)}}
 
@@ -200,6 +210,8 @@ def report(config: RayRunConfig, entries: list[dict], rounds: list[dict], skew: 
         "shared_encoder": config.mode != "parallel",
         "clients_ok": len(ok),
         "failed": [e["client_id"] for e in entries if e["status"] == "failed"],
+        # stopped by their hijacking detector (`--detect`): each entry's `detected_at_step` says when
+        "detected": [e["client_id"] for e in entries if e["status"] == "detected"],
         "bytes_up": sum(e["bytes_up"] or 0 for e in entries),
         "bytes_down": sum(e["bytes_down"] or 0 for e in entries),
         "train_samples": samples,

@@ -53,7 +53,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from deploy.sim import partition
-from deploy.sim.bookkeeping import ClientRecord, Run, error_text, running_on
+from deploy.sim.bookkeeping import ClientRecord, Run, detected_at, error_text, running_on
 from deploy.sim.config import RayRunConfig
 from deploy.sim.fedavg import FedAvg
 from edge_client.config import EdgeConfig
@@ -250,7 +250,8 @@ class _Pool:
                 where = (slot, self._generation[slot])
                 if isinstance(err, ray.exceptions.RayActorError):
                     self._replace(slot)
-                if call.failed_on is None:
+                call.client.detected_at_step = detected_at(err)
+                if call.failed_on is None and call.client.detected_at_step is None:  # a detection is no fault
                     call.failed_on = where
                     call.client.retries += 1
                     log.warning("client %s: %s failed (%s); running it again on another worker",
