@@ -41,8 +41,8 @@ from pathlib import Path
 import grpc
 import torch
 
-from splitnet import codec, data, models, wire
-from splitnet.v1 import split_pb2 as pb
+from splitnet import codec, data, models, serde, wire
+from splitnet.cloud_api import StepReply
 
 SERVICE = "floor.Echo"
 _SIZE = struct.Struct("<Q")
@@ -74,16 +74,15 @@ def message_sizes(batch: int, infer_cut: str, infer_batches: list[int]) -> dict[
     """Bytes up and down of each exchange, as the split's messages serialize."""
     splits = data.load(data.DataSpec())
     train = models.build(models.SplitSpec("cnn", "", splits.num_classes, splits.input_shape))
-    features = codec.encode(torch.zeros(batch, *train.feature_shape), "fp32")
-    up = pb.TrainStep(session_id="0" * 32, step_id=1000, features=features, labels=[9] * batch, received_step_id=999)
-    down = pb.TrainResult(step_id=1000, grad=codec.encode(torch.zeros(batch, *train.feature_shape), "fp32"),
-                          loss=1.0, correct=batch, job_steps_applied=1000, durable_step_id=1000, lr=0.05)
+    zeros = torch.zeros(batch, *train.feature_shape)
+    up = serde.train_step_to_proto(serde.TrainStep("0" * 32, 1000, codec.encode(zeros, "fp32"), [9] * batch, 999))
+    down = serde.train_result_to_proto(StepReply(zeros, 1.0, batch, False, 0.05, 1000, 1000, 1000), "fp32")
     sizes = {"train": (up.ByteSize(), down.ByteSize())}
     infer = models.build(models.SplitSpec("cnn", infer_cut, splits.num_classes, splits.input_shape, 8))
     for n in infer_batches:
-        request = pb.InferRequest(session_id="0" * 32, request_id=1000,
-                                  features=codec.encode(torch.zeros(n, *infer.feature_shape), "fp32"))
-        reply = pb.Prediction(request_id=1000, logits=codec.encode(torch.zeros(n, splits.num_classes), "fp32"))
+        request = serde.infer_request_to_proto(
+            serde.InferRequest("0" * 32, 1000, codec.encode(torch.zeros(n, *infer.feature_shape), "fp32")))
+        reply = serde.prediction_to_proto(serde.Prediction(1000, torch.zeros(n, splits.num_classes)))
         sizes[f"infer batch {n}"] = (request.ByteSize(), reply.ByteSize())
     return sizes
 

@@ -7,7 +7,9 @@ scores it.
 
 Prints one JSON object (`runs`: one row per run; `table`: mean and spread over seeds per
 setting) and writes it to `--out DIR/label_leak.json` with the reports beside it (the tap, every
-feature of every run, lives in a temporary folder).
+feature of every run, lives in a temporary folder), and `label_leak.png`: test accuracy against
+the labels recovered, per step and in the first epoch, a point per setting. `--plot DIR [DIR...]`
+draws that figure again from finished folders, their settings together.
 
     python benchmarks/label_leak.py --seeds 0 1 --epochs 10 --out results/labels
 """
@@ -36,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="vanilla (the reference, no attack), or a --label-defense KIND[:STRENGTH] of the U-shaped split")
     p.add_argument("--edge-args", default="", help="more edge-client flags, one string (e.g. a dataset)")
     p.add_argument("--out", default="", help="keep reports and scores here (default: a temporary folder)")
+    p.add_argument("--plot", nargs="+", default=[], metavar="DIR",
+                   help="only draw DIR[0]/label_leak.png from these folders' label_leak.json")
     args = p.parse_args(argv)
+    if args.plot:
+        rows = [row for folder in args.plot for row in json.loads((Path(folder) / "label_leak.json").read_text())["table"]]
+        plot(rows, Path(args.plot[0]) / "label_leak.png")
+        return 0
     out = Path(args.out or tempfile.mkdtemp(prefix="label-leak-"))
     out.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -50,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     result = {"epochs": args.epochs, "edge_args": args.edge_args, "runs": runs, "table": _table(runs)}
     (out / "label_leak.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result["table"], out / "label_leak.png")
     print(json.dumps(result, indent=2))
     return 0
 
@@ -99,6 +108,36 @@ def _table(runs: list[dict]) -> list[dict]:
                 row[f"{key}_std"] = statistics.pstdev(values)
         rows.append(row)
     return rows
+
+
+def plot(table: list[dict], path: Path) -> None:
+    """Test accuracy against the share of labels the cloud recovered (nearest-known attack), over the
+    run and in its first epoch: a point per setting, spread over seeds as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = [r for r in table if "nearest_known_accuracy" in r]
+    for key, marker, label in (("nearest_known_accuracy", "o", "over the run, per step"),
+                               ("first_epoch_nearest_known_accuracy", "s", "first epoch")):
+        ax.errorbar([r[key] for r in rows], [r["test_accuracy"] for r in rows], xerr=[r[f"{key}_std"] for r in rows],
+                    yerr=[r["test_accuracy_std"] for r in rows], fmt=marker, label=label, capsize=2)
+        for r in rows:
+            ax.annotate(r["setting"], (r[key], r["test_accuracy"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    vanilla = [r for r in table if r["setting"] == "vanilla"]
+    if vanilla:
+        ax.axhline(vanilla[0]["test_accuracy"], color="grey", ls="--", lw=1, label="vanilla split (labels in clear)")
+    ax.axvline(0.1, color="grey", ls=":", lw=1, label="chance (10 classes)")
+    ax.set_xlabel("labels recovered by the cloud (nearest-known attack, 1 known label per class per batch)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("U-shaped split: accuracy vs label leakage, per label defense")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
