@@ -112,7 +112,8 @@ def _table(runs: list[dict]) -> list[dict]:
 
 def plot(table: list[dict], path: Path) -> None:
     """Test accuracy against the share of labels the cloud recovered (nearest-known attack), over the
-    run and in its first epoch: a point per setting, spread over seeds as error bars."""
+    run and in its first epoch: a point per setting ("g4": gaussian, strength 4), spread over seeds as
+    error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,8 +126,8 @@ def plot(table: list[dict], path: Path) -> None:
         ax.errorbar([r[key] for r in rows], [r["test_accuracy"] for r in rows], xerr=[r[f"{key}_std"] for r in rows],
                     yerr=[r["test_accuracy_std"] for r in rows], fmt=marker, label=label, capsize=2)
         for r in rows:
-            ax.annotate(r["setting"], (r[key], r["test_accuracy"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(r["setting"].replace("gaussian:", "g"), (r[key], r["test_accuracy"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
     vanilla = [r for r in table if r["setting"] == "vanilla"]
     if vanilla:
         ax.axhline(vanilla[0]["test_accuracy"], color="grey", ls="--", lw=1, label="vanilla split (labels in clear)")
@@ -134,7 +135,7 @@ def plot(table: list[dict], path: Path) -> None:
     ax.set_xlabel("labels recovered by the cloud (nearest-known attack, 1 known label per class per batch)")
     ax.set_ylabel("test accuracy")
     ax.set_title("U-shaped split: accuracy vs label leakage, per label defense")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
