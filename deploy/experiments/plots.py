@@ -57,16 +57,18 @@ def _points(ax, rows: list[dict], xs: list[float], ys: list[float], xkey: str | 
     for r, x, y in zip(rows, xs, ys):
         ax.errorbar(x, y, xerr=r.get(f"{xkey}_std", 0) if xkey else None, yerr=r.get(f"{ykey}_std", 0) if ykey else None,
                     fmt=markers[_variant(r)], color=colors[r["defense"]], capsize=3, alpha=0.85)
-    labels = [(_label(rows[i]), xs[i], ys[i]) for i in sorted(labelled)]
+    labels = [(_label(rows[i]), xs[i], ys[i], colors[rows[i]["defense"]]) for i in sorted(labelled)]
     return list(dict.fromkeys(labels))  # one setting under several links: one point, one label
 
 
-def _place_labels(ax, labels: list[tuple[str, float, float]], gap_px: float = 2.0) -> list:
-    """Annotate each point so that no two labels overlap and none leaves the axes (where the
-    legends sit): a label goes up-right of its point, or up-left, down-right, down-left if
-    that stays inside; one that would cover an earlier label moves away from its point past
-    it, with a thin leader line back (close points of a sweep otherwise print on top of each
-    other). Lowest points first. Returns the annotations."""
+def _place_labels(ax, labels: list[tuple], gap_px: float = 2.0) -> list:
+    """Annotate each point (text, x, y[, colour]) so that no two labels overlap and none leaves the
+    axes (where the legends sit): a label goes up-right of its point, or up-left, down-right,
+    down-left if that stays inside; one that would cover an earlier label moves away from its
+    point past it, with a thin leader line back (close points of a sweep otherwise print on top
+    of each other). A label takes its point's colour, so one that ends up nearer another point
+    still says whose it is (the demo's bytes plot had a label beside the wrong point). Lowest
+    points first. Returns the annotations."""
     fig = ax.figure
     fig.canvas.draw()  # final limits and scales: the boxes below are measured in pixels
     renderer = fig.canvas.get_renderer()
@@ -78,11 +80,12 @@ def _place_labels(ax, labels: list[tuple[str, float, float]], gap_px: float = 2.
         return (box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1
                 and not any(box.overlaps(other) for other in boxes))
 
-    for text, x, y in sorted(labels, key=lambda t: ax.transData.transform((t[1], t[2]))[1]):
+    for text, x, y, *style in sorted(labels, key=lambda t: ax.transData.transform((t[1], t[2]))[1]):
+        color = style[0] if style else "black"
         best = None
         for dx, dy in ((1, 1), (-1, 1), (1, -1), (-1, -1)):
             note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(5 * dx, 5 * dy), fontsize=8,
-                               ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top")
+                               color=color, ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top")
             box, shift = note.get_window_extent(renderer), 0.0
             while not fits(box) and box.y0 >= frame.y0 and box.y1 <= frame.y1 and shift < frame.height:
                 shift += (box.height + gap_px) * step
@@ -97,12 +100,13 @@ def _place_labels(ax, labels: list[tuple[str, float, float]], gap_px: float = 2.
             if best is not None and best[1] == 0:
                 break
         if best is None:  # nowhere inside: up-right of the point, as before
-            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8, color=color)
         elif best[1] > 0:  # moved off its point: a leader line says whose label it is
             note, shift, dx, dy = best
             note.remove()
             note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(5 * dx, (5 + shift) * dy),
-                               fontsize=8, ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top",
+                               fontsize=8, color=color, ha="left" if dx > 0 else "right",
+                               va="bottom" if dy > 0 else "top",
                                arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.4", "shrinkA": 0, "shrinkB": 2})
         else:
             note = best[0]
