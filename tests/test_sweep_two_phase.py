@@ -58,6 +58,22 @@ def test_points_share_their_base_and_name_it():
     assert {p.key for p in points}.isdisjoint(p.key for p in other.points())  # another base: other points
 
 
+def test_the_seeds_of_a_two_phase_point_form_one_group_and_kept_rows_join_it(tmp_path):
+    """Each seed continues a base of its own; the table and the gains average a setting over its
+    seeds, so its group must not depend on the base's seed (it did: every seed was a setting alone)."""
+    from deploy.experiments.results import finished_rows
+
+    config = SweepConfig.from_dict(__import__("tomllib").loads(CONFIG.replace("seeds = [0]", "seeds = [0, 1]")))
+    points = config.points()
+    assert len({p.base.key for p in points}) == 2 and len({p.key for p in points}) == 4
+    assert len({p.identity(seed=False) for p in points}) == 2  # one group per defense, both seeds in it
+    assert {p.defense for p in points if p.identity(seed=False) == points[0].identity(seed=False)} == {"noise0.1"}
+    # A row kept with the old group (its base's seed in it) joins the config's group when read back.
+    (tmp_path / f"{points[0].key}.json").write_text(json.dumps({"key": points[0].key, "group": "stale"}))
+    (row,) = finished_rows(points, tmp_path / "out", tmp_path)
+    assert row["group"] == points[0].identity(seed=False)
+
+
 @pytest.mark.slow
 def test_a_two_phase_sweep_continues_its_base_and_keeps_its_results(tmp_path):
     (tmp_path / "sweep.toml").write_text(CONFIG)

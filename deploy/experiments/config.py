@@ -182,7 +182,7 @@ class Point:
         # link and latency only where set: the points of sweeps older than them keep their names
         measured = {**({"link": self.link} if self.link != DIRECT else {}),
                     **({"latency_images": self.latency_images} if self.latency_images else {}),
-                    **({"base": self.base.identity} if self.base else {}),
+                    **({"base": self.base.identity if seed else self.base.identity_over_seeds} if self.base else {}),
                     **({"variants": [[name, _placeless(s)] for name, s in self.variants]} if self.variants else {}),
                     **({"per_class": self.per_class} if self.per_class else {})}
         return _digest({"edge": edge, "attack": _placeless(self.attack), "methods": list(self.methods),
@@ -209,6 +209,12 @@ class Base:
     @property
     def identity(self) -> str:
         return _digest(_placeless(self.edge))
+
+    @property
+    def identity_over_seeds(self) -> str:
+        """What the points continuing this base at every seed share (each seed has a base of its own,
+        so a point's group over seeds names its bases without their seed)."""
+        return _digest({k: v for k, v in _placeless(self.edge).items() if k != "seed"})
 
     @property
     def key(self) -> str:

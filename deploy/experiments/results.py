@@ -95,12 +95,14 @@ def write_results(config: SweepConfig, rows: list[dict], out: Path) -> list[dict
 
 def finished_rows(points: list[Point], out: Path, results: Path | None = None) -> list[dict]:
     """The rows of the points that have a result, in grid order: `out/points/KEY/result.json`, or
-    else (a study resumed elsewhere from its kept results) `results/KEY.json`."""
+    else (a study resumed elsewhere from its kept results) `results/KEY.json`. A row's group over
+    seeds is the config's (rows written before a two-phase point's group left out its base's seed
+    hold another)."""
     rows = []
     for point in points:
         for path in (out / "points" / point.key / "result.json", *([results / f"{point.key}.json"] if results else [])):
             if path.exists():
-                rows.append(json.loads(path.read_text()))
+                rows.append({**json.loads(path.read_text()), "group": point.identity(seed=False)})
                 break
     return rows
 
