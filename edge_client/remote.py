@@ -1,4 +1,4 @@
-"""The edge's connection to a cloud server: one session, a Train stream, Infer streams.
+"""The edge's connection to a cloud server: one session, a held Train stream, a held Infer stream.
 
 Failure handling lives here so the trainer sees a plain `train(step_id, z, y)`:
 - every step has a deadline (a watchdog cancels the stream call if it passes);
@@ -11,6 +11,8 @@ Failure handling lives here so the trainer sees a plain `train(step_id, z, y)`:
   keeps the replies this edge has not acknowledged (`received_step_id`), in its
   checkpoint as well, and answers with the gradient, so the encoder misses no update
   (an older server answers a duplicate without one, which the trainer counts);
+- inference requests share one Infer stream held for the session (each reply within the
+  deadline); one the server ended while idle is replaced unseen;
 - `flush` at the end of training waits until the server has checkpointed the last step
   (replaying first if it restarted meanwhile), so a later crash loses nothing.
 
@@ -58,16 +60,18 @@ class CloudError(RuntimeError):
         return type(self), (self.code, str(self))
 
 
-class TrainStream:
-    """A bidirectional Train call driven one request at a time.
+class HeldStream:
+    """A bidirectional call (Train or Infer) held open and driven one request at a time, so that a
+    step or an inference request pays no call set-up: a new stream per request cost more than the
+    round trip itself (README, "The floor under the split").
 
-    One watchdog thread per stream enforces the per-step deadline (re-armed each step,
-    not a new timer thread per step): when a reply is late it cancels the call.
+    One watchdog thread per stream enforces the per-reply deadline (re-armed each reply,
+    not a new timer thread per reply): when a reply is late it cancels the call.
     """
 
-    def __init__(self, stub: split_pb2_grpc.SplitLearningStub) -> None:
+    def __init__(self, method: grpc.StreamStreamMultiCallable) -> None:
         self._requests: queue.Queue = queue.Queue()
-        self._call = stub.Train(iter(self._requests.get, _END))
+        self._call = method(iter(self._requests.get, _END))
         self._watch = threading.Condition()
         self._deadline: float | None = None
         self._closed = self._timed_out = False
@@ -84,10 +88,10 @@ class TrainStream:
                 else:
                     self._watch.wait(self._deadline - time.monotonic())
 
-    def send(self, request: pb.TrainStep) -> None:
+    def send(self, request) -> None:
         self._requests.put(request)
 
-    def receive(self, deadline_s: float) -> pb.TrainResult:
+    def receive(self, deadline_s: float):
         with self._watch:
             self._deadline = time.monotonic() + deadline_s
             self._watch.notify()
@@ -144,7 +148,10 @@ class RemoteCloud:
         self._channel = channel or open_channel(config)
         self._stub = split_pb2_grpc.SplitLearningStub(self._channel)
         self._spec: serde.SessionSpec | None = None
-        self._stream: TrainStream | None = None
+        self._stream: HeldStream | None = None
+        self._infer_stream: HeldStream | None = None  # opened by the first `infer`, held until `close`
+        self._infer_lock = threading.Lock()  # one `infer` at a time drives the Infer stream
+        self._request_id = 0  # the last inference request's id, counted over the whole connection
         self._unacked: OrderedDict[int, serde.TrainStep] = OrderedDict()  # sent, not yet durable on the server
         self._in_flight: dict[int, tuple[float, int]] = {}  # sent, reply not yet received: when, and its bytes
         self._received = 0  # the highest step id whose reply came: acknowledged in every TrainStep
@@ -193,6 +200,10 @@ class RemoteCloud:
     def close(self) -> None:
         if self._stream:
             self._stream.close()
+        with self._infer_lock:
+            if self._infer_stream:
+                self._infer_stream.close()
+                self._infer_stream = None
         if self.session:
             try:  # with the acknowledgement: the server need keep no reply for this client now
                 request = serde.CloseRequest(self.session.session_id, self._acknowledged)
@@ -296,7 +307,7 @@ class RemoteCloud:
 
     def _send(self, step_id: int, request: pb.TrainStep) -> None:
         if self._stream is None:
-            self._stream = TrainStream(self._stub)
+            self._stream = HeldStream(self._stub.Train)
         self._in_flight[step_id] = (time.perf_counter(), request.ByteSize())
         self._stream.send(request)
 
@@ -360,27 +371,63 @@ class RemoteCloud:
 
     def infer(self, batches: Iterable[torch.Tensor], codec_name: str,
               channels: Sequence[int] | None = None) -> Iterator[torch.Tensor]:
-        """Stream feature batches, yield logits in order."""
+        """Send feature batches over the session's held Infer stream; return their logits in order.
+
+        Every batch is encoded and size-checked before any is sent. Callers in several threads take
+        turns on the stream (a lock held while one call's replies come back; the server answers a
+        stream in order anyway). Each reply must come within the deadline (--deadline a batch)."""
         session_id = self.session.session_id  # type: ignore[union-attr]
-        requests = []
-        for i, features in enumerate(batches):
-            encoded = codec.encode(features, codec_name, channels)
-            request = serde.infer_request_to_proto(serde.InferRequest(session_id, i, encoded))
-            self._check_size(request)
-            requests.append(request)
-        timeout = self.config.deadline_s * max(1, len(requests))
-        try:
-            for request, reply in zip(requests, self._stub.Infer(iter(requests), timeout=timeout)):
-                self._count(request.ByteSize(), reply.ByteSize())
-                yield serde.prediction_from_proto(reply).logits
-        except grpc.RpcError as err:
-            advice = ""  # a refusal speaks for itself; an unreachable server is named, with the time given
-            if err.code() == grpc.StatusCode.UNAVAILABLE:
-                advice = self._unreachable(err)
-            elif err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                advice = (f"the cloud server at {self.config.server} did not answer within {timeout:g} s "
-                          f"(--deadline {self.config.deadline_s:g} a batch)")
-            raise _cloud_error(err, "Infer", advice) from None
+        encoded = [codec.encode(features, codec_name, channels) for features in batches]
+        with self._infer_lock:
+            requests = []
+            for features in encoded:
+                self._request_id += 1
+                request = serde.infer_request_to_proto(serde.InferRequest(session_id, self._request_id, features))
+                self._check_size(request)
+                requests.append(request)
+            try:
+                return iter(self._exchange(requests))
+            except BaseException as err:  # a stream with replies left unread would answer the next call with them
+                if self._infer_stream:
+                    self._infer_stream.close()
+                    self._infer_stream = None
+                if not isinstance(err, grpc.RpcError):
+                    raise
+                advice = ""  # a refusal speaks for itself; an unreachable server is named, with the time given
+                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                    advice = self._unreachable(err)
+                elif err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    advice = (f"the cloud server at {self.config.server} did not answer within "
+                              f"{self.config.deadline_s:g} s (--deadline {self.config.deadline_s:g} a batch)")
+                raise _cloud_error(err, "Infer", advice) from None
+
+    def _exchange(self, requests: list[pb.InferRequest]) -> list[torch.Tensor]:
+        """Send `requests` on the held Infer stream and read their replies (under `_infer_lock`).
+
+        A stream held from an earlier call may have been ended by the server meanwhile (its
+        --idle-timeout, a restart): one that fails UNAVAILABLE before answering anything of this
+        call is replaced and the requests sent again, once (answering a request changes nothing on
+        the server, so repeating one is safe); a server that is gone fails the new stream too."""
+        reused = self._infer_stream is not None
+        while True:
+            if self._infer_stream is None:
+                self._infer_stream = HeldStream(self._stub.Infer)
+            for request in requests:
+                self._infer_stream.send(request)
+            logits = []
+            try:
+                for request in requests:
+                    reply = self._infer_stream.receive(self.config.deadline_s)
+                    self._count(request.ByteSize(), reply.ByteSize())
+                    logits.append(serde.prediction_from_proto(reply).logits)
+                return logits
+            except grpc.RpcError as err:
+                if not (reused and not logits and err.code() == grpc.StatusCode.UNAVAILABLE):
+                    raise
+                log.debug("the held Infer stream had ended (%s); opening a new one", err.details())
+                self._infer_stream.close()
+                self._infer_stream = None
+                reused = False
 
     # -- helpers
 

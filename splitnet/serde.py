@@ -122,9 +122,21 @@ class TrainStep:
     output_grad: pb.Tensor | None = None
 
 
+def _with_tensors(msg, **tensors: pb.Tensor | None):
+    """`msg` with each tensor given (None: left unset) copied into its field by `CopyFrom`. Handed to
+    the message's constructor instead, an encoded tensor is merged in (as `MergeFrom` does), which
+    for a training step's 0.5 MB took about 0.55 ms a message against 0.04 ms (upb; most of it
+    faulting in fresh pages), on the edge for every step sent and on the server for every reply."""
+    for name, tensor in tensors.items():
+        if tensor is not None:
+            getattr(msg, name).CopyFrom(tensor)
+    return msg
+
+
 def train_step_to_proto(step: TrainStep) -> pb.TrainStep:
-    return pb.TrainStep(session_id=step.session_id, step_id=step.step_id, features=step.features,
-                        labels=step.labels, received_step_id=step.received_step_id, output_grad=step.output_grad)
+    msg = pb.TrainStep(session_id=step.session_id, step_id=step.step_id, labels=step.labels,
+                       received_step_id=step.received_step_id)
+    return _with_tensors(msg, features=step.features, output_grad=step.output_grad)
 
 
 def train_step_from_proto(msg: pb.TrainStep) -> TrainStep:
@@ -137,9 +149,9 @@ def train_result_to_proto(reply: StepReply, grad_codec: str) -> pb.TrainResult:
     longer keeps (an empty gradient would be one to apply)."""
     grad = None if reply.grad is None else codec.encode(reply.grad, grad_codec)
     output = None if reply.output is None else codec.encode(reply.output, grad_codec)
-    return pb.TrainResult(step_id=reply.step_id, grad=grad, loss=reply.loss, correct=reply.correct,
-                          duplicate=reply.duplicate, job_steps_applied=reply.job_steps_applied,
-                          durable_step_id=reply.durable_step_id, lr=reply.lr, output=output)
+    msg = pb.TrainResult(step_id=reply.step_id, loss=reply.loss, correct=reply.correct, duplicate=reply.duplicate,
+                         job_steps_applied=reply.job_steps_applied, durable_step_id=reply.durable_step_id, lr=reply.lr)
+    return _with_tensors(msg, grad=grad, output=output)
 
 
 def train_result_from_proto(msg: pb.TrainResult) -> StepReply:
@@ -162,7 +174,8 @@ class InferRequest:
 
 
 def infer_request_to_proto(request: InferRequest) -> pb.InferRequest:
-    return pb.InferRequest(session_id=request.session_id, request_id=request.request_id, features=request.features)
+    msg = pb.InferRequest(session_id=request.session_id, request_id=request.request_id)
+    return _with_tensors(msg, features=request.features)
 
 
 def infer_request_from_proto(msg: pb.InferRequest) -> InferRequest:
@@ -177,7 +190,8 @@ class Prediction:
 
 def prediction_to_proto(prediction: Prediction) -> pb.Prediction:
     """Logits travel as fp32 whatever the features' codec: the edge's predictions should not depend on it."""
-    return pb.Prediction(request_id=prediction.request_id, logits=codec.encode(prediction.logits, "fp32"))
+    return _with_tensors(pb.Prediction(request_id=prediction.request_id),
+                         logits=codec.encode(prediction.logits, "fp32"))
 
 
 def prediction_from_proto(msg: pb.Prediction) -> Prediction:

@@ -1,19 +1,27 @@
 """`edge-client --infer-only`: a trained encoder and the cloud's decoder of its job answer images one
-request at a time, through a real `cloud-server`; each answer comes with its latency."""
+request at a time, through a real `cloud-server`; each answer comes with its latency. The requests of
+a session share one held Infer stream."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 
+import grpc
 import pytest
+import torch
 
+from deploy.processes import start_server
 from edge_client import cli, infer
 from edge_client.config import ConnectionConfig, EdgeConfig
-from edge_client.remote import CloudError, RemoteCloud
+from edge_client.remote import CloudError, RemoteCloud, open_channel
 from edge_client.trainer import run
+from splitnet.models import OptimSpec, SplitSpec, build
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +92,123 @@ def test_bad_inference_flags_are_errors_naming_them(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 2 and needle in capsys.readouterr().err
+
+
+class _CountCalls(grpc.StreamStreamClientInterceptor):
+    """Counts the streams a channel opens, by method: how the tests see that calls share one."""
+
+    def __init__(self) -> None:
+        self.opened: dict[str, int] = {}
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        method = client_call_details.method.rsplit("/", 1)[-1]
+        self.opened[method] = self.opened.get(method, 0) + 1
+        return continuation(client_call_details, request_iterator)
+
+
+def _counted(config: ConnectionConfig) -> tuple[RemoteCloud, _CountCalls]:
+    counter = _CountCalls()
+    return RemoteCloud(config, grpc.intercept_channel(open_channel(config), counter)), counter
+
+
+def _open(cloud: RemoteCloud, job: str) -> None:
+    cloud.open(job, f"c-{uuid.uuid4().hex[:6]}", build(SplitSpec(cut="block1")), OptimSpec(), "fp32", 0)
+
+
+_TOKEN = "held-stream-test-token"
+
+
+@pytest.fixture(scope="module")
+def strict_server():
+    """A cloud-server that ends a stream idle for 3 s and lets a peer hold one stream, with a token."""
+    proc = start_server("--idle-timeout", "3", "--max-streams-per-peer", "1", "--auth-token", _TOKEN)
+    yield proc
+    proc.stop()
+
+
+def test_single_image_calls_from_several_threads_share_one_held_stream(server):
+    """Each caller gets its own image's logits (as one batch of them all answers), the bytes are counted per
+    request, and only one Infer stream is opened: the others would each pay a stream's set-up."""
+    cloud, counter = _counted(ConnectionConfig(server=server.address))
+    _open(cloud, "held-infer")
+    images = torch.rand(24, 32, 8, 8)
+    try:
+        (expected,) = cloud.infer([images], "fp32")
+        up, down = cloud.bytes_up, cloud.bytes_down
+        answers: dict[int, torch.Tensor] = {}
+
+        def ask(first: int) -> None:
+            for i in range(first, len(images), 3):
+                (answers[i],) = cloud.infer([images[i:i + 1]], "fp32")
+
+        threads = [threading.Thread(target=ask, args=(t,)) for t in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert sorted(answers) == list(range(24))
+        assert torch.allclose(torch.cat([answers[i] for i in range(24)]), expected, atol=1e-5)
+        assert counter.opened == {"Infer": 1}
+        assert cloud.bytes_up - up > 24 * 32 * 8 * 8 * 4 and cloud.bytes_down - down > 24 * 10 * 4
+    finally:
+        cloud.close()
+
+
+def test_a_refusal_on_the_held_stream_reads_as_on_a_new_one_and_the_next_call_goes_on(server):
+    config = ConnectionConfig(server=server.address)
+    fresh = RemoteCloud(config)
+    _open(fresh, "held-infer")
+    with pytest.raises(CloudError) as on_new:
+        list(fresh.infer([torch.rand(1, 16, 8, 8)], "fp32"))  # the job's features have 32 channels
+    fresh.close()
+    cloud, counter = _counted(config)
+    _open(cloud, "held-infer")
+    try:
+        list(cloud.infer([torch.rand(1, 32, 8, 8)], "fp32"))
+        with pytest.raises(CloudError) as on_held:
+            list(cloud.infer([torch.rand(1, 16, 8, 8)], "fp32"))
+        assert on_held.value.code == on_new.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert str(on_held.value) == str(on_new.value).replace(fresh.session_id, cloud.session_id)
+        assert len(list(cloud.infer([torch.rand(2, 32, 8, 8)], "fp32"))) == 1  # on a new stream: the refusal ended it
+        assert counter.opened == {"Infer": 2}
+    finally:
+        cloud.close()
+
+
+def test_a_stream_the_server_ended_while_idle_is_replaced_unseen(strict_server):
+    cloud, counter = _counted(ConnectionConfig(server=strict_server.address, auth_token=_TOKEN))
+    _open(cloud, "held-idle")
+    try:
+        list(cloud.infer([torch.rand(1, 32, 8, 8)], "fp32"))
+        time.sleep(4)  # past the server's --idle-timeout 3
+        (logits,) = cloud.infer([torch.rand(1, 32, 8, 8)], "fp32")
+        assert logits.shape == (1, 10) and counter.opened == {"Infer": 2}
+    finally:
+        cloud.close()
+
+
+def test_closing_the_session_gives_the_stream_back(strict_server):
+    """Over a channel that outlives the session (a Ray worker's): the server lets this peer hold one
+    stream, so the next session's Infer is refused unless the first session's stream was closed."""
+    config = ConnectionConfig(server=strict_server.address, auth_token=_TOKEN)
+    channel = open_channel(config)
+    try:
+        first = RemoteCloud(config, channel)
+        _open(first, "held-close")
+        list(first.infer([torch.rand(1, 32, 8, 8)], "fp32"))
+        first.close()
+        second = RemoteCloud(config, channel)
+        _open(second, "held-close")
+        deadline = time.monotonic() + 1.5  # the server frees the slot once it sees the cancel (well inside
+        while True:                        # the 3 s after which an idle stream it kept would be ended)
+            try:
+                (logits,) = second.infer([torch.rand(1, 32, 8, 8)], "fp32")
+                break
+            except CloudError as err:
+                if err.code != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        assert logits.shape == (1, 10)
+        second.close()
+    finally:
+        channel.close()
