@@ -3,7 +3,8 @@
 
 - `fsha`: `cloud-server --hijack fsha --public-data digits` (its public images: the digits test
   split, disjoint from the clients' training split) against `edge-client` with its default
-  settings (plus `--noise` for each of `--noise-levels`); the attacker's reconstructions of
+  settings, then with each of `--noise-levels` (`--noise SIGMA`) and of `--defenses` (named sets
+  of edge flags, e.g. noise with CEM); the attacker's reconstructions of
   the private training batches are scored per step by `attacker score --by-step`, and the
   client's test accuracy through the hijacker's decoder is kept;
 - `detect`: the same hijacking server against `edge-client --detect splitguard`, one run per
@@ -16,12 +17,16 @@
 Prints one JSON object; `--out DIR` keeps every report, score and grid.
 
     python benchmarks/hijack.py --seeds 10 --noise-levels 0 0.1 0.3 --out results/hijack
+    python benchmarks/hijack.py --experiments fsha --noise-levels 0 0.1 --epochs 3 \
+        --defenses "cem-gmm-l16=--noise 0.1 --cem gmm --lambda 16 --cem-warmup 0"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -39,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
                    choices=("fsha", "detect", "honest"))
     p.add_argument("--seeds", type=int, default=10, help="runs of `detect` and of `honest`")
     p.add_argument("--baseline-seeds", type=int, default=3, help="honest runs without the detector")
-    p.add_argument("--noise-levels", nargs="+", type=float, default=[0.0, 0.1, 0.3])
+    p.add_argument("--noise-levels", nargs="*", type=float, default=[0.0, 0.1, 0.3],
+                   help="`fsha`: one run per level, `--noise SIGMA` (0: the edge's defaults)")
+    p.add_argument("--defenses", nargs="*", default=[], metavar="NAME=FLAGS",
+                   help="`fsha`: one run more per defense, NAME=\"edge-client flags\" (e.g. cem-gmm=\"--noise 0.1 "
+                        "--cem gmm --lambda 16 --cem-warmup 0\"); NAME names its report and its results entry")
     p.add_argument("--epochs", type=int, default=10, help="edge-client --epochs (its default: 10)")
     p.add_argument("--record-every", type=int, default=2, help="cloud-server --hijack-record-every")
     p.add_argument("--parallel", type=int, default=2, help="edge processes at once")
@@ -47,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="edge-client --detect of the `detect` and `honest` runs")
     p.add_argument("--out", default="", help="keep the reports, scores and grids here (default: a temporary folder)")
     args = p.parse_args(argv)
+    try:
+        args.defenses = _defenses(args.noise_levels, args.defenses)
+    except ValueError as err:
+        p.error(str(err))
     out = Path(args.out or tempfile.mkdtemp(prefix="hijack-"))
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"out": str(out), "epochs": args.epochs, "detector": args.detector}
@@ -58,6 +71,19 @@ def main(argv: list[str] | None = None) -> int:
         result["honest"] = _honest(args, out / "honest")
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _defenses(noise_levels: list[float], named: list[str]) -> dict[str, list[str]]:
+    """The `fsha` runs: name -> edge-client flags, the noise levels' (`noise0.1`) then `--defenses`'s."""
+    runs = {f"noise{noise:g}": ["--noise", str(noise)] if noise else [] for noise in noise_levels}
+    for entry in named:
+        name, sep, flags = entry.partition("=")
+        if not sep or not re.fullmatch(r"[\w.+-]+", name):
+            raise ValueError(f"--defenses {entry!r}: expected NAME=FLAGS, NAME of letters, digits and ._+-")
+        if name in runs:
+            raise ValueError(f"--defenses {entry!r}: the name {name!r} is taken (a noise level's or given twice)")
+        runs[name] = shlex.split(flags)
+    return runs
 
 
 def _hijacker(folder: Path, record_every: int):
@@ -91,15 +117,16 @@ def _score(recon: Path, report: Path, out: Path) -> dict:
 
 def _fsha(args: argparse.Namespace, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    runs = [(folder / f"noise{noise:g}.json", 0, ["--noise", str(noise)] if noise else [])
-            for noise in args.noise_levels]
+    runs = [(folder / f"{name}.json", 0, flags) for name, flags in args.defenses.items()]
     codes = _edges(args, _hijacker(folder, args.record_every), runs)
     found = {}
-    for (report, _, _), code in zip(runs, codes):
+    for (report, _, flags), code in zip(runs, codes):
         edge = json.loads(report.read_text())
         score = _score(folder / "recon", report, folder / f"{report.stem}-score")
         steps = [(row["step_id"], row["ssim"], row["psnr"], row["mse"]) for row in score["train_by_step"]]
-        found[report.stem] = {"exit": code, "test_accuracy": edge["test_accuracy"], "steps": edge["steps"],
+        found[report.stem] = {"exit": code, "flags": flags, "test_accuracy": edge["test_accuracy"],
+                              "steps": edge["steps"],
+                              "cem_pull": edge.get("cem_pull"),  # how hard CEM pulled (README, report keys)
                               "ssim_by_step": [[s, round(v, 4)] for s, v, _, _ in steps],
                               "final": {"step_id": steps[-1][0], "ssim": steps[-1][1], "psnr": steps[-1][2],
                                         "mse": steps[-1][3]},
