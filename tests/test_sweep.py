@@ -178,10 +178,12 @@ def test_an_edge_counts_as_finished_only_by_a_whole_report_of_its_attempts_job(t
 
     (tmp_path / "attempt.json").write_text('{"job": "p-1a2b3c"}')
     assert not edge_finished(tmp_path)  # no report yet
+    stopped = {"job": "p-1a2b3c", "detected": True, "reason": "stopped"}
     for report, finished in (({"job": "p-1a2b3c", "steps": 9}, True), ({"job": "p-999999", "steps": 9}, False),
-                             ({"job": "p-1a2b3c", "detected": True, "reason": "stopped"}, False)):
+                             (stopped, True)):  # a point stopped by its detector: its end
         (tmp_path / "edge.json").write_text(json.dumps(report))
         assert edge_finished(tmp_path) is finished, report
+    assert not edge_finished(tmp_path, stop_ends=False)  # a base stopped by its detector: not trained whole
     (tmp_path / "edge.json").write_text('{"job": "p-1a2b')  # cut short
     assert not edge_finished(tmp_path)
 
@@ -217,6 +219,19 @@ def test_bad_config_is_a_clear_error(tmp_path, text, named):
     ({"grid": {"links": "wifi"}}, "[grid] links: an axis is a non-empty list of values"),
     ({"run": {"latency_images": 2.5}}, "[run] latency_images: expected an integer, got 2.5"),
     ({"run": {"target_accuracy": 2}}, "[run] target_accuracy: 2.0 must lie in (0, 1]"),
+    ({"grid": {"hijack": ["none", "fhsa"]}}, "[grid] hijack: unknown value 'fhsa'; valid: none, fsha"),
+    ({"grid": {"hijack": "fsha"}}, "[grid] hijack: an axis is a non-empty list of values"),
+    ({"grid": {"hijack": ["fsha"]}, "hijack": {"public_set": "digits"}},
+     "[hijack]: unknown key 'public_set'; valid keys: public_data, public_root, public_split"),
+    ({"grid": {"hijack": ["fsha"]}, "hijack": {"public_split": "val"}}, "[hijack]: public_split must be train or test"),
+    ({"grid": {"hijack": ["fsha"]}, "hijack": {"hijack_record_every": 0}}, "[hijack]: hijack_record_every must be >= 1"),
+    ({"grid": {"hijack": ["fsha"]}, "hijack": {"public_image_size": "16"}},
+     "[hijack] public_image_size: expected an integer, got '16'"),
+    ({"grid": {"hijack": ["fsha"]}, "hijack": {"public_data": "digitz"}}, "needs public_data: one of ("),
+    ({"hijack": {"public_split": "train"}}, "[hijack]: settings of a hijacking server, but no point trains against"),
+    ({"grid": {"hijack": ["fsha"]}, "model": {"head_cut": "block2"}},
+     "[grid] hijack: the hijacking cloud runs the vanilla split only"),
+    ({"grid": {"detect": ["none", "splitgaurd"]}}, "[grid]: detect: invalid choice 'splitgaurd' (choose from none, splitguard, alignment)"),
 ])
 def test_every_misspelt_or_misplaced_key_is_an_error_naming_it(config, named):
     with pytest.raises(ValueError) as err:
@@ -297,6 +312,39 @@ def test_a_link_names_its_points_and_a_sweep_without_one_keeps_its_names():
     # the rows follow the config's target, whatever target the point's own run had
     (agg,) = aggregate(SweepConfig.from_dict({"run": {"target_accuracy": 0.95}}), [row])
     assert (agg["link"], agg["time_to_accuracy_s"]) == ("wifi", 9.0)
+
+
+def test_a_hijack_axis_names_only_its_hijacked_points_and_kept_results_keep_their_names():
+    """`hijack = "none"` is the sweep without the axis: its points keep their keys, so a study's kept
+    results (results/cifar10_converged, of examples/cifar10_converged.toml) stay its points. The
+    hijacking server's public data defaults to the test split of the edge's own dataset, root and
+    size, and is part of the hijacked points' identity, not of where the data lives."""
+    example = tomllib.loads(Path("examples/cifar10_converged.toml").read_text())
+    kept = {path.stem for path in Path("results/cifar10_converged").glob("*.json")}
+    assert kept and kept <= {p.key for p in SweepConfig.from_dict(example).points()}
+    example["grid"]["hijack"] = ["none", "fsha"]
+    both = SweepConfig.from_dict(example).points()
+    assert kept <= {p.key for p in both}
+    assert {p.hijack for p in both if "__hijack=fsha__" in p.key} == {"fsha"} and len(both) == 2 * len(
+        SweepConfig.from_dict(tomllib.loads(Path("examples/cifar10_converged.toml").read_text())).points())
+
+    config = {"model": {"dataset": "imagefolder", "data_root": "/data/a", "image_size": 16},
+              "grid": {"hijack": ["none", "fsha"], "detect": ["none", "alignment"]}}
+    points = SweepConfig.from_dict(config).points()
+    assert [p.key.rsplit("__", 2)[0] for p in points] == [
+        "default__fp32__none__detect=none", "default__fp32__none__detect=alignment",
+        "default__fp32__none__detect=none__hijack=fsha", "default__fp32__none__detect=alignment__hijack=fsha"]
+    assert points[0].hijack_settings == () and dict(points[2].hijack_settings) == {
+        "public_data": "imagefolder", "public_root": "/data/a", "public_image_size": 16, "public_split": "test",
+        "hijack_record_every": 10}
+    moved = {**config, "model": {**config["model"], "data_root": "/elsewhere"}}
+    assert [p.key for p in SweepConfig.from_dict(moved).points()] == [p.key for p in points]
+    other = {**config, "hijack": {"public_split": "train"}}  # the attacker's images: another point
+    changed = [p.key for p in SweepConfig.from_dict(other).points()]
+    assert changed[:2] == [p.key for p in points[:2]] and not set(changed[2:]) & {p.key for p in points}
+    own = {**config, "hijack": {"public_data": "digits"}}  # other data than the edge's: not its root or size
+    assert dict(SweepConfig.from_dict(own).points()[2].hijack_settings) == {
+        "public_data": "digits", "public_split": "test", "hijack_record_every": 10}
 
 
 def test_pareto_front_and_grid_expansion():
