@@ -244,9 +244,10 @@ def _train_edge(config: SweepConfig, out: Path, flags: list[str], resumable: boo
             write_atomic(attempt_file, json.dumps({"job": f"{out.name}-{uuid.uuid4().hex[:6]}"}) + "\n")
         job = json.loads(attempt_file.read_text())["job"]
         try:
-            _python(out / "edge-client.log", "edge_client", "--job", job, "--state-dir", str(state), "--state-every",
-                    str(STATE_EVERY), *([] if fresh else ["--resume"]), *flags, timeout=config.timeout_s,
-                    ends=(0, HIJACK_EXIT) if point else (0,))
+            # no state where it could not resume: a server without checkpoints would not confirm one
+            keep = ["--state-dir", str(state), "--state-every", str(STATE_EVERY)] if resumable else []
+            _python(out / "edge-client.log", "edge_client", "--job", job, *keep, *([] if fresh else ["--resume"]),
+                    *flags, timeout=config.timeout_s, ends=(0, HIJACK_EXIT) if point else (0,))
             return
         except PointFailed as err:
             if fresh:
