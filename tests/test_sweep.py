@@ -224,14 +224,16 @@ def test_bad_config_is_a_clear_error(tmp_path, text, named):
     ({"grid": {"hijack": ["fsha"]}, "hijack": {"public_set": "digits"}},
      "[hijack]: unknown key 'public_set'; valid keys: public_data, public_root, public_split"),
     ({"grid": {"hijack": ["fsha"]}, "hijack": {"public_split": "val"}}, "[hijack]: public_split must be train or test"),
-    ({"grid": {"hijack": ["fsha"]}, "hijack": {"hijack_record_every": 0}}, "[hijack]: hijack_record_every must be >= 1"),
+    ({"grid": {"hijack": ["fsha"]}, "hijack": {"hijack_record_every": 0}},
+     "[hijack]: hijack_record_every must be >= 1"),
     ({"grid": {"hijack": ["fsha"]}, "hijack": {"public_image_size": "16"}},
      "[hijack] public_image_size: expected an integer, got '16'"),
     ({"grid": {"hijack": ["fsha"]}, "hijack": {"public_data": "digitz"}}, "needs public_data: one of ("),
     ({"hijack": {"public_split": "train"}}, "[hijack]: settings of a hijacking server, but no point trains against"),
     ({"grid": {"hijack": ["fsha"]}, "model": {"head_cut": "block2"}},
      "[grid] hijack: the hijacking cloud runs the vanilla split only"),
-    ({"grid": {"detect": ["none", "splitgaurd"]}}, "[grid]: detect: invalid choice 'splitgaurd' (choose from none, splitguard, alignment)"),
+    ({"grid": {"detect": ["none", "splitgaurd"]}},
+     "[grid]: detect: invalid choice 'splitgaurd' (choose from none, splitguard, alignment)"),
 ])
 def test_every_misspelt_or_misplaced_key_is_an_error_naming_it(config, named):
     with pytest.raises(ValueError) as err:

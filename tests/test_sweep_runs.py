@@ -163,8 +163,9 @@ methods = []
     assert "hijacking suspected at step 10" in stopped["detect_reason"]
     assert stopped["hijack_step"] == 10 and stopped["hijack_ssim_at_detection"] == stopped["hijack_ssim"]
     # one process per point: the reconstructions are of its own session only
-    assert {json.loads(line)["job"] for line in (out / "points" / stopped["key"] / "hijack" / "fsha.jsonl")
-            .read_text().splitlines()} == {json.loads((out / "points" / stopped["key"] / "edge.json").read_text())["job"]}
+    folder = out / "points" / stopped["key"]
+    jobs = {json.loads(line)["job"] for line in (folder / "hijack" / "fsha.jsonl").read_text().splitlines()}
+    assert jobs == {json.loads((folder / "edge.json").read_text())["job"]}
     table = {(r["hijack"], r["detect"]): r for r in csv.DictReader(open(out / "results.csv"))}
     assert (table["fsha", "alignment"]["detected"], table["none", "alignment"]["detected"]) == ("1.0", "0.0")
     assert float(table["fsha", "none"]["hijack_ssim"]) == plain["hijack_ssim"]

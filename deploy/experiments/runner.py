@@ -140,7 +140,8 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
                 row["scored_sample"] = scores["sample"]
             row[f"{name}_attacker"] = json.loads((recon / "run.json").read_text())  # what produced the scores
             row[f"{name}_grid"] = str((scored / "recon.png").relative_to(out.parent.parent))
-    if edge.get("u_shaped") and not skipped:  # the cloud's label inference from the gradients sent up (attacks.label_run)
+    # the cloud's label inference from the gradients sent up (attacks.label_run)
+    if edge.get("u_shaped") and not skipped:
         _python(out / "attacker-labels.log", "attacks", "labels", "--capture", capture, "--edge-report",
                 str(out / "edge.json"), "--out", str(out / "labels"), *as_flags(scorer_data_of(edge_settings)),
                 "--seed", str(point.setting("seed")), timeout=config.timeout_s)
@@ -162,10 +163,8 @@ def hijacker_for(point: Point, out: Path) -> ServerProcess:
     point never resumes, see `_train_edge`); the folder it records into (cleared as it starts)
     holds the point's session alone, which the scorer reads; and the points of a parallel sweep
     do not share one server's CPU. A start costs seconds, the point's training minutes."""
-    settings = dict(point.hijack_settings)
-    flags = as_flags({k: v for k, v in settings.items() if k != "hijack_record_every"})
-    return start_server("--hijack", point.hijack, *flags, "--hijack-record-every",
-                        str(settings["hijack_record_every"]), "--hijack-out", str(out / "hijack"), "--threads", "1")
+    return start_server("--hijack", point.hijack, *as_flags(dict(point.hijack_settings)), "--hijack-out",
+                        str(out / "hijack"), "--threads", "1")
 
 
 def _hijack_scores(config: SweepConfig, point: Point, out: Path, detected_at: int | None) -> dict:
