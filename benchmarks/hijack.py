@@ -54,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=2, help="edge processes at once")
     p.add_argument("--detector", default="splitguard", choices=("splitguard", "alignment"),
                    help="edge-client --detect of the `detect` and `honest` runs")
+    p.add_argument("--edge-flags", default="", metavar="FLAGS",
+                   help="more edge-client flags for every run: other data than digits, e.g. \"--dataset "
+                        "imagefolder --data-root DIR --max-steps 150\"")
+    p.add_argument("--hijacker-flags", default="", metavar="FLAGS",
+                   help="more flags for the hijacking cloud-server, after --public-data digits (which they may "
+                        "override: \"--public-data imagefolder --public-root DIR\")")
     p.add_argument("--out", default="", help="keep the reports, scores and grids here (default: a temporary folder)")
     args = p.parse_args(argv)
     try:
@@ -86,9 +92,10 @@ def _defenses(noise_levels: list[float], named: list[str]) -> dict[str, list[str
     return runs
 
 
-def _hijacker(folder: Path, record_every: int):
+def _hijacker(args: argparse.Namespace, folder: Path):
     return start_server("--hijack", "fsha", "--public-data", "digits", "--hijack-out", str(folder / "recon"),
-                        "--hijack-record-every", str(record_every), "--threads", "1")
+                        "--hijack-record-every", str(args.record_every), "--threads", "1",
+                        *shlex.split(args.hijacker_flags))
 
 
 def _edge(server: str, report: Path, seed: int, epochs: int, *flags: str) -> int:
@@ -103,26 +110,31 @@ def _edges(args: argparse.Namespace, server, runs: list[tuple[Path, int, list[st
     """The runs (report, seed, flags) against `server`, `args.parallel` at a time; then the server stops."""
     try:
         with ThreadPoolExecutor(args.parallel) as pool:
-            return list(pool.map(lambda run: _edge(server.address, run[0], run[1], args.epochs, *run[2]), runs))
+            return list(pool.map(lambda run: _edge(server.address, run[0], run[1], args.epochs,
+                                                   *shlex.split(args.edge_flags), *run[2]), runs))
     finally:
         server.stop()
 
 
-def _score(recon: Path, report: Path, out: Path) -> dict:
-    """`attacker score --by-step` of one edge's session."""
+def _score(args: argparse.Namespace, recon: Path, report: Path, out: Path) -> dict:
+    """`attacker score --by-step` of one edge's session, on the edge's data (its --data-root and
+    --image-size from --edge-flags: the scorer takes the dataset from the report, not where it is)."""
+    edge = shlex.split(args.edge_flags)
+    data = [a for flag, value in zip(edge, edge[1:]) if flag in ("--data-root", "--image-size") for a in (flag, value)]
     done = subprocess.run([sys.executable, "-m", "attacks", "score", "--recon", str(recon), "--edge-report",
-                           str(report), "--by-step", "--out", str(out)], capture_output=True, text=True, check=True)
+                           str(report), "--by-step", "--out", str(out), *data], capture_output=True, text=True,
+                          check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _fsha(args: argparse.Namespace, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     runs = [(folder / f"{name}.json", 0, flags) for name, flags in args.defenses.items()]
-    codes = _edges(args, _hijacker(folder, args.record_every), runs)
+    codes = _edges(args, _hijacker(args, folder), runs)
     found = {}
     for (report, _, flags), code in zip(runs, codes):
         edge = json.loads(report.read_text())
-        score = _score(folder / "recon", report, folder / f"{report.stem}-score")
+        score = _score(args, folder / "recon", report, folder / f"{report.stem}-score")
         steps = [(row["step_id"], row["ssim"], row["psnr"], row["mse"]) for row in score["train_by_step"]]
         found[report.stem] = {"exit": code, "flags": flags, "test_accuracy": edge["test_accuracy"],
                               "steps": edge["steps"],
@@ -138,12 +150,12 @@ def _fsha(args: argparse.Namespace, folder: Path) -> dict:
 def _detect(args: argparse.Namespace, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     runs = [(folder / f"seed{seed}.json", seed, ["--detect", args.detector]) for seed in range(args.seeds)]
-    codes = _edges(args, _hijacker(folder, args.record_every), runs)
+    codes = _edges(args, _hijacker(args, folder), runs)
     rows = []
     for (report, seed, _), code in zip(runs, codes):
         edge = json.loads(report.read_text())
         detect = edge["detect"]
-        score = _score(folder / "recon", report, folder / f"{report.stem}-score")
+        score = _score(args, folder / "recon", report, folder / f"{report.stem}-score")
         by_step = score["train_by_step"]
         last = by_step[-1]
         rows.append({"seed": seed, "exit": code, "detected_at_step": detect["detected_at_step"],
