@@ -519,6 +519,17 @@ def test_defense_gains_pair_each_cem_point_with_its_noise_alone_twin_at_the_same
     assert story[1].endswith("accuracy is not matched (more than 1 point apart), so no verdict.")
 
 
+def test_a_hijacked_point_is_paired_with_its_hijacked_twin_and_a_stopped_one_with_none():
+    from deploy.experiments.gains import defense_gains
+
+    honest, hijacked = _point("noise", 0, 0.90, 0.010), {**_point("noise", 0, 0.85, 0.020), "hijack": "fsha"}
+    cem = {**_point("gmm", 0, 0.86, 0.030, cem="gmm", **{"lambda": 8}), "hijack": "fsha"}
+    (gain,) = defense_gains([hijacked, honest, cem], ("inversion",))  # the honest twin last: not taken
+    assert gain["accuracy_delta_points"] == pytest.approx(1.0) and gain["inversion_mse_gain_pct"] == pytest.approx(50)
+    stopped = {**cem, "test_accuracy": None, "inversion_mse": None, "detected": True}
+    assert defense_gains([honest, hijacked, stopped], ("inversion",)) == []
+
+
 def test_cem_is_also_compared_with_noise_alone_at_its_own_accuracy():
     """Where CEM costs accuracy at the same noise, the fair baseline is more noise: the noise-alone
     curve (one seed, several noise levels) read at the CEM point's accuracy."""
