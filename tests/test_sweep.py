@@ -530,6 +530,30 @@ def test_a_hijacked_point_is_paired_with_its_hijacked_twin_and_a_stopped_one_wit
     assert defense_gains([honest, hijacked, stopped], ("inversion",)) == []
 
 
+def test_the_report_shows_the_hijacker_and_the_detector_averaged_over_seeds(tmp_path):
+    """results.csv's and report.md's row of a hijacked, detecting setting: `detected` the share of its
+    seeds stopped, `hijack_ssim` the mean; a setting whose every seed was stopped has no accuracy."""
+    from deploy.experiments.plots import write_report
+    from deploy.experiments.results import aggregate
+
+    config = SweepConfig.from_dict({"grid": {"hijack": ["fsha"], "detect": ["alignment"], "seeds": [0, 1]},
+                                    "attack": {"methods": []}})
+    rows = [{"group": "g", "cut": "block1", "bottleneck": 8, "codec": "fp32", "defense": "none", "seed": seed,
+             "hijack": "fsha", "axes": {"detect": "alignment"}, "test_accuracy": accuracy, "detected": stopped,
+             "detected_at_step": 10 if stopped else None, "hijack_ssim": ssim, "hijack_ssim_max": ssim,
+             "hijack_ssim_at_detection": ssim if stopped else None}
+            for seed, accuracy, stopped, ssim in ((0, None, True, 0.3), (1, 0.9, False, 0.8))]
+    (row,) = aggregate(config, rows)
+    assert (row["hijack"], row["detected"], row["detected_at_step"], row["hijack_ssim"]) == ("fsha", 0.5, 10, 0.55)
+    assert row["test_accuracy"] == 0.9 and row["hijack_ssim_at_detection"] == 0.3
+    (none,) = aggregate(config, [{**r, "test_accuracy": None} for r in rows])
+    assert "test_accuracy" not in none
+    write_report(config, [row], tmp_path)
+    table = (tmp_path / "report.md").read_text()
+    assert "| hijack | hijack_ssim | hijack_ssim_max | hijack_ssim_at_detection | detected | detected_at_step |" in table
+    assert "| fsha | 0.550 ± 0.354 | 0.550 ± 0.354 | 0.300 ± 0.000 | 0.50 ± 0.71 | 10 ± 0 |" in table
+
+
 def test_cem_is_also_compared_with_noise_alone_at_its_own_accuracy():
     """Where CEM costs accuracy at the same noise, the fair baseline is more noise: the noise-alone
     curve (one seed, several noise levels) read at the CEM point's accuracy."""
