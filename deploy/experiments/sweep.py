@@ -64,10 +64,11 @@ An unknown key anywhere is an error naming its place and the valid keys; the swe
 Every point's settings then pass edge-client's own checks (a cut of the arch, a CEM weight
 for CEM ...) before the first point runs.
 
-A point's folder, `points/<cut>[-b<bottleneck>]__<codec>__<defense>[__<axis>=<value>...]__s<seed>__<hash>`,
-is named by its resolved settings: a readable prefix, then a hash of everything that shapes
-its result (the edge-client settings that differ from edge-client's defaults, the attacker's
-settings, methods and args). A finished point keeps `result.json` (written atomically, the
+A point's folder, `points/<cut>[-b<bottleneck>]__<codec>__<defense>[__<axis>=<value>...]`
+`[__link=<profile>][__hijack=<method>]__s<seed>__<hash>`, is named by its resolved settings: a
+readable prefix, then a hash of everything that shapes its result (the edge-client settings
+that differ from edge-client's defaults, the attacker's settings, methods and args, and a
+hijacking server's settings). A finished point keeps `result.json` (written atomically, the
 last thing a point writes), so re-running a sweep skips exactly the points whose settings did
 not change and runs the others. A failed point's processes left their output in
 `<process>.log` in its folder; `--keep-going` runs the other points anyway, records each
