@@ -178,10 +178,12 @@ def test_an_edge_counts_as_finished_only_by_a_whole_report_of_its_attempts_job(t
 
     (tmp_path / "attempt.json").write_text('{"job": "p-1a2b3c"}')
     assert not edge_finished(tmp_path)  # no report yet
+    stopped = {"job": "p-1a2b3c", "detected": True, "reason": "stopped"}
     for report, finished in (({"job": "p-1a2b3c", "steps": 9}, True), ({"job": "p-999999", "steps": 9}, False),
-                             ({"job": "p-1a2b3c", "detected": True, "reason": "stopped"}, False)):
+                             (stopped, True)):  # a point stopped by its detector: its end
         (tmp_path / "edge.json").write_text(json.dumps(report))
         assert edge_finished(tmp_path) is finished, report
+    assert not edge_finished(tmp_path, stop_ends=False)  # a base stopped by its detector: not trained whole
     (tmp_path / "edge.json").write_text('{"job": "p-1a2b')  # cut short
     assert not edge_finished(tmp_path)
 
@@ -217,6 +219,21 @@ def test_bad_config_is_a_clear_error(tmp_path, text, named):
     ({"grid": {"links": "wifi"}}, "[grid] links: an axis is a non-empty list of values"),
     ({"run": {"latency_images": 2.5}}, "[run] latency_images: expected an integer, got 2.5"),
     ({"run": {"target_accuracy": 2}}, "[run] target_accuracy: 2.0 must lie in (0, 1]"),
+    ({"grid": {"hijack": ["none", "fhsa"]}}, "[grid] hijack: unknown value 'fhsa'; valid: none, fsha"),
+    ({"grid": {"hijack": "fsha"}}, "[grid] hijack: an axis is a non-empty list of values"),
+    ({"grid": {"hijack": ["fsha"]}, "hijack": {"public_set": "digits"}},
+     "[hijack]: unknown key 'public_set'; valid keys: public_data, public_root, public_split"),
+    ({"grid": {"hijack": ["fsha"]}, "hijack": {"public_split": "val"}}, "[hijack]: public_split must be train or test"),
+    ({"grid": {"hijack": ["fsha"]}, "hijack": {"hijack_record_every": 0}},
+     "[hijack]: hijack_record_every must be >= 1"),
+    ({"grid": {"hijack": ["fsha"]}, "hijack": {"public_image_size": "16"}},
+     "[hijack] public_image_size: expected an integer, got '16'"),
+    ({"grid": {"hijack": ["fsha"]}, "hijack": {"public_data": "digitz"}}, "needs public_data: one of ("),
+    ({"hijack": {"public_split": "train"}}, "[hijack]: settings of a hijacking server, but no point trains against"),
+    ({"grid": {"hijack": ["fsha"]}, "model": {"head_cut": "block2"}},
+     "[grid] hijack: the hijacking cloud runs the vanilla split only"),
+    ({"grid": {"detect": ["none", "splitgaurd"]}},
+     "[grid]: detect: invalid choice 'splitgaurd' (choose from none, splitguard, alignment)"),
 ])
 def test_every_misspelt_or_misplaced_key_is_an_error_naming_it(config, named):
     with pytest.raises(ValueError) as err:
@@ -297,6 +314,39 @@ def test_a_link_names_its_points_and_a_sweep_without_one_keeps_its_names():
     # the rows follow the config's target, whatever target the point's own run had
     (agg,) = aggregate(SweepConfig.from_dict({"run": {"target_accuracy": 0.95}}), [row])
     assert (agg["link"], agg["time_to_accuracy_s"]) == ("wifi", 9.0)
+
+
+def test_a_hijack_axis_names_only_its_hijacked_points_and_kept_results_keep_their_names():
+    """`hijack = "none"` is the sweep without the axis: its points keep their keys, so a study's kept
+    results (results/cifar10_converged, of examples/cifar10_converged.toml) stay its points. The
+    hijacking server's public data defaults to the test split of the edge's own dataset, root and
+    size, and is part of the hijacked points' identity, not of where the data lives."""
+    example = tomllib.loads(Path("examples/cifar10_converged.toml").read_text())
+    kept = {path.stem for path in Path("results/cifar10_converged").glob("*.json")}
+    assert kept and kept <= {p.key for p in SweepConfig.from_dict(example).points()}
+    example["grid"]["hijack"] = ["none", "fsha"]
+    both = SweepConfig.from_dict(example).points()
+    assert kept <= {p.key for p in both}
+    assert {p.hijack for p in both if "__hijack=fsha__" in p.key} == {"fsha"} and len(both) == 2 * len(
+        SweepConfig.from_dict(tomllib.loads(Path("examples/cifar10_converged.toml").read_text())).points())
+
+    config = {"model": {"dataset": "imagefolder", "data_root": "/data/a", "image_size": 16},
+              "grid": {"hijack": ["none", "fsha"], "detect": ["none", "alignment"]}}
+    points = SweepConfig.from_dict(config).points()
+    assert [p.key.rsplit("__", 2)[0] for p in points] == [
+        "default__fp32__none__detect=none", "default__fp32__none__detect=alignment",
+        "default__fp32__none__detect=none__hijack=fsha", "default__fp32__none__detect=alignment__hijack=fsha"]
+    assert points[0].hijack_settings == () and dict(points[2].hijack_settings) == {
+        "public_data": "imagefolder", "public_root": "/data/a", "public_image_size": 16, "public_split": "test",
+        "hijack_record_every": 10}
+    moved = {**config, "model": {**config["model"], "data_root": "/elsewhere"}}
+    assert [p.key for p in SweepConfig.from_dict(moved).points()] == [p.key for p in points]
+    other = {**config, "hijack": {"public_split": "train"}}  # the attacker's images: another point
+    changed = [p.key for p in SweepConfig.from_dict(other).points()]
+    assert changed[:2] == [p.key for p in points[:2]] and not set(changed[2:]) & {p.key for p in points}
+    own = {**config, "hijack": {"public_data": "digits"}}  # other data than the edge's: not its root or size
+    assert dict(SweepConfig.from_dict(own).points()[2].hijack_settings) == {
+        "public_data": "digits", "public_split": "test", "hijack_record_every": 10}
 
 
 def test_pareto_front_and_grid_expansion():
@@ -467,6 +517,41 @@ def test_defense_gains_pair_each_cem_point_with_its_noise_alone_twin_at_the_same
     assert story[0].startswith("- fp32: gmm changes attack MSE by +20.0%") and \
         story[0].endswith("gmm helps at matched accuracy.")
     assert story[1].endswith("accuracy is not matched (more than 1 point apart), so no verdict.")
+
+
+def test_a_hijacked_point_is_paired_with_its_hijacked_twin_and_a_stopped_one_with_none():
+    from deploy.experiments.gains import defense_gains
+
+    honest, hijacked = _point("noise", 0, 0.90, 0.010), {**_point("noise", 0, 0.85, 0.020), "hijack": "fsha"}
+    cem = {**_point("gmm", 0, 0.86, 0.030, cem="gmm", **{"lambda": 8}), "hijack": "fsha"}
+    (gain,) = defense_gains([hijacked, honest, cem], ("inversion",))  # the honest twin last: not taken
+    assert gain["accuracy_delta_points"] == pytest.approx(1.0) and gain["inversion_mse_gain_pct"] == pytest.approx(50)
+    stopped = {**cem, "test_accuracy": None, "inversion_mse": None, "detected": True}
+    assert defense_gains([honest, hijacked, stopped], ("inversion",)) == []
+
+
+def test_the_report_shows_the_hijacker_and_the_detector_averaged_over_seeds(tmp_path):
+    """results.csv's and report.md's row of a hijacked, detecting setting: `detected` the share of its
+    seeds stopped, `hijack_ssim` the mean; a setting whose every seed was stopped has no accuracy."""
+    from deploy.experiments.plots import write_report
+    from deploy.experiments.results import aggregate
+
+    config = SweepConfig.from_dict({"grid": {"hijack": ["fsha"], "detect": ["alignment"], "seeds": [0, 1]},
+                                    "attack": {"methods": []}})
+    rows = [{"group": "g", "cut": "block1", "bottleneck": 8, "codec": "fp32", "defense": "none", "seed": seed,
+             "hijack": "fsha", "axes": {"detect": "alignment"}, "test_accuracy": accuracy, "detected": stopped,
+             "detected_at_step": 10 if stopped else None, "hijack_ssim": ssim, "hijack_ssim_max": ssim,
+             "hijack_ssim_at_detection": ssim if stopped else None}
+            for seed, accuracy, stopped, ssim in ((0, None, True, 0.3), (1, 0.9, False, 0.8))]
+    (row,) = aggregate(config, rows)
+    assert (row["hijack"], row["detected"], row["detected_at_step"], row["hijack_ssim"]) == ("fsha", 0.5, 10, 0.55)
+    assert row["test_accuracy"] == 0.9 and row["hijack_ssim_at_detection"] == 0.3
+    (none,) = aggregate(config, [{**r, "test_accuracy": None} for r in rows])
+    assert "test_accuracy" not in none
+    write_report(config, [row], tmp_path)
+    table = (tmp_path / "report.md").read_text()
+    assert "| hijack | hijack_ssim | hijack_ssim_max | hijack_ssim_at_detection | detected | detected_at_step |" in table
+    assert "| fsha | 0.550 ± 0.354 | 0.550 ± 0.354 | 0.300 ± 0.000 | 0.50 ± 0.71 | 10 ± 0 |" in table
 
 
 def test_cem_is_also_compared_with_noise_alone_at_its_own_accuracy():

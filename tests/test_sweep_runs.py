@@ -116,3 +116,60 @@ def test_demo_attacker_flags_reach_the_attacker_and_the_report(tmp_path, monkeyp
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["attacker"] == {"blocks": 1, "width": 8, "epochs": 1}
     assert "1 residual blocks, width 8, 1 epochs" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_hijacking_server_is_an_axis_and_the_edge_that_detects_it_a_finished_point(tmp_path, sweep_services):
+    """hijack x detect, 12 steps of digits each: the honest points train against the sweep's server;
+    the hijacked ones each against a `cloud-server --hijack fsha` of their own, whose reconstructions
+    of the private batches are scored into the row. The edge with the alignment detector stops the
+    hijacker at its first check (step 10, exit 3: a finished point, not a failure) and raises no
+    false alarm against the honest server; a re-run runs nothing, the stopped point included."""
+    (tmp_path / "sweep.toml").write_text("""
+[model]
+epochs = 1
+max_steps = 12
+
+[grid]
+hijack = ["none", "fsha"]
+detect = ["none", "alignment"]
+
+[hijack]
+hijack_record_every = 2
+
+[attack]
+methods = []
+""")
+    out = tmp_path / "out"
+    argv = ["--config", str(tmp_path / "sweep.toml"), "--out", str(out)]
+    done = sweep_here(argv, sweep_services)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = {(p["hijack"], p["axes"]["detect"]): p for p in results["points"]}
+    assert len(rows) == 4 and all(("__hijack=fsha__" in p["key"]) == (p["hijack"] == "fsha") for p in rows.values())
+    for detect in ("none", "alignment"):
+        honest = rows["none", detect]
+        assert not honest["detected"] and honest["detected_at_step"] is None and honest["test_accuracy"] > 0.2
+        assert "hijack_ssim" not in honest and "attacks_skipped" not in honest
+    plain, stopped = rows["fsha", "none"], rows["fsha", "alignment"]
+    assert not plain["detected"] and plain["hijack_step"] == 12 and plain["hijack_ssim_at_detection"] is None
+    assert 0 < plain["hijack_ssim"] <= plain["hijack_ssim_max"] <= 1 and plain["hijack_mse"] > 0
+    assert plain["test_accuracy"] is not None and "hijacking server" in plain["attacks_skipped"]
+    assert plain["hijack_settings"] == {"public_data": "digits", "public_split": "test", "hijack_record_every": 2}
+    assert [s for s, _ in plain["hijack_ssim_by_step"]] == [1, 2, 4, 6, 8, 10, 12]
+    assert (out / plain["hijack_grid"]).stat().st_size > 0
+    # the detector's stop: at its first check, the session closed, no evaluation through the hijacker
+    assert stopped["detected"] and stopped["detected_at_step"] == 10 and stopped["test_accuracy"] is None
+    assert "hijacking suspected at step 10" in stopped["detect_reason"]
+    assert stopped["hijack_step"] == 10 and stopped["hijack_ssim_at_detection"] == stopped["hijack_ssim"]
+    # one process per point: the reconstructions are of its own session only
+    folder = out / "points" / stopped["key"]
+    jobs = {json.loads(line)["job"] for line in (folder / "hijack" / "fsha.jsonl").read_text().splitlines()}
+    assert jobs == {json.loads((folder / "edge.json").read_text())["job"]}
+    table = {(r["hijack"], r["detect"]): r for r in csv.DictReader(open(out / "results.csv"))}
+    assert (table["fsha", "alignment"]["detected"], table["none", "alignment"]["detected"]) == ("1.0", "0.0")
+    assert float(table["fsha", "none"]["hijack_ssim"]) == plain["hijack_ssim"]
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("points/*/result.json")}
+    again = sweep_here(argv, sweep_services)
+    assert again.returncode == 0 and "4 already done" in again.stderr, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("points/*/result.json")} == stamps

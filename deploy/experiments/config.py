@@ -26,10 +26,10 @@ ATTACK_FLAGS = {"epochs": "--inverse-epochs", "blocks": "--inverse-blocks", "wid
                 "rmle_iterations": "--rmle-iterations", "rmle_lr": "--rmle-lr",
                 "rmle_tv_weight": "--rmle-tv-weight", "aux_dataset": "--aux-dataset",
                 "aux_data_root": "--aux-data-root", "aux_limit": "--aux-limit"}
-SECTIONS = ("model", "base", "grid", "defenses", "attack", "run")
+SECTIONS = ("model", "base", "grid", "defenses", "attack", "hijack", "run")
 # Where data lives on this machine: not part of what a point is, so that a study's kept results
 # name the same points on a machine that holds the data elsewhere.
-WHERE = frozenset({"data_root", "aux_data_root"})
+WHERE = frozenset({"data_root", "aux_data_root", "public_root"})
 # Settings a point's base (phase A) takes from the point: what fixes the model, its data and its
 # seed, so that the continuation can load it. Its other settings are [model]'s, then [base]'s.
 SHARED_WITH_BASE = frozenset({"arch", "cut", "bottleneck", "width", "dataset", "data_root", "image_size", "download",
@@ -41,6 +41,13 @@ SWEEP_OWNED = {"server": "every point trains through the sweep's own proxy and c
 # [grid] axes with a name of their own -> the edge-client setting they vary
 NAMED_AXES = {"cuts": "cut", "codecs": "codec", "seeds": "seed"}
 LINKS = "links"  # the [grid] axis of link profiles: not an edge-client setting but where its traffic goes
+# The [grid] axis of the cloud a point trains against: not an edge-client setting but which server
+# (cloud_server.config.HIJACKS; "none": the sweep's honest one), with the [hijack] table's settings.
+HIJACK = "hijack"
+NO_HIJACK = "none"
+# [hijack] keys: the hijacking cloud-server's own settings (its flags without the dashes) and their types
+HIJACK_KEYS = {"public_data": str, "public_root": str, "public_split": str, "public_image_size": int,
+               "hijack_record_every": int}
 
 
 
@@ -171,6 +178,8 @@ class Point:
     base: "Base | None" = None  # the trained model this point continues (a two-phase sweep); None: from scratch
     variants: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()  # more attackers: (name, [attack] settings)
     per_class: int = 0  # inference traffic scored on this many test images of each class (0: all attacked)
+    hijack: str = NO_HIJACK  # the cloud it trains against: NO_HIJACK, the sweep's honest one, or a hijacking one
+    hijack_settings: tuple[tuple[str, object], ...] = ()  # that server's resolved [hijack] settings, sorted
 
     def setting(self, name: str):
         """An edge-client setting of this point, its default where the point does not set it."""
@@ -179,12 +188,14 @@ class Point:
     def identity(self, seed: bool = True) -> str:
         """A hash of everything that shapes the point's result (with `seed=False`: its group over seeds)."""
         edge = {k: v for k, v in _placeless(self.edge).items() if seed or k != "seed"}
-        # link and latency only where set: the points of sweeps older than them keep their names
+        # link, latency, hijack ... only where set: the points of sweeps older than them keep their names
         measured = {**({"link": self.link} if self.link != DIRECT else {}),
                     **({"latency_images": self.latency_images} if self.latency_images else {}),
                     **({"base": self.base.identity if seed else self.base.identity_over_seeds} if self.base else {}),
                     **({"variants": [[name, _placeless(s)] for name, s in self.variants]} if self.variants else {}),
-                    **({"per_class": self.per_class} if self.per_class else {})}
+                    **({"per_class": self.per_class} if self.per_class else {}),
+                    **({"hijack": {"method": self.hijack, **_placeless(self.hijack_settings)}}
+                       if self.hijack != NO_HIJACK else {})}
         return _digest({"edge": edge, "attack": _placeless(self.attack), "methods": list(self.methods),
                         "attack_args": list(self.attack_args), **measured})
 
@@ -195,7 +206,8 @@ class Point:
         others = [f"{name}={_label(value)}" for name, value in self.axes
                   if name not in ("cut", "bottleneck", "codec", "seed")]
         link = [f"link={self.link}"] if self.link != DIRECT else []
-        return "__".join([cut, self.setting("codec"), _label(self.defense), *others, *link,
+        hijack = [f"hijack={self.hijack}"] if self.hijack != NO_HIJACK else []
+        return "__".join([cut, self.setting("codec"), _label(self.defense), *others, *link, *hijack,
                           f"s{self.setting('seed')}", self.identity()])
 
 
@@ -243,6 +255,8 @@ class SweepConfig:
     base: dict = field(default_factory=dict)  # [base]: phase A's settings over [model]'s; empty: one phase
     variants: dict = field(default_factory=dict)  # [attack] variants: name -> settings over [attack]'s
     per_class: int = 0  # [attack] per_class: `attacker score --per-class` (0: every attacked image)
+    hijacks: tuple[str, ...] = ()  # [grid] hijack: the cloud of each point (HIJACKS); empty: not an axis (honest)
+    hijack: dict = field(default_factory=dict)  # [hijack]: the hijacking server's settings (HIJACK_KEYS)
 
     def __post_init__(self) -> None:
         def set_(name, value):
@@ -263,6 +277,23 @@ class SweepConfig:
             if link != DIRECT and link not in PROFILES:
                 raise ValueError(f"[grid] links: unknown link profile {link!r}; valid: {DIRECT}, {', '.join(PROFILES)}")
         set_("links", tuple(self.links))
+        from cloud_server.config import HIJACKS
+
+        for hijack in self.hijacks:
+            if hijack not in HIJACKS:
+                raise ValueError(f"[grid] hijack: unknown value {hijack!r}; valid: {', '.join(HIJACKS)} (none: an "
+                                 "honest server)")
+        set_("hijacks", tuple(self.hijacks))
+        for key, value in _table("[hijack]", self.hijack).items():
+            if key not in HIJACK_KEYS:
+                raise ValueError(f"[hijack]: unknown key {key!r}; valid keys: {', '.join(HIJACK_KEYS)}")
+            kind = HIJACK_KEYS[key]
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"[hijack] {key}: expected {'an integer' if kind is int else 'a string'}, "
+                                 f"got {value!r}")
+        if self.hijack and not self.hijacked:
+            raise ValueError("[hijack]: settings of a hijacking server, but no point trains against one "
+                             "([grid] hijack = [\"none\", \"fsha\"])")
         if not 0 < self.target_accuracy <= 1:
             raise ValueError(f"[run] target_accuracy: {self.target_accuracy} must lie in (0, 1]")
         if self.latency_images < 0:
@@ -317,7 +348,7 @@ class SweepConfig:
         attack_grid = grid.pop("attack", {})
         if not isinstance(attack_grid, dict):
             raise ValueError(f"[grid] attack: expected attack.NAME = [values], got {attack_grid!r}")
-        named = {plural: _values(f"[grid] {plural}", grid.pop(plural)) for plural in (*NAMED_AXES, LINKS)
+        named = {plural: _values(f"[grid] {plural}", grid.pop(plural)) for plural in (*NAMED_AXES, LINKS, HIJACK)
                  if plural in grid}
         run = {key: _run_value(key, run[key]) for key in RUN_KEYS if key in run}
         per_class = attack.pop("per_class", 0)
@@ -328,12 +359,13 @@ class SweepConfig:
                    codecs=tuple(named.get("codecs", [])), seeds=tuple(named.get("seeds", [])),
                    axes=tuple(grid.items()), defenses=d.get("defenses", {"none": {}}),
                    attacks=tuple(attack.pop("methods", ["inversion"])), attack_args=tuple(attack.pop("args", [])),
-                   attack=attack, attack_axes=tuple(attack_grid.items()), links=tuple(named.get(LINKS, [])), **run)
+                   attack=attack, attack_axes=tuple(attack_grid.items()), links=tuple(named.get(LINKS, [])),
+                   hijacks=tuple(named.get(HIJACK, [])), hijack=d.get("hijack", {}), **run)
 
     def points(self) -> list[Point]:
         """Every combination of the axes and the defenses, resolved into its settings; seeds
         vary fastest, so the seeds of one setting run one after another."""
-        axes = [[{"link": link} for link in self.links],
+        axes = [[{"link": link} for link in self.links], [{HIJACK: h} for h in self.hijacks],
                 [{"cut": c, **({} if b is None else {"bottleneck": b})} for c, b in self.cuts],
                 [{"codec": c} for c in self.codecs], *([{name: v} for v in values] for name, values in self.axes),
                 *([{f"attack.{key}": v} for v in values] for key, values in self.attack_axes)]
@@ -343,6 +375,7 @@ class SweepConfig:
                 for seed in [{"seed": s} for s in self.seeds] or [{}]:
                     chosen = {k: v for value in (*combo, seed) for k, v in value.items()}
                     link = chosen.pop("link", DIRECT)
+                    hijack = chosen.pop(HIJACK, NO_HIJACK)
                     edge_chosen = {k: v for k, v in chosen.items() if not k.startswith("attack.")}
                     attack_chosen = {k.removeprefix("attack."): v for k, v in chosen.items() if k not in edge_chosen}
                     merged = {**self.model, **defense, **edge_chosen}
@@ -352,12 +385,38 @@ class SweepConfig:
                                         self.attacks, self.attack_args, tuple(chosen.items()), link,
                                         self.latency_images, self._base(edge_chosen),
                                         tuple((v, tuple(sorted({**attack, **s}.items())))
-                                              for v, s in self.variants.items()), self.per_class))
+                                              for v, s in self.variants.items()), self.per_class,
+                                        hijack, self._hijack_settings(hijack, edge)))
         keys = [p.key for p in points]
         twice = sorted({k for k in keys if keys.count(k) > 1})
         if twice:
             raise ValueError(f"[grid]: these points come out twice (a value listed twice?): {twice}")
         return points
+
+    def _hijack_settings(self, hijack: str, edge: dict) -> tuple[tuple[str, object], ...]:
+        """The hijacking server's settings for a point with these edge settings: [hijack]'s, and where it
+        leaves them out, the test split of the edge's own dataset (its root and image size): images of
+        the edge's kind, disjoint from the training split the edge trains on. Checked by the server's
+        own config."""
+        if hijack == NO_HIJACK:
+            return ()
+        from cloud_server.config import ServerConfig
+        from splitnet.settings import InvalidSetting
+
+        data = scorer_data_of(edge)
+        public = self.hijack.get("public_data", data["dataset"])
+        same = {"public_root": data.get("data_root", ""), "public_image_size": data.get("image_size", 0)}
+        settings = {"public_data": public, "public_split": "test",
+                    "hijack_record_every": ServerConfig.hijack_record_every,
+                    **(same if public == data["dataset"] else {}), **self.hijack}
+        try:
+            ServerConfig(hijack=hijack, **settings)
+        except InvalidSetting as err:
+            raise ValueError(f"[hijack]: {err.message(lambda name: name)}") from None
+        if edge.get("head_cut"):
+            raise ValueError("[grid] hijack: the hijacking cloud runs the vanilla split only; a point with "
+                             f"head_cut = {edge['head_cut']!r} cannot train against it")
+        return tuple(sorted((k, v) for k, v in settings.items() if v not in ("", 0) or k == "public_data"))
 
     def _base(self, chosen: dict) -> Base | None:
         """The base a point with these axis values continues: [model], then [base], then the point's
@@ -366,6 +425,18 @@ class SweepConfig:
             return None
         merged = {**self.model, **self.base, **{k: v for k, v in chosen.items() if k in SHARED_WITH_BASE}}
         return Base(tuple(sorted((k, v) for k, v in merged.items() if v != _edge_action(k).default)))
+
+    @property
+    def hijacked(self) -> bool:
+        """Whether some point trains against a hijacking server."""
+        return any(h != NO_HIJACK for h in self.hijacks)
+
+    @property
+    def detects(self) -> bool:
+        """Whether some point's edge runs a hijacking detector (edge-client --detect)."""
+        values = [self.model.get("detect"), *(d.get("detect") for d in self.defenses.values()),
+                  *(v for name, values in self.axes if name == "detect" for v in values)]
+        return any(v not in (None, "none") for v in values)
 
     @property
     def scored(self) -> tuple[str, ...]:
@@ -414,9 +485,9 @@ def with_absolute_roots(config: SweepConfig, data_root: str = "") -> SweepConfig
     """`data_root` (if given) as the edge's data root, and every data root absolute: relative ones
     are taken from where split-sweep was started, whatever folder a Ray worker runs in."""
     model = {**config.model, **({"data_root": data_root} if data_root else {})}
-    attack = dict(config.attack)
-    for table in (model, attack):
-        for key in ("data_root", "aux_data_root"):
+    attack, hijack = dict(config.attack), dict(config.hijack)
+    for table in (model, attack, hijack):
+        for key in ("data_root", "aux_data_root", "public_root"):
             if table.get(key):
                 table[key] = str(Path(table[key]).resolve())
-    return replace(config, model=model, attack=attack)
+    return replace(config, model=model, attack=attack, hijack=hijack)

@@ -4,8 +4,8 @@ The paper states robustness as the increase in attack MSE that CEM brings over t
 obfuscation noise without CEM, at matched accuracy. Between two runs of one setting the
 attack MSE moves by 10-20% with the seed alone (docs/RESULTS.md), so a gain is only
 meaningful paired: a CEM point is compared with the point whose settings are the same in
-everything but CEM's (same cut, codec, noise, schedule, attack, link and seed), and the pairs'
-gains are then averaged over seeds, their spread shown beside them.
+everything but CEM's (same cut, codec, noise, schedule, attack, link, hijack and seed), and the
+pairs' gains are then averaged over seeds, their spread shown beside them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ MATCHED_POINTS = 1.0  # accuracy within this many points counts as matched (the 
 def _twin_key(row: dict, drop: frozenset = DEFENSE_SETTINGS) -> tuple:
     settings = {k: v for k, v in row["settings"].items() if k not in drop}
     attack = tuple(sorted(row.get("attack_settings", {}).items()))
-    return tuple(sorted((k, str(v)) for k, v in settings.items())), attack, row.get("link") or "none"  # rows before links
+    # rows from before links and hijacks have neither key
+    return (tuple(sorted((k, str(v)) for k, v in settings.items())), attack, row.get("link") or "none",
+            row.get("hijack") or "none")
 
 
 def _curve_key(row: dict) -> tuple:
@@ -55,9 +57,11 @@ def _is_defended(row: dict) -> bool:
 
 
 def pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
-    """(defended point, its twin without the learned defense) for every defended point whose twin ran."""
-    twins = {_twin_key(r): r for r in rows if not _is_defended(r)}
-    return [(r, twins[_twin_key(r)]) for r in rows if _is_defended(r) and _twin_key(r) in twins]
+    """(defended point, its twin without the learned defense) for every defended point whose twin ran
+    to its end: a point its hijacking detector stopped has no accuracy to compare (null)."""
+    whole = [r for r in rows if r.get("test_accuracy") is not None]
+    twins = {_twin_key(r): r for r in whole if not _is_defended(r)}
+    return [(r, twins[_twin_key(r)]) for r in whole if _is_defended(r) and _twin_key(r) in twins]
 
 
 def defense_gains(rows: list[dict], methods: tuple[str, ...]) -> list[dict]:

@@ -220,6 +220,11 @@ def write_report(config, rows: list[dict], out: Path, title: str = "Sweep: accur
         columns.insert(4, ("axes", "{}"))
     for m in config.scored:
         columns += [(f"{m}_ssim", "{:.3f}"), (f"{m}_psnr", "{:.1f}"), (f"{m}_mse", "{:.4f}")]
+    if any(r.get("hijack", "none") != "none" for r in rows):  # the hijacker's own reconstructions (runner)
+        columns += [("hijack", "{}"), ("hijack_ssim", "{:.3f}"), ("hijack_ssim_max", "{:.3f}"),
+                    ("hijack_ssim_at_detection", "{:.3f}")]
+    if any("detected" in r for r in rows):  # averaged over seeds: the share of runs the detector stopped
+        columns += [("detected", "{:.2f}"), ("detected_at_step", "{:.0f}")]
     lines = [f"# {title}", ""]
     if preface:
         lines += [preface, ""]

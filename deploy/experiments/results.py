@@ -11,7 +11,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from deploy.experiments.config import Point, SweepConfig
+from deploy.experiments.config import NO_HIJACK, Point, SweepConfig
 from deploy.experiments.gains import defense_gains
 from deploy.link_profiles import DIRECT
 
@@ -20,8 +20,12 @@ METRICS = ("test_accuracy", "bytes_up_per_sample", "bytes_down_per_sample", "rtt
            "seconds_per_epoch", "time_to_accuracy_s", "latency_ms_p50", "latency_ms_p99")
 LATENCY_METRICS = ("latency_ms_p50", "latency_ms_p99")  # of the point's latency.json (edge-client --infer-only)
 ATTACK_METRICS = ("mse", "ssim", "psnr")
+# A detecting edge's figures (detected: averaged over seeds, the share of runs stopped), and a
+# hijacking server's scores (runner._hijack_scores)
+DETECT_METRICS = ("detected", "detected_at_step")
+HIJACK_METRICS = ("hijack_ssim", "hijack_mse", "hijack_psnr", "hijack_ssim_max", "hijack_ssim_at_detection")
 # A row's settings, for HParams (axes: the grid's other swept settings)
-POINT_SETTINGS = ("cut", "bottleneck", "codec", "defense", "seed", "link", "axes", "defense_settings")
+POINT_SETTINGS = ("cut", "bottleneck", "codec", "defense", "seed", "link", "hijack", "axes", "defense_settings")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -51,8 +55,10 @@ def time_to_accuracy(row: dict, target: float) -> float | None:
 
 
 def metric_names(config: SweepConfig) -> list[str]:
-    """A row's measured numbers (the rest of it is the point's settings)."""
-    return list(METRICS) + [f"{m}_{k}" for m in config.scored for k in ATTACK_METRICS]
+    """A row's measured numbers (the rest of it is the point's settings): a detector's and a hijacker's
+    where some point has one."""
+    return (list(METRICS) + [f"{m}_{k}" for m in config.scored for k in ATTACK_METRICS]
+            + list(DETECT_METRICS if config.detects else ()) + list(HIJACK_METRICS if config.hijacked else ()))
 
 
 def aggregate(config: SweepConfig, rows: list[dict]) -> list[dict]:
@@ -67,11 +73,11 @@ def aggregate(config: SweepConfig, rows: list[dict]) -> list[dict]:
     for members in groups.values():
         first = members[0]
         agg: dict = {**{k: first[k] for k in ("cut", "bottleneck", "codec", "defense")},
-                     "link": first.get("link", DIRECT)}
+                     "link": first.get("link", DIRECT), "hijack": first.get("hijack", NO_HIJACK)}
         axes = {k: v for k, v in first.get("axes", {}).items() if k != "bottleneck"}
         agg.update({**axes, "axes": " ".join(f"{k}={v}" for k, v in axes.items()), "seeds": len(members)})
         for key in numeric:
-            values = [m[key] for m in members if m.get(key) is not None]
+            values = [float(m[key]) for m in members if m.get(key) is not None]  # float: `detected` is a bool
             if values:
                 agg[key] = statistics.fmean(values)
                 agg[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0

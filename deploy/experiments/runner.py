@@ -1,6 +1,6 @@
 """Running a sweep: the long-lived services (a cloud-server and the eavesdropping proxy), each
-point's processes (a `split-link`, `edge-client`, `attacker run` / `score`), the bases of a
-two-phase sweep, and the points in parallel as Ray tasks."""
+point's processes (a `split-link`, `edge-client`, `attacker run` / `score`, a hijacking
+`cloud-server`), the bases of a two-phase sweep, and the points in parallel as Ray tasks."""
 
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from deploy.experiments.config import ATTACK_FLAGS, Base, Point, SweepConfig, as_flags, check_points, scorer_data_of
+from deploy.experiments.config import (ATTACK_FLAGS, NO_HIJACK, Base, Point, SweepConfig, as_flags, check_points,
+                                       scorer_data_of)
 from deploy.experiments.results import (ATTACK_METRICS, LATENCY_METRICS, METRICS, POINT_SETTINGS, finished_rows,
                                         keep_results, metric_names, time_to_accuracy, write_atomic)
 from deploy.link_profiles import DIRECT
 from deploy.processes import ServerProcess, start_process, start_server
+from edge_client.cli import HIJACK_EXIT
 from splitnet import tracking
 from splitnet.wire import MAX_KEPT_REPLIES
 
@@ -40,8 +42,9 @@ class PointFailed(RuntimeError):
         self.log_path = log_path
 
 
-def _python(log_path: Path, *args: str, timeout: float) -> None:
-    """`python -m *args`, its output into `log_path`; a failure names the process and its last words."""
+def _python(log_path: Path, *args: str, timeout: float, ends: tuple[int, ...] = (0,)) -> None:
+    """`python -m *args`, its output into `log_path`; an exit status not in `ends` is a failure, which
+    names the process and its last words."""
     name = f"attacker {args[1]}" if args[0] == "attacks" else args[0].replace("_", "-")
     with open(log_path, "w") as out:
         try:
@@ -49,7 +52,7 @@ def _python(log_path: Path, *args: str, timeout: float) -> None:
                                   timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         except subprocess.TimeoutExpired:
             raise PointFailed(f"{name} ran past the point's timeout_s of {timeout:g} s", log_path) from None
-    if done.returncode != 0:
+    if done.returncode not in ends:
         lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
         raise PointFailed(f"{name} exited {done.returncode}: {lines[-1] if lines else '(no output)'}", log_path)
 
@@ -57,30 +60,41 @@ def _python(log_path: Path, *args: str, timeout: float) -> None:
 def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: Path, log_dir: str = "") -> dict:
     """One point: train and serve through the proxy, attack the capture, score; returns the row.
     With `log_dir`, the point is TensorBoard run `log_dir/KEY`: the edge's and attackers' scalars,
-    and the row as HParams."""
+    and the row as HParams.
+
+    A point with a hijack trains against a hijacking `cloud-server` of its own (`hijacker`) instead,
+    and its row holds that attacker's reconstructions scored (`_hijack_scores`). An edge stopped by
+    its detector (exit 3, `detected` in its report) is a finished point: the stop is what it measures."""
     out.mkdir(parents=True, exist_ok=True)
     track = ["--log-dir", str(Path(log_dir) / point.key)] if log_dir else []
     edge_settings = dict(point.edge)
     base = read_base(out.parent.parent, point.base) if point.base else None
     init = ["--init-from", base["encoder"], "--init-job", base["job"]] if base else []
-    link = None if point.link == DIRECT else start_process(
-        ["deploy.link", "--upstream", proxy, "--profile", point.link, "--seed", str(point.setting("seed"))],
-        r"listening on (\S+) ->")
+    hijacker = hijacker_for(point, out) if point.hijack != NO_HIJACK and not edge_finished(out) else None
+    link = None
     try:
-        server = link.address if link else proxy
+        upstream = hijacker.address if hijacker else proxy
+        link = None if point.link == DIRECT else start_process(
+            ["deploy.link", "--upstream", upstream, "--profile", point.link, "--seed", str(point.setting("seed"))],
+            r"listening on (\S+) ->")
+        server = link.address if link else upstream
         _train_edge(config, out, ["--server", server, "--report", str(out / "edge.json"), "--save-encoder",
-                                  str(out / "encoder.pt"), "--no-progress", *track, *as_flags(edge_settings), *init])
-        if point.latency_images:  # a session of its own: the attacker, which reads the training session, skips it
+                                  str(out / "encoder.pt"), "--no-progress", *track, *as_flags(edge_settings), *init],
+                    resumable=point.hijack == NO_HIJACK)
+        stopped = json.loads((out / "edge.json").read_text()).get("detected", False)
+        # a session of its own: the attacker, which reads the training session, skips it
+        if point.latency_images and not stopped:
             _python(out / "edge-client-infer.log", "edge_client", "--infer-only", "--server", server, "--encoder",
                     str(out / "encoder.pt"), "--max-images", str(point.latency_images), "--report",
                     str(out / "latency.json"), *as_flags({**scorer_data_of(edge_settings),
                                                           "codec": point.setting("codec")}),
                     timeout=config.timeout_s)
     finally:
-        if link:
-            link.stop()
+        for process in (link, hijacker):
+            if process:
+                process.stop()
     edge = json.loads((out / "edge.json").read_text())
-    latency = json.loads((out / "latency.json").read_text()) if point.latency_images else {}
+    latency = json.loads((out / "latency.json").read_text()) if point.latency_images and not stopped else {}
     row: dict = {"key": point.key, "group": point.identity(seed=False), "cut": edge["cut"],
                  "bottleneck": edge["bottleneck"], "codec": point.setting("codec"), "defense": point.defense,
                  "seed": point.setting("seed"), "link": point.link,
@@ -90,11 +104,19 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
                  "epoch_train_accuracy": [h["train_accuracy"] for h in edge["history"]],
                  "defense_settings": edge["defense"], "settings": edge_settings,
                  "attack_settings": dict(point.attack), "history": edge["history"],
-                 **({"base": {k: base[k] for k in ("key", "job", "test_accuracy", "settings")}} if base else {})}
+                 **({"base": {k: base[k] for k in ("key", "job", "test_accuracy", "settings")}} if base else {}),
+                 "hijack": point.hijack, "detected": stopped,
+                 "detected_at_step": edge.get("detect", {}).get("detected_at_step"),
+                 **({"detect_reason": edge["reason"]} if stopped else {})}
     row["time_to_accuracy_s"] = time_to_accuracy(row, config.target_accuracy)
+    if point.hijack != NO_HIJACK:
+        row.update(_hijack_scores(config, point, out, row["detected_at_step"]))
+    skipped = _attacks_skipped(point, stopped)
+    if skipped:
+        row["attacks_skipped"] = skipped
     sample = ["--per-class", str(point.per_class), "--grid", "20"] if point.per_class else []
-    encoder_digest = hashlib.sha256((out / "encoder.pt").read_bytes()).hexdigest()
-    for method in point.methods:
+    encoder_digest = "" if skipped else hashlib.sha256((out / "encoder.pt").read_bytes()).hexdigest()
+    for method in ([] if skipped else point.methods):
         for variant, settings in (("", point.attack), *point.variants):
             name = f"{method}_{variant}" if variant else method
             recon, scored = out / f"recon-{name}", out / f"attack-{name}"
@@ -118,7 +140,8 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
                 row["scored_sample"] = scores["sample"]
             row[f"{name}_attacker"] = json.loads((recon / "run.json").read_text())  # what produced the scores
             row[f"{name}_grid"] = str((scored / "recon.png").relative_to(out.parent.parent))
-    if edge.get("u_shaped"):  # the cloud's label inference from the gradients sent up (attacks.label_run)
+    # the cloud's label inference from the gradients sent up (attacks.label_run)
+    if edge.get("u_shaped") and not skipped:
         _python(out / "attacker-labels.log", "attacks", "labels", "--capture", capture, "--edge-report",
                 str(out / "edge.json"), "--out", str(out / "labels"), *as_flags(scorer_data_of(edge_settings)),
                 "--seed", str(point.setting("seed")), timeout=config.timeout_s)
@@ -134,6 +157,46 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
     return row
 
 
+def hijacker_for(point: Point, out: Path) -> ServerProcess:
+    """The point's hijacking `cloud-server`, recording into `out/hijack`. One per point rather than
+    one per sweep: the attack's networks live in the server's job and are in no checkpoint (so the
+    point never resumes, see `_train_edge`); the folder it records into (cleared as it starts)
+    holds the point's session alone, which the scorer reads; and the points of a parallel sweep
+    do not share one server's CPU. A start costs seconds, the point's training minutes."""
+    return start_server("--hijack", point.hijack, *as_flags(dict(point.hijack_settings)), "--hijack-out",
+                        str(out / "hijack"), "--threads", "1")
+
+
+def _hijack_scores(config: SweepConfig, point: Point, out: Path, detected_at: int | None) -> dict:
+    """The hijacker's reconstructions of the edge's private training batches, scored against the
+    real ones step by step (`attacker score --by-step`): at the last recorded step (`hijack_ssim`,
+    `hijack_mse`, `hijack_psnr`, `hijack_step`), the best step (`hijack_ssim_max`), and where the
+    edge's detector stopped it, the last recorded step up to the stop (`hijack_ssim_at_detection`)."""
+    scored = out / "hijack-score"
+    _python(out / "attacker-score-hijack.log", "attacks", "score", "--recon", str(out / "hijack"), "--edge-report",
+            str(out / "edge.json"), "--by-step", "--out", str(scored), *as_flags(scorer_data_of(dict(point.edge))),
+            timeout=config.timeout_s)
+    by_step = json.loads((scored / "attack.json").read_text())["train_by_step"]
+    last = by_step[-1]
+    upto = [s for s in by_step if detected_at is not None and s["step_id"] <= detected_at]
+    return {**{f"hijack_{m}": last[m] for m in ATTACK_METRICS}, "hijack_step": last["step_id"],
+            "hijack_ssim_max": max(s["ssim"] for s in by_step),
+            "hijack_ssim_at_detection": upto[-1]["ssim"] if upto else None,
+            "hijack_ssim_by_step": [[s["step_id"], s["ssim"]] for s in by_step],
+            "hijack_settings": dict(point.hijack_settings),
+            "hijack_grid": str((scored / "recon.png").relative_to(out.parent.parent))}
+
+
+def _attacks_skipped(point: Point, stopped: bool) -> str:
+    """Why the point's eavesdropping attacks do not run ("": they run)."""
+    if point.hijack != NO_HIJACK:
+        return ("the point trained against a hijacking server, which is its attacker (hijack_*); the eavesdropper's "
+                "proxy stands in front of the honest server only")
+    if stopped:
+        return "the edge's detector stopped it: it saved no encoder for the attacker to train against"
+    return ""
+
+
 def _stage_done(record: Path, stage: dict) -> bool:
     """Whether an attack stage already ran to its end with exactly these commands on this encoder
     (`record`, written after its score): an attacker trains for as long as the edge did, so a sweep
@@ -145,39 +208,45 @@ def _stage_done(record: Path, stage: dict) -> bool:
         return False
 
 
-def edge_finished(out: Path) -> bool:
+def edge_finished(out: Path, stop_ends: bool = True) -> bool:
     """Whether the edge of the point or base in `out` ran to its end in its attempt's job: its report
-    (`edge.json`, written at the end of a run) names that job, and is not the report so far that
-    an edge stopped by its hijacking detector leaves (`detected`)."""
+    (`edge.json`, written at the end of a run) names that job. The report an edge stopped by its
+    hijacking detector leaves (`detected`) ends a point (`stop_ends`: the stop is its result), not a
+    base, which must be trained whole for its points to continue it."""
     try:
         report = json.loads((out / "edge.json").read_text())
-        return not report.get("detected") and report.get("job") == json.loads((out / "attempt.json").read_text())["job"]
+        return ((stop_ends or not report.get("detected"))
+                and report.get("job") == json.loads((out / "attempt.json").read_text())["job"])
     except (OSError, ValueError, KeyError):
         return False
 
 
-def _train_edge(config: SweepConfig, out: Path, flags: list[str]) -> None:
+def _train_edge(config: SweepConfig, out: Path, flags: list[str], resumable: bool = True, point: bool = True) -> None:
     """The point's edge-client, resumable: it keeps its state in `out/state` every STATE_EVERY steps
     (each time after the server checkpointed its job), so a point whose sweep was killed carries
     on from there when the sweep runs again, in the job it trained in (`out/attempt.json`), and
     ends as it would have uninterrupted. A resume that fails (the server's checkpoint of the job
     is gone or behind the state) starts the point over, in a fresh job: a retried point never
-    trains against a decoder an interrupted attempt left half-trained. An edge whose attempt ended
-    (its report names the attempt's job) is not run again: a resumed run would open a new session,
-    and the attacks of the point read the session its report names."""
+    trains against a decoder an interrupted attempt left half-trained; one that is not `resumable`
+    (a hijacking server's job, whose attack is in no checkpoint) starts over. An edge whose attempt
+    ended (its report names the attempt's job) is not run again: a resumed run would open a new
+    session, and the attacks of the point read the session its report names. A `point`'s edge
+    stopped by its detector (exit 3) ended; a base's did not."""
     state, attempt_file = out / "state", out / "attempt.json"
-    if edge_finished(out):
+    if edge_finished(out, stop_ends=point):
         log.info("%s: the edge trained to its end before the sweep was interrupted; kept", out.name)
         return
-    resuming = attempt_file.exists() and any(state.glob("*.ckpt"))
+    resuming = resumable and attempt_file.exists() and any(state.glob("*.ckpt"))
     for fresh in ([False, True] if resuming else [True]):
         if fresh:
             shutil.rmtree(state, ignore_errors=True)
             write_atomic(attempt_file, json.dumps({"job": f"{out.name}-{uuid.uuid4().hex[:6]}"}) + "\n")
         job = json.loads(attempt_file.read_text())["job"]
         try:
-            _python(out / "edge-client.log", "edge_client", "--job", job, "--state-dir", str(state), "--state-every",
-                    str(STATE_EVERY), *([] if fresh else ["--resume"]), *flags, timeout=config.timeout_s)
+            # no state where it could not resume: a server without checkpoints would not confirm one
+            keep = ["--state-dir", str(state), "--state-every", str(STATE_EVERY)] if resumable else []
+            _python(out / "edge-client.log", "edge_client", "--job", job, *keep, *([] if fresh else ["--resume"]),
+                    *flags, timeout=config.timeout_s, ends=(0, HIJACK_EXIT) if point else (0,))
             return
         except PointFailed as err:
             if fresh:
@@ -211,7 +280,7 @@ def run_base(config: SweepConfig, base: Base, server: str, out: Path) -> dict:
     folder = out / "bases" / base.key
     folder.mkdir(parents=True, exist_ok=True)
     _train_edge(config, folder, ["--server", server, "--report", str(folder / "edge.json"), "--save-encoder",
-                                 str(folder / "encoder.pt"), "--no-progress", *as_flags(dict(base.edge))])
+                                 str(folder / "encoder.pt"), "--no-progress", *as_flags(dict(base.edge))], point=False)
     edge = json.loads((folder / "edge.json").read_text())
     job = edge["job"]
     if not edge["durable"]:

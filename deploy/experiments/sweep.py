@@ -20,6 +20,9 @@ Config (TOML):
     seeds = [0, 1]
     links = ["none", "constrained"]  # the edge trains through a `split-link` of this profile
                             #   (deploy/link_profiles.py's PROFILES; "none": straight to the cloud)
+    # hijack = ["none", "fsha"]  # the cloud it trains against: the sweep's honest server, or a
+                            #   hijacking `cloud-server --hijack fsha` of the point's own (an attack tool;
+                            #   with detect = ["none", "alignment"], the edge-client flag, as another axis)
     noise = [0.05, 0.1]     # any other edge-client setting is an axis by its flag name (lambda,
                             #   lr_schedule, epochs, bottleneck, width ...), and any [attack]
     attack.aux_limit = [1000, 5000]  # setting as attack.NAME
@@ -43,6 +46,10 @@ Config (TOML):
     # lr_schedule = "cosine"#   data, codec and seed (SHARED_WITH_BASE)
     # [attack] per_class = 100                       # score on 100 test images of each class
     # [attack] variants = {large = {blocks = 4, width = 64}}  # another attacker on the same capture
+    # [hijack]              # the hijacking server's settings (its cloud-server flags); unset: the test
+    # public_data = "digits"#   split of the edge's own dataset (its data_root, image_size), disjoint from
+    # public_split = "test" #   the edge's training split; also public_root, public_image_size
+    # hijack_record_every = 10  # the attacker reconstructs a batch at step 1 and every N steps
     [run]
     workers = 1
     timeout_s = 1800        # the longest any one process of a point may run (training, attack, scoring)
@@ -57,10 +64,11 @@ An unknown key anywhere is an error naming its place and the valid keys; the swe
 Every point's settings then pass edge-client's own checks (a cut of the arch, a CEM weight
 for CEM ...) before the first point runs.
 
-A point's folder, `points/<cut>[-b<bottleneck>]__<codec>__<defense>[__<axis>=<value>...]__s<seed>__<hash>`,
-is named by its resolved settings: a readable prefix, then a hash of everything that shapes
-its result (the edge-client settings that differ from edge-client's defaults, the attacker's
-settings, methods and args). A finished point keeps `result.json` (written atomically, the
+A point's folder, `points/<cut>[-b<bottleneck>]__<codec>__<defense>[__<axis>=<value>...]`
+`[__link=<profile>][__hijack=<method>]__s<seed>__<hash>`, is named by its resolved settings: a
+readable prefix, then a hash of everything that shapes its result (the edge-client settings
+that differ from edge-client's defaults, the attacker's settings, methods and args, and a
+hijacking server's settings). A finished point keeps `result.json` (written atomically, the
 last thing a point writes), so re-running a sweep skips exactly the points whose settings did
 not change and runs the others. A failed point's processes left their output in
 `<process>.log` in its folder; `--keep-going` runs the other points anyway, records each
@@ -82,6 +90,22 @@ eavesdropping proxy, and the row's `seconds_per_epoch`, `time_to_accuracy_s` and
 are what a user of that link waits; bytes are the same as without it. The link changes
 neither what is sent nor what is learnt (lock-step training does the same steps at any
 speed), only how long it takes.
+
+Under a hijack (`[grid] hijack`), the point's edge trains against a `cloud-server --hijack
+fsha` started for that point alone: the attack's networks live in the server's job and in no
+checkpoint, so such a point never resumes mid-training (an interrupted one starts over), and
+its recordings (`hijack/` in its folder) hold its own session only. `attacker score --by-step`
+scores the hijacker's reconstructions of the private training batches against the real ones,
+and the row adds `hijack_ssim`, `hijack_mse`, `hijack_psnr`, `hijack_step` (the last recorded
+step), `hijack_ssim_max` (the best one), `hijack_ssim_at_detection` (the last recorded step up
+to a detector's stop; null without one), `hijack_ssim_by_step`, `hijack_settings` and
+`hijack_grid`. The eavesdropping attacks do not run for it (`attacks_skipped` says why: the
+hijacker is its attacker, and the proxy stands before the honest server only). Every row has
+`hijack` ("none": the honest server), `detected` and `detected_at_step` (`edge-client
+--detect`'s, an axis as any flag); an edge stopped by its detector (exit 3) is a finished point,
+not a failure: `test_accuracy` null, `detect_reason` its one line, and no eavesdropping attack
+(it saved no encoder). `results.csv` averages `detected` over seeds into the share of runs
+stopped. Points with hijack "none" keep the names they had before the axis existed.
 """
 
 from __future__ import annotations
