@@ -34,8 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from deploy.processes import start_server
+from edge_client.config import HIJACK_EXIT as DETECTED_EXIT
 
-DETECTED_EXIT = 3  # edge_client.cli.HIJACK_EXIT
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from edge_client.config import (CEM_CHOICES, DETECTORS, LABEL_DEFENSES, ConnectionConfig, DefenseConfig,
+from edge_client.config import (CEM_CHOICES, DETECTORS, HIJACK_EXIT, LABEL_DEFENSES, ConnectionConfig, DefenseConfig,
                                 DetectConfig, EdgeConfig)
 from splitnet import security, tracking
 from splitnet.cli_util import (Parser, add_config_args, add_threads_arg, names_missing_extra, new_parser,
@@ -18,7 +18,6 @@ from splitnet.wire import MAX_KEPT_REPLIES, parse_address
 
 log = logging.getLogger("edge_client")
 
-HIJACK_EXIT = 3  # the exit status of a run that --detect stopped
 
 def add_training_args(p: Parser) -> None:
     """Flags shared by every command that runs edge clients (edge-client, split-ray, sweeps)."""

@@ -115,6 +115,9 @@ class DefenseConfig(ObfuscationConfig):
 DETECTORS = ("none", "splitguard", "alignment")
 
 
+HIJACK_EXIT = 3  # `edge-client`'s exit status when its --detect stopped the run (edge_client.detect.HijackDetected)
+
+
 @dataclass(frozen=True)
 class DetectConfig:
     """The edge's hijacking detector (`edge_client.detect`; docs/DEFENSES.md §5). The defaults are

@@ -25,7 +25,7 @@ from deploy.experiments.results import (ATTACK_METRICS, LATENCY_METRICS, METRICS
                                         keep_results, metric_names, time_to_accuracy, write_atomic)
 from deploy.link_profiles import DIRECT
 from deploy.processes import ServerProcess, start_process, start_server
-from edge_client.cli import HIJACK_EXIT
+from edge_client.config import HIJACK_EXIT
 from splitnet import tracking
 from splitnet.wire import MAX_KEPT_REPLIES
 
