@@ -151,7 +151,6 @@ class RemoteCloud:
         self._stream: HeldStream | None = None
         self._infer_stream: HeldStream | None = None  # opened by the first `infer`, held until `close`
         self._infer_lock = threading.Lock()  # one `infer` at a time drives the Infer stream
-        self._request_id = 0  # the last inference request's id, counted over the whole connection
         self._unacked: OrderedDict[int, serde.TrainStep] = OrderedDict()  # sent, not yet durable on the server
         self._in_flight: dict[int, tuple[float, int]] = {}  # sent, reply not yet received: when, and its bytes
         self._received = 0  # the highest step id whose reply came: acknowledged in every TrainStep
@@ -380,9 +379,9 @@ class RemoteCloud:
         encoded = [codec.encode(features, codec_name, channels) for features in batches]
         with self._infer_lock:
             requests = []
-            for features in encoded:
-                self._request_id += 1
-                request = serde.infer_request_to_proto(serde.InferRequest(session_id, self._request_id, features))
+            for i, features in enumerate(encoded):  # ids from 0 a call: the attack harness places request i of
+                # an evaluation as its i-th batch of test images (attacks/harness.py)
+                request = serde.infer_request_to_proto(serde.InferRequest(session_id, i, features))
                 self._check_size(request)
                 requests.append(request)
             try:
