@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from edge_client.remote import TrainStream
+from edge_client.remote import HeldStream
 from edge_client.report import percentile
 from splitnet import codec, serde
 from splitnet.models import OptimSpec, SplitSpec
@@ -57,7 +57,7 @@ class LoadClient:
         # A few batches, re-sent in turn: building tensors is not what is measured.
         self._batches = [(codec.encode(torch.rand(batch, *FEATURE_SHAPE, generator=generator)),
                           torch.randint(0, 10, (batch,), generator=generator).tolist()) for _ in range(8)]
-        self._stream = TrainStream(stub)  # the edge's own stream, with its per-step deadline watchdog
+        self._stream = HeldStream(stub.Train)  # the edge's own stream, with its per-step deadline watchdog
         self.latency_ms: list[float] = []
         self.duplicates = 0
 
