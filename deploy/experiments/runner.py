@@ -81,7 +81,8 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
         _train_edge(config, out, ["--server", server, "--report", str(out / "edge.json"), "--save-encoder",
                                   str(out / "encoder.pt"), "--no-progress", *track, *as_flags(edge_settings), *init],
                     resumable=point.hijack == NO_HIJACK)
-        stopped = json.loads((out / "edge.json").read_text()).get("detected", False)
+        edge = json.loads((out / "edge.json").read_text())
+        stopped = edge.get("detected", False)
         # a session of its own: the attacker, which reads the training session, skips it
         if point.latency_images and not stopped:
             _python(out / "edge-client-infer.log", "edge_client", "--infer-only", "--server", server, "--encoder",
@@ -93,7 +94,6 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
         for process in (link, hijacker):
             if process:
                 process.stop()
-    edge = json.loads((out / "edge.json").read_text())
     latency = json.loads((out / "latency.json").read_text()) if point.latency_images and not stopped else {}
     row: dict = {"key": point.key, "group": point.identity(seed=False), "cut": edge["cut"],
                  "bottleneck": edge["bottleneck"], "codec": point.setting("codec"), "defense": point.defense,
