@@ -5,12 +5,16 @@ A bare echo service runs in a process of its own (this script with `--serve`), o
 options the split uses (`splitnet.wire`): every request is raw bytes whose first 8 say how
 many bytes to answer. Timed one request in flight, lock-step, after a warm-up:
 
-- `train`: a training step's `TrainStep` up and its `TrainResult` down (digits, cnn at its
-  default cut, batch `--batch-size`, fp32: the sizes `benchmarks/transport.py` sends), over one
-  stream, as `Train` runs;
+- `train`: a training step's `TrainStep` up and its `TrainResult` down (the model's cut, batch
+  `--batch-size`, fp32: the sizes `benchmarks/transport.py` sends), over one stream, as `Train`
+  runs;
 - `infer batch N`: one `InferRequest` of N images' features up (cut `--infer-cut` with the
   8-channel bottleneck, fp32: `benchmarks/inference.py`'s default) and its `Prediction` down,
   over a stream (as `Infer`) and as unary calls.
+
+The model is the digits cnn (training at its default cut, inference at block1), or with
+`--cifar10 DIR` the converged CIFAR-10 study's (`model_flags.py`: pool2 with the bottleneck for
+both, batch 128).
 
 Then, in the same run, `benchmarks/transport.py` (one process vs the lock-step split) and
 `benchmarks/inference.py` (local vs loopback) for the same model and sizes, so that each split
@@ -21,6 +25,7 @@ median latency over the floor's round trip plus the local model's latency; issue
 Prints one JSON object.
 
     python benchmarks/floor.py --repeats 5
+    python benchmarks/floor.py --cifar10 data/cifar10 --repeats 5 --steps 30
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ from pathlib import Path
 import grpc
 import torch
 
-from splitnet import codec, data, models, serde, wire
+from splitnet import codec, models, serde, wire
 from splitnet.cloud_api import StepReply
+
+import model_flags  # the sibling module: the model flags transport.py and inference.py share
 
 SERVICE = "floor.Echo"
 _SIZE = struct.Struct("<Q")
@@ -70,16 +77,19 @@ def serve() -> int:
     return 0
 
 
-def message_sizes(batch: int, infer_cut: str, infer_batches: list[int]) -> dict[str, tuple[int, int]]:
+def message_sizes(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
     """Bytes up and down of each exchange, as the split's messages serialize."""
-    splits = data.load(data.DataSpec())
-    train = models.build(models.SplitSpec("cnn", "", splits.num_classes, splits.input_shape))
+    batch = args.batch_size
+    splits = model_flags.load(args)
+    train = models.build(models.SplitSpec(args.arch, args.cut, splits.num_classes, splits.input_shape,
+                                          args.bottleneck, args.width))
     zeros = torch.zeros(batch, *train.feature_shape)
     up = serde.train_step_to_proto(serde.TrainStep("0" * 32, 1000, codec.encode(zeros, "fp32"), [9] * batch, 999))
     down = serde.train_result_to_proto(StepReply(zeros, 1.0, batch, False, 0.05, 1000, 1000, 1000), "fp32")
     sizes = {"train": (up.ByteSize(), down.ByteSize())}
-    infer = models.build(models.SplitSpec("cnn", infer_cut, splits.num_classes, splits.input_shape, 8))
-    for n in infer_batches:
+    infer = models.build(models.SplitSpec(args.arch, args.infer_cut, splits.num_classes, splits.input_shape, 8,
+                                          args.width))
+    for n in args.infer_batches:
         request = serde.infer_request_to_proto(
             serde.InferRequest("0" * 32, 1000, codec.encode(torch.zeros(n, *infer.feature_shape), "fp32")))
         reply = serde.prediction_to_proto(serde.Prediction(1000, torch.zeros(n, splits.num_classes)))
@@ -150,8 +160,9 @@ def _run_script(name: str, argv: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--batch-size", type=int, default=64, help="training batch (default %(default)s)")
-    p.add_argument("--infer-cut", default="block1")
+    model_flags.add(p)
+    p.add_argument("--batch-size", type=int, default=None, help="training batch (default 64, --cifar10 128)")
+    p.add_argument("--infer-cut", default=None, help="default block1 (digits) or pool2 (--cifar10)")
     p.add_argument("--infer-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--count", type=int, default=300, help="timed floor round trips per series")
     p.add_argument("--repeats", type=int, default=5, help="transport.py --repeats")
@@ -160,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.serve:
         return serve()
+    model_flags.resolve(args)
+    args.batch_size = args.batch_size or (128 if args.cifar10 else 64)
+    args.infer_cut = args.infer_cut or ("pool2" if args.cifar10 else "block1")
     torch.set_num_threads(1)
-    sizes = message_sizes(args.batch_size, args.infer_cut, args.infer_batches)
+    sizes = message_sizes(args)
     server = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True)
     try:
         address = server.stdout.readline().split()[-1]  # type: ignore[union-attr]
@@ -173,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.kill()
         server.wait()
-    transport = _run_script("transport", ["--batch-size", str(args.batch_size), "--steps", str(args.steps),
-                                          "--repeats", str(args.repeats), "--pipeline", "2"])
-    inference = _run_script("inference", ["--cuts", args.infer_cut, "--codecs", "fp32", "--links", "constrained",
+    transport = _run_script("transport", [*model_flags.argv(args), "--batch-size", str(args.batch_size),
+                                          "--steps", str(args.steps), "--repeats", str(args.repeats), "--pipeline", "2"])
+    inference = _run_script("inference", [*model_flags.argv(args, "arch", "width"), "--bottleneck", "8",
+                                          "--cuts", args.infer_cut, "--codecs", "fp32", "--links", "constrained",
                                           "--batch-sizes", *map(str, args.infer_batches),
                                           "--requests", str(args.requests)])
     step = {name: 1e3 * args.batch_size / transport["samples_per_second"][name] for name in ("local", "split")}
@@ -187,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         infer[f"batch {n}"] = {"local_ms_p50": local, "split_ms_p50": split, "floor_ms_p50": best,
                                "split_over_floor_plus_local": split / (best + local)}
     print(json.dumps({
+        "model": {"dataset": "cifar10" if args.cifar10 else "digits", "arch": args.arch, "cut": args.cut or "default",
+                  "width": args.width, "bottleneck": args.bottleneck, "infer_cut": args.infer_cut,
+                  "batch_size": args.batch_size},
         "floor": floor, "transport": transport, "inference": by_transport,
         "train": {"local_step_ms": step["local"], "split_step_ms": step["split"],
                   "floor_ms_p50": floor["train"]["stream"]["ms_p50"],

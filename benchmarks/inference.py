@@ -8,7 +8,9 @@ process of each `--links` profile. Requests go one at a time, each timed from th
 logits (`edge_client.infer.timed_requests`, what `edge-client --infer-only` does), the
 transports taking turns request by request, so that other load on the machine falls on all of
 them alike; the first `--warmup` requests of each are dropped. The model is untrained: latency
-does not depend on the weights. One torch thread here and in the server.
+does not depend on the weights. One torch thread here and in the server. The model is the
+digits cnn (bottleneck 8, as in the example sweeps), or with `--cifar10 DIR` the converged
+CIFAR-10 study's (`model_flags.py`; cuts default to its pool2).
 
 Prints one JSON object: `links` (each profile's numbers) and `results[cut][codec][transport]
 ["batch N"]` = `latency_ms_p50`, `latency_ms_p99`, `latency_ms_mean`, `requests_per_second`,
@@ -18,6 +20,7 @@ local one's.
 
     python benchmarks/inference.py --cuts conv1 block1 block2 --codecs fp32 int8 --batch-sizes 1 8 \\
         --links constrained wifi --requests 40
+    python benchmarks/inference.py --cifar10 data/cifar10 --codecs fp32 --links constrained
 """
 
 from __future__ import annotations
@@ -35,23 +38,25 @@ from deploy.processes import start_process, start_server
 from edge_client.config import ConnectionConfig
 from edge_client.infer import latency_summary, timed_requests
 from edge_client.remote import RemoteCloud
-from splitnet import data, models
+from splitnet import models
+
+import model_flags  # the sibling module: the model flags transport.py and floor.py share
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="cnn")
-    p.add_argument("--cuts", nargs="+", default=["conv1", "block1", "block2"])
-    p.add_argument("--bottleneck", type=int, default=8, help="as in the example sweeps (0: none)")
+    model_flags.add(p, cut=False)
+    p.add_argument("--cuts", nargs="+", default=None, help="default conv1 block1 block2 (digits) or pool2 (--cifar10)")
     p.add_argument("--codecs", nargs="+", default=["fp32", "int8"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     p.add_argument("--links", nargs="+", default=["constrained", "wifi"], choices=sorted(PROFILES))
     p.add_argument("--requests", type=int, default=40, help="timed requests per series")
     p.add_argument("--warmup", type=int, default=3, help="untimed requests first")
-    args = p.parse_args(argv)
+    args = model_flags.resolve(p.parse_args(argv), bottleneck=8)
+    args.cuts = args.cuts or (["pool2"] if args.cifar10 else ["conv1", "block1", "block2"])
     torch.set_num_threads(1)
 
-    splits = data.load(data.DataSpec())
+    splits = model_flags.load(args)
     images = torch.stack([x for x, _ in splits.test])
     server = start_server()
     relays = {}
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict = {}
         for cut in args.cuts:
             split = models.build(models.SplitSpec(args.arch, cut, splits.num_classes, splits.input_shape,
-                                                  args.bottleneck))
+                                                  args.bottleneck, args.width))
             split.encoder.eval()
             encode = torch.no_grad()(split.encoder)
             job = f"bench-{cut}-{uuid.uuid4().hex[:6]}"
@@ -88,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                                               / by_t["local"][f"batch {size}"]["latency_ms_p50"]
                                               for t in transports if t != "local"} for size in args.batch_sizes}
                     for codec, by_t in by_codec.items()} for cut, by_codec in results.items()}
-    print(json.dumps({"arch": args.arch, "bottleneck": args.bottleneck, "requests": args.requests,
+    print(json.dumps({"arch": args.arch, "bottleneck": args.bottleneck, "width": args.width,
+                      "dataset": "cifar10" if args.cifar10 else "digits", "requests": args.requests,
                       "warmup": args.warmup, "torch_threads": torch.get_num_threads(),
                       "links": {name: PROFILES[name].as_dict() for name in args.links},
                       "results": results, "split_over_local_p50": ratios}, indent=2))

@@ -8,7 +8,11 @@ each side of the split) and again with 2 threads (the whole 2-core machine):
 `ratio_split_over_local_2threads`. With `--pipeline N` it also runs the split with N steps in
 flight (bounded staleness) and reports `ratio_pipelined_over_local`.
 
+The model is the digits cnn, or with `--cifar10 DIR` the converged CIFAR-10 study's
+(`model_flags.py`): there the batch is 128, as in the study, unless `--batch-size` says otherwise.
+
     python benchmarks/transport.py --batch-size 64 --steps 60
+    python benchmarks/transport.py --cifar10 data/cifar10 --steps 30 --pipeline 2
 """
 
 from __future__ import annotations
@@ -26,26 +30,28 @@ from deploy.processes import start_server
 from edge_client.config import ConnectionConfig, EdgeConfig
 from edge_client.remote import RemoteCloud
 from edge_client.trainer import run
-from splitnet import data
+
+import model_flags  # the sibling module: the model flags inference.py and floor.py share
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="cnn")
-    p.add_argument("--cut", default="")
-    p.add_argument("--batch-size", type=int, default=64)
+    model_flags.add(p)
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 (digits) or 128 (--cifar10)")
     p.add_argument("--steps", type=int, default=60, help="training steps per measured run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--codec", default="fp32")
     p.add_argument("--pipeline", type=int, default=0, help="also measure N steps in flight (0: skip)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of this (edge) process; the server uses 1 (default %(default)s)")
-    args = p.parse_args(argv)
+    args = model_flags.resolve(p.parse_args(argv))
+    args.batch_size = args.batch_size or (128 if args.cifar10 else 64)
     torch.set_num_threads(args.threads)
 
-    splits = data.load(data.DataSpec())
+    splits = model_flags.load(args)
     epochs = -(-args.steps * args.batch_size // len(splits.train))
-    base = EdgeConfig(arch=args.arch, cut=args.cut, batch_size=args.batch_size, epochs=epochs, max_steps=args.steps,
+    base = EdgeConfig(data=model_flags.data_spec(args), arch=args.arch, cut=args.cut, width=args.width,
+                      bottleneck=args.bottleneck, batch_size=args.batch_size, epochs=epochs, max_steps=args.steps,
                       codec=args.codec, progress=False)
     server = start_server()
     variants = {"local": (base, LocalCloud), "local_2threads": (base, LocalCloud),
@@ -68,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     median = {name: statistics.median(v) for name, v in rates.items()}
     result = {
-        "arch": base.arch, "cut": base.cut or "default", "batch_size": args.batch_size, "steps": args.steps,
+        "arch": base.arch, "cut": base.cut or "default", "width": base.width, "bottleneck": base.bottleneck,
+        "dataset": "cifar10" if args.cifar10 else "digits", "batch_size": args.batch_size, "steps": args.steps,
         "codec": args.codec, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
         "samples_per_second": median, "samples_per_second_runs": rates,
         "rtt_ms_p50_split": statistics.median(rtts["split"]),
