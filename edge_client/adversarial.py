@@ -68,17 +68,26 @@ class ChannelGate(nn.Module):
     channel's sensitivity is known because the cloud returns the gradient at every channel (it
     sees the pruned ones as zeros): a channel the task misses rises, one the simulated attacker
     exploits sinks. Scores start equal, and ties go to the lower index, so a run is replayable.
+
+    `freeze` fixes the selection: from then on the same channels pass whatever the scores do, so
+    that the decoder adapts to one set (`DefenseConfig.prune_freeze`).
     """
 
     def __init__(self, channels: int, keep: int) -> None:
         super().__init__()
         self.keep = keep
         self.scores = nn.Parameter(torch.zeros(channels))
+        self.frozen: list[int] | None = None
 
     def kept(self) -> list[int]:
         """The channels that pass now, ascending (the order `splitnet.codec` sends them in)."""
+        if self.frozen is not None:
+            return list(self.frozen)
         ranked = torch.argsort(self.scores.detach(), descending=True, stable=True)
         return sorted(ranked[: self.keep].tolist())
+
+    def freeze(self) -> None:
+        self.frozen = self.kept()
 
     def forward(self, z: Tensor, kept: list[int]) -> Tensor:
         soft = torch.sigmoid(self.scores).view(1, -1, *([1] * (z.dim() - 2)))

@@ -26,6 +26,9 @@ class AdversaryHook:
         self.attacker, self.gate = attacker, gate
         self._steps: list[tuple[float, float]] = []  # the open epoch's attacker steps: (MSE before it, seconds)
         self._last_epoch: dict = {}
+        # the channels the last training step sent, and how often the open epoch's steps changed them
+        self._sent: list[int] | None = None
+        self._changes = 0
 
     @classmethod
     def create(cls, config: EdgeConfig, split: SplitModel, optimizer: torch.optim.Optimizer) -> "AdversaryHook":
@@ -47,10 +50,16 @@ class AdversaryHook:
         """The channels sent now (None: all)."""
         return None if self.gate is None else self.gate.kept()
 
-    def prune(self, z: Tensor) -> tuple[Tensor, list[int] | None]:
-        """The features as sent (the pruned channels zero) and the channels sent (None: all)."""
-        kept = self.channels()
-        return (z, None) if self.gate is None else (self.gate(z, kept), kept)
+    def prune(self, z: Tensor, step: bool = False) -> tuple[Tensor, list[int] | None]:
+        """The features as sent (the pruned channels zero) and the channels sent (None: all).
+        `step`: for a training step, whose change of the channels sent is counted."""
+        if self.gate is None:
+            return z, None
+        kept = self.gate.kept()
+        if step:
+            self._changes += int(self._sent is not None and kept != self._sent)
+            self._sent = kept
+        return self.gate(z, kept), kept
 
     def penalty(self, z_sent: Tensor, x: Tensor, step_id: int) -> Tensor | None:
         """On the steps the simulated attacker trains: train it on this batch and return the term
@@ -62,9 +71,10 @@ class AdversaryHook:
         self._steps.append((mse, time.perf_counter() - start))
         return -self.defense.adv_weight * (z_sent * grad).sum()
 
-    def end_epoch(self, seconds: float) -> dict:
+    def end_epoch(self, seconds: float, epoch: int) -> dict:
         """The epoch's figures for the history: the simulated attacker's mean MSE (before each of its
-        steps), its cost in seconds and as a share of the epoch, and the channels the gate keeps."""
+        steps), its cost in seconds and as a share of the epoch, the channels the gate keeps and how
+        often its steps changed them; the gate frozen after epoch `prune_freeze`."""
         record: dict = {}
         if self.attacker is not None and self._steps:
             spent = sum(s for _, s in self._steps)
@@ -72,9 +82,12 @@ class AdversaryHook:
                            "adv_seconds": spent, "adv_seconds_per_step": spent / len(self._steps),
                            "adv_share": spent / seconds if seconds else 0.0})
         if self.gate is not None:
+            if self.defense.prune_freeze and epoch >= self.defense.prune_freeze and self.gate.frozen is None:
+                self.gate.freeze()
             record.update({"prune_kept_fraction": self.gate.keep / len(self.gate.scores),
-                           "prune_kept": self.gate.kept()})
-        self._steps = []
+                           "prune_kept": self.gate.kept(), "prune_changes": self._changes,
+                           "prune_frozen": self.gate.frozen is not None})
+        self._steps, self._changes = [], 0
         self._last_epoch = record
         return record
 
@@ -83,7 +96,8 @@ class AdversaryHook:
         if "adv_mse" in record:
             parts.append(f"; adversary mse {record['adv_mse']:.4g}, {100 * record['adv_share']:.0f}% of the time")
         if "prune_kept" in record:
-            parts.append(f"; {len(record['prune_kept'])} channels sent")
+            parts.append(f"; {len(record['prune_kept'])} channels sent, "
+                         + ("fixed" if record["prune_frozen"] else f"changed {record['prune_changes']} time(s)"))
         return "".join(parts)
 
     def wire_settings(self) -> dict:
@@ -98,6 +112,8 @@ class AdversaryHook:
             return None
         return {"attacker": self.attacker.state() if self.attacker is not None else None,
                 "gate": self.gate.state_dict() if self.gate is not None else None,
+                "gate_frozen": self.gate.frozen if self.gate is not None else None,
+                "sent": self._sent, "changes": self._changes,
                 "steps": list(self._steps), "last_epoch": dict(self._last_epoch)}
 
     def load_state(self, state: dict | None) -> None:
@@ -106,9 +122,21 @@ class AdversaryHook:
             self.attacker.load_state(state["attacker"])  # type: ignore[index]
         if self.gate is not None:
             self.gate.load_state_dict(state["gate"])  # type: ignore[index]
+            # states written before the gate could freeze have neither: a gate that never froze
+            self.gate.frozen = state.get("gate_frozen")  # type: ignore[union-attr]
+            self._sent, self._changes = state.get("sent"), state.get("changes", 0)  # type: ignore[union-attr]
         if state is not None:
             self._steps, self._last_epoch = list(state["steps"]), dict(state["last_epoch"])
 
     def report(self) -> dict:
         """The last epoch's figures (none where neither defense is on)."""
         return dict(self._last_epoch)
+
+    def warnings(self) -> list[str]:
+        """The report's warning where the channels sent still changed in the last epoch."""
+        changes = self._last_epoch.get("prune_changes", 0)
+        if not changes:
+            return []
+        return [f"the channel gate changed the channels it sends {changes} time(s) in the last epoch, so the decoder "
+                "has not adapted to the last choice and test accuracy may fall far below training accuracy: fix the "
+                "choice after some epochs (--prune-freeze E)"]

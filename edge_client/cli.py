@@ -125,6 +125,9 @@ def add_training_args(p: Parser) -> None:
     g.add_argument("--prune-ratio", type=float, default=d.prune_ratio, metavar="R",
                    help="learned channel pruning: zero, and do not send, this share of the feature channels, chosen "
                         "by a score per channel trained with the encoder (and against --adv-weight's attacker)")
+    g.add_argument("--prune-freeze", type=int, default=d.prune_freeze, metavar="E",
+                   help="learned pruning: after E epochs the channels sent stop changing, so that the decoder "
+                        "adapts to them (0: the scores choose them to the end; default %(default)s)")
     t = DetectConfig()
     g = p.add_argument_group("hijacking detection (docs/DEFENSES.md §5)")
     g.add_argument("--detect", default=t.detect, choices=DETECTORS,
@@ -180,7 +183,8 @@ def config_from_args(args: argparse.Namespace, p: Parser) -> EdgeConfig:
                                 cem_gates=None if args.cem_gates is None else args.cem_gates == "on",
                                 learn_gates=not args.freeze_gates, adv_weight=args.adv_weight,
                                 adv_blocks=args.adv_blocks, adv_width=args.adv_width, adv_every=args.adv_every,
-                                adv_lr=args.adv_lr, prune_ratio=args.prune_ratio)
+                                adv_lr=args.adv_lr, prune_ratio=args.prune_ratio,
+                                prune_freeze=args.prune_freeze)
         detect = DetectConfig(args.detect, args.detect_fake_rate, args.detect_threshold, args.detect_start,
                               args.detect_every, args.detect_min_fakes, args.detect_alignment_threshold)
         return EdgeConfig(

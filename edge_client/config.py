@@ -41,6 +41,10 @@ class DefenseConfig(ObfuscationConfig):
     # Learned channel pruning (docs/DEFENSES.md §2): this share of the feature channels is zeroed
     # and not sent, which ones decided by a learned score per channel.
     prune_ratio: float = 0.0
+    # Epochs after which the channels sent stop changing (0: the scores choose them to the end). A
+    # selection that still changes when training ends leaves the decoder no time to adapt to the
+    # last one: at a constant low lr the scores stay close and the choice flips all along.
+    prune_freeze: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -63,6 +67,8 @@ class DefenseConfig(ObfuscationConfig):
             ("adv_every", isinstance(self.adv_every, int) and self.adv_every >= 1, "an int >= 1"),
             ("adv_lr", finite(self.adv_lr) and self.adv_lr > 0, "a finite number > 0"),
             ("prune_ratio", finite(self.prune_ratio) and 0 <= self.prune_ratio < 1, "in [0, 1)"),
+            ("prune_freeze", isinstance(self.prune_freeze, int) and self.prune_freeze >= 0
+             and (self.prune_freeze == 0 or self.prune_ratio > 0), "an int >= 0, and 0 unless prune_ratio > 0"),
         ]
         require_fields(self, checks)
 

@@ -247,7 +247,7 @@ class EdgeTrainer:
             x, y = x.to(self.config.device), y.to(self.config.device)
             self.step_id += 1
             z = self._forward(x, stash=depth > 0)
-            z_sent, channels = self.adversary.prune(self.obfuscation(z))
+            z_sent, channels = self.adversary.prune(self.obfuscation(z), step=True)
             if self.head is not None:
                 inflight.append(self._u_step(_InFlight(x, y, z, z_sent, self.step_id, epoch), channels))
             else:
@@ -272,7 +272,7 @@ class EdgeTrainer:
         self.samples += seen
         record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                   "lr": self.lr, "seconds": elapsed, "samples_per_second": seen / elapsed if elapsed else 0.0,
-                  **self.cem.end_epoch(epoch, self.train_set), **self.adversary.end_epoch(elapsed),
+                  **self.cem.end_epoch(epoch, self.train_set), **self.adversary.end_epoch(elapsed, epoch),
                   **self._detect_epoch()}
         self.history.append(record)
         self.tracker.edge_epoch(record, self.counters())
@@ -639,6 +639,7 @@ class EdgeTrainer:
         cfg, spec = self.config, self.split.spec
         last = self.history[-1] if self.history else {}
         gap, warnings = generalization(last.get("train_accuracy"), accuracy)
+        warnings += self.adversary.warnings()
         for warning in warnings:
             log.warning("%s", warning)
         return {

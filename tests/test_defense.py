@@ -123,6 +123,7 @@ def test_dcor_is_differentiable_and_finite_with_duplicates():
     ("cem_scale", -0.1), ("cem_warmup", -1), ("cem_warmup", 1.5),
     ("adv_weight", -1.0), ("adv_weight", float("inf")), ("adv_blocks", -1), ("adv_width", 0), ("adv_width", 8.0),
     ("adv_every", 0), ("adv_lr", 0.0), ("prune_ratio", 1.0), ("prune_ratio", -0.5),
+    ("prune_freeze", -1), ("prune_freeze", 1.5), ("prune_freeze", 2),  # 2 without prune_ratio: nothing to freeze
 ])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=rf"DefenseConfig\.{field} "):

@@ -195,7 +195,7 @@ def test_a_state_of_another_run_is_refused_naming_the_field(written, tmp_path, f
                                   f"this run has {now[field]!r}")
 
 
-ADDED_SINCE = ("adv_weight", "adv_blocks", "adv_width", "adv_every", "adv_lr", "prune_ratio")
+ADDED_SINCE = ("adv_weight", "adv_blocks", "adv_width", "adv_every", "adv_lr", "prune_ratio", "prune_freeze")
 
 
 def test_a_state_from_before_a_defense_setting_came_resumes_at_its_default(written, tmp_path):
