@@ -3,6 +3,7 @@
 file of its own so that the suite's workers share the Ray tests (tests/test_virtual_clients.py has
 the parts that need no Ray)."""
 
+import threading
 from collections import Counter
 
 import pytest
@@ -90,4 +91,46 @@ def test_a_replacement_worker_that_cannot_start_takes_no_calls(ray_local):
     assert pool.replaced == 1 and len(starts) == 3
     assert sum(call.client.retries for call in calls) == 1
     assert list(pool._starting) == [0]  # the replacement is still pending; nothing waited on it
+    pool.stop()
+
+
+def test_a_call_that_fails_on_the_only_started_worker_runs_there_again(ray_local):
+    """As above, and then a call fails on the one worker left (a turn's NOT_FOUND after the cable of
+    the other node was pulled, in tests/test_multihost_faults.py): it ran "on another worker", and
+    the only other was the replacement that could not start: the run waited for it until killed."""
+    ray = pytest.importorskip("ray")
+
+    class FailsOnce:  # defined here: Ray ships it by value
+        def __init__(self) -> None:
+            self.failed = False
+
+        def work(self, x: int) -> int:
+            if x == 3 and not self.failed:
+                self.failed = True
+                raise ValueError("the server closed this session")
+            return x
+
+    starts = []
+
+    def start():
+        options = {"num_cpus": 0.5} if len(starts) < 2 else {"resources": {"a-node-that-died": 1}}
+        starts.append(ray.remote(FailsOnce).options(**options).remote())
+        return starts[-1]
+
+    pool = _Pool(2, start)
+    victim = ray.get(pool.workers[0].__ray_ready__.remote()) and pool.workers[0]
+    calls = [_Call(VirtualClient(i, f"c{i}", 0, ClientSpec(i, f"c{i}", 0, [], 1)), "work", (i,)) for i in range(6)]
+
+    def kill_first(call: _Call, worker) -> None:
+        if worker is victim and call.failed_on is None:
+            ray.kill(worker, no_restart=True)
+
+    done: list = []
+    runner = threading.Thread(target=lambda: done.extend(pool.run(calls, limit=2, started=kill_first)), daemon=True)
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), f"the pool waited for a worker that cannot start; done so far: {len(done)}"
+    assert sorted((call.client.spec.index, result, error) for call, result, _, error in done) == \
+        [(i, i, "") for i in range(6)]
+    assert [call.client.retries for call in calls] == [1, 0, 0, 1, 0, 0]  # 0: its worker died; 3: it failed
     pool.stop()

@@ -263,10 +263,15 @@ class _Pool:
             yield call, result, refs, ""
 
     def _slot_for(self, call: _Call, idle: list[int]) -> int | None:
+        """A free started worker for `call`: one other than where it failed, or, where no other
+        worker has started (one worker, or the others' replacements pending for a node that died),
+        the one it failed on. None: wait for a running one to free up."""
         others = [s for s in idle if (s, self._generation[s]) != call.failed_on]
         if others:
             return others[0]
-        return idle[0] if idle and len(self.workers) == 1 else None  # one worker: it is the only other
+        started = [s for s in range(len(self.workers))
+                   if s not in self._starting and (s, self._generation[s]) != call.failed_on]
+        return idle[0] if idle and not started else None
 
     def _replace(self, slot: int) -> None:
         ray.kill(self.workers[slot], no_restart=True)
