@@ -128,9 +128,11 @@ def test_a_call_that_fails_on_the_only_started_worker_runs_there_again(ray_local
     done: list = []
     runner = threading.Thread(target=lambda: done.extend(pool.run(calls, limit=2, started=kill_first)), daemon=True)
     runner.start()
-    runner.join(60)
+    runner.join(120)
     assert not runner.is_alive(), f"the pool waited for a worker that cannot start; done so far: {len(done)}"
     assert sorted((call.client.spec.index, result, error) for call, result, _, error in done) == \
         [(i, i, "") for i in range(6)]
-    assert [call.client.retries for call in calls] == [1, 0, 0, 1, 0, 0]  # 0: its worker died; 3: it failed
+    # one call ran again because its worker died (the first the victim took, or the next where the
+    # first ended before the kill landed), and call 3 because it failed
+    assert calls[3].client.retries == 1 and sum(call.client.retries for call in calls) == 2
     pool.stop()
