@@ -5,6 +5,7 @@ the parts that need no Ray)."""
 
 import threading
 from collections import Counter
+from typing import Callable
 
 import pytest
 
@@ -59,22 +60,15 @@ def test_a_worker_killed_mid_turn_has_the_turn_run_again_on_another(ray_local, s
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{c['client_id']}.{2 * steps}.pt" for c in clients)
 
 
-def test_a_replacement_worker_that_cannot_start_takes_no_calls(ray_local):
-    """A worker's node dies and no node can hold its replacement: the pool's calls, the failed one
-    among them, run on the workers still running instead of waiting for the replacement forever
-    (tests/test_multihost_faults.py unplugs a real node)."""
-    ray = pytest.importorskip("ray")
-
-    class Echo:  # defined here: Ray ships it by value (the workers cannot import a test module)
-        def work(self, x: int) -> int:
-            return x
-
-    starts = []
+def _pool_whose_first_worker_dies(ray, worker_class) -> tuple[_Pool, list, list, Callable]:
+    """Two workers of `worker_class`, six calls, and a `started` hook that kills worker 0 as it
+    takes its first call; its replacement needs a resource no node has, so Ray keeps it pending,
+    as after a node's death. Returns the pool, the calls, the actors started and the hook."""
+    starts: list = []
 
     def start():
-        # the replacement needs a resource no node has: Ray keeps it pending, as after a node's death
         options = {"num_cpus": 0.5} if len(starts) < 2 else {"resources": {"a-node-that-died": 1}}
-        starts.append(ray.remote(Echo).options(**options).remote())
+        starts.append(ray.remote(worker_class).options(**options).remote())
         return starts[-1]
 
     pool = _Pool(2, start)
@@ -85,6 +79,18 @@ def test_a_replacement_worker_that_cannot_start_takes_no_calls(ray_local):
         if worker is victim and call.failed_on is None:
             ray.kill(worker, no_restart=True)
 
+    return pool, calls, starts, kill_first
+
+
+def test_a_replacement_worker_that_cannot_start_takes_no_calls(ray_local):
+    """A worker's node dies and no node can hold its replacement: the pool's calls, the failed one
+    among them, run on the workers still running instead of waiting for the replacement forever
+    (tests/test_multihost_faults.py unplugs a real node)."""
+    class Echo:  # defined here: Ray ships it by value (the workers cannot import a test module)
+        def work(self, x: int) -> int:
+            return x
+
+    pool, calls, starts, kill_first = _pool_whose_first_worker_dies(pytest.importorskip("ray"), Echo)
     done = list(pool.run(calls, limit=2, started=kill_first))
     assert sorted((call.client.spec.index, result, error) for call, result, _, error in done) == \
         [(i, i, "") for i in range(6)]
@@ -98,8 +104,6 @@ def test_a_call_that_fails_on_the_only_started_worker_runs_there_again(ray_local
     """As above, and then a call fails on the one worker left (a turn's NOT_FOUND after the cable of
     the other node was pulled, in tests/test_multihost_faults.py): it ran "on another worker", and
     the only other was the replacement that could not start: the run waited for it until killed."""
-    ray = pytest.importorskip("ray")
-
     class FailsOnce:  # defined here: Ray ships it by value
         def __init__(self) -> None:
             self.failed = False
@@ -110,21 +114,7 @@ def test_a_call_that_fails_on_the_only_started_worker_runs_there_again(ray_local
                 raise ValueError("the server closed this session")
             return x
 
-    starts = []
-
-    def start():
-        options = {"num_cpus": 0.5} if len(starts) < 2 else {"resources": {"a-node-that-died": 1}}
-        starts.append(ray.remote(FailsOnce).options(**options).remote())
-        return starts[-1]
-
-    pool = _Pool(2, start)
-    victim = ray.get(pool.workers[0].__ray_ready__.remote()) and pool.workers[0]
-    calls = [_Call(VirtualClient(i, f"c{i}", 0, ClientSpec(i, f"c{i}", 0, [], 1)), "work", (i,)) for i in range(6)]
-
-    def kill_first(call: _Call, worker) -> None:
-        if worker is victim and call.failed_on is None:
-            ray.kill(worker, no_restart=True)
-
+    pool, calls, _, kill_first = _pool_whose_first_worker_dies(pytest.importorskip("ray"), FailsOnce)
     done: list = []
     runner = threading.Thread(target=lambda: done.extend(pool.run(calls, limit=2, started=kill_first)), daemon=True)
     runner.start()
