@@ -26,6 +26,7 @@ import torch
 from cloud_server import bounds
 from cloud_server.job import Job
 from splitnet.checkpoint_file import CheckpointError, read, write
+from splitnet.finite import all_finite
 from splitnet.models import OptimSpec, SplitSpec
 from splitnet.schedule import LrSchedule
 
@@ -50,7 +51,7 @@ def check_state(path: Path, state) -> None:
             raise CheckpointError(path, f"'{key}' is not a dict")
     for part in ("decoder", "optimizer", "client_replies"):
         for key, value in _tensors(state.get(part, {}), part):
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            if not all_finite([value]):
                 raise CheckpointError(path, f"{key} holds NaN or Inf")
     _check_ranges(path, state)
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from splitnet.finite import all_finite
 from splitnet.models import OptimSpec, SplitSpec, build, private_rng
 from splitnet.schedule import LrSchedule
 from splitnet.wire import MAX_KEPT_REPLIES
@@ -185,7 +186,7 @@ class Job:
             with torch.no_grad():
                 output = self.decoder(features.to(self.device)).cpu()
             _restore_buffers(self.decoder, buffers)
-            if not torch.isfinite(output).all():
+            if not all_finite([output]):
                 raise NotFinite(f"step {step_id}: the middle's output was not finite (NaN or Inf); refused")
             state.pending = (step_id, features)
             return StepOutcome(None, 0.0, 0, False, self.steps_applied, output=output)
@@ -283,9 +284,9 @@ class Job:
         decoder's buffers back, drop the gradients and raise NotFinite. Weights and optimizer state are
         untouched, and the caller has not yet advanced the client's step counter."""
         grads = [z.grad, *(p.grad for p in self.decoder.parameters() if p.grad is not None)]
-        if not bool(torch.isfinite(loss).all()):
+        if not all_finite([loss]):
             what = loss_name
-        elif not all(bool(torch.isfinite(g).all()) for g in grads):
+        elif not all_finite(grads):
             what = "gradient"
         else:
             return
@@ -299,7 +300,7 @@ class Job:
             self.active_at = time.monotonic()
             self.decoder.eval()
             logits = self.decoder(features.to(self.device)).cpu()
-        if not torch.isfinite(logits).all():
+        if not all_finite([logits]):
             raise NotFinite("the logits were not finite (NaN or Inf) for these features; refused")
         return logits
 

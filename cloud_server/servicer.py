@@ -35,6 +35,7 @@ from cloud_server.streams import StreamSlots, StreamsExhausted, peer_key, within
 from splitnet import codec, security, serde, wire
 from splitnet.cloud_api import StepReply
 from splitnet.checkpoint_file import CheckpointError
+from splitnet.finite import all_finite
 from splitnet.models import SplitSpec
 from splitnet.schedule import LrSchedule
 from splitnet.tracking import JobTrackers
@@ -503,7 +504,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             features = codec.decode(msg, field_name)
         except codec.CodecError as err:
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
-        if not torch.isfinite(features).all():
+        if not all_finite([features]):
             raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"{field_name}: contains NaN or Inf")
         return features
 

@@ -66,7 +66,12 @@ class HeldStream:
     round trip itself (README, "The floor under the split").
 
     One watchdog thread per stream enforces the per-reply deadline (re-armed each reply,
-    not a new timer thread per reply): when a reply is late it cancels the call.
+    not a new timer thread per reply): when a reply is late it cancels the call. It is woken
+    only where a reply's deadline comes before the time it sleeps until: between replies it
+    sleeps for one deadline's length at a time, so a reply's deadline, set after it fell
+    asleep, is later than its waking, when it finds that deadline and sleeps until it. A
+    stream of replies, each within its deadline, thus wakes it about once per deadline, not
+    once per reply (a thread woken per reply took the GIL in the middle of every step).
     """
 
     def __init__(self, method: grpc.StreamStreamMultiCallable) -> None:
@@ -74,27 +79,33 @@ class HeldStream:
         self._call = method(iter(self._requests.get, _END))
         self._watch = threading.Condition()
         self._deadline: float | None = None
+        self._deadline_s: float | None = None  # the last reply's allowance: the watchdog's sleep between replies
+        self._wakes_at: float | None = None  # when the watchdog wakes by itself (None: only when notified)
         self._closed = self._timed_out = False
         threading.Thread(target=self._watchdog, daemon=True).start()
 
     def _watchdog(self) -> None:
         with self._watch:
             while not self._closed:
-                if self._deadline is None:
-                    self._watch.wait()
-                elif time.monotonic() >= self._deadline:
+                now = time.monotonic()
+                if self._deadline is not None and now >= self._deadline:
                     self._timed_out, self._deadline = True, None
                     self._call.cancel()
+                    continue
+                if self._deadline is not None:
+                    self._wakes_at = self._deadline
                 else:
-                    self._watch.wait(self._deadline - time.monotonic())
+                    self._wakes_at = None if self._deadline_s is None else now + self._deadline_s
+                self._watch.wait(None if self._wakes_at is None else self._wakes_at - now)
 
     def send(self, request) -> None:
         self._requests.put(request)
 
     def receive(self, deadline_s: float):
         with self._watch:
-            self._deadline = time.monotonic() + deadline_s
-            self._watch.notify()
+            self._deadline, self._deadline_s = time.monotonic() + deadline_s, deadline_s
+            if self._wakes_at is None or self._wakes_at > self._deadline:
+                self._watch.notify()
         try:
             return next(self._call)
         except grpc.RpcError as err:

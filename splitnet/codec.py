@@ -93,13 +93,14 @@ def decode(msg: pb.Tensor, field: str = "tensor") -> torch.Tensor:
     sent = _sent_shape(shape, channels, field)
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(sent) * itemsize
-    if len(msg.data) != expected:
+    data = msg.data  # each read of a bytes field copies it out of the message: read once
+    if len(data) != expected:
         kept = f" ({len(channels)} of its channels)" if channels else ""
-        raise CodecError(f"{field}.data: {len(msg.data)} bytes, but shape {shape}{kept} of "
+        raise CodecError(f"{field}.data: {len(data)} bytes, but shape {shape}{kept} of "
                          f"{dtype_name(msg.dtype)} needs {expected}")
     if expected == 0:
         return torch.zeros(shape, dtype=torch.float32)
-    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.int16 if dtype == torch.bfloat16 else dtype)
+    raw = torch.frombuffer(bytearray(data), dtype=torch.int16 if dtype == torch.bfloat16 else dtype)
     if dtype == torch.bfloat16:
         raw = raw.view(torch.bfloat16)
     t = raw.reshape(sent)

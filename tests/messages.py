@@ -3,6 +3,7 @@ model (cnn cut at block1 on 16x16 digits) and valid training steps for it, to be
 one field at a time."""
 
 import socket
+import time
 
 import grpc
 import pytest
@@ -43,3 +44,13 @@ def rejected(call) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as err:
         call()
     return err.value
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    """Whether `condition()` came true within `timeout` seconds (polled)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -5,6 +5,7 @@ a session share one held Infer stream."""
 from __future__ import annotations
 
 import json
+import queue
 import subprocess
 import sys
 import threading
@@ -19,8 +20,9 @@ import torch
 from deploy.processes import start_server
 from edge_client import cli, infer
 from edge_client.config import ConnectionConfig, EdgeConfig
-from edge_client.remote import CloudError, RemoteCloud, open_channel
+from edge_client.remote import CloudError, HeldStream, RemoteCloud, open_channel
 from edge_client.trainer import run
+from messages import wait_until
 from splitnet.models import OptimSpec, SplitSpec, build
 
 
@@ -212,3 +214,50 @@ def test_closing_the_session_gives_the_stream_back(strict_server):
         second.close()
     finally:
         channel.close()
+
+
+class _AnsweredByTheTest:
+    """A held call whose replies the test puts in `replies`; `cancel` ends a wait as gRPC does."""
+
+    def __init__(self, requests) -> None:
+        self.replies: queue.Queue = queue.Queue()
+
+    def __next__(self):
+        reply = self.replies.get()
+        if reply is None:
+            raise _Cancelled()
+        return reply
+
+    def cancel(self) -> None:
+        self.replies.put(None)
+
+
+class _Cancelled(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+
+def test_the_reply_watchdog_wakes_once_for_a_run_of_timely_replies_and_still_cancels_a_late_one():
+    """A watchdog woken per reply took the GIL in the middle of every step: only a deadline earlier than
+    the one it sleeps until wakes it."""
+    calls: list[_AnsweredByTheTest] = []
+    stream = HeldStream(lambda requests: calls.append(_AnsweredByTheTest(requests)) or calls[-1])
+    woken = []
+    notify = stream._watch.notify
+    stream._watch.notify = lambda *a: (woken.append(1), notify(*a))
+    try:
+        calls[0].replies.put(0)
+        assert stream.receive(60.0) == 0
+        assert wait_until(lambda: stream._wakes_at is not None)  # the watchdog took that deadline and sleeps
+        for i in range(1, 50):
+            calls[0].replies.put(i)
+            assert stream.receive(60.0) == i
+        assert len(woken) == 1  # the first reply's: the watchdog slept without a deadline until then
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:  # a shorter deadline than the one it sleeps until
+            stream.receive(0.2)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 5.0  # not the 60 s it slept until
+    finally:
+        stream.close()
+

@@ -13,7 +13,7 @@ from cloud_server.server import CloudServer
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
-from messages import rejected, spec, step, tensor
+from messages import rejected, spec, step, tensor, wait_until
 
 IDLE_S = 0.4
 
@@ -35,15 +35,6 @@ def cloud(tmp_path):
         yield served
 
 
-def _wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def _state(server: CloudServer, job: str) -> list[bytes]:
     decoder = server.servicer.jobs[job].decoder
     return [t.contiguous().numpy().tobytes() for t in decoder.state_dict().values()]
@@ -57,7 +48,7 @@ def test_an_idle_job_is_evicted_and_reloaded_where_it_was(cloud):
     stub.CloseSession(pb.CloseRequest(session_id=sid), timeout=10)
 
     # the job leaves `jobs` first, then its checkpoint is written and its memory given back
-    assert _wait_until(lambda: "idle" not in server.servicer.jobs and not server.servicer.budget.held_mb)
+    assert wait_until(lambda: "idle" not in server.servicer.jobs and not server.servicer.budget.held_mb)
     assert server.servicer.checkpointer.path("idle").exists()
     listed = stub.Stats(pb.StatsRequest(job="idle"), timeout=10).jobs  # from its checkpoint
     assert [(j.steps_applied, j.sessions_open, dict(j.client_last_step)) for j in listed] == [(3, 0, {"c": 3})]
@@ -79,7 +70,7 @@ def test_a_step_that_reaches_an_evicted_job_is_refused_then_replayed_not_lost(cl
     list(stub.Train(iter([step(sid, i) for i in (1, 2)]), timeout=30))
     session = server.servicer.sessions[sid]
     stub.CloseSession(pb.CloseRequest(session_id=sid), timeout=10)
-    assert _wait_until(lambda: "race" not in server.servicer.jobs)
+    assert wait_until(lambda: "race" not in server.servicer.jobs)
     server.servicer.sessions[sid] = session  # the lookup that happened before the close
     err = rejected(lambda: list(stub.Train(iter([step(sid, 3)]), timeout=30)))
     assert err.code() == grpc.StatusCode.UNAVAILABLE and "re-open" in err.details()
@@ -100,7 +91,7 @@ def test_a_job_with_an_open_session_stays(cloud):
     assert "held" in server.servicer.jobs
     assert server.servicer.evict_idle() == []
     stub.CloseSession(pb.CloseRequest(session_id=sid), timeout=10)
-    assert _wait_until(lambda: "held" not in server.servicer.jobs)
+    assert wait_until(lambda: "held" not in server.servicer.jobs)
 
 
 def test_without_a_checkpoint_folder_no_job_is_evicted():
@@ -128,6 +119,6 @@ def test_a_restart_loads_checkpoints_on_demand_within_max_jobs(tmp_path):
         err = rejected(lambda: stub.OpenSession(spec("b"), timeout=10))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-jobs" in err.details()
         stub.CloseSession(pb.CloseRequest(session_id=first.session_id), timeout=10)
-        assert _wait_until(lambda: not server.servicer.jobs and not server.servicer.budget.held_mb)
+        assert wait_until(lambda: not server.servicer.jobs and not server.servicer.budget.held_mb)
         second = stub.OpenSession(spec("b"), timeout=10)
         assert second.resumed and second.last_step_id == 1 and list(server.servicer.jobs) == ["b"]

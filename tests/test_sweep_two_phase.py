@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from deploy.experiments.config import SweepConfig
+from deploy.experiments.runner import other_bases
 from sweeps import sweep_here
 
 CONFIG = """
@@ -110,3 +111,31 @@ def test_a_two_phase_sweep_continues_its_base_and_keeps_its_results(tmp_path):
     done = sweep_here(["--config", str(tmp_path / "sweep.toml"), "--out", str(again), "--results", str(results)])
     assert done.returncode == 0 and "2 points, 2 already done" in done.stderr, done.stderr[-3000:]
     assert not (again / "bases").exists()
+
+    # Continued elsewhere without the base's files: its base is trained again there, which is another base
+    # (here: a kept row says it continued an encoder of another digest), so the point left is refused.
+    assert all(row["base"]["encoder_sha256"] == base["encoder_sha256"] for row in rows)
+    other = tmp_path / "other-results"
+    other.mkdir()
+    first, second = (json.loads((results / f"{row['key']}.json").read_text()) for row in rows)
+    first["base"]["encoder_sha256"] = "0" * 64
+    (other / f"{first['key']}.json").write_text(json.dumps(first))
+    done = sweep_here(["--config", str(tmp_path / "sweep.toml"), "--out", str(tmp_path / "third"),
+                       "--results", str(other)])
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert f"{second['key']}: its base {base['key']} was trained here" in done.stderr
+    assert "continue another training of it" in done.stderr and "another --results folder" in done.stderr
+    assert not (tmp_path / "third" / "points" / second["key"]).exists()
+
+
+def test_points_of_another_training_of_a_base_are_told_by_digest_or_else_by_accuracy():
+    record = {"key": "b", "test_accuracy": 0.8131, "encoder_sha256": "new"}
+    rows = [{"key": "old", "base": {"key": "b", "test_accuracy": 0.8136}},  # kept before digests were
+            {"key": "same", "base": {"key": "b", "test_accuracy": 0.8131, "encoder_sha256": "new"}},
+            {"key": "twin", "base": {"key": "b", "test_accuracy": 0.8131, "encoder_sha256": "other"}},
+            {"key": "elsewhere", "base": {"key": "c", "test_accuracy": 0.5}}, {"key": "one-phase"}]
+    assert set(other_bases(rows, {"b": record})) == {"b"}
+    assert "2 finished point(s) (old, ...)" in other_bases(rows, {"b": record})["b"]
+    assert "0.8131" in other_bases(rows, {"b": record})["b"] and "0.8136" in other_bases(rows, {"b": record})["b"]
+    assert other_bases(rows[1:2] + rows[3:], {"b": record}) == {}
+    assert other_bases([{"key": "old", "base": {"key": "b", "test_accuracy": 0.8131}}], {"b": record}) == {}

@@ -104,7 +104,7 @@ def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: 
                  "epoch_train_accuracy": [h["train_accuracy"] for h in edge["history"]],
                  "defense_settings": edge["defense"], "settings": edge_settings,
                  "attack_settings": dict(point.attack), "history": edge["history"],
-                 **({"base": {k: base[k] for k in ("key", "job", "test_accuracy", "settings")}} if base else {}),
+                 **({"base": {k: base[k] for k in BASE_IDENTITY if k in base}} if base else {}),
                  "hijack": point.hijack, "detected": stopped,
                  "detected_at_step": edge.get("detect", {}).get("detected_at_step"),
                  **({"detect_reason": edge["reason"]} if stopped else {})}
@@ -259,8 +259,39 @@ def _train_edge(config: SweepConfig, out: Path, flags: list[str], resumable: boo
 def read_base(out: Path, base: Base) -> dict:
     """A finished base's record (`bases/KEY/base.json`): `key`, `job` (its job on the sweep's server,
     whose checkpoint is `jobs/CHECKPOINT`), `checkpoint`, `encoder` (its encoder file),
-    `test_accuracy`, `settings`."""
+    `test_accuracy`, `settings`, `encoder_sha256` (bases trained before it was kept have none)."""
     return json.loads((out / "bases" / base.key / "base.json").read_text())
+
+
+BASE_IDENTITY = ("key", "job", "test_accuracy", "settings", "encoder_sha256")  # what a row keeps of its base
+
+
+def other_bases(rows: list[dict], records: dict[str, dict]) -> dict[str, str]:
+    """For each base of `records` (key -> its record here) that finished rows continue in another
+    training, why no point may continue it here: base key -> message.
+
+    A base trained again is not the same base: the same settings and seed on another machine
+    (other CPU kernels) or after another commit end elsewhere (seed 1's base of the CIFAR-10 study:
+    test accuracy 0.8136, then 0.8131 on a new machine), and a point continued from it cannot be
+    read against a noise curve continued from the first. Told apart by the encoder's digest, or,
+    for rows kept before it was, by the base's test accuracy."""
+    found: dict[str, str] = {}
+    for key, record in records.items():
+        others = [row for row in rows if row.get("base", {}).get("key") == key and not _same_base(row["base"], record)]
+        if others:
+            old = sorted({row["base"]["test_accuracy"] for row in others})
+            found[key] = (f"its base {key} was trained here (test accuracy {record['test_accuracy']}), but "
+                          f"{len(others)} finished point(s) ({others[0]['key']}, ...) continue another training of it "
+                          f"(test accuracy {', '.join(map(str, old))}), whose files were not carried here; points of "
+                          f"two bases are not read against each other. Bring that base (OUT/bases/{key}/ and its "
+                          "decoder's checkpoint in OUT/jobs/), or keep the new points in another --results folder")
+    return found
+
+
+def _same_base(kept: dict, record: dict) -> bool:
+    if kept.get("encoder_sha256") and record.get("encoder_sha256"):
+        return kept["encoder_sha256"] == record["encoder_sha256"]
+    return kept.get("test_accuracy") == record["test_accuracy"]
 
 
 def base_ready(out: Path, base: Base) -> bool:
@@ -287,7 +318,8 @@ def run_base(config: SweepConfig, base: Base, server: str, out: Path) -> dict:
         raise PointFailed(f"base {base.key}: the server did not checkpoint its decoder", folder / "edge-client.log")
     record = {"key": base.key, "job": job, "checkpoint": f"{file_stem(job)}.ckpt", "encoder": str(folder / "encoder.pt"),
               "test_accuracy": edge["test_accuracy"], "settings": dict(base.edge), "history": edge["history"],
-              "wall_seconds": edge["wall_seconds"]}
+              "wall_seconds": edge["wall_seconds"],
+              "encoder_sha256": hashlib.sha256((folder / "encoder.pt").read_bytes()).hexdigest()}
     write_atomic(folder / "base.json", json.dumps(record, indent=2) + "\n")
     return record
 
@@ -370,6 +402,11 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, keep_going:
                     if point.base and point.base.key in failures:
                         failures[point.key] = {"error": f"its base {point.base.key} failed", "log":
                                                failures[point.base.key]["log"]}
+            if not failures or keep_going:
+                ready = {p.base.key: read_base(out, p.base) for p in todo if p.base and p.base.key not in failures}
+                refused = other_bases(finished_rows(points, out, results), ready)
+                failures |= {p.key: {"error": refused[p.base.key], "log": str(out / "bases" / p.base.key / "base.json")}
+                             for p in todo if p.base and p.base.key in refused}
             if not failures or keep_going:
                 runnable = {p.key: p for p in todo if p.key not in failures}
                 kept = (lambda key: keep_results(finished_rows([runnable[key]], out), results)) if results else None
