@@ -578,7 +578,7 @@ def test_attacker_aware_and_pruned_points_are_paired_with_noise_alone_like_cem()
 
     rows = [_point("noise", 0, 0.90, 0.010), _point("noise", 0, 0.80, 0.030, noise=0.3),
             _point("adv4", 0, 0.89, 0.016, adv_weight=4, adv_blocks=2),
-            _point("prune", 0, 0.88, 0.011, prune_ratio=0.5)]
+            _point("prune", 0, 0.88, 0.011, prune_ratio=0.5, prune_freeze=1)]  # any pruning setting
     rows[2]["group"], rows[3]["group"] = "adv4", "prune"
     adv, prune = defense_gains(rows, ("inversion",))
     assert (adv["defense"], adv["baseline"]) == ("adv4", "noise") and adv["matched"]

@@ -15,7 +15,8 @@ import statistics
 # The edge-client settings of the defenses trained with the encoder (CEM, attacker-aware training,
 # feature pruning): a point that sets one is compared with its twin, which differs from it only by these.
 CEM_SETTINGS = frozenset({"cem", "lambda", "var_threshold", "cem_scale", "cem_warmup", "cem_gates", "freeze_gates"})
-DEFENSE_SETTINGS = CEM_SETTINGS | {"adv_weight", "adv_blocks", "adv_width", "adv_every", "adv_lr", "prune_ratio"}
+DEFENSE_SETTINGS = CEM_SETTINGS | {"adv_weight", "adv_blocks", "adv_width", "adv_every", "adv_lr", "prune_ratio",
+                                   "prune_freeze"}
 MATCHED_POINTS = 1.0  # accuracy within this many points counts as matched (the CEM paper's comparison)
 
 
