@@ -385,7 +385,8 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, keep_going:
     points = config.points()
     check_points(points)
     out.mkdir(parents=True, exist_ok=True)
-    done = {row["key"] for row in finished_rows(points, out, results)}
+    finished = finished_rows(points, out, results)
+    done = {row["key"] for row in finished}
     todo = [p for p in points if p.key not in done]
     log.info("%d points, %d already done", len(points), len(points) - len(todo))
     failures: dict[str, dict] = {}
@@ -404,7 +405,7 @@ def run_sweep(config: SweepConfig, out: Path, progress: bool = True, keep_going:
                                                failures[point.base.key]["log"]}
             if not failures or keep_going:
                 ready = {p.base.key: read_base(out, p.base) for p in todo if p.base and p.base.key not in failures}
-                refused = other_bases(finished_rows(points, out, results), ready)
+                refused = other_bases(finished, ready)
                 failures |= {p.key: {"error": refused[p.base.key], "log": str(out / "bases" / p.base.key / "base.json")}
                              for p in todo if p.base and p.base.key in refused}
             if not failures or keep_going:
