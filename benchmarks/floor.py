@@ -2,8 +2,9 @@
 Python, with nothing of this project in it, beside what the split costs.
 
 A bare echo service runs in a process of its own (this script with `--serve`), on the channel
-options the split uses (`splitnet.wire`): every request is raw bytes whose first 8 say how
-many bytes to answer. Timed one request in flight, lock-step, after a warm-up:
+options the split uses (`splitnet.wire`): every request is raw bytes whose first 16 say how many
+bytes to answer and for how long to compute first. Timed one request in flight, lock-step, after
+a warm-up:
 
 - `train`: a training step's `TrainStep` up and its `TrainResult` down (the model's cut, batch
   `--batch-size`, fp32: the sizes `benchmarks/transport.py` sends), over one stream, as `Train`
@@ -12,15 +13,24 @@ many bytes to answer. Timed one request in flight, lock-step, after a warm-up:
   8-channel bottleneck, fp32: `benchmarks/inference.py`'s default) and its `Prediction` down,
   over a stream (as `Infer`) and as unary calls.
 
+Each over the stream twice: back to back (`stream`: both processes hot, the lowest a round trip
+costs) and at the split's pace (`stream_paced`: the client computes for half the one-process
+step or request before each message and the server for the other half before its answer, so
+that each side sits idle while the other computes, as in a lock-step split; the server's
+compute is taken off the time). A process woken after milliseconds idle answers more slowly
+than one kept busy by a tight loop, and that is part of what any split pays.
+
 The model is the digits cnn (training at its default cut, inference at block1), or with
 `--cifar10 DIR` the converged CIFAR-10 study's (`model_flags.py`: pool2 with the bottleneck for
 both, batch 128).
 
-Then, in the same run, `benchmarks/transport.py` (one process vs the lock-step split) and
-`benchmarks/inference.py` (local vs loopback) for the same model and sizes, so that each split
-figure reads against the floor: `train_overhead_ms` (split step time minus local step time
-minus the floor's round trip: what is ours), and `infer_over_floor_plus_local` (the split's
-median latency over the floor's round trip plus the local model's latency; issue target 1.3).
+First, in the same run, `benchmarks/transport.py` (one process vs the lock-step split) and
+`benchmarks/inference.py` (local vs loopback alone: an emulated link timed between them would
+leave both sides' caches cold) for the same model and sizes, so that each split figure reads
+against the floor: `train_overhead_ms` (split step time minus local step time minus the floor's
+round trip: what is ours; `train_overhead_paced_ms` against the paced floor), and
+`split_over_floor_plus_local` (the split's median latency over the floor's round trip plus the
+local model's latency; issue target 1.3; `split_over_paced_floor_plus_local` likewise).
 
 Prints one JSON object.
 
@@ -52,11 +62,22 @@ from splitnet.cloud_api import StepReply
 import model_flags  # the sibling module: the model flags transport.py and inference.py share
 
 SERVICE = "floor.Echo"
-_SIZE = struct.Struct("<Q")
+_HEADER = struct.Struct("<Qd")  # bytes to answer, milliseconds to compute first
 
 
 def _echo(request: bytes, context) -> bytes:
-    return bytes(_SIZE.unpack_from(request)[0])
+    down, busy_ms = _HEADER.unpack_from(request)
+    _compute(busy_ms)
+    return bytes(down)
+
+
+def _compute(ms: float) -> None:
+    """Keep this thread computing for `ms` (small matrix products: torch releases the GIL, as the
+    model's layers do)."""
+    a = torch.ones(64, 64)
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        torch.mm(a, a)
 
 
 def _echo_stream(requests, context):
@@ -97,13 +118,16 @@ def message_sizes(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def _request(up: int, down: int) -> bytes:
-    return _SIZE.pack(down) + bytes(max(0, up - _SIZE.size))
+def _request(up: int, down: int, busy_ms: float) -> bytes:
+    return _HEADER.pack(down, busy_ms) + bytes(max(0, up - _HEADER.size))
 
 
-def round_trips(address: str, up: int, down: int, count: int, warmup: int, streaming: bool) -> dict:
-    """`count` timed round trips (after `warmup`), one in flight: milliseconds p50 / mean / p99."""
-    request = _request(up, down)
+def round_trips(address: str, up: int, down: int, count: int, warmup: int, streaming: bool,
+                busy_ms: float = 0.0) -> dict:
+    """`count` timed round trips (after `warmup`), one in flight: milliseconds p50 / mean / p99.
+    `busy_ms`: the client computes this long before each request and the server before each
+    answer (its share is taken off the times)."""
+    request = _request(up, down, busy_ms)
     with grpc.insecure_channel(address, options=wire.grpc_options(64)) as channel:
         if streaming:
             call = channel.stream_stream(f"/{SERVICE}/Stream")
@@ -135,16 +159,18 @@ def round_trips(address: str, up: int, down: int, count: int, warmup: int, strea
             once()
         times = []
         for _ in range(count):
+            _compute(busy_ms)
             start = time.perf_counter()
             once()
-            times.append((time.perf_counter() - start) * 1e3)
+            times.append((time.perf_counter() - start) * 1e3 - busy_ms)
         if streaming:
             with cond:
                 pending.append(None)
                 cond.notify()
     times.sort()
     return {"ms_p50": statistics.median(times), "ms_mean": statistics.fmean(times),
-            "ms_p99": times[min(len(times) - 1, int(0.99 * len(times)))], "count": count}
+            "ms_p99": times[min(len(times) - 1, int(0.99 * len(times)))], "count": count,
+            **({"busy_ms_each_side": busy_ms} if busy_ms else {})}
 
 
 def _run_script(name: str, argv: list[str]) -> dict:
@@ -176,39 +202,48 @@ def main(argv: list[str] | None = None) -> int:
     args.infer_cut = args.infer_cut or ("pool2" if args.cifar10 else "block1")
     torch.set_num_threads(1)
     sizes = message_sizes(args)
+    transport = _run_script("transport", [*model_flags.argv(args), "--batch-size", str(args.batch_size),
+                                          "--steps", str(args.steps), "--repeats", str(args.repeats), "--pipeline", "2"])
+    inference = _run_script("inference", [*model_flags.argv(args, "arch", "width"), "--bottleneck", "8",
+                                          "--cuts", args.infer_cut, "--codecs", "fp32", "--links",
+                                          "--batch-sizes", *map(str, args.infer_batches),
+                                          "--requests", str(args.requests)])
+    step = {name: 1e3 * args.batch_size / transport["samples_per_second"][name] for name in ("local", "split")}
+    by_transport = inference["results"][args.infer_cut]["fp32"]
+    local_ms = {"train": step["local"], **{f"infer batch {n}": by_transport["local"][f"batch {n}"]["latency_ms_p50"]
+                                           for n in args.infer_batches}}
     server = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True)
     try:
         address = server.stdout.readline().split()[-1]  # type: ignore[union-attr]
         floor = {name: {"bytes_up": up, "bytes_down": down,
                         "stream": round_trips(address, up, down, args.count, 20, streaming=True),
+                        "stream_paced": round_trips(address, up, down, args.count, 20, streaming=True,
+                                                    busy_ms=local_ms[name] / 2),
                         **({"unary": round_trips(address, up, down, args.count, 20, streaming=False)}
                            if name != "train" else {})}
                  for name, (up, down) in sizes.items()}
     finally:
         server.kill()
         server.wait()
-    transport = _run_script("transport", [*model_flags.argv(args), "--batch-size", str(args.batch_size),
-                                          "--steps", str(args.steps), "--repeats", str(args.repeats), "--pipeline", "2"])
-    inference = _run_script("inference", [*model_flags.argv(args, "arch", "width"), "--bottleneck", "8",
-                                          "--cuts", args.infer_cut, "--codecs", "fp32", "--links", "constrained",
-                                          "--batch-sizes", *map(str, args.infer_batches),
-                                          "--requests", str(args.requests)])
-    step = {name: 1e3 * args.batch_size / transport["samples_per_second"][name] for name in ("local", "split")}
-    by_transport = inference["results"][args.infer_cut]["fp32"]
     infer = {}
     for n in args.infer_batches:
         local, split = (by_transport[t][f"batch {n}"]["latency_ms_p50"] for t in ("local", "loopback"))
-        best = min(floor[f"infer batch {n}"]["stream"]["ms_p50"], floor[f"infer batch {n}"]["unary"]["ms_p50"])
+        series = floor[f"infer batch {n}"]
+        best = min(series["stream"]["ms_p50"], series["unary"]["ms_p50"])
+        paced = series["stream_paced"]["ms_p50"]
         infer[f"batch {n}"] = {"local_ms_p50": local, "split_ms_p50": split, "floor_ms_p50": best,
-                               "split_over_floor_plus_local": split / (best + local)}
+                               "floor_paced_ms_p50": paced, "split_over_floor_plus_local": split / (best + local),
+                               "split_over_paced_floor_plus_local": split / (paced + local)}
+    train_floor = {k: floor["train"][k]["ms_p50"] for k in ("stream", "stream_paced")}
     print(json.dumps({
         "model": {"dataset": "cifar10" if args.cifar10 else "digits", "arch": args.arch, "cut": args.cut or "default",
                   "width": args.width, "bottleneck": args.bottleneck, "infer_cut": args.infer_cut,
                   "batch_size": args.batch_size},
         "floor": floor, "transport": transport, "inference": by_transport,
         "train": {"local_step_ms": step["local"], "split_step_ms": step["split"],
-                  "floor_ms_p50": floor["train"]["stream"]["ms_p50"],
-                  "train_overhead_ms": step["split"] - step["local"] - floor["train"]["stream"]["ms_p50"],
+                  "floor_ms_p50": train_floor["stream"], "floor_paced_ms_p50": train_floor["stream_paced"],
+                  "train_overhead_ms": step["split"] - step["local"] - train_floor["stream"],
+                  "train_overhead_paced_ms": step["split"] - step["local"] - train_floor["stream_paced"],
                   "lockstep_over_local": transport["ratio_split_over_local"],
                   "pipelined_over_local_2threads": transport.get("ratio_pipelined_over_local_2threads")},
         "infer": infer}, indent=2))

@@ -4,7 +4,9 @@ per cut and codec, on loopback and through emulated links.
 For each cut the encoder runs here, and the decoder (a) in this process (`local`: `LocalCloud`,
 the same job, messages and codec minus gRPC: the whole model on the device) or (b) in a real
 `cloud-server` process, reached straight over loopback (`loopback`) and through a `split-link`
-process of each `--links` profile. Requests go one at a time, each timed from the pixels to the
+process of each `--links` profile (`--links` with none: local and loopback alone, as
+`floor.py` times them, since an emulated link's requests between theirs leave both sides'
+caches cold). Requests go one at a time, each timed from the pixels to the
 logits (`edge_client.infer.timed_requests`, what `edge-client --infer-only` does), the
 transports taking turns request by request, so that other load on the machine falls on all of
 them alike; the first `--warmup` requests of each are dropped. The model is untrained: latency
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cuts", nargs="+", default=None, help="default conv1 block1 block2 (digits) or pool2 (--cifar10)")
     p.add_argument("--codecs", nargs="+", default=["fp32", "int8"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--links", nargs="+", default=["constrained", "wifi"], choices=sorted(PROFILES))
+    p.add_argument("--links", nargs="*", default=["constrained", "wifi"], choices=sorted(PROFILES),
+                   help="emulated links to time beside loopback (none: loopback alone)")
     p.add_argument("--requests", type=int, default=40, help="timed requests per series")
     p.add_argument("--warmup", type=int, default=3, help="untimed requests first")
     args = model_flags.resolve(p.parse_args(argv), bottleneck=8)

