@@ -92,9 +92,9 @@ class IdleWatch:
     The handler reads its own requests. gRPC's request iterator blocks without a timeout, and a
     helper thread per stream that read it and handed each message over cost a thread per open
     stream and a hand-off per message (0.05-0.2 ms of every round trip; README, "The floor under
-    the split").
-    Instead each stream only writes when its handler started to wait (and clears it when a
-    message came), and one thread for all the server's streams ends those that waited too long.
+    the split"). Instead each stream only notes when its handler started to wait (and clears
+    it when a message came), and one thread for all the server's streams ends those that waited
+    too long.
     That thread needs no waking per message: a stream that starts to wait after the thread went
     to sleep cannot be due before `idle_s` from then, so it sleeps until the earliest wait due
     among those it saw, or for `idle_s`. It runs only while some stream is open: the last stream
@@ -136,6 +136,7 @@ class IdleWatch:
                 waiting.since = None
                 yield request
         finally:
+            waiting.since = None  # a stream that ended is not waiting (the thread may hold it a moment longer)
             with self._lock:
                 self._streams.discard(waiting)
                 if not self._streams:
