@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -24,7 +23,7 @@ from deploy.experiments.config import (ATTACK_FLAGS, NO_HIJACK, Base, Point, Swe
 from deploy.experiments.results import (ATTACK_METRICS, LATENCY_METRICS, METRICS, POINT_SETTINGS, finished_rows,
                                         keep_results, metric_names, time_to_accuracy, write_atomic)
 from deploy.link_profiles import DIRECT
-from deploy.processes import ServerProcess, start_process, start_server
+from deploy.processes import ServerProcess, run_stage, start_process, start_server
 from edge_client.config import HIJACK_EXIT
 from splitnet import tracking
 from splitnet.wire import MAX_KEPT_REPLIES
@@ -46,15 +45,13 @@ def _python(log_path: Path, *args: str, timeout: float, ends: tuple[int, ...] = 
     """`python -m *args`, its output into `log_path`; an exit status not in `ends` is a failure, which
     names the process and its last words."""
     name = f"attacker {args[1]}" if args[0] == "attacks" else args[0].replace("_", "-")
-    with open(log_path, "w") as out:
-        try:
-            done = subprocess.run([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT, text=True,
-                                  timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        except subprocess.TimeoutExpired:
-            raise PointFailed(f"{name} ran past the point's timeout_s of {timeout:g} s", log_path) from None
-    if done.returncode not in ends:
+    try:
+        status = run_stage(list(args), log_path, timeout)
+    except subprocess.TimeoutExpired:
+        raise PointFailed(f"{name} ran past the point's timeout_s of {timeout:g} s", log_path) from None
+    if status not in ends:
         lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-        raise PointFailed(f"{name} exited {done.returncode}: {lines[-1] if lines else '(no output)'}", log_path)
+        raise PointFailed(f"{name} exited {status}: {lines[-1] if lines else '(no output)'}", log_path)
 
 
 def run_point(config: SweepConfig, point: Point, proxy: str, capture: str, out: Path, log_dir: str = "") -> dict:
