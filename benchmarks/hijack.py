@@ -95,7 +95,7 @@ def _defenses(noise_levels: list[float], named: list[str]) -> dict[str, list[str
 def _hijacker(args: argparse.Namespace, folder: Path):
     return start_server("--hijack", "fsha", "--public-data", "digits", "--hijack-out", str(folder / "recon"),
                         "--hijack-record-every", str(args.record_every), "--threads", "1",
-                        *shlex.split(args.hijacker_flags))
+                        *shlex.split(args.hijacker_flags), fork=False)
 
 
 def _edge(server: str, report: Path, seed: int, epochs: int, *flags: str) -> int:
@@ -179,7 +179,7 @@ def _honest(args: argparse.Namespace, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     runs = [(folder / f"detect-seed{seed}.json", seed, ["--detect", args.detector]) for seed in range(args.seeds)]
     runs += [(folder / f"plain-seed{seed}.json", seed, []) for seed in range(args.baseline_seeds)]
-    codes = _edges(args, start_server("--threads", "1"), runs)
+    codes = _edges(args, start_server("--threads", "1", fork=False), runs)
     rows = []
     for (report, seed, flags), code in zip(runs, codes):
         edge = json.loads(report.read_text())

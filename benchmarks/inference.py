@@ -61,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
 
     splits = model_flags.load(args)
     images = torch.stack([x for x, _ in splits.test])
-    server = start_server()
+    server = start_server(fork=False)
     relays = {}
     try:
         for name in args.links:
             relays[name] = start_process(["deploy.link", "--upstream", server.address, "--profile", name],
-                                         r"listening on (\S+) ->")
+                                         r"listening on (\S+) ->", fork=False)
         transports = {"local": "", "loopback": server.address, **{n: r.address for n, r in relays.items()}}
         results: dict = {}
         for cut in args.cuts:

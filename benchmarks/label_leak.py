@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     with tempfile.TemporaryDirectory(prefix="label-leak-tap-") as tap:  # every feature of every run: large
-        server = start_server("--tap", tap, "--threads", "1")
+        server = start_server("--tap", tap, "--threads", "1", fork=False)
         try:
             for seed in args.seeds:
                 for setting in args.settings:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from deploy.processes import start_server
     from deploy.sim.run import run_clients
 
-    server = start_server()
+    server = start_server(fork=False)
     ray.init(include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)  # inherits ENV
     rates: dict[tuple[int, str], list[float]] = {(n, mode): [] for n in args.clients for mode in args.modes}
     steps_equal = True

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=EdgeConfig.lr)
     args = p.parse_args(argv)
     set_threads(1)
-    server = start_server("--threads", "1")
+    server = start_server("--threads", "1", fork=False)
     result: dict = {"epochs": args.epochs, "lr": args.lr, "schedules": {}}
     try:
         for schedule in args.schedules:

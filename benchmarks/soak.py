@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from deploy.processes import start_server
 
-    server = start_server("--threads", "1")
+    server = start_server("--threads", "1", fork=False)
     samples: list[tuple[float, float]] = []
     try:
         with grpc.insecure_channel(server.address) as channel:

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     base = EdgeConfig(data=model_flags.data_spec(args), arch=args.arch, cut=args.cut, width=args.width,
                       bottleneck=args.bottleneck, batch_size=args.batch_size, epochs=epochs, max_steps=args.steps,
                       codec=args.codec, progress=False)
-    server = start_server()
+    server = start_server(fork=False)
     variants = {"local": (base, LocalCloud), "local_2threads": (base, LocalCloud),
                 "split": (_remote(base, server.address, 0), None)}
     if args.pipeline:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     n = (args.steps + args.warmup) * args.batch_size
     images = TensorDataset(torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g))
     splits = data.Splits(images, images, 10, (3, 32, 32))
-    server = start_server("--threads", "1")
+    server = start_server("--threads", "1", fork=False)
     result: dict = {"batch_size": args.batch_size, "pipeline": args.pipeline, "widths": {}}
     try:
         for width in args.widths:

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 # What a sweep's stages import before their first line of work: torch, torch._dynamo (torch.optim
@@ -39,38 +40,77 @@ def run_stage(module_args: list[str], log_path: Path, timeout: float, env: dict 
     which on the bundled digits is most of an `edge-client`'s, and nearly all of an attacker's
     `score`. A sweep point runs several of them in a row. So the imports happen once, in
     multiprocessing's fork server (started at the first stage, with the caller's environment), and
-    every stage is a child forked from it: a process of its own with its own pid, log, exit status
-    and timeout, as before, started in milliseconds. What a fresh interpreter would do differently,
-    the child does itself (`_stage`)."""
-    _stages.set_forkserver_preload(list(STAGE_PRELOAD))  # for the fork server's start; once it runs, no effect
-    stage = _stages.Process(target=_stage, name=module_args[0],
-                            args=(list(module_args), str(log_path), {**os.environ, **(env or {})}))
-    stage.start()
+    every stage is a child forked from it (`ForkedProcess`): a process of its own with its own pid,
+    log, exit status and timeout, as before, started in milliseconds."""
+    with open(log_path, "wb") as log:
+        stage = ForkedProcess(module_args, log.fileno(), env)
     try:
-        stage.join(timeout)
-        timed_out = stage.exitcode is None
+        return stage.wait(timeout)
     finally:  # at its timeout, or where the caller was interrupted: not left running
-        if stage.exitcode is None:
+        if stage.poll() is None:
             stage.kill()
-            stage.join()
-    if timed_out:
-        raise subprocess.TimeoutExpired([sys.executable, "-m", *module_args], timeout)
-    return stage.exitcode
+            stage.wait()
 
 
-def _stage(module_args: list[str], log_path: str, env: dict) -> None:
-    """In the forked child: the caller's environment at the call, output to the log a line at a time,
+class ForkedProcess:
+    """`python -m MODULE ARGS...` as a child of the fork server, its output (stdout and stderr) into
+    the file descriptor `out`; what it offers of subprocess.Popen (`pid`, `args`, `poll`, `wait`,
+    `send_signal`, `kill`, `terminate`, `returncode`) is what ServerProcess and the callers use.
+
+    What a fresh interpreter would do differently, the child does itself (`_run_forked`). With
+    `daemon`, the child is terminated if its parent exits first, which a server must be (else
+    multiprocessing would wait for it at the parent's exit); a daemon child cannot use
+    multiprocessing itself, which a stage may, so a stage is not one."""
+
+    def __init__(self, module_args: list[str], out: int, env: dict | None = None, daemon: bool = False) -> None:
+        _stages.set_forkserver_preload(list(STAGE_PRELOAD))  # for the fork server's start; once it runs, no effect
+        self.args = [sys.executable, "-m", *module_args]
+        # a Connection is how multiprocessing hands a file descriptor to the child it starts
+        carrier = Connection(os.dup(out))
+        self._process = _stages.Process(target=_run_forked, name=module_args[0], daemon=daemon,
+                                        args=(list(module_args), carrier, {**os.environ, **(env or {})}))
+        try:
+            self._process.start()
+        finally:
+            carrier.close()
+        self.pid = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self._process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self._process.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+def _run_forked(module_args: list[str], out: Connection, env: dict) -> None:
+    """In the forked child: the caller's environment at the call, output to `out` a line at a time,
     numpy's global generator reseeded from the OS as a fresh interpreter's is (every child would
     otherwise draw what its siblings drew), the module run as `__main__`, and the exit handlers
     run at the end (multiprocessing leaves a child with os._exit, which skips them)."""
     os.environ.clear()
     os.environ.update(env)
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-        os.dup2(log, stream.fileno())
+        os.dup2(out.fileno(), stream.fileno())
         stream.reconfigure(line_buffering=True)
-    os.close(log)
+    out.close()
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
     sys.argv = list(module_args)
@@ -82,7 +122,7 @@ def _stage(module_args: list[str], log_path: str, env: dict) -> None:
 
 @dataclass
 class ServerProcess:
-    proc: subprocess.Popen
+    proc: subprocess.Popen | ForkedProcess
     address: str
     lines: list[str] = field(default_factory=list)
 
@@ -100,26 +140,41 @@ class ServerProcess:
         return "".join(self.lines)
 
 
-def start_process(module_args: list[str], ready: str, timeout: float = 60.0,
-                  env: dict | None = None) -> ServerProcess:
-    """`python -m MODULE ARGS...`, waiting for the line that matches `ready` (its group 1: the address)."""
-    return start_command([sys.executable, "-m", *module_args], ready, timeout, env, name=module_args[0])
+def start_process(module_args: list[str], ready: str, timeout: float = 60.0, env: dict | None = None,
+                  fork: bool = True) -> ServerProcess:
+    """`python -m MODULE ARGS...`, waiting for the line that matches `ready` (its group 1: the address).
+    Forked from the fork server (`ForkedProcess`: seconds of imports saved where it runs already, as
+    in a sweep, or where several are started, as in the tests); with `fork=False`, a fresh
+    interpreter, as the benchmarks want: a forked child carries the fork server's imports in its
+    memory, and its first steps find them warm."""
+    if not fork:
+        return start_command([sys.executable, "-m", *module_args], ready, timeout, env, name=module_args[0])
+    read, write = os.pipe()
+    try:
+        proc = ForkedProcess(module_args, write, env, daemon=True)
+    finally:
+        os.close(write)
+    return _ready(proc, open(read, encoding="utf-8", errors="replace"), ready, timeout, module_args[0])
 
 
 def start_command(command: list[str], ready: str, timeout: float = 60.0, env: dict | None = None,
                   name: str = "", cwd: str | None = None) -> ServerProcess:
     """Any command (an entry point run in another network namespace: tests/test_multihost.py), waiting
     for the line that matches `ready` (its group 1: the address). `name` in errors; default: the command."""
-    name = name or " ".join(command)
-    pattern = re.compile(ready)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return _ready(proc, proc.stdout, ready, timeout, name or " ".join(command))
+
+
+def _ready(proc: subprocess.Popen | ForkedProcess, output, ready: str, timeout: float, name: str) -> ServerProcess:
+    """`proc` once a line of its `output` matches `ready`; its output kept read (and kept) meanwhile."""
+    pattern = re.compile(ready)
     lines: list[str] = []
     found = threading.Event()
     address: list[str] = []
 
     def pump() -> None:  # keep reading so the pipe never fills and blocks the process
-        for line in proc.stdout:  # type: ignore[union-attr]
+        for line in output:
             lines.append(line)
             match = pattern.search(line)
             if match and not found.is_set():
@@ -140,11 +195,12 @@ def start_command(command: list[str], ready: str, timeout: float = 60.0, env: di
 
 
 def start_server(*args: str, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0,
-                 env: dict | None = None, module: str = "cloud_server") -> ServerProcess:
+                 env: dict | None = None, module: str = "cloud_server", fork: bool = True) -> ServerProcess:
     """A `cloud-server` process; with port 0 its printed address tells the port it took.
-    `module`: another entry point that runs the same server (fault-injection tests)."""
+    `module`: another entry point that runs the same server (fault-injection tests); `fork`: as in
+    start_process."""
     return start_process([module, "--host", host, "--port", str(port), *args],
-                         r"cloud-server listening on (\S+:\d+)", timeout, env)
+                         r"cloud-server listening on (\S+:\d+)", timeout, env, fork)
 
 
 def descendants(pid: int) -> set[int]:

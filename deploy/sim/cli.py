@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every client of this server runs on this host, so they are all one peer to its stream caps
     # (cloud_server.streams.peer_key): their share is the whole of --max-streams.
     one_peer = ("--max-streams-per-peer", str(ServerConfig.max_streams))
-    server = start_server(*one_peer, env=token) if args.start_server else None
+    server = start_server(*one_peer, env=token, fork=False) if args.start_server else None
     if server:
         log.info("cloud-server started at %s", server.address)
         connection = dataclasses.replace(edge.connection, server=server.address)
