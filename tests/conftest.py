@@ -71,19 +71,19 @@ HEAVY_FIXTURES = {"attacked", "proxy", "ray_local", "single", "digits_sweep", "s
                   "sigmoid_target"}
 
 
-# The slowest test files, slowest first (each file's summed test times in a `--junitxml` report of
+# The slowest test files, slowest first (each file's summed test times, setup included, in a run of
 # `make test`; README, "Tests"): they run first, so that at the end of `make test` no worker is left
 # alone on a long file while the others have nothing to do. `make test` keeps this order
 # (--no-loadscope-reorder): pytest-xdist's own hands out the files with the most tests first, which
 # put these (a few tests each: sweeps, Ray clusters, namespace hosts, process restarts) at the end.
 # tests/test_layout.py checks that each names a file there is.
-SLOWEST_FIRST = ("test_ray.py", "test_sweep_runs.py", "test_sweep_two_phase.py", "test_u_shaped.py", "test_sweep.py",
-                 "test_edge_resume.py", "test_resume.py", "test_multihost.py", "test_faults.py", "test_attacker.py",
-                 "test_sweep_resume.py", "test_ray_virtual.py", "test_hijack.py", "test_fuzz.py", "test_attacks.py",
-                 "test_multihost_link.py", "test_infer.py", "test_security.py", "test_split_training.py",
-                 "test_checkpoints.py", "test_load.py", "test_continuation.py", "test_examples.py", "test_link.py",
-                 "test_defense_runs.py", "test_cli_errors.py", "test_job_eviction.py", "test_tracking.py",
-                 "test_adversarial.py", "test_schedule.py",
+SLOWEST_FIRST = ("test_ray.py", "test_edge_resume.py", "test_multihost.py", "test_ray_virtual.py", "test_faults.py",
+                 "test_u_shaped.py", "test_attacker.py", "test_hijack.py", "test_fuzz.py", "test_sweep.py",
+                 "test_sweep_two_phase.py", "test_sweep_resume.py", "test_attacks.py", "test_sweep_runs.py",
+                 "test_multihost_link.py", "test_resume.py", "test_split_training.py", "test_security.py",
+                 "test_infer.py", "test_stages.py", "test_checkpoints.py", "test_examples.py", "test_load.py",
+                 "test_continuation.py", "test_link.py", "test_defense_runs.py", "test_cli_errors.py",
+                 "test_job_eviction.py", "test_tracking.py", "test_adversarial.py", "test_schedule.py",
                  "test_multihost_faults.py", "test_multihost_flood.py")  # the last two: make test-hosts
 
 
