@@ -24,11 +24,10 @@ from pathlib import Path
 # What a sweep's stages import before their first line of work: torch, torch._dynamo (torch.optim
 # imports it on an optimizer's first step), torchvision (after splitnet.compat, which lets it load
 # on CPU torch), torchmetrics (the scorer; it imports scipy.signal), scikit-learn's bundled digits
-# and grpc. "__main__": a caller's main script once there rather than in every stage (multiprocessing
-# imports it as `__mp_main__`, so, as with any multiprocessing start method but fork, a script that
-# runs stages keeps its work under `if __name__ == "__main__":`; console scripts do).
-STAGE_PRELOAD = ("__main__", "splitnet.compat", "torch._dynamo", "torchvision", "torchmetrics", "sklearn.datasets",
-                 "grpc")
+# and grpc. As with multiprocessing's spawn and forkserver methods, each child imports the caller's
+# main script (as `__mp_main__`, not as `__main__`), so a script that starts these keeps its work
+# under `if __name__ == "__main__":`; console scripts and `python -m` modules do.
+STAGE_PRELOAD = ("splitnet.compat", "torch._dynamo", "torchvision", "torchmetrics", "sklearn.datasets", "grpc")
 _stages = multiprocessing.get_context("forkserver")
 
 
