@@ -10,8 +10,8 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
-import runpy
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -38,7 +38,7 @@ def run_stage(module_args: list[str], log_path: Path, timeout: float, env: dict 
     A fresh interpreter spends 2.5-4 s of CPU on STAGE_PRELOAD before a stage's first line of work,
     which on the bundled digits is most of an `edge-client`'s, and nearly all of an attacker's
     `score`. A sweep point runs several of them in a row. So the imports happen once, in
-    multiprocessing's fork server (started at the first stage, with the caller's environment), and
+    multiprocessing's fork server (started at the first forked process, with the caller's environment), and
     every stage is a child forked from it (`ForkedProcess`): a process of its own with its own pid,
     log, exit status and timeout, as before, started in milliseconds."""
     with open(log_path, "wb") as log:
@@ -57,9 +57,9 @@ class ForkedProcess:
     `send_signal`, `kill`, `terminate`, `returncode`) is what ServerProcess and the callers use.
 
     What a fresh interpreter would do differently, the child does itself (`_run_forked`). With
-    `daemon`, the child is terminated if its parent exits first, which a server must be (else
-    multiprocessing would wait for it at the parent's exit); a daemon child cannot use
-    multiprocessing itself, which a stage may, so a stage is not one."""
+    `daemon`, the child is terminated when its parent exits (normally: not when it is killed),
+    which a server must be, else multiprocessing would wait for it at the parent's exit; a daemon
+    child cannot use multiprocessing itself, which a stage may, so a stage is not one."""
 
     def __init__(self, module_args: list[str], out: int, env: dict | None = None, daemon: bool = False) -> None:
         _stages.set_forkserver_preload(list(STAGE_PRELOAD))  # for the fork server's start; once it runs, no effect
