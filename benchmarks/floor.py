@@ -173,22 +173,18 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def message_sizes(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
-    """Bytes up and down of each exchange, as the split's messages serialize."""
+def message_sizes(args: argparse.Namespace, halves: Halves) -> dict[str, tuple[int, int]]:
+    """Bytes up and down of each exchange, as the split's messages serialize (the features of
+    `halves`' training and inference cuts)."""
     batch = args.batch_size
-    splits = model_flags.load(args)
-    train = models.build(models.SplitSpec(args.arch, args.cut, splits.num_classes, splits.input_shape,
-                                          args.bottleneck, args.width))
-    zeros = torch.zeros(batch, *train.feature_shape)
+    zeros = torch.zeros(batch, *halves.train.feature_shape)
     up = serde.train_step_to_proto(serde.TrainStep("0" * 32, 1000, codec.encode(zeros, "fp32"), [9] * batch, 999))
     down = serde.train_result_to_proto(StepReply(zeros, 1.0, batch, False, 0.05, 1000, 1000, 1000), "fp32")
     sizes = {"train": (up.ByteSize(), down.ByteSize())}
-    infer = models.build(models.SplitSpec(args.arch, args.infer_cut, splits.num_classes, splits.input_shape, 8,
-                                          args.width))
     for n in args.infer_batches:
         request = serde.infer_request_to_proto(
-            serde.InferRequest("0" * 32, 1000, codec.encode(torch.zeros(n, *infer.feature_shape), "fp32")))
-        reply = serde.prediction_to_proto(serde.Prediction(1000, torch.zeros(n, splits.num_classes)))
+            serde.InferRequest("0" * 32, 1000, codec.encode(torch.zeros(n, *halves.infer.feature_shape), "fp32")))
+        reply = serde.prediction_to_proto(serde.Prediction(1000, torch.zeros(n, halves.classes)))
         sizes[f"infer batch {n}"] = (request.ByteSize(), reply.ByteSize())
     return sizes
 
@@ -280,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if args.serve:
         return serve(args)
-    sizes = message_sizes(args)
+    halves = Halves(args)
+    sizes = message_sizes(args, halves)
     transport = _run_script("transport", [*model_flags.argv(args), "--batch-size", str(args.batch_size),
                                           "--steps", str(args.steps), "--repeats", str(args.repeats), "--pipeline", "2"])
     inference = _run_script("inference", [*model_flags.argv(args, "arch", "width"), "--bottleneck", "8",
@@ -291,7 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     by_transport = inference["results"][args.infer_cut]["fp32"]
     local_ms = {"train": step["local"], **{f"infer batch {n}": by_transport["local"][f"batch {n}"]["latency_ms_p50"]
                                            for n in args.infer_batches}}
-    halves = Halves(args)
     work = {"train": (TRAIN, args.batch_size), **{f"infer batch {n}": (INFER, n) for n in args.infer_batches}}
     server = subprocess.Popen([sys.executable, __file__, "--serve", *model_flags.argv(args), "--infer-cut",
                                args.infer_cut], stdout=subprocess.PIPE, text=True)
